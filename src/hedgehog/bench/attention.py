@@ -1,0 +1,305 @@
+"""Speed/memory benchmark: causal Hedgehog attention (feature maps included) vs torch SDPA.
+
+Run:  hedgehog bench attention [--lengths 256,1024,...] [--out bench_out/attention]
+
+Each length times, in one process and interleaved, the forward (no grad) and forward+backward of
+(1) Hedgehog attention: per-head q and k feature maps + chunked causal linear attention, via
+``feature_linear_attention``; (2) ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
+Times are the best of ``--repeats`` runs. Peak forward memory on the CPU is measured in a fresh
+process per point: the kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs)
+above the RSS once inputs exist (CPU PyTorch keeps no allocator statistics, and in a long-lived
+process freed pages hide new peaks); on CUDA it is ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from hedgehog.feature_maps import get_feature_map
+from hedgehog.ops import feature_linear_attention
+
+DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+
+
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, conn):
+    """Runs in a fresh process: peak RSS (VmHWM) above the level after inputs are built."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, head_dim) for _ in range(3))
+    fq = get_feature_map(feature_map, head_dim, heads)
+    fk = get_feature_map(feature_map, head_dim, heads)
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    base = _vm_kb("VmRSS")
+    with torch.no_grad():
+        if kind == "hedgehog":
+            feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
+        else:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    conn.send((_vm_kb("VmHWM") - base) / 1024)
+    conn.close()
+
+
+def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, feature_map: str, chunk_size: int):
+    """Peak CPU memory (MB) of one forward, measured in a fresh process (freed pages of earlier
+    runs would otherwise hide it); None where /proc is unavailable."""
+    import multiprocessing as mp
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_child, args=(kind, n, batch, heads, head_dim, feature_map, chunk_size, child))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        result = None
+    proc.join()
+    return result
+
+
+def peak_forward_cuda_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable, repeats: int, device) -> float:
+    fn()  # warm-up
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_gflops(device, n: int = 2048, dtype=torch.float32) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = best_time(lambda: a @ a, 5, device)
+    return 2 * n ** 3 / t / 1e9
+
+
+def hedgehog_flops(n: int, b: int, h: int, d: int, f: int, chunk: int) -> float:
+    """Multiply-add FLOPs of causal Hedgehog attention as implemented (forward)."""
+    per_token = (
+        2 * 2 * d * f  # q and k feature-map projections (one matmul each against [W, -W])
+        + 2 * chunk * f  # intra-chunk phi_q phi_k^T
+        + 2 * chunk * d  # ... times v
+        + 2 * f * d * 2  # phi_k^T v into the state and phi_q @ S
+    )
+    return per_token * n * b * h
+
+
+def sdpa_flops(n: int, b: int, h: int, d: int) -> float:
+    return 2 * 2 * n * n * d * b * h / 2  # QK^T and PV, causal half
+
+
+def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=True, device="cpu",
+        feature_map="hedgehog", chunk_size=64, max_sdpa_len=None, dtype=torch.float32, log=print,
+        measure_memory=True) -> Dict:
+    device = torch.device(device)
+    torch.manual_seed(0)
+    fq = get_feature_map(feature_map, head_dim, heads).to(device)
+    fk = get_feature_map(feature_map, head_dim, heads).to(device)
+    fdim = fq.feature_dim
+    rate = matmul_gflops(device, dtype=dtype)
+    rows = []
+    for n in lengths:
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype) for _ in range(3))
+        reps = repeats if n <= 8192 else max(1, min(repeats, 2))
+        row = {"n": n}
+
+        def hh_fwd():
+            with torch.no_grad():
+                return feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
+
+        def sd_fwd():
+            with torch.no_grad():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+        def hh_bwd():
+            feature_linear_attention(qg, kg, vg, fq, fk, chunk_size=chunk_size).sum().backward()
+
+        def sd_bwd():
+            F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward()
+
+        run_sdpa = max_sdpa_len is None or n <= max_sdpa_len
+        def peak(kind, fn):
+            if not measure_memory:
+                return None
+            if device.type == "cuda":
+                return peak_forward_cuda_mb(fn)
+            return peak_forward_mb(kind, n, batch, heads, head_dim, feature_map, chunk_size)
+
+        row["hedgehog_fwd_s"] = best_time(hh_fwd, reps, device)
+        row["hedgehog_fwd_peak_mb"] = peak("hedgehog", hh_fwd)
+        if run_sdpa:
+            row["sdpa_fwd_s"] = best_time(sd_fwd, reps, device)
+            row["sdpa_fwd_peak_mb"] = peak("sdpa", sd_fwd)
+            row["fwd_speedup"] = row["sdpa_fwd_s"] / row["hedgehog_fwd_s"]
+        if backward:
+            row["hedgehog_fwdbwd_s"] = best_time(hh_bwd, reps, device)
+            if run_sdpa:
+                row["sdpa_fwdbwd_s"] = best_time(sd_bwd, 1 if n >= 16384 else reps, device)
+                row["fwdbwd_speedup"] = row["sdpa_fwdbwd_s"] / row["hedgehog_fwdbwd_s"]
+        row["hedgehog_gflops"] = hedgehog_flops(n, batch, heads, head_dim, fdim, chunk_size) / row["hedgehog_fwd_s"] / 1e9
+        if run_sdpa:
+            row["sdpa_gflops"] = sdpa_flops(n, batch, heads, head_dim) / row["sdpa_fwd_s"] / 1e9
+        rows.append(row)
+        log(_fmt_row(row))
+    crossover = next((r["n"] for r in rows if r.get("fwd_speedup", 0) > 1.0), None)
+    return {
+        "config": {"batch": batch, "heads": heads, "head_dim": head_dim, "feature_map": feature_map,
+                   "feature_dim": fdim, "chunk_size": chunk_size, "dtype": str(dtype), "device": str(device),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+        "matmul_gflops": rate,
+        "rows": rows,
+        "crossover_n": crossover,
+    }
+
+
+HEADER = (f"{'N':>6} | {'hh fwd ms':>9} {'sdpa fwd ms':>11} {'speedup':>7} | {'hh f+b ms':>9} {'sdpa f+b ms':>11} "
+          f"{'speedup':>7} | {'hh MB':>7} {'sdpa MB':>7} | {'hh GF/s':>7}")
+
+
+def _fmt_row(r: Dict) -> str:
+    def ms(key):
+        return f"{r[key] * 1e3:.1f}" if key in r else "-"
+
+    def x(key):
+        return f"{r[key]:.1f}x" if key in r else "-"
+
+    def mb(key):
+        return f"{r[key]:.0f}" if r.get(key) is not None else "-"
+
+    return (f"{r['n']:>6} | {ms('hedgehog_fwd_s'):>9} {ms('sdpa_fwd_s'):>11} {x('fwd_speedup'):>7} | "
+            f"{ms('hedgehog_fwdbwd_s'):>9} {ms('sdpa_fwdbwd_s'):>11} {x('fwdbwd_speedup'):>7} | "
+            f"{mb('hedgehog_fwd_peak_mb'):>7} {mb('sdpa_fwd_peak_mb'):>7} | {r['hedgehog_gflops']:>7.1f}")
+
+
+def plot(result: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    n = [r["n"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax = axes[0]
+    ax.loglog(n, [r["hedgehog_fwd_s"] * 1e3 for r in rows], "o-", label="Hedgehog fwd")
+    ns = [r["n"] for r in rows if "sdpa_fwd_s" in r]
+    ax.loglog(ns, [r["sdpa_fwd_s"] * 1e3 for r in rows if "sdpa_fwd_s" in r], "s-", label="SDPA fwd")
+    if "hedgehog_fwdbwd_s" in rows[0]:
+        ax.loglog(n, [r["hedgehog_fwdbwd_s"] * 1e3 for r in rows], "o--", label="Hedgehog fwd+bwd")
+        nb = [r["n"] for r in rows if "sdpa_fwdbwd_s" in r]
+        ax.loglog(nb, [r["sdpa_fwdbwd_s"] * 1e3 for r in rows if "sdpa_fwdbwd_s" in r], "s--", label="SDPA fwd+bwd")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("time (ms)")
+    ax.set_title("causal attention time")
+    ax.legend()
+    ax = axes[1]
+    ax.semilogx(ns, [r["fwd_speedup"] for r in rows if "fwd_speedup" in r], "o-", label="forward")
+    if any("fwdbwd_speedup" in r for r in rows):
+        ax.semilogx([r["n"] for r in rows if "fwdbwd_speedup" in r],
+                    [r["fwdbwd_speedup"] for r in rows if "fwdbwd_speedup" in r], "o--", label="fwd+bwd")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("SDPA time / Hedgehog time")
+    ax.set_title("speed-up")
+    ax.legend()
+    ax = axes[2]
+    for key, style, label in (("hedgehog_fwd_peak_mb", "o-", "Hedgehog fwd"), ("sdpa_fwd_peak_mb", "s-", "SDPA fwd")):
+        pts = [(r["n"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.loglog([a for a, _ in pts], [max(b, 1e-2) for _, b in pts], style, label=label)
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("peak memory above baseline (MB)")
+    ax.set_title("memory")
+    ax.legend()
+    c = result["config"]
+    fig.suptitle(f"B={c['batch']} H={c['heads']} d={c['head_dim']} {c['device']} ({c['threads']} threads), "
+                 f"fp32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(prog="hedgehog bench attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                   help="comma-separated sequence lengths (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension d (default: %(default)s)")
+    p.add_argument("--feature-map", default="hedgehog", help="registered feature map (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk of the causal kernel (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point, best kept (default: %(default)s)")
+    p.add_argument("--no-backward", action="store_true", help="skip forward+backward timings")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--max-sdpa-len", type=int, default=None, help="skip SDPA above this length")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--out", default="bench_out/attention", help="output dir for JSON + PNG (default: %(default)s)")
+
+
+def run_from_args(args) -> Dict:
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths or min(lengths) < 1:
+        raise SystemExit(f"--lengths must be positive integers, got {args.lengths!r}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(HEADER)
+    result = run(lengths, args.batch, args.heads, args.head_dim, args.repeats, not args.no_backward, args.device,
+                 args.feature_map, args.chunk_size, args.max_sdpa_len, measure_memory=not args.no_memory)
+    (out / "attention.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "attention.png")
+    best = max((r for r in result["rows"] if "fwd_speedup" in r), key=lambda r: r["n"], default=None)
+    print(f"fp32 matmul rate: {result['matmul_gflops']:.0f} GFLOP/s; crossover (Hedgehog faster) at N = "
+          f"{result['crossover_n']}")
+    if best:
+        print(f"at N={best['n']}: forward {best['fwd_speedup']:.1f}x faster than SDPA, "
+              f"{best['hedgehog_gflops']:.0f} GFLOP/s ({100 * best['hedgehog_gflops'] / result['matmul_gflops']:.0f}% "
+              f"of the matmul rate)")
+    print(f"wrote {out / 'attention.json'} and {out / 'attention.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

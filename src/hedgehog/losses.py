@@ -1,0 +1,105 @@
+"""Distillation losses: train feature maps so linear attention mimics the layer's softmax attention.
+
+``attention_distillation_loss`` is the Hedgehog paper's objective: cross-entropy between the
+teacher's attention rows ``softmax(q k^T / sqrt(d))`` and the student's normalised linear-attention
+rows ``phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j')``, averaged over (batch, heads, query rows).
+It is computed over blocks of queries, each block under activation checkpointing, so memory is
+O(block * N) in the forward *and* the backward pass rather than O(N^2).
+
+``attention_output_mse_loss`` is LoLCATs' variant: MSE between the two attention *outputs*;
+it never materialises weights at all.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from hedgehog.ops import linear_attention, softmax_attention
+from hedgehog.ops.softmax import softmax_attention_weights
+
+LOSSES = ("ce", "mse")
+
+
+def _check_qk(q, k, phi_q, phi_k):
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(
+            f"q and k must both be (batch, heads, seq, head_dim) with equal shapes, got {tuple(q.shape)} "
+            f"and {tuple(k.shape)}; repeat grouped k heads to the query heads first"
+        )
+    if phi_q.shape[:3] != q.shape[:3] or phi_k.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"features {tuple(phi_q.shape)}/{tuple(phi_k.shape)} do not match q/k {tuple(q.shape)} "
+            "in (batch, heads, seq)"
+        )
+
+
+def _block_ce(q_blk, k_vis, pq_blk, pk_vis, q_offset: int, causal: bool, scale: float, eps: float):
+    """Summed cross-entropy of one block of query rows against the keys they can see."""
+    with torch.no_grad():
+        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_offset=q_offset)
+    acc = p.dtype
+    a = pq_blk.to(acc) @ pk_vis.to(acc).transpose(-1, -2)
+    if causal:
+        nq, nk = a.shape[-2:]
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=a.device).tril(q_offset)
+        a = a.masked_fill(~keep, 0.0)
+    log_w = torch.log(a.clamp_min(eps)) - torch.log(a.sum(-1, keepdim=True).clamp_min(eps))
+    return -(p * log_w).sum()
+
+
+def attention_distillation_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    query_block: int = 512,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Hedgehog's attention-distillation cross-entropy, mean over (batch, heads, query rows).
+
+    Args:
+        q, k: (B, H, N, d) the teacher's queries/keys (post-RoPE; gradients are not taken through
+            the teacher rows, which are computed in float32 under no_grad).
+        phi_q, phi_k: (B, H, N, F) the student's features of the same q/k.
+        scale: teacher logit scale, ``d^-1/2`` by default.
+        query_block: query rows per block; peak memory is O(query_block * N).
+    Returns: a scalar; its minimum over students is the teacher's mean row entropy (KL = 0).
+    """
+    _check_qk(q, k, phi_q, phi_k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, H, N, _ = q.shape
+    total = q.new_zeros((), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    track = torch.is_grad_enabled() and (phi_q.requires_grad or phi_k.requires_grad)
+    for s in range(0, N, query_block):
+        e = min(N, s + query_block)
+        kend = e if causal else N
+        args = (q[:, :, s:e], k[:, :, :kend], phi_q[:, :, s:e], phi_k[:, :, :kend])
+        if track:
+            part = checkpoint(_block_ce, *args, s, causal, scale, eps, use_reentrant=False)
+        else:
+            part = _block_ce(*args, s, causal, scale, eps)
+        total = total + part
+    return total / (B * H * N)
+
+
+def attention_output_mse_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """LoLCATs' attention-output MSE: ``mean((softmax_attn(q,k,v) - linear_attn(phi_q,phi_k,v))^2)``."""
+    _check_qk(q, k, phi_q, phi_k)
+    with torch.no_grad():
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        y_t = softmax_attention(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale)
+    y_s = linear_attention(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size)
+    return torch.mean((y_s.to(acc) - y_t) ** 2)

@@ -1,0 +1,106 @@
+"""Attention-fidelity metrics on materialised weight rows (B, H, Nq, Nk).
+
+Used to check the paper's findings: softmax attention is *spiky* (low row entropy) and
+*monotonic* in q.k; a good linear attention matches both (low KL to softmax).
+Masked entries (causal) must be exactly 0 in the weight tensors; ``mask`` says which are valid.
+These functions materialise N x N rows: meant for analysis at moderate N (a few thousand).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from hedgehog.ops import quadratic_linear_attention
+from hedgehog.ops.softmax import softmax_attention_weights
+
+
+def _xlogy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.special.xlogy(x, y)
+
+
+def row_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each row: (..., N) -> (...). 0 * log 0 = 0."""
+    return -_xlogy(p, p).sum(-1)
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """KL(p || q) per row (nats): (..., N) -> (...). ``q`` is clamped at eps where p > 0."""
+    return (_xlogy(p, p) - _xlogy(p, q.clamp_min(eps))).sum(-1)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last axis, ties sharing their average rank (as Spearman requires)."""
+    n = x.shape[-1]
+    vs, idx = x.sort(-1)
+    pos = torch.arange(n, device=x.device).expand_as(vs)
+    starts = torch.ones_like(vs, dtype=torch.bool)
+    starts[..., 1:] = vs[..., 1:] != vs[..., :-1]
+    ends = torch.ones_like(vs, dtype=torch.bool)
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(-1).values
+    last = torch.where(ends, pos, torch.full_like(pos, n)).flip(-1).cummin(-1).values.flip(-1)
+    avg = (first + last).to(torch.float64) / 2
+    return torch.empty_like(avg).scatter_(-1, idx, avg)
+
+
+def spearman_rows(scores: torch.Tensor, weights: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Spearman rank correlation of ``scores`` vs ``weights`` within each row, over valid entries.
+
+    Args: scores, weights (..., N); mask (..., N) or broadcastable bool (None = all valid).
+    Returns: (...) float64; NaN for rows with fewer than 2 valid entries or a constant row.
+    """
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = mask.expand_as(scores)
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    # Invalid entries all rank last (and tie among themselves), leaving valid ranks untouched.
+    rs = _average_ranks(torch.where(mask, scores, inf))
+    rw = _average_ranks(torch.where(mask, weights.to(scores.dtype), inf))
+    m = mask.to(torch.float64)
+    cnt = m.sum(-1, keepdim=True)
+    mu_s = (rs * m).sum(-1, keepdim=True) / cnt
+    mu_w = (rw * m).sum(-1, keepdim=True) / cnt
+    ds, dw = (rs - mu_s) * m, (rw - mu_w) * m
+    cov = (ds * dw).sum(-1)
+    var = (ds * ds).sum(-1).sqrt() * (dw * dw).sum(-1).sqrt()
+    out = cov / var
+    return torch.where((cnt.squeeze(-1) >= 2) & (var > 0), out, torch.full_like(out, float("nan")))
+
+
+def attention_fidelity(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> Dict[str, torch.Tensor]:
+    """Per-head fidelity of linear attention to the softmax teacher, averaged over batch and rows.
+
+    Args: q, k (B, H, N, d); phi_q, phi_k (B, H, N, F).
+    Returns dict of (H,) float64 tensors: ``kl`` KL(softmax || linear), ``entropy_softmax``,
+    ``entropy_linear``, ``spearman_linear`` (rank correlation of q.k vs linear weight per row;
+    rows with < 2 keys are skipped) and ``spearman_softmax`` (1 by construction; a sanity check).
+    """
+    with torch.no_grad():
+        scale_ = q.shape[-1] ** -0.5 if scale is None else scale
+        p = softmax_attention_weights(q, k, causal=causal, scale=scale_).to(torch.float64)
+        v_dummy = phi_k.new_zeros(phi_k.shape[:-1] + (1,), dtype=torch.float64)
+        _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), v_dummy, causal=causal, return_weights=True)
+        s = (q.double() @ k.double().transpose(-1, -2)) * scale_
+        n = q.shape[2]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = mask.tril()
+
+        def mean_rows(x):  # (B,H,N) -> (H,), ignoring NaN rows
+            return torch.nanmean(x.transpose(0, 1).reshape(x.shape[1], -1), dim=-1)
+
+        return {
+            "kl": mean_rows(kl_divergence(p, w)),
+            "entropy_softmax": mean_rows(row_entropy(p)),
+            "entropy_linear": mean_rows(row_entropy(w)),
+            "spearman_linear": mean_rows(spearman_rows(s, w, mask)),
+            "spearman_softmax": mean_rows(spearman_rows(s, p, mask)),
+        }

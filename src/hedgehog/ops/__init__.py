@@ -1,0 +1,19 @@
+"""Pure tensor functions: linear attention (reference, chunked, recurrent) and softmax attention."""
+from hedgehog.ops.linear_attention import (
+    DEFAULT_EPS,
+    feature_linear_attention,
+    linear_attention,
+    quadratic_linear_attention,
+    recurrent_step,
+)
+from hedgehog.ops.softmax import softmax_attention, softmax_attention_weights
+
+__all__ = [
+    "DEFAULT_EPS",
+    "feature_linear_attention",
+    "linear_attention",
+    "quadratic_linear_attention",
+    "recurrent_step",
+    "softmax_attention",
+    "softmax_attention_weights",
+]

@@ -1,0 +1,368 @@
+"""Normalised linear attention in pure PyTorch: the float64-checkable reference and the fast CPU path.
+
+Every function takes feature-mapped queries/keys, so it is agnostic of the feature map:
+
+    y_i = sum_{j<=i} (phi_q_i . phi_k_j) v_j  /  sum_{j<=i} phi_q_i . phi_k_j      (causal)
+
+Shapes: ``phi_q, phi_k: (batch, heads, seq, F)``, ``v: (batch, heads, seq, D)``.
+The recurrent state is ``(S, z)`` with ``S = sum_j phi_k_j v_j^T: (B, H, F, D)`` and
+``z = sum_j phi_k_j: (B, H, F)``.
+
+Precision: half/bfloat16 inputs are promoted to float32 for every product and for the state
+(the state is a long sum; accumulating it in 16 bits loses tokens). float64 stays float64, which is
+what the tests use as ground truth. Outputs come back in ``v``'s dtype; states stay float32/64.
+
+Denominator guard: the denominator is ``max(den, eps)`` (``eps=1e-6`` by default). With the
+positive feature maps of this package ``den > 0`` almost always; the guard only fires on rows whose
+features are all (numerically) zero, e.g. a ReLU map on a query with no positive entry. Such a row
+then returns ``num / eps`` where ``num`` is itself ~0, i.e. a zero output instead of NaN/inf. The same
+guard is applied in the quadratic reference so that the two agree exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+DEFAULT_EPS = 1e-6
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have shape (batch, heads, seq, dim), got {tuple(t.shape)}; "
+                "add the missing axes (e.g. x.unsqueeze(1) for a single head)"
+            )
+    if phi_q.shape[:2] != phi_k.shape[:2] or phi_q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"batch/heads differ: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, v {tuple(v.shape)}; "
+            "for grouped-query attention repeat k/v heads to the query heads first"
+        )
+    if phi_q.shape[-1] != phi_k.shape[-1]:
+        raise ValueError(
+            f"feature dims differ: phi_q has {phi_q.shape[-1]}, phi_k has {phi_k.shape[-1]}; "
+            "q and k must go through feature maps of the same feature_dim"
+        )
+    if phi_k.shape[2] != v.shape[2]:
+        raise ValueError(f"phi_k has {phi_k.shape[2]} positions but v has {v.shape[2]}")
+
+
+def _check_state(state: State, phi_k: torch.Tensor, v: torch.Tensor) -> None:
+    S, z = state
+    B, H, _, Fd = phi_k.shape
+    D = v.shape[-1]
+    if tuple(S.shape) != (B, H, Fd, D) or tuple(z.shape) != (B, H, Fd):
+        raise ValueError(
+            f"state shapes S {tuple(S.shape)}, z {tuple(z.shape)} do not match "
+            f"expected S ({B}, {H}, {Fd}, {D}) and z ({B}, {H}, {Fd})"
+        )
+
+
+def quadratic_linear_attention(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    return_weights: bool = False,
+    eps: float = DEFAULT_EPS,
+):
+    """O(N^2) reference: materialises the normalised attention weights.
+
+    Args:
+        phi_q: (B, H, Nq, F); phi_k: (B, H, Nk, F); v: (B, H, Nk, D).
+        causal: query i sees keys j <= i + (Nk - Nq) (queries are the last Nq positions).
+    Returns:
+        y: (B, H, Nq, D) in v's dtype, and with ``return_weights`` also the weights
+        (B, H, Nq, Nk) in the accumulation dtype (rows sum to 1 unless the guard fired).
+    """
+    _check_inputs(phi_q, phi_k, v)
+    acc = _acc_dtype(v)
+    a = phi_q.to(acc) @ phi_k.to(acc).transpose(-1, -2)
+    if causal:
+        nq, nk = a.shape[-2:]
+        a = a.masked_fill(_causal_mask(nq, nk, a.device).logical_not(), 0.0)
+    w = a / a.sum(-1, keepdim=True).clamp_min(eps)
+    y = (w @ v.to(acc)).to(v.dtype)
+    return (y, w) if return_weights else y
+
+
+def _causal_mask(nq: int, nk: int, device) -> torch.Tensor:
+    """(nq, nk) bool, True where key j is visible to query i (queries are the last nq positions)."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril(nk - nq)
+
+
+def _noncausal(phi_q, phi_k, v, eps):
+    S = phi_k.transpose(-1, -2) @ v  # (B,H,F,D)
+    z = phi_k.sum(-2)  # (B,H,F)
+    num = phi_q @ S
+    den = (phi_q @ z.unsqueeze(-1)).clamp_min(eps)
+    return num / den, (S, z)
+
+
+def _auto_block(bh: int, f: int, chunk: int, n: int) -> int:
+    """Tokens per block so that per-block temporaries stay around a few MB (malloc reuses them)."""
+    target = max(chunk, (1 << 19) // max(1, bh * f) // chunk * chunk)
+    return min(target, -(-n // chunk) * chunk)
+
+
+def _causal_blocks(get_q, get_k, v, n, chunk, block, state, eps, acc):
+    """Blocked, chunked causal linear attention with a carried state.
+
+    The sequence is cut into blocks of ``block`` tokens (a multiple of ``chunk``); features are
+    fetched per block through ``get_q(s, e)`` / ``get_k(s, e)`` -> (BH, e - s, F), so a caller can
+    apply its feature maps block by block and never hold N-sized features. Within a block all
+    chunks are processed in batched matmuls:
+
+      * intra-chunk: the (C x C) masked product ``phi_q phi_k^T`` times v (and its row sums),
+      * inter-chunk: ``phi_q @ S_excl`` (and ``phi_q . z_excl``), where the state entering each chunk
+        is the carried state plus an exclusive prefix sum of the block's per-chunk ``phi_k^T v``.
+
+    Cost O(N * C * (F + D) + N * F * D); memory O(block * (F + D)) besides the output. Blocks keep
+    every temporary a few MB, which malloc recycles: on this class of CPU fresh large allocations
+    (page faults) cost more than the arithmetic.
+
+    Args: v (BH, N, D) in ``acc``; state None or (S (BH, F, D), z (BH, F)).
+    Returns: y (BH, N, D) in ``acc``, (S, z).
+    """
+    bh, _, d = v.shape
+    track = torch.is_grad_enabled()
+    y = None
+    S = z = None
+    if state is not None:
+        S, z = state
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        pq, pk, vb = get_q(s, e).to(acc), get_k(s, e).to(acc), v[:, s:e]
+        fd = pq.shape[-1]
+        if y is None:
+            y = v.new_empty(bh, n, d)
+            if S is None:
+                S, z = v.new_zeros(bh, fd, d), v.new_zeros(bh, fd)
+        L = e - s
+        pad = (-L) % chunk
+        if pad:  # zero keys/values add nothing; padded query rows are dropped below
+            pq, pk, vb = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, vb))
+        nb = (L + pad) // chunk
+        q4 = pq.reshape(bh, nb, chunk, fd)
+        k4 = pk.reshape(bh, nb, chunk, fd)
+        v4 = vb.reshape(bh, nb, chunk, d)
+        a = (q4 @ k4.transpose(-1, -2)).tril_()  # tril_ on a matmul output is autograd-safe
+        kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D): each chunk's own contribution
+        ks = k4.sum(2)  # (bh, nb, F)
+        if track:
+            S_ex = kv.cumsum(1) - kv + S.unsqueeze(1)
+            z_ex = ks.cumsum(1) - ks + z.unsqueeze(1)
+        else:  # same values, without two (bh, nb, F, D) passes
+            S_ex, z_ex = torch.empty_like(kv), torch.empty_like(ks)
+            S_ex[:, 0], z_ex[:, 0] = S, z
+            for i in range(1, nb):
+                torch.add(S_ex[:, i - 1], kv[:, i - 1], out=S_ex[:, i])
+                torch.add(z_ex[:, i - 1], ks[:, i - 1], out=z_ex[:, i])
+        S = S_ex[:, -1] + kv[:, -1]
+        z = z_ex[:, -1] + ks[:, -1]
+        num = torch.baddbmm(
+            (a @ v4).view(bh * nb, chunk, d), q4.reshape(bh * nb, chunk, fd), S_ex.view(bh * nb, fd, d)
+        ).view(bh, nb * chunk, d)[:, :L]
+        den = ((q4 @ z_ex.unsqueeze(-1)).squeeze(-1) + a.sum(-1)).view(bh, nb * chunk, 1)[:, :L]
+        if track:
+            y[:, s:e] = num / den.clamp_min(eps)
+        else:
+            torch.div(num, den.clamp_min_(eps), out=y[:, s:e])
+    if y is None:
+        raise ValueError("linear attention needs at least one position (got seq length 0)")
+    return y, (S, z)
+
+
+def _check_chunking(chunk_size: int, block_size: Optional[int]) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if block_size is not None and (block_size < chunk_size or block_size % chunk_size):
+        raise ValueError(f"block_size ({block_size}) must be a positive multiple of chunk_size ({chunk_size})")
+
+
+def linear_attention(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    chunk_size: int = 64,
+    initial_state: Optional[State] = None,
+    return_state: bool = False,
+    eps: float = DEFAULT_EPS,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+):
+    """Normalised linear attention without an N x N tensor.
+
+    Args:
+        phi_q, phi_k: (B, H, N, F) non-negative features; v: (B, H, N, D).
+        causal: chunked causal form (training/prefill); otherwise every query sees every key.
+        chunk_size: tokens per chunk of the causal form; any N works, not only multiples.
+        initial_state: ``(S (B,H,F,D), z (B,H,F))`` of earlier tokens (causal only), e.g. from a
+            previous call with ``return_state=True``.
+        return_state: also return the state after the last token, to continue with
+            :func:`recurrent_step` or another call.
+        backend: ``"auto"`` (fla kernels on CUDA when installed, else torch), ``"torch"``, ``"fla"``.
+        block_size: tokens per block of the causal form (a multiple of chunk_size); default sizes
+            blocks so their temporaries stay ~ a few MB.
+    Returns:
+        y (B, H, N, D) in v's dtype, and ``(S, z)`` in float32/float64 when ``return_state``.
+    """
+    _check_inputs(phi_q, phi_k, v)
+    if phi_q.shape[2] != phi_k.shape[2]:
+        raise ValueError(
+            f"phi_q has {phi_q.shape[2]} positions and phi_k {phi_k.shape[2]}; use "
+            "quadratic_linear_attention for queries against a different number of keys"
+        )
+    if initial_state is not None:
+        if not causal:
+            raise ValueError("initial_state is only meaningful for causal attention")
+        _check_state(initial_state, phi_k, v)
+    _check_chunking(chunk_size, block_size)
+
+    if causal:
+        from hedgehog.ops import backends
+
+        fast = backends.select(phi_q, backend)
+        if fast is not None:
+            out = fast(phi_q, phi_k, v, initial_state, eps)
+            if out is not None:
+                y, st = out
+                return (y, st) if return_state else y
+
+    acc = _acc_dtype(v)
+    q, k, vv = phi_q.to(acc), phi_k.to(acc), v.to(acc)
+    if causal:
+        B, H, N, Fd = q.shape
+        D = v.shape[-1]
+        st = None
+        if initial_state is not None:
+            st = (initial_state[0].to(acc).reshape(B * H, Fd, D), initial_state[1].to(acc).reshape(B * H, Fd))
+        qf, kf = q.reshape(B * H, N, Fd), k.reshape(B * H, N, Fd)
+        chunk = max(1, min(chunk_size, N))
+        blk = block_size or _auto_block(B * H, Fd, chunk, N)
+        y, (S, z) = _causal_blocks(
+            lambda s, e: qf[:, s:e], lambda s, e: kf[:, s:e], vv.reshape(B * H, N, D), N, chunk, blk, st, eps, acc
+        )
+        y = y.reshape(B, H, N, D)
+        st = (S.reshape(B, H, Fd, D), z.reshape(B, H, Fd))
+    else:
+        y, st = _noncausal(q, k, vv, eps)
+    y = y.to(v.dtype)
+    return (y, st) if return_state else y
+
+
+def recurrent_step(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    state: Optional[State] = None,
+    eps: float = DEFAULT_EPS,
+):
+    """One decoding step: add token t's key/value to the state, then read it with token t's query.
+
+    Args:
+        phi_q, phi_k: (B, H, F) or (B, H, 1, F); v: (B, H, D) or (B, H, 1, D).
+        state: ``(S, z)`` of all earlier tokens (prefill included), or None for the first token.
+    Returns:
+        ``(y, (S, z))``: y shaped like v (in v's dtype), the new state in float32/float64.
+        The input state is not modified.
+    """
+    squeeze = v.dim() == 3
+    if squeeze:
+        phi_q, phi_k, v = phi_q.unsqueeze(2), phi_k.unsqueeze(2), v.unsqueeze(2)
+    _check_inputs(phi_q, phi_k, v)
+    if phi_q.shape[2] != 1:
+        raise ValueError(
+            f"recurrent_step takes one token, got {phi_q.shape[2]}; use linear_attention(..., "
+            "initial_state=state, return_state=True) for several"
+        )
+    acc = _acc_dtype(v)
+    q, k, vv = phi_q[:, :, 0].to(acc), phi_k[:, :, 0].to(acc), v[:, :, 0].to(acc)
+    if state is None:
+        S = k.unsqueeze(-1) * vv.unsqueeze(-2)
+        z = k
+    else:
+        _check_state(state, phi_k, v)
+        S = state[0].to(acc) + k.unsqueeze(-1) * vv.unsqueeze(-2)
+        z = state[1].to(acc) + k
+    num = (q.unsqueeze(-2) @ S).squeeze(-2)
+    den = (q * z).sum(-1, keepdim=True).clamp_min(eps)
+    y = (num / den).to(v.dtype)
+    if not squeeze:
+        y = y.unsqueeze(2)
+    return y, (S, z)
+
+
+def feature_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map_q,
+    feature_map_k,
+    causal: bool = True,
+    positions: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+    initial_state: Optional[State] = None,
+    return_state: bool = False,
+    eps: float = DEFAULT_EPS,
+    block_size: Optional[int] = None,
+    backend: str = "auto",
+):
+    """Linear attention of raw q/k, applying the feature maps block by block (causal, torch path).
+
+    Equal to ``linear_attention(feature_map_q(q), feature_map_k(k), v, ...)`` but never holds the
+    N-sized feature tensors: features of each block are computed, used and dropped. This is the
+    form to use for long prefills (peak memory and speed), and what the attention layer calls.
+
+    Args:
+        q, k: (B, H, N, d); v: (B, H, N, D).
+        feature_map_q, feature_map_k: callables ``(x (B,H,n,d), positions) -> (B,H,n,F)``.
+        positions: (N,) or (B, N) absolute positions, passed through to the feature maps
+            (sliced per block); None means 0..N-1.
+    Maps whose output depends on the whole call (``blockwise`` False, e.g. cosFormer without
+    ``max_len``) are applied to the full sequence first.
+    """
+    if q.dim() != 4 or k.shape[:3] != q.shape[:3] or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be (batch, heads, seq, dim) with equal leading dims; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, N, _ = q.shape
+    if positions is None and N > 0:
+        positions = torch.arange(N, device=q.device)
+    from hedgehog.ops import backends
+
+    blockwise = all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k))
+    if not causal or not blockwise or (q.is_cuda and backends.select(q, backend) is not None):
+        return linear_attention(feature_map_q(q, positions), feature_map_k(k, positions), v, causal=causal,
+                                chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
+                                eps=eps, backend=backend, block_size=block_size)
+    _check_chunking(chunk_size, block_size)
+    D = v.shape[-1]
+    acc = _acc_dtype(v)
+
+    def getter(fm, x):
+        def get(s, e):
+            pos = positions[..., s:e]
+            return fm(x[:, :, s:e], pos).reshape(B * H, e - s, -1)
+        return get
+
+    get_q, get_k = getter(feature_map_q, q), getter(feature_map_k, k)
+    fd = feature_map_q.feature_dim if hasattr(feature_map_q, "feature_dim") else get_q(0, 1).shape[-1]
+    st = None
+    if initial_state is not None:
+        st = (initial_state[0].to(acc).reshape(B * H, fd, D), initial_state[1].to(acc).reshape(B * H, fd))
+    chunk = max(1, min(chunk_size, N))
+    blk = block_size or _auto_block(B * H, fd, chunk, N)
+    y, (S, z) = _causal_blocks(get_q, get_k, v.to(acc).reshape(B * H, N, D), N, chunk, blk, st, eps, acc)
+    y = y.reshape(B, H, N, D).to(v.dtype)
+    if return_state:
+        return y, (S.reshape(B, H, fd, D), z.reshape(B, H, fd))
+    return y

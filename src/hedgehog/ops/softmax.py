@@ -1,0 +1,34 @@
+"""Softmax attention: the teacher. The weights are materialised (reference / loss / metrics);
+the output path uses torch SDPA."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def softmax_attention_weights(
+    q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: Optional[float] = None, q_offset: int = 0
+) -> torch.Tensor:
+    """Rows of ``softmax(q k^T * scale)`` in float32 (float64 for float64 inputs).
+
+    Args:
+        q: (B, H, Nq, d); k: (B, H, Nk, d).
+        q_offset: absolute position of q's first row, so query ``i`` sees keys ``j <= q_offset + i``
+            (lets the loss process a block of queries against the keys it can see).
+    Returns: (B, H, Nq, Nk); masked entries are exactly 0.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    if causal:
+        nq, nk = s.shape[-2:]
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril(q_offset)
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def softmax_attention(q, k, v, causal: bool = True, scale: Optional[float] = None) -> torch.Tensor:
+    """(B, H, N, d) x 3 -> (B, H, N, D): exact attention via torch SDPA."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

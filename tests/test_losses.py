@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from hedgehog.feature_maps import get_feature_map
+from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
+from hedgehog.metrics import row_entropy
+from hedgehog.ops.softmax import softmax_attention_weights
+
+
+def exact_softmax_features(q, k, scale):
+    """Features whose linear attention equals softmax attention exactly: phi(q_i) = exp(s_i.),
+    phi(k_j) = e_j (one-hot), so phi(q_i).phi(k_j) = exp(s_ij)."""
+    n = q.shape[2]
+    phi_q = torch.exp((q @ k.transpose(-1, -2)) * scale)
+    phi_k = torch.eye(n, dtype=q.dtype).expand(q.shape[0], q.shape[1], n, n)
+    return phi_q, phi_k
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_loss_equals_teacher_entropy_when_student_is_exact(causal):
+    q, k = torch.randn(2, 3, 17, 4, dtype=torch.float64), torch.randn(2, 3, 17, 4, dtype=torch.float64)
+    scale = 0.5
+    phi_q, phi_k = exact_softmax_features(q, k, scale)
+    loss = attention_distillation_loss(q, k, phi_q, phi_k, causal=causal)
+    p = softmax_attention_weights(q, k, causal=causal, scale=scale)
+    torch.testing.assert_close(loss, row_entropy(p).mean(), rtol=1e-10, atol=1e-12)
+
+
+def test_loss_exceeds_entropy_for_other_students_and_blocking_matches():
+    q, k = torch.randn(1, 2, 40, 8, dtype=torch.float64), torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    fm = get_feature_map("elu", 8, 2).double()
+    l_full = attention_distillation_loss(q, k, fm(q), fm(k), query_block=10_000)
+    for blk in (1, 7, 16):
+        torch.testing.assert_close(attention_distillation_loss(q, k, fm(q), fm(k), query_block=blk), l_full)
+    ent = row_entropy(softmax_attention_weights(q, k)).mean()
+    assert l_full > ent + 1e-3
+
+
+def test_blocked_loss_gradients_match_unblocked():
+    q, k = torch.randn(1, 2, 30, 4, dtype=torch.float64), torch.randn(1, 2, 30, 4, dtype=torch.float64)
+    fq = get_feature_map("hedgehog", 4, 2).double()
+    fk = get_feature_map("hedgehog", 4, 2).double()
+    grads = []
+    for blk in (30, 7):
+        fq.zero_grad(), fk.zero_grad()
+        attention_distillation_loss(q, k, fq(q), fk(k), query_block=blk).backward()
+        grads.append((fq.weight.grad.clone(), fk.bias.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_distillation_decreases_loss_and_kl():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 64, 8) * 2, torch.randn(1, 2, 64, 8) * 2
+    fq, fk = get_feature_map("hedgehog", 8, 2), get_feature_map("hedgehog", 8, 2)
+    opt = torch.optim.Adam(list(fq.parameters()) + list(fk.parameters()), lr=3e-2)
+    losses = []
+    for _ in range(40):
+        loss = attention_distillation_loss(q, k, fq(q), fk(k))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_output_mse_zero_for_exact_student_and_positive_otherwise():
+    q, k = torch.randn(1, 2, 12, 4, dtype=torch.float64), torch.randn(1, 2, 12, 4, dtype=torch.float64)
+    v = torch.randn(1, 2, 12, 3, dtype=torch.float64)
+    phi_q, phi_k = exact_softmax_features(q, k, 0.5)
+    assert attention_output_mse_loss(q, k, v, phi_q, phi_k) < 1e-20
+    fm = get_feature_map("relu", 4, 2).double()
+    assert attention_output_mse_loss(q, k, v, fm(q), fm(k)) > 1e-4
+
+
+def test_loss_shape_errors():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="equal shapes"):
+        attention_distillation_loss(q, torch.randn(1, 1, 5, 4), q, q)
+    with pytest.raises(ValueError, match="do not match"):
+        attention_distillation_loss(q, q, torch.rand(1, 2, 6, 8), torch.rand(1, 2, 5, 8))
