@@ -113,12 +113,14 @@ def _auto_block(bh: int, f: int, chunk: int, n: int) -> int:
     return min(target, -(-n // chunk) * chunk)
 
 
-def _causal_blocks(get_q, get_k, v, n, chunk, block, state, eps, acc):
+def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc):
     """Blocked, chunked causal linear attention with a carried state.
 
-    The sequence is cut into blocks of ``block`` tokens (a multiple of ``chunk``); features are
-    fetched per block through ``get_q(s, e)`` / ``get_k(s, e)`` -> (BH, e - s, F), so a caller can
-    apply its feature maps block by block and never hold N-sized features. Within a block all
+    The sequence comes as blocks (``v_blocks``: (BH, L_i, D) each, every L_i but the last a multiple of
+    ``chunk``); features are fetched per block through ``get_q(i)`` / ``get_k(i)`` -> (BH, L_i, F), so a
+    caller can apply its feature maps block by block and never hold N-sized features. Inputs are
+    split once with ``Tensor.split`` (its backward is one concat; slicing per block would make
+    autograd zero-fill a full-size gradient per block). Within a block all
     chunks are processed in batched matmuls:
 
       * intra-chunk: the (C x C) masked product ``phi_q phi_k^T`` times v (and its row sums),
@@ -129,24 +131,26 @@ def _causal_blocks(get_q, get_k, v, n, chunk, block, state, eps, acc):
     every temporary a few MB, which malloc recycles: on this class of CPU fresh large allocations
     (page faults) cost more than the arithmetic.
 
-    Args: v (BH, N, D) in ``acc``; state None or (S (BH, F, D), z (BH, F)).
+    Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)).
     Returns: y (BH, N, D) in ``acc``, (S, z).
     """
-    bh, _, d = v.shape
+    bh, _, d = v_blocks[0].shape
+    n = sum(b.shape[1] for b in v_blocks)
     track = torch.is_grad_enabled()
-    y = None
+    y, outs = None, []
     S = z = None
     if state is not None:
         S, z = state
-    for s in range(0, n, block):
-        e = min(n, s + block)
-        pq, pk, vb = get_q(s, e).to(acc), get_k(s, e).to(acc), v[:, s:e]
+    s = 0
+    for i, vb in enumerate(v_blocks):
+        L = vb.shape[1]
+        e = s + L
+        pq, pk = get_q(i).to(acc), get_k(i).to(acc)
         fd = pq.shape[-1]
-        if y is None:
-            y = v.new_empty(bh, n, d)
-            if S is None:
-                S, z = v.new_zeros(bh, fd, d), v.new_zeros(bh, fd)
-        L = e - s
+        if y is None and not track:
+            y = vb.new_empty(bh, n, d)
+        if S is None:
+            S, z = vb.new_zeros(bh, fd, d), vb.new_zeros(bh, fd)
         pad = (-L) % chunk
         if pad:  # zero keys/values add nothing; padded query rows are dropped below
             pq, pk, vb = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, vb))
@@ -172,12 +176,15 @@ def _causal_blocks(get_q, get_k, v, n, chunk, block, state, eps, acc):
             (a @ v4).view(bh * nb, chunk, d), q4.reshape(bh * nb, chunk, fd), S_ex.view(bh * nb, fd, d)
         ).view(bh, nb * chunk, d)[:, :L]
         den = ((q4 @ z_ex.unsqueeze(-1)).squeeze(-1) + a.sum(-1)).view(bh, nb * chunk, 1)[:, :L]
-        if track:
-            y[:, s:e] = num / den.clamp_min(eps)
+        if track:  # a list + one cat: slice-assigning into y would make autograd copy y's whole
+            outs.append(num / den.clamp_min(eps))  # gradient once per block (O(N^2 / block))
         else:
             torch.div(num, den.clamp_min_(eps), out=y[:, s:e])
-    if y is None:
+        s = e
+    if n == 0:
         raise ValueError("linear attention needs at least one position (got seq length 0)")
+    if track:
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return y, (S, z)
 
 
@@ -246,12 +253,10 @@ def linear_attention(
         st = None
         if initial_state is not None:
             st = (initial_state[0].to(acc).reshape(B * H, Fd, D), initial_state[1].to(acc).reshape(B * H, Fd))
-        qf, kf = q.reshape(B * H, N, Fd), k.reshape(B * H, N, Fd)
         chunk = max(1, min(chunk_size, N))
         blk = block_size or _auto_block(B * H, Fd, chunk, N)
-        y, (S, z) = _causal_blocks(
-            lambda s, e: qf[:, s:e], lambda s, e: kf[:, s:e], vv.reshape(B * H, N, D), N, chunk, blk, st, eps, acc
-        )
+        qb, kb, vb = (t.reshape(B * H, N, -1).split(blk, 1) for t in (q, k, vv))
+        y, (S, z) = _causal_blocks(qb.__getitem__, kb.__getitem__, vb, chunk, st, eps, acc)
         y = y.reshape(B, H, N, D)
         st = (S.reshape(B, H, Fd, D), z.reshape(B, H, Fd))
     else:
@@ -348,20 +353,20 @@ def feature_linear_attention(
     D = v.shape[-1]
     acc = _acc_dtype(v)
 
-    def getter(fm, x):
-        def get(s, e):
-            pos = positions[..., s:e]
-            return fm(x[:, :, s:e], pos).reshape(B * H, e - s, -1)
-        return get
+    fd = feature_map_q.feature_dim if hasattr(feature_map_q, "feature_dim") else feature_map_q(q[:, :, :1]).shape[-1]
+    chunk = max(1, min(chunk_size, N))
+    blk = block_size or _auto_block(B * H, fd, chunk, N)
+    pos_blocks = positions.split(blk, -1)
 
-    get_q, get_k = getter(feature_map_q, q), getter(feature_map_k, k)
-    fd = feature_map_q.feature_dim if hasattr(feature_map_q, "feature_dim") else get_q(0, 1).shape[-1]
+    def getter(fm, x):
+        blocks = x.split(blk, 2)
+        return lambda i: fm(blocks[i], pos_blocks[i]).reshape(B * H, blocks[i].shape[2], -1)
+
     st = None
     if initial_state is not None:
         st = (initial_state[0].to(acc).reshape(B * H, fd, D), initial_state[1].to(acc).reshape(B * H, fd))
-    chunk = max(1, min(chunk_size, N))
-    blk = block_size or _auto_block(B * H, fd, chunk, N)
-    y, (S, z) = _causal_blocks(get_q, get_k, v.to(acc).reshape(B * H, N, D), N, chunk, blk, st, eps, acc)
+    v_blocks = v.to(acc).reshape(B * H, N, D).split(blk, 1)
+    y, (S, z) = _causal_blocks(getter(feature_map_q, q), getter(feature_map_k, k), v_blocks, chunk, st, eps, acc)
     y = y.reshape(B, H, N, D).to(v.dtype)
     if return_state:
         return y, (S.reshape(B, H, fd, D), z.reshape(B, H, fd))
