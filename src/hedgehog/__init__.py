@@ -1,4 +1,7 @@
 """hedgehog: learned linear attention (Hedgehog, Zhang et al. ICLR 2024) for transformers."""
+from hedgehog.attention import HedgehogConfig, set_attention_mode
+from hedgehog.checkpoint import load, save_converted
+from hedgehog.convert import convert_model
 from hedgehog.feature_maps import available_feature_maps, get_feature_map, register_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import linear_attention, quadratic_linear_attention, recurrent_step
@@ -6,6 +9,11 @@ from hedgehog.ops import linear_attention, quadratic_linear_attention, recurrent
 __version__ = "0.1.0"
 
 __all__ = [
+    "HedgehogConfig",
+    "convert_model",
+    "load",
+    "save_converted",
+    "set_attention_mode",
     "available_feature_maps",
     "get_feature_map",
     "register_feature_map",

@@ -36,17 +36,21 @@ def _check_qk(q, k, phi_q, phi_k):
 
 
 def _block_ce(q_blk, k_vis, pq_blk, pk_vis, q_offset: int, causal: bool, scale: float, eps: float):
-    """Summed cross-entropy of one block of query rows against the keys they can see."""
+    """Summed cross-entropy of one block of query rows against the keys they can see.
+
+    With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
+    ``-sum_ij p_ij log w_ij = sum_i log den_i - sum_ij p_ij log a_ij``: two (rows x keys) temporaries
+    instead of a chain of them (this loss dominates stage-1 time).
+    """
     with torch.no_grad():
         p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_offset=q_offset)
     acc = p.dtype
     a = pq_blk.to(acc) @ pk_vis.to(acc).transpose(-1, -2)
     if causal:
-        nq, nk = a.shape[-2:]
-        keep = torch.ones(nq, nk, dtype=torch.bool, device=a.device).tril(q_offset)
-        a = a.masked_fill(~keep, 0.0)
-    log_w = torch.log(a.clamp_min(eps)) - torch.log(a.sum(-1, keepdim=True).clamp_min(eps))
-    return -(p * log_w).sum()
+        a = a.tril(q_offset)
+    log_den = a.sum(-1).clamp_min(eps).log()
+    log_a = a.clamp_min(eps).log()
+    return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
 
 
 def attention_distillation_loss(
@@ -78,7 +82,7 @@ def attention_distillation_loss(
         e = min(N, s + query_block)
         kend = e if causal else N
         args = (q[:, :, s:e], k[:, :, :kend], phi_q[:, :, s:e], phi_k[:, :, :kend])
-        if track:
+        if track and query_block < N:  # several blocks: recompute each in backward to bound memory
             part = checkpoint(_block_ce, *args, s, causal, scale, eps, use_reentrant=False)
         else:
             part = _block_ce(*args, s, causal, scale, eps)

@@ -329,16 +329,18 @@ def feature_linear_attention(
     form to use for long prefills (peak memory and speed), and what the attention layer calls.
 
     Args:
-        q, k: (B, H, N, d); v: (B, H, N, D).
+        q: (B, H, N, d); k: (B, H_k, N, d); v: (B, H, N, D). ``feature_map_k`` must return H heads
+            (for grouped-query attention it repeats its H_k heads' features).
         feature_map_q, feature_map_k: callables ``(x (B,H,n,d), positions) -> (B,H,n,F)``.
         positions: (N,) or (B, N) absolute positions, passed through to the feature maps
             (sliced per block); None means 0..N-1.
     Maps whose output depends on the whole call (``blockwise`` False, e.g. cosFormer without
     ``max_len``) are applied to the full sequence first.
     """
-    if q.dim() != 4 or k.shape[:3] != q.shape[:3] or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, dim) with equal leading dims; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() != 4 or k.dim() != 4 or v.shape[:3] != q.shape[:3] or k.shape[0] != q.shape[0] \
+            or k.shape[2] != q.shape[2]:
+        raise ValueError(f"q, k, v must be (batch, heads, seq, dim) with equal batch/seq (and v with q's heads); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, _ = q.shape
     if positions is None and N > 0:
         positions = torch.arange(N, device=q.device)
@@ -360,7 +362,15 @@ def feature_linear_attention(
 
     def getter(fm, x):
         blocks = x.split(blk, 2)
-        return lambda i: fm(blocks[i], pos_blocks[i]).reshape(B * H, blocks[i].shape[2], -1)
+
+        def get(i):
+            phi = fm(blocks[i], pos_blocks[i])
+            if phi.shape[:3] != (B, H, blocks[i].shape[2]):
+                raise ValueError(f"feature map returned {tuple(phi.shape)}; expected ({B}, {H}, "
+                                 f"{blocks[i].shape[2]}, F): a key map for fewer (grouped) heads must repeat "
+                                 "its features to the query heads")
+            return phi.reshape(B * H, blocks[i].shape[2], -1)
+        return get
 
     st = None
     if initial_state is not None:

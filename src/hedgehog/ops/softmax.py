@@ -24,8 +24,8 @@ def softmax_attention_weights(
     s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if causal:
         nq, nk = s.shape[-2:]
-        keep = torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril(q_offset)
-        s = s.masked_fill(~keep, float("-inf"))
+        drop = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(q_offset + 1)
+        s.masked_fill_(drop, float("-inf"))  # s is a fresh product: in place is safe
     return torch.softmax(s, dim=-1)
 
 

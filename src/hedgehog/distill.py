@@ -1,0 +1,198 @@
+"""Training a converted model: stage 1 attention transfer, stage 2 LoRA fine-tune.
+
+Stage 1 (the paper's attention distillation). The teacher is the frozen softmax attention of each
+layer, and only the feature maps train. Because the student never changes the teacher's
+activations, every layer can be trained from one teacher forward: we capture each layer's post-RoPE
+(q, k, v) under ``no_grad`` and then minimise the sum over layers of the per-layer loss. Each
+layer's loss is back-propagated on its own, so only one layer's graph is alive at a time. Per
+token this is far cheaper than a full-model forward/backward.
+
+Stage 2: LoRA (peft) on the attention projections of the linear-attention model, next-token loss,
+feature maps optionally trainable.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from hedgehog.attention import hedgehog_layers, set_attention_mode
+
+
+class TrainingDivergedError(RuntimeError):
+    pass
+
+
+def _check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDivergedError(
+            f"{where}: loss became {loss.item()} (not finite). Lower the learning rate (now {lr:g}) or "
+            "check the inputs; the last good checkpoint is kept."
+        )
+
+
+def feature_map_parameters(model: nn.Module) -> List[nn.Parameter]:
+    params = []
+    for layer in hedgehog_layers(model):
+        params += list(layer.feature_map_q.parameters()) + list(layer.feature_map_k.parameters())
+    return params
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batches(windows: torch.Tensor, batch_size: int, start: int = 0):
+    i = start
+    while True:
+        idx = [(i + j) % windows.shape[0] for j in range(batch_size)]
+        yield i, windows[idx]
+        i += batch_size
+
+
+@dataclass
+class Stage1Config:
+    tokens: int = 131072
+    lr: float = 1e-2
+    batch_size: int = 2
+    warmup_steps: int = 10
+    time_budget_s: Optional[float] = None  # stop early when exceeded
+
+
+@dataclass
+class Stage2Config:
+    tokens: int = 65536
+    lr: float = 1e-3
+    batch_size: int = 1
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    train_feature_maps: bool = False
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    time_budget_s: Optional[float] = None
+
+
+@torch.no_grad()
+def capture_qkv(model: nn.Module, input_ids: torch.Tensor) -> List[tuple]:
+    """Teacher forward; returns per converted layer the post-RoPE (q, k, v)."""
+    layers = hedgehog_layers(model)
+    set_attention_mode(model, "softmax")
+    for layer in layers:
+        layer.start_capture()
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        caps = [layer.stop_capture() for layer in layers]
+    return [c[0] for c in caps]
+
+
+def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Config,
+                       callback: Optional[Callable[[Dict], None]] = None, progress: bool = True) -> Dict:
+    """Stage 1. ``windows``: (num_windows, seq_len) token ids. Returns the training history."""
+    layers = hedgehog_layers(model)
+    if not layers:
+        raise ValueError("model has no Hedgehog attention layers; convert it first")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = feature_map_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    if not params:  # parameter-free maps (elu, relu, performer, cosformer, taylor): nothing to train
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "history": [], "note": "feature map has no parameters"}
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    seq_len = windows.shape[1]
+    total_steps = max(1, cfg.tokens // (cfg.batch_size * seq_len))
+    history, t0, tokens = [], time.perf_counter(), 0
+    bar = tqdm(total=total_steps, desc="stage 1 (attention transfer)", disable=not progress, unit="step")
+    step = 0
+    for _, batch in _batches(windows, cfg.batch_size):
+        if step >= total_steps or (cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s):
+            break
+        caps = capture_qkv(model, batch)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
+        per_layer = []
+        for layer, (q, k, v) in zip(layers, caps):
+            with torch.enable_grad():
+                loss = layer.layer_distill_loss(q, k, v)
+            _check_finite(loss, f"stage 1, layer {layer.layer_idx}, step {step}", cfg.lr)
+            loss.backward()
+            per_layer.append(loss.item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += batch.numel()
+        rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
+               "loss": sum(per_layer) / len(per_layer), "layer_loss": per_layer}
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if callback:
+            callback(rec)
+    bar.close()
+    set_attention_mode(model, "linear")
+    for p in params:
+        p.requires_grad_(False)
+    return {"steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "history": history}
+
+
+def add_lora(model: nn.Module, cfg: Stage2Config):
+    """Wrap the converted model with peft LoRA on its attention projections (returns a PeftModel)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hedgehog.convert import get_adapter
+
+    adapter = get_adapter(model)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=adapter.lora_targets)
+    pm = get_peft_model(model, lcfg)
+    if cfg.train_feature_maps:
+        for p in feature_map_parameters(pm):
+            p.requires_grad_(True)
+    return pm
+
+
+def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Config,
+                  callback: Optional[Callable[[Dict], None]] = None, progress: bool = True) -> Dict:
+    """Stage 2: next-token loss through the linear-attention model; trains LoRA (+ maps if asked)."""
+    set_attention_mode(peft_model, "linear")
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: wrap the model with add_lora first")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    seq_len = windows.shape[1]
+    total_steps = max(1, cfg.tokens // (cfg.batch_size * seq_len))
+    peft_model.train()
+    history, t0, tokens, step = [], time.perf_counter(), 0, 0
+    bar = tqdm(total=total_steps, desc="stage 2 (LoRA)", disable=not progress, unit="step")
+    for _, batch in _batches(windows, cfg.batch_size):
+        if step >= total_steps or (cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s):
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
+        out = peft_model(input_ids=batch, labels=batch, use_cache=False)
+        _check_finite(out.loss, f"stage 2, step {step}", cfg.lr)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += batch.numel()
+        rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "loss": out.loss.item()}
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if callback:
+            callback(rec)
+    bar.close()
+    peft_model.eval()
+    return {"steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "history": history}

@@ -1,0 +1,232 @@
+"""The main job: pretrained HF model + text -> convert -> stage 1 -> stage 2 -> save -> evaluate -> report.
+
+Every stage checkpoints into ``OUT/checkpoints`` (atomic writes); ``resume=True`` picks a finished stage
+up from its checkpoint instead of re-running it. The report (``OUT/report.json``) records settings,
+perplexities on the held-out test split, per-layer attention KL before/after stage 1, tokens and wall
+seconds per stage, and the validation perplexity curve against tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from hedgehog.attention import HedgehogConfig, set_attention_mode
+from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
+
+log = logging.getLogger("hedgehog")
+
+
+@dataclass
+class ConvertJob:
+    out: str = "runs/smollm2-hedgehog"
+    model: str = "smollm2"
+    data: str = "shakespeare"
+    feature_map: str = "hedgehog"
+    seq_len: int = 512
+    qk_scale: float = 1.0
+    distill_loss: str = "ce"
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Optional[Stage2Config] = field(default_factory=Stage2Config)
+    eval_tokens: int = 16384
+    val_tokens: int = 2048
+    kl_windows: int = 2
+    curve_points: int = 4
+    merge_lora: bool = False
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def load_base(model_name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hedgehog.assets import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok, path
+
+
+def run(job: ConvertJob) -> Dict:
+    from hedgehog import checkpoint as ckpt
+    from hedgehog.convert import convert_model
+    from hedgehog.data import load_corpus, shuffled_windows, tokenize_windows
+    from hedgehog.evaluate import layer_attention_kl, perplexity
+
+    torch.manual_seed(job.seed)
+    out = Path(job.out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+
+    t = time.perf_counter()
+    model, tok, base_path = load_base(job.model)
+    corpus = load_corpus(job.data)
+    L = job.seq_len
+    train = shuffled_windows(tokenize_windows(corpus.splits["train"], tok, L), job.seed)
+    val = tokenize_windows(corpus.splits["validation"], tok, L, max_tokens=job.val_tokens)
+    test = tokenize_windows(corpus.splits["test"], tok, L, max_tokens=job.eval_tokens)
+    timings["load_s"] = time.perf_counter() - t
+    log.info("data: %d train / %d val / %d test windows of %d tokens", len(train), len(val), len(test), L)
+
+    t = time.perf_counter()
+    teacher_ppl = perplexity(model, test, progress=job.progress, desc="teacher ppl (test)")
+    teacher_val_ppl = perplexity(model, val, progress=False)
+    timings["teacher_eval_s"] = time.perf_counter() - t
+
+    hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss)
+    convert_model(model, hh)
+    curve: List[Dict] = []
+
+    def val_point(stage, tokens, m):
+        ppl = perplexity(m, val, progress=False)
+        curve.append({"stage": stage, "tokens": tokens, "val_ppl": ppl, "val_ppl_ratio": ppl / teacher_val_ppl})
+        log.info("%s @ %d tokens: val ppl %.2f (%.2fx teacher)", stage, tokens, ppl, ppl / teacher_val_ppl)
+
+    t = time.perf_counter()
+    kl_windows = val[: job.kl_windows]
+    kl_before = layer_attention_kl(model, kl_windows)
+    val_point("init", 0, model)
+    timings["kl_before_s"] = time.perf_counter() - t
+
+    # ---- stage 1 -------------------------------------------------------------------------------
+    s1_ckpt = out / "checkpoints" / "stage1"
+    s1_report: Dict
+    if job.resume and ckpt.is_converted_dir(s1_ckpt):
+        from safetensors.torch import load_file
+
+        ckpt.load_feature_map_state(model, load_file(str(s1_ckpt / ckpt.FEATURES_NAME)))
+        s1_report = json.loads((s1_ckpt / ckpt.CONFIG_NAME).read_text()).get("stage1_report", {})
+        s1_report["resumed"] = True
+        log.info("stage 1: resumed from %s", s1_ckpt)
+    else:
+        every = max(1, (job.stage1.tokens // (job.stage1.batch_size * L)) // max(1, job.curve_points))
+
+        def cb1(rec):
+            if rec["step"] % every == 0:
+                set_attention_mode(model, "linear")
+                val_point("stage1", rec["tokens"], model)
+
+        s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress)
+        s1_report.pop("history", None) if len(s1_report.get("history", [])) > 2000 else None
+        ckpt.save_converted(model, s1_ckpt, base_model=job.model, extra={"stage1_report": _slim(s1_report)})
+    set_attention_mode(model, "linear")
+    t = time.perf_counter()
+    kl_after = layer_attention_kl(model, kl_windows)
+    stage1_ppl = perplexity(model, test, progress=job.progress, desc="student ppl after stage 1 (test)")
+    timings["stage1_eval_s"] = time.perf_counter() - t
+
+    # ---- stage 2 -------------------------------------------------------------------------------
+    final = model
+    s2_report = None
+    if job.stage2 is not None and job.stage2.tokens > 0:
+        pm = add_lora(model, job.stage2)
+        offset = job.stage1.tokens // L  # do not start on stage 1's windows
+        train2 = torch.roll(train, -offset % max(1, len(train)), 0)
+        every2 = max(1, (job.stage2.tokens // (job.stage2.batch_size * L)) // max(1, job.curve_points))
+        s1_tokens = s1_report.get("tokens", 0)
+
+        def cb2(rec):
+            if rec["step"] % every2 == 0:
+                val_point("stage2", s1_tokens + rec["tokens"], pm)
+
+        s2_report = lora_finetune(pm, train2, job.stage2, callback=cb2, progress=job.progress)
+        final = pm
+
+    t = time.perf_counter()
+    student_ppl = perplexity(final, test, progress=job.progress, desc="student ppl (test)")
+    timings["final_eval_s"] = time.perf_counter() - t
+
+    # ---- save + reload check ---------------------------------------------------------------------
+    t = time.perf_counter()
+    model_dir = out / "model"
+    ckpt.save_converted(final, model_dir, base_model=job.model, tokenizer=tok, merge_lora=job.merge_lora,
+                        extra={"data": job.data, "seq_len": L})
+    reloaded, _ = ckpt.load(model_dir, merge_lora=False)  # unmerged: exactly the saved computation
+    with torch.no_grad():
+        probe = test[:1, :128]
+        final.eval()
+        ref_logits = final(input_ids=probe, use_cache=False).logits
+        new_logits = reloaded(input_ids=probe, use_cache=False).logits
+        reload_max_abs_diff = (ref_logits - new_logits).abs().max().item()
+    timings["save_reload_s"] = time.perf_counter() - t
+
+    report = {
+        "model": job.model,
+        "model_path": str(base_path),
+        "data": job.data,
+        "splits": {k: v for k, v in corpus.documents.items() if k != "train"},
+        "teacher_ppl": teacher_ppl,
+        "student_ppl_stage1": stage1_ppl,
+        "student_ppl": student_ppl,
+        "ppl_ratio": student_ppl / teacher_ppl,
+        "ppl_ratio_stage1": stage1_ppl / teacher_ppl,
+        "test_tokens": int(test.numel()),
+        "attention_kl_before": kl_before,
+        "attention_kl_after": kl_after,
+        "mean_kl_before": sum(d["kl"] for d in kl_before) / len(kl_before),
+        "mean_kl_after": sum(d["kl"] for d in kl_after) / len(kl_after),
+        "stage1": _slim(s1_report),
+        "stage2": _slim(s2_report) if s2_report else None,
+        "curve": curve,
+        "reload_max_abs_logit_diff": reload_max_abs_diff,
+        "timings_s": timings,
+        "wall_s": time.perf_counter() - t_start,
+        "settings": _settings(job),
+        "model_dir": str(model_dir),
+    }
+    _write_json(out / "report.json", report)
+    return report
+
+
+def _slim(rep: Optional[Dict]) -> Optional[Dict]:
+    if rep is None:
+        return None
+    rep = dict(rep)
+    hist = rep.pop("history", None)
+    if hist:
+        rep["loss_first"] = hist[0]["loss"]
+        rep["loss_last"] = hist[-1]["loss"]
+        rep["loss_curve"] = [(h["tokens"], round(h["loss"], 4)) for h in hist[:: max(1, len(hist) // 50)]]
+    return rep
+
+
+def _settings(job: ConvertJob) -> Dict:
+    d = asdict(job)
+    return d
+
+
+def format_report(r: Dict) -> str:
+    lines = [
+        f"{'model':<28} {r['model']}",
+        f"{'data (test plays)':<28} {r['data']} {', '.join(r['splits'].get('test', []))}",
+        f"{'teacher ppl (test)':<28} {r['teacher_ppl']:.2f}",
+        f"{'student ppl after stage 1':<28} {r['student_ppl_stage1']:.2f}  ({r['ppl_ratio_stage1']:.2f}x)",
+        f"{'student ppl (final)':<28} {r['student_ppl']:.2f}  ({r['ppl_ratio']:.3f}x teacher)",
+        f"{'attention KL / layer':<28} {r['mean_kl_before']:.3f} -> {r['mean_kl_after']:.3f}",
+    ]
+    for name in ("stage1", "stage2"):
+        s = r.get(name)
+        if s:
+            lines.append(f"{name + ' tokens / seconds':<28} {s.get('tokens', 0)} / {s.get('seconds', 0):.0f}"
+                         + (f"  (loss {s['loss_first']:.3f} -> {s['loss_last']:.3f})" if "loss_first" in s else ""))
+    lines.append(f"{'reload max |logit diff|':<28} {r['reload_max_abs_logit_diff']:.2e}")
+    lines.append(f"{'wall seconds':<28} {r['wall_s']:.0f}")
+    if r.get("curve"):
+        lines.append("curve (stage, tokens, val ppl ratio): " + ", ".join(
+            f"{c['stage']}@{c['tokens']}:{c['val_ppl_ratio']:.2f}x" for c in r["curve"]))
+    return "\n".join(lines)
