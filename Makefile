@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench compare clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on this machine that is the local CPU wheel.
 $(STAMP): pyproject.toml
@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job (README's first command).
+# The main job (README's first command): real SmolLM2-135M -> Hedgehog on Shakespeare, ~25 min on 2 cores.
 demo: $(STAMP)
-	$(BIN)/hedgehog bench attention --out bench_out/attention
+	$(BIN)/hedgehog convert --out runs/smollm2-hedgehog
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -25,7 +25,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-bench: demo
+bench: $(STAMP)
+	$(BIN)/hedgehog bench attention --out bench_out/attention
+
+# Every feature map through the same pipeline and budget (about 7 x the default job; pass ARGS to shrink).
+compare: $(STAMP)
+	$(BIN)/hedgehog compare --out runs/compare $(ARGS)
 
 clean:
-	rm -rf $(VENV) bench_out .pytest_cache
+	rm -rf $(VENV) bench_out runs .pytest_cache

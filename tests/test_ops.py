@@ -251,3 +251,22 @@ def test_gpu_paths_match_reference():
         torch.testing.assert_close(st[1].cpu(), k.sum(2), rtol=1e-4, atol=1e-3)
     yb = linear_attention(q.to(dev, torch.bfloat16), k.to(dev, torch.bfloat16), v.to(dev, torch.bfloat16))
     assert (yb.double().cpu() - ref).abs().max() < 5e-2
+
+
+def test_recurrent_step_grouped_heads_equals_repeated_and_inplace():
+    B, Hq, Hk, n, F, D = 2, 6, 2, 9, 5, 3
+    q = rand_features(B, Hq, n, F)
+    k = rand_features(B, Hk, n, F)
+    v = torch.randn(B, Hk, n, D, dtype=torch.float64)
+    ref = quadratic_linear_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    st, st_inplace, outs, outs2 = None, None, [], []
+    for t in range(n):
+        y, st = recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], st)
+        y2, st_inplace = recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], st_inplace, inplace=True)
+        outs.append(y)
+        outs2.append(y2)
+    torch.testing.assert_close(torch.stack(outs, 2), ref, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(torch.stack(outs2, 2), ref, rtol=1e-11, atol=1e-12)
+    assert st[0].shape == (B, Hk, F, D)  # state per key head, not per query head
+    with pytest.raises(ValueError, match="divide"):
+        recurrent_step(q[:, :5, 0], k[:, :, 0], v[:, :, 0])

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
-from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_linear_attention
+from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_linear_attention, recurrent_step
 
 MODES = ("softmax", "linear", "distill")
 
@@ -179,6 +179,12 @@ class HedgehogAttention(nn.Module):
         """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d) causal linear attention."""
         n = q.shape[2]
         if cache is not None:
+            from hedgehog.generation import HedgehogStateLayer
+
+            idx = self.adapter.cache_index(self)
+            if idx < len(cache.layers) and isinstance(cache.layers[idx], HedgehogStateLayer):
+                return self._linear_recurrent(q, k, v, call, cache.layers[idx])
+        if cache is not None:
             # Generic fallback for any HF Cache: keep k/v in it and attend over all of them (the
             # recurrent-state cache replaces this with O(1) state updates).
             k, v = cache.update(k, v, self.adapter.cache_index(self))
@@ -200,6 +206,32 @@ class HedgehogAttention(nn.Module):
             q * s, k * s, v_rep, self.feature_map_q, self._grouped_k, positions=pos_q,
             chunk_size=self.hh_config.chunk_size,
         )
+
+    def _linear_recurrent(self, q, k, v, call, layer):
+        """Prefill (fills the state) or decode (updates it) with a HedgehogStateLayer; state per KV head."""
+        b, _, n, _ = q.shape
+        s = self.hh_config.qk_scale
+        pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
+        phi_q = self.feature_map_q(q * s, pos)
+        phi_k = self.feature_map_k(k * s, pos)  # (B, Hkv, n, F): not repeated
+        if layer.S is None:
+            valid = _key_valid(call.get("attention_mask"), n)
+            if valid is not None:  # padding never enters the state
+                phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
+        if n == 1 and layer.S is not None:
+            y, (S, z) = recurrent_step(phi_q, phi_k, v, (layer.S, layer.z), inplace=True)
+            layer.set_state(S, z, 1)
+            return y
+        init = None
+        if layer.S is not None:  # several new tokens on top of a state: expand it to the query heads
+            init = (_repeat_heads(layer.S, self.n_rep), _repeat_heads(layer.z.unsqueeze(-1), self.n_rep).squeeze(-1))
+        y, (S, z) = linear_attention(phi_q, _repeat_heads(phi_k, self.n_rep), _repeat_heads(v, self.n_rep),
+                                     chunk_size=self.hh_config.chunk_size, initial_state=init, return_state=True)
+        # every query head of a group holds the same state: keep one per KV head
+        S = S.view(b, self.num_kv_heads, self.n_rep, *S.shape[2:])[:, :, 0].contiguous()
+        z = z.view(b, self.num_kv_heads, self.n_rep, -1)[:, :, 0].contiguous()
+        layer.set_state(S, z, n)
+        return y
 
     def extra_repr(self) -> str:
         return (f"base={self.base_class}, mode={self.mode}, feature_map={self.hh_config.feature_map}, "

@@ -175,4 +175,7 @@ def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.
         new.train(base.training)
         setattr(parent, attr, new)
     model.config.hedgehog = config.to_dict()
+    from hedgehog.generation import install_generation_cache
+
+    install_generation_cache(model)
     return model

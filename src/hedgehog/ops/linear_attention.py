@@ -271,37 +271,52 @@ def recurrent_step(
     v: torch.Tensor,
     state: Optional[State] = None,
     eps: float = DEFAULT_EPS,
+    inplace: bool = False,
 ):
     """One decoding step: add token t's key/value to the state, then read it with token t's query.
 
     Args:
-        phi_q, phi_k: (B, H, F) or (B, H, 1, F); v: (B, H, D) or (B, H, 1, D).
-        state: ``(S, z)`` of all earlier tokens (prefill included), or None for the first token.
+        phi_q: (B, Hq, F) or (B, Hq, 1, F).
+        phi_k: (B, Hk, F) or (B, Hk, 1, F); v: (B, Hk, D) or (B, Hk, 1, D). ``Hk`` may divide ``Hq``
+            (grouped-query attention): query head h reads the state of key head ``h // (Hq / Hk)``,
+            as transformers' ``repeat_kv`` orders heads. The state is kept per key head.
+        state: ``(S (B, Hk, F, D), z (B, Hk, F))`` of all earlier tokens, or None for the first token.
+        inplace: update the given state tensors in place (decoding loops; no new allocation per token).
     Returns:
-        ``(y, (S, z))``: y shaped like v (in v's dtype), the new state in float32/float64.
-        The input state is not modified.
+        ``(y, (S, z))``: y (B, Hq, [1,] D) in v's dtype; the state in float32/float64.
     """
     squeeze = v.dim() == 3
     if squeeze:
         phi_q, phi_k, v = phi_q.unsqueeze(2), phi_k.unsqueeze(2), v.unsqueeze(2)
-    _check_inputs(phi_q, phi_k, v)
-    if phi_q.shape[2] != 1:
-        raise ValueError(
-            f"recurrent_step takes one token, got {phi_q.shape[2]}; use linear_attention(..., "
-            "initial_state=state, return_state=True) for several"
-        )
+    for name, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if t.dim() != 4 or t.shape[2] != 1:
+            raise ValueError(
+                f"recurrent_step takes one token: {name} must be (B, H, F) or (B, H, 1, F), got {tuple(t.shape)}; "
+                "use linear_attention(..., initial_state=state, return_state=True) for several"
+            )
+    B, Hq, _, Fd = phi_q.shape
+    Hk, D = phi_k.shape[1], v.shape[-1]
+    if phi_k.shape[0] != B or v.shape[:2] != phi_k.shape[:2] or phi_k.shape[-1] != Fd or Hq % Hk:
+        raise ValueError(f"shapes do not fit: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, "
+                         f"v {tuple(v.shape)} (key heads must divide query heads)")
     acc = _acc_dtype(v)
-    q, k, vv = phi_q[:, :, 0].to(acc), phi_k[:, :, 0].to(acc), v[:, :, 0].to(acc)
+    k, vv = phi_k[:, :, 0].to(acc), v[:, :, 0].to(acc)
+    kv = k.unsqueeze(-1) * vv.unsqueeze(-2)
     if state is None:
-        S = k.unsqueeze(-1) * vv.unsqueeze(-2)
-        z = k
+        S, z = kv, k
     else:
-        _check_state(state, phi_k, v)
-        S = state[0].to(acc) + k.unsqueeze(-1) * vv.unsqueeze(-2)
-        z = state[1].to(acc) + k
-    num = (q.unsqueeze(-2) @ S).squeeze(-2)
-    den = (q * z).sum(-1, keepdim=True).clamp_min(eps)
-    y = (num / den).to(v.dtype)
+        if tuple(state[0].shape) != (B, Hk, Fd, D) or tuple(state[1].shape) != (B, Hk, Fd):
+            raise ValueError(f"state shapes S {tuple(state[0].shape)}, z {tuple(state[1].shape)} do not match "
+                             f"expected S ({B}, {Hk}, {Fd}, {D}) and z ({B}, {Hk}, {Fd})")
+        if inplace:
+            S, z = state[0].add_(kv), state[1].add_(k)
+        else:
+            S, z = state[0].to(acc) + kv, state[1].to(acc) + k
+    g = Hq // Hk
+    q = phi_q[:, :, 0].to(acc).reshape(B, Hk, g, Fd)
+    num = q @ S  # (B, Hk, g, D)
+    den = (q @ z.unsqueeze(-1)).clamp_min(eps)
+    y = (num / den).reshape(B, Hq, D).to(v.dtype)
     if not squeeze:
         y = y.unsqueeze(2)
     return y, (S, z)

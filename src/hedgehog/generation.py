@@ -1,0 +1,117 @@
+"""Recurrent-state cache: converted models decode with O(1) memory per token through HF ``generate``.
+
+``HedgehogCache`` is a ``transformers.Cache`` whose converted layers hold the linear-attention state
+``(S = sum phi(k) v^T, z = sum phi(k))`` instead of a growing key/value cache. The state is kept per
+*key/value* head: under GQA every query head of a group reads the same ``phi(k)`` and ``v``, so the
+group shares one state (SmolLM2: 3 states per layer instead of 9). Layers left unconverted keep an
+ordinary ``DynamicLayer``.
+
+Prefill runs the chunked kernel with ``return_state`` (padding keys, e.g. left padding, are zeroed
+before they enter the state); each further token is one ``recurrent_step`` updating the state in
+place. ``convert_model`` installs a hook so that ``model.generate(...)`` builds this cache by default;
+passing ``past_key_values=`` explicitly still works.
+"""
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+
+class HedgehogStateLayer(CacheLayerMixin):
+    """One converted layer's recurrent state: S (B, Hkv, F, D), z (B, Hkv, F) in fp32, plus a token count."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.S: Optional[torch.Tensor] = None
+        self.z: Optional[torch.Tensor] = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # states are set by the attention layer
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a Hedgehog layer keeps a recurrent state, not keys/values; use its attention module")
+
+    def set_state(self, S: torch.Tensor, z: torch.Tensor, n_new: int) -> None:
+        self.S, self.z = S, z
+        self.seen += n_new
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int):
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.S = self.z = None
+        self.seen = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise RuntimeError("a recurrent state cannot be cropped (tokens are summed into it)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.S is not None:
+            self.S = self.S.index_select(0, beam_idx.to(self.S.device))
+            self.z = self.z.index_select(0, beam_idx.to(self.z.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.S is not None:
+            self.S = self.S.repeat_interleave(repeats, dim=0)
+            self.z = self.z.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.S is not None:
+            self.S, self.z = self.S[indices], self.z[indices]
+
+    def nbytes(self) -> int:
+        return 0 if self.S is None else self.S.numel() * self.S.element_size() + self.z.numel() * self.z.element_size()
+
+
+class HedgehogCache(Cache):
+    """Cache for a converted model: a state layer per converted attention layer, KV layers elsewhere."""
+
+    def __init__(self, model):
+        from hedgehog.attention import hedgehog_layers
+        from hedgehog.convert import get_adapter
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        n_slots = len(get_adapter(inner).attention_slots(inner))
+        converted = {m.layer_idx for m in hedgehog_layers(inner)}
+        layers = [HedgehogStateLayer() if i in converted else DynamicLayer() for i in range(n_slots)]
+        super().__init__(layers=layers)
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the recurrent states (constant in the number of tokens)."""
+        return sum(l.nbytes() for l in self.layers if isinstance(l, HedgehogStateLayer))
+
+    def kv_nbytes(self) -> int:
+        """Bytes held by key/value layers (unconverted layers only)."""
+        return sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.layers
+                   if isinstance(l, DynamicLayer) and l.keys is not None)
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    """Wraps transformers' method: swap the default DynamicCache for a HedgehogCache."""
+    out = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    cache = model_kwargs.get("past_key_values")
+    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0:
+        model_kwargs["past_key_values"] = HedgehogCache(self)
+    return out
+
+
+def install_generation_cache(model) -> None:
+    """Make ``model.generate`` use ``HedgehogCache`` unless a cache is passed explicitly."""
+    if hasattr(type(model), "_prepare_cache_for_generation"):
+        model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
