@@ -151,3 +151,19 @@ def test_every_map_runs_through_the_fused_op(name):
     ref = quadratic_linear_attention(fq(q).double(), fk(k).double(), v.double())
     out = feature_linear_attention(q, k, v, fq, fk, chunk_size=16, block_size=32)
     assert (out.double() - ref).abs().max() < 1e-4
+
+
+def test_hedgehog_cached_signed_weights_follow_parameter_updates():
+    fm = get_feature_map("hedgehog", 4, 2)
+    x = torch.randn(1, 2, 3, 4)
+    with torch.no_grad():
+        a = fm(x)
+        fm.weight.mul_(2.0)  # in-place update bumps the version counter: the cache must refresh
+        b = fm(x)
+    u = 2 * x
+    torch.testing.assert_close(b, torch.cat([u.softmax(-1), (-u).softmax(-1)], -1))
+    assert not torch.allclose(a, b)
+    fm.load_state_dict({"weight": torch.eye(4).repeat(2, 1, 1), "bias": torch.ones(2, 4)})
+    with torch.no_grad():
+        c = fm(x)
+    torch.testing.assert_close(c, torch.cat([(x + 1).softmax(-1), (-(x + 1)).softmax(-1)], -1))

@@ -5,6 +5,13 @@ import argparse
 import sys
 
 
+def _bench_decode(args):
+    from hedgehog.bench import decode
+
+    _setup_logging()
+    decode.run_from_args(args)
+
+
 def _bench_attention(args):
     from hedgehog.bench import attention
 
@@ -115,6 +122,50 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _load_any(model_arg, base_model=None):
+    """A converted dir -> (model, tok, 'hedgehog'); otherwise the plain softmax model."""
+    from hedgehog.checkpoint import is_converted_dir, load
+    from hedgehog.pipeline import load_base
+
+    if is_converted_dir(model_arg):
+        model, tok = load(model_arg, base_model=base_model)
+        return model, tok, "hedgehog"
+    model, tok, _ = load_base(model_arg)
+    return model, tok, "softmax"
+
+
+def _generate(args):
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    _setup_logging()
+    model, tok, kind = _load_any(args.model, args.base_model)
+    if tok is None:
+        raise SystemExit(f"{args.model} has no tokenizer; save one with the model")
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k or None,
+                         streamer=streamer, return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = out.sequences.shape[1] - ids.shape[1]
+    cache = out.past_key_values
+    if hasattr(cache, "state_nbytes"):
+        mem = f"recurrent state {cache.state_nbytes() / 2**20:.2f} MiB (constant in length)"
+    else:
+        kv = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if getattr(l, "keys", None) is not None)
+        mem = f"KV cache {kv / 2**20:.2f} MiB (grows with length)"
+    print(f"\n[{kind}] {new} new tokens in {dt:.2f} s ({new / dt:.1f} tok/s incl. prefill of {ids.shape[1]}); {mem}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hedgehog",
@@ -132,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description=attention.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     attention.add_arguments(ba)
     ba.set_defaults(func=_bench_attention)
+    from hedgehog.bench import decode
+
+    bd = bsub.add_parser("decode", help="per-token decode latency/memory vs context, Hedgehog state vs softmax KV cache",
+                         description=decode.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    decode.add_arguments(bd)
+    bd.set_defaults(func=_bench_decode)
 
     c = sub.add_parser(
         "convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -154,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--feature-maps", default="hedgehog,elu,relu,performer,cosformer,t2r,taylor",
                     help="comma-separated feature maps")
     cp.set_defaults(func=_compare, feature_map="hedgehog")
+
+    g = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="stream a continuation from a converted (or original) model",
+                       description="Generate text with a model saved by `hedgehog convert` (decodes with a constant-size "
+                                   "recurrent state) or with the original softmax model ('smollm2', a dir or hub id) "
+                                   "for comparison. Tokens are streamed to the terminal.")
+    g.add_argument("--model", required=True, help="converted model dir (e.g. runs/smollm2-hedgehog/model), 'smollm2', "
+                   "a model dir or hub id")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--base-model", default=None, help="override the base model recorded in a converted dir")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.set_defaults(func=_generate)
 
     e = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="perplexity of a converted (or original) model on held-out text",

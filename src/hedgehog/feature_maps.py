@@ -115,14 +115,29 @@ class HedgehogFeatureMap(_PerHeadLinear):
         super().__init__(head_dim, num_heads, feature_dim, bias)
         self.feature_dim = 2 * self.proj_dim
 
+    def _signed_params(self, dtype):
+        """([W, -W], [b, -b]); cached outside autograd (decoding calls this once per token per layer)
+        and rebuilt whenever the parameters change (their version counters move)."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            b2 = None if self.bias is None else torch.cat([self.bias, -self.bias], -1).to(dtype)
+            return torch.cat([self.weight, -self.weight], -1).to(dtype), b2
+        key = (dtype, self.weight.device, self.weight._version, self.weight.data_ptr(),
+               None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
+        cached = getattr(self, "_signed_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w2 = torch.cat([self.weight, -self.weight], -1).to(dtype)
+                b2 = None if self.bias is None else torch.cat([self.bias, -self.bias], -1).to(dtype)
+            self._signed_cache = cached = (key, w2, b2)
+        return cached[1], cached[2]
+
     def forward(self, x, positions=None):
         self._check(x)
         x = _float(x)
         # One matmul against [W, -W] gives [u, -u] side by side; a softmax over the (2, d') view
         # then yields both halves without a concat or negation pass over the features.
-        w2 = torch.cat([self.weight, -self.weight], -1).to(x.dtype)
-        if self.bias is not None:
-            b2 = torch.cat([self.bias, -self.bias], -1).to(x.dtype)
+        w2, b2 = self._signed_params(x.dtype)
+        if b2 is not None:
             B, H, N, d = x.shape
             u = torch.baddbmm(b2.unsqueeze(1).expand(H, B * N, -1).reshape(H, B * N, -1) if B > 1 else b2.unsqueeze(1),
                               x.transpose(0, 1).reshape(H, B * N, d), w2)
