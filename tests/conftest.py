@@ -10,3 +10,34 @@ def _seed():
 def rand_features(*shape, dtype=torch.float64):
     """Positive features, like every registered map produces."""
     return torch.rand(*shape, dtype=dtype) + 0.05
+
+
+WORDS = ("the king queen lord lady sword crown love death night day fair foul sweet blood heart "
+         "thou thee thy art doth hath shall will not and of to in my is be what that with").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A tiny Llama (GQA) with a word-level tokenizer, and a small text folder: fast end-to-end runs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=1, bos_token_id=1, pad_token_id=1)
+    model_dir = root / "model"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = root / "texts"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(10):
+        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (400,), generator=g).tolist()]
+        (data / f"doc{i:02d}.txt").write_text(" ".join(words))
+    return {"model": str(model_dir), "data": str(data)}

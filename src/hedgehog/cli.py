@@ -134,6 +134,17 @@ def _load_any(model_arg, base_model=None):
     return model, tok, "softmax"
 
 
+def _analyze(args):
+    from hedgehog import analyze
+
+    maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
+    _check_maps(maps)
+    _setup_logging()
+    a = analyze.run(args.model, args.out, maps, args.data, args.windows, args.seq_len, args.layer, args.head, args.span)
+    print(analyze.summary_markdown(a))
+    print(f"wrote {args.out}/analysis.json, summary.md and PNGs")
+
+
 def _generate(args):
     import time
 
@@ -227,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-model", default=None, help="override the base model recorded in a converted dir")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.set_defaults(func=_generate)
+
+    an = sub.add_parser("analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="attention fidelity per layer/head: KL, entropy (spikiness), monotonicity, with pictures",
+                        description="Compare the softmax teacher with every feature map (untrained, and trained when "
+                                    "MODEL is a converted run) on held-out text: KL, row entropy, Spearman(q·k, weight) "
+                                    "for every layer and head. Writes analysis.json, summary.md and PNGs.")
+    an.add_argument("--model", default="smollm2", help="'smollm2', a model dir/hub id, or a converted run's model dir")
+    an.add_argument("--feature-maps", default=",".join(["hedgehog", "elu", "relu", "performer", "cosformer", "t2r",
+                                                         "taylor"]), help="comma-separated feature maps (untrained)")
+    an.add_argument("--data", default="shakespeare", help="'shakespeare' or a .txt file/folder (test split is used)")
+    an.add_argument("--windows", type=int, default=2, help="text windows")
+    an.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    an.add_argument("--layer", type=int, default=None, help="layer for the pictures (default: the middle one)")
+    an.add_argument("--head", type=int, default=0, help="head for the pictures")
+    an.add_argument("--span", type=int, default=32, help="tokens shown in the heatmaps")
+    an.add_argument("--out", default="runs/analysis", help="output directory")
+    an.set_defaults(func=_analyze)
 
     e = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="perplexity of a converted (or original) model on held-out text",

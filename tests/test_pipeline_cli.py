@@ -1,0 +1,67 @@
+"""The CLI commands end to end on a tiny model + text (the real-model runs are benchmarks)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from hedgehog.cli import main
+
+
+def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+          "--seq-len", "32", "--stage1-tokens", "256", "--stage1-batch", "2", "--stage2-tokens", "128",
+          "--eval-tokens", "128", "--no-progress"])
+    report = json.loads((out / "report.json").read_text())
+    for key in ("teacher_ppl", "student_ppl", "ppl_ratio", "attention_kl_before", "attention_kl_after", "stage1",
+                "stage2", "settings", "curve"):
+        assert key in report
+    assert report["stage1"]["tokens"] == 256 and report["stage2"]["tokens"] == 128
+    assert report["reload_max_abs_logit_diff"] < 1e-5
+    assert len(report["attention_kl_after"]) == 2
+    printed = capsys.readouterr().out
+    assert "teacher ppl" in printed and "student ppl (final)" in printed
+    # resume reuses stage 1
+    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+          "--seq-len", "32", "--stage1-tokens", "256", "--stage2-tokens", "0", "--eval-tokens", "128",
+          "--no-progress", "--resume"])
+    assert json.loads((out / "report.json").read_text())["stage1"].get("resumed") is True
+    main(["eval", "--model", str(out / "model"), "--data", tiny_assets["data"], "--seq-len", "32", "--tokens", "128",
+          "--no-progress"])
+    assert "perplexity" in capsys.readouterr().out
+    main(["generate", "--model", str(out / "model"), "--prompt", "the king", "--max-new-tokens", "5"])
+    assert "recurrent state" in capsys.readouterr().out
+
+
+def test_analyze_writes_json_summary_and_pngs(tiny_assets, tmp_path):
+    from hedgehog import analyze
+
+    a = analyze.run(tiny_assets["model"], str(tmp_path / "an"), ["hedgehog", "elu", "performer", "cosformer"],
+                    data=tiny_assets["data"], windows=1, seq_len=24, span=12)
+    for f in ("analysis.json", "summary.md", "heatmaps.png", "entropy_per_layer.png", "kl_per_layer.png",
+              "monotonicity.png"):
+        p = tmp_path / "an" / f
+        assert p.exists() and p.stat().st_size > 500, f
+    s = a["summary"]
+    assert set(s) == {"hedgehog", "elu", "performer", "cosformer"}
+    assert all(len(a["per_layer_head"]["elu"]["kl"][layer]) == 4 for layer in range(2))  # per head
+    assert "claims" in (tmp_path / "an" / "summary.md").read_text()
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown feature map"):
+        main(["convert", "--feature-map", "softmaxx", "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["eval", "--model", "/no/such/dir/model", "--no-progress"])
+    with pytest.raises(SystemExit):
+        main(["bench", "attention", "--lengths", "0"])
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_bench_attention_small_writes_outputs(tmp_path, capsys):
+    main(["bench", "attention", "--lengths", "64,128", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "attention.json").read_text())
+    assert [r["n"] for r in res["rows"]] == [64, 128]
+    assert all(r["hedgehog_fwd_s"] > 0 and r["sdpa_fwd_s"] > 0 for r in res["rows"])
+    assert (tmp_path / "attention.png").stat().st_size > 1000
