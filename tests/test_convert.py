@@ -128,7 +128,7 @@ def test_stage1_decreases_distillation_loss(family, loss):
     rep = attention_transfer(model, windows, Stage1Config(tokens=8 * 32 * 4, lr=3e-2, batch_size=2, warmup_steps=1),
                              progress=False)
     losses = [h["loss"] for h in rep["history"]]
-    assert rep["steps"] == 16 and losses[-1] < losses[0]
+    assert rep["captures"] == 16 and rep["steps"] == (16 if loss == "mse" else 64) and losses[-1] < losses[0]
     assert all(not p.requires_grad for p in model.parameters())
     assert all(layer.mode == "linear" for layer in hedgehog_layers(model))
 

@@ -78,3 +78,19 @@ def test_loss_shape_errors():
         attention_distillation_loss(q, torch.randn(1, 1, 5, 4), q, q)
     with pytest.raises(ValueError, match="do not match"):
         attention_distillation_loss(q, q, torch.rand(1, 2, 6, 8), torch.rand(1, 2, 5, 8))
+
+
+def test_query_subset_loss_equals_mean_of_those_rows():
+    q, k = torch.randn(1, 2, 40, 8, dtype=torch.float64), torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    fm = get_feature_map("elu", 8, 2).double()
+    idx = torch.tensor([3, 17, 0, 39, 25])
+    sub = attention_distillation_loss(q, k, fm(q), fm(k), query_index=idx, query_block=2)
+    # reference: per-row CE from the full row-by-row computation
+    p = softmax_attention_weights(q, k)
+    a = (fm(q) @ fm(k).transpose(-1, -2)).tril()
+    w = a / a.sum(-1, keepdim=True)
+    ce_rows = -(p * torch.log(w.clamp_min(1e-300))).sum(-1)  # (1, 2, 40)
+    torch.testing.assert_close(sub, ce_rows[:, :, idx.sort().values].mean())
+    # all rows as a subset == the plain loss
+    torch.testing.assert_close(attention_distillation_loss(q, k, fm(q), fm(k), query_index=torch.arange(40)),
+                               attention_distillation_loss(q, k, fm(q), fm(k)))

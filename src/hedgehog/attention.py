@@ -135,8 +135,9 @@ class HedgehogAttention(nn.Module):
         s = self.hh_config.qk_scale
         return self.feature_map_q(q * s, positions), self._grouped_k(k * s, positions)
 
-    def layer_distill_loss(self, q, k, v=None):
-        """The configured distillation loss of this layer for captured post-RoPE q (B,Hq,N,d), k (B,Hkv,N,d)."""
+    def layer_distill_loss(self, q, k, v=None, query_index=None):
+        """The configured distillation loss of this layer for captured post-RoPE q (B,Hq,N,d), k (B,Hkv,N,d);
+        ``query_index`` restricts the (cross-entropy) loss to those query rows."""
         phi_q, phi_k = self.features(q, k)
         k_rep = _repeat_heads(k, self.n_rep)
         if self.hh_config.distill_loss == "mse":
@@ -144,7 +145,7 @@ class HedgehogAttention(nn.Module):
                 raise ValueError("the mse distillation loss needs v")
             return attention_output_mse_loss(q, k_rep, _repeat_heads(v, self.n_rep), phi_q, phi_k,
                                              scale=self.teacher_scale())
-        return attention_distillation_loss(q, k_rep, phi_q, phi_k, scale=self.teacher_scale())
+        return attention_distillation_loss(q, k_rep, phi_q, phi_k, scale=self.teacher_scale(), query_index=query_index)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):

@@ -63,6 +63,10 @@ class Stage1Config:
     tokens: int = 131072
     lr: float = 1e-2
     batch_size: int = 2
+    # Optimizer steps per captured batch, each on a disjoint random subset of the query rows (every row
+    # still sees all its keys): an unbiased estimate of the same loss, and more updates per unit of
+    # compute, which is what these small per-head maps need (the loss costs O(rows x N)).
+    steps_per_capture: int = 4
     warmup_steps: int = 10
     time_budget_s: Optional[float] = None  # stop early when exceeded
 
@@ -110,26 +114,32 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
         return {"steps": 0, "tokens": 0, "seconds": 0.0, "history": [], "note": "feature map has no parameters"}
     opt = torch.optim.Adam(params, lr=cfg.lr)
     seq_len = windows.shape[1]
-    total_steps = max(1, cfg.tokens // (cfg.batch_size * seq_len))
+    spc = 1 if layers[0].hh_config.distill_loss == "mse" else max(1, cfg.steps_per_capture)
+    captures = max(1, cfg.tokens // (cfg.batch_size * seq_len))
+    total_steps = captures * spc
+    gen = torch.Generator().manual_seed(0)
     history, t0, tokens = [], time.perf_counter(), 0
-    bar = tqdm(total=total_steps, desc="stage 1 (attention transfer)", disable=not progress, unit="step")
-    step = 0
+    bar = tqdm(total=captures, desc="stage 1 (attention transfer)", disable=not progress, unit="batch")
+    step = n_caps = 0
     for _, batch in _batches(windows, cfg.batch_size):
-        if step >= total_steps or (cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s):
+        if n_caps >= captures or (cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s):
             break
         caps = capture_qkv(model, batch)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
-        per_layer = []
-        for layer, (q, k, v) in zip(layers, caps):
-            with torch.enable_grad():
-                loss = layer.layer_distill_loss(q, k, v)
-            _check_finite(loss, f"stage 1, layer {layer.layer_idx}, step {step}", cfg.lr)
-            loss.backward()
-            per_layer.append(loss.item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
+        subsets = torch.randperm(seq_len, generator=gen).chunk(spc) if spc > 1 else [None]
+        per_layer = [0.0] * len(layers)  # mean over the subsets: an estimate of the full loss
+        for rows in subsets:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
+            for i, (layer, (q, k, v)) in enumerate(zip(layers, caps)):
+                with torch.enable_grad():
+                    loss = layer.layer_distill_loss(q, k, v, query_index=rows)
+                _check_finite(loss, f"stage 1, layer {layer.layer_idx}, step {step}", cfg.lr)
+                loss.backward()
+                per_layer[i] += loss.item() / len(subsets)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+        n_caps += 1
         tokens += batch.numel()
         rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
                "loss": sum(per_layer) / len(per_layer), "layer_loss": per_layer}
@@ -142,7 +152,8 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
     set_attention_mode(model, "linear")
     for p in params:
         p.requires_grad_(False)
-    return {"steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "history": history}
+    return {"steps": step, "captures": n_caps, "tokens": tokens, "seconds": time.perf_counter() - t0,
+            "history": history}
 
 
 def add_lora(model: nn.Module, cfg: Stage2Config):

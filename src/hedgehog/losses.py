@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
-from hedgehog.ops.softmax import softmax_attention_weights
+from hedgehog.ops.softmax import causal_drop_mask, softmax_attention_weights
 
 LOSSES = ("ce", "mse")
 
@@ -35,19 +35,19 @@ def _check_qk(q, k, phi_q, phi_k):
         )
 
 
-def _block_ce(q_blk, k_vis, pq_blk, pk_vis, q_offset: int, causal: bool, scale: float, eps: float):
-    """Summed cross-entropy of one block of query rows against the keys they can see.
+def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float, eps: float):
+    """Summed cross-entropy of a set of query rows (absolute positions ``row_pos``) against their keys.
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
     ``-sum_ij p_ij log w_ij = sum_i log den_i - sum_ij p_ij log a_ij``: two (rows x keys) temporaries
     instead of a chain of them (this loss dominates stage-1 time).
     """
     with torch.no_grad():
-        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_offset=q_offset)
+        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos)
     acc = p.dtype
     a = pq_blk.to(acc) @ pk_vis.to(acc).transpose(-1, -2)
     if causal:
-        a = a.tril(q_offset)
+        a = a.masked_fill(causal_drop_mask(a.shape[-2], a.shape[-1], a.device, q_positions=row_pos), 0.0)
     log_den = a.sum(-1).clamp_min(eps).log()
     log_a = a.clamp_min(eps).log()
     return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
@@ -62,6 +62,7 @@ def attention_distillation_loss(
     scale: Optional[float] = None,
     query_block: int = 512,
     eps: float = 1e-12,
+    query_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Hedgehog's attention-distillation cross-entropy, mean over (batch, heads, query rows).
 
@@ -71,23 +72,28 @@ def attention_distillation_loss(
         phi_q, phi_k: (B, H, N, F) the student's features of the same q/k.
         scale: teacher logit scale, ``d^-1/2`` by default.
         query_block: query rows per block; peak memory is O(query_block * N).
+        query_index: optional 1-D tensor of row positions: the loss over just those rows (each still
+            against all the keys it sees), an unbiased estimate of the full loss at a fraction of the cost.
     Returns: a scalar; its minimum over students is the teacher's mean row entropy (KL = 0).
     """
     _check_qk(q, k, phi_q, phi_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, H, N, _ = q.shape
+    rows = torch.arange(N, device=q.device) if query_index is None else query_index.to(q.device).sort().values
     total = q.new_zeros((), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     track = torch.is_grad_enabled() and (phi_q.requires_grad or phi_k.requires_grad)
-    for s in range(0, N, query_block):
-        e = min(N, s + query_block)
-        kend = e if causal else N
-        args = (q[:, :, s:e], k[:, :, :kend], phi_q[:, :, s:e], phi_k[:, :, :kend])
-        if track and query_block < N:  # several blocks: recompute each in backward to bound memory
-            part = checkpoint(_block_ce, *args, s, causal, scale, eps, use_reentrant=False)
+    for s in range(0, len(rows), query_block):
+        pos = rows[s:s + query_block]
+        contiguous = query_index is None
+        kend = (int(pos[-1]) + 1) if causal else N
+        sel = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
+        args = (q[:, :, sel], k[:, :, :kend], phi_q[:, :, sel], phi_k[:, :, :kend], pos)
+        if track and query_block < len(rows):  # several blocks: recompute each in backward to bound memory
+            part = checkpoint(_block_ce, *args, causal, scale, eps, use_reentrant=False)
         else:
-            part = _block_ce(*args, s, causal, scale, eps)
+            part = _block_ce(*args, causal, scale, eps)
         total = total + part
-    return total / (B * H * N)
+    return total / (B * H * len(rows))
 
 
 def attention_output_mse_loss(

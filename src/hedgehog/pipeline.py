@@ -115,11 +115,13 @@ def run(job: ConvertJob) -> Dict:
         log.info("stage 1: resumed from %s", s1_ckpt)
     else:
         every = max(1, (job.stage1.tokens // (job.stage1.batch_size * L)) // max(1, job.curve_points))
+        curve_s1 = []
 
         def cb1(rec):
-            if rec["step"] % every == 0:
+            if len(curve_s1) % every == every - 1:
                 set_attention_mode(model, "linear")
                 val_point("stage1", rec["tokens"], model)
+            curve_s1.append(rec["step"])
 
         s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress)
         s1_report.pop("history", None) if len(s1_report.get("history", [])) > 2000 else None

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 
 def softmax_attention_weights(
-    q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: Optional[float] = None, q_offset: int = 0
+    q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: Optional[float] = None, q_offset: int = 0,
+    q_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Rows of ``softmax(q k^T * scale)`` in float32 (float64 for float64 inputs).
 
@@ -17,16 +18,22 @@ def softmax_attention_weights(
         q: (B, H, Nq, d); k: (B, H, Nk, d).
         q_offset: absolute position of q's first row, so query ``i`` sees keys ``j <= q_offset + i``
             (lets the loss process a block of queries against the keys it can see).
+        q_positions: (Nq,) absolute positions of the rows instead (any subset of rows); overrides q_offset.
     Returns: (B, H, Nq, Nk); masked entries are exactly 0.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if causal:
-        nq, nk = s.shape[-2:]
-        drop = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(q_offset + 1)
-        s.masked_fill_(drop, float("-inf"))  # s is a fresh product: in place is safe
+        s.masked_fill_(causal_drop_mask(s.shape[-2], s.shape[-1], s.device, q_offset, q_positions), float("-inf"))
     return torch.softmax(s, dim=-1)
+
+
+def causal_drop_mask(nq: int, nk: int, device, q_offset: int = 0, q_positions: Optional[torch.Tensor] = None):
+    """(nq, nk) bool, True where key j is in the future of the row (masked)."""
+    if q_positions is None:
+        return torch.ones(nq, nk, dtype=torch.bool, device=device).triu(q_offset + 1)
+    return torch.arange(nk, device=device)[None, :] > q_positions.to(device)[:, None]
 
 
 def softmax_attention(q, k, v, causal: bool = True, scale: Optional[float] = None) -> torch.Tensor:
