@@ -234,3 +234,24 @@ def test_baseline_maps_convert_and_run(fm):
     with torch.no_grad():
         out = model(torch.randint(0, V, (1, 16))).logits
     assert torch.isfinite(out).all()
+
+
+def test_stage2_kd_uses_the_unadapted_softmax_teacher():
+    torch.manual_seed(0)
+    model = convert_model(tiny("llama").eval())
+    _perturb_maps(model, scale=5.0)  # a student visibly different from its teacher
+    pm = add_lora(model, Stage2Config(lora_r=4, train_feature_maps=True))
+    ids = torch.randint(0, V, (2, 16))
+    from hedgehog.distill import _kd_loss
+
+    with torch.no_grad():
+        base = _kd_loss(pm, ids).item()
+    assert base > 0
+    rep = lora_finetune(pm, torch.randint(0, V, (8, 16)), Stage2Config(tokens=8 * 16 * 4, lr=2e-3, warmup_steps=1,
+                                                                     loss="kd"), progress=False)
+    with torch.no_grad():
+        after = _kd_loss(pm, ids).item()
+    assert after < base
+    # the teacher path left everything in linear mode with the adapter on
+    assert all(m.mode == "linear" for m in hedgehog_layers(pm))
+    assert any(p.requires_grad for n, p in pm.named_parameters() if "feature_map" in n)

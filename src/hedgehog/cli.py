@@ -35,7 +35,7 @@ def _job_from_args(args):
     s2 = None
     if args.stage2_tokens > 0:
         s2 = Stage2Config(tokens=args.stage2_tokens, lr=args.stage2_lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                          train_feature_maps=args.train_feature_maps,
+                          train_feature_maps=args.train_feature_maps, loss=args.stage2_loss,
                           time_budget_s=args.stage2_minutes * 60 if args.stage2_minutes else None)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=args.feature_map, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
@@ -112,6 +112,8 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--stage2-tokens", type=int, default=65536, help="stage 2 (LoRA) token budget; 0 skips stage 2")
     c.add_argument("--stage2-lr", type=float, default=1e-3, help="stage 2 learning rate (AdamW, cosine)")
     c.add_argument("--stage2-minutes", type=float, default=9.0, help="stop stage 2 after this many minutes (0: no cap)")
+    c.add_argument("--stage2-loss", choices=["kd", "ce"], default="kd",
+                   help="stage 2 loss: KL to the softmax teacher's next-token distribution (kd) or next-token CE")
     c.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     c.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
     c.add_argument("--train-feature-maps", action="store_true", help="also train the feature maps in stage 2")

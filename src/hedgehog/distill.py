@@ -80,6 +80,10 @@ class Stage2Config:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     train_feature_maps: bool = False
+    # "kd": KL(teacher || student) on next-token distributions, the teacher being the same model with
+    # the adapter off and softmax attention (one extra forward per step, far more signal per token
+    # than one label); "ce": next-token cross-entropy on the text.
+    loss: str = "kd"
     warmup_steps: int = 5
     grad_clip: float = 1.0
     time_budget_s: Optional[float] = None
@@ -166,10 +170,27 @@ def add_lora(model: nn.Module, cfg: Stage2Config):
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=adapter.lora_targets)
     pm = get_peft_model(model, lcfg)
+    if cfg.loss not in ("kd", "ce"):
+        raise ValueError(f"unknown stage 2 loss {cfg.loss!r}; choose 'kd' or 'ce'")
     if cfg.train_feature_maps:
         for p in feature_map_parameters(pm):
             p.requires_grad_(True)
     return pm
+
+
+def _kd_loss(peft_model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions."""
+    import torch.nn.functional as F
+
+    with torch.no_grad(), peft_model.disable_adapter():
+        set_attention_mode(peft_model, "softmax")
+        try:
+            t_logp = F.log_softmax(peft_model(input_ids=batch, use_cache=False).logits.float(), -1)
+        finally:
+            set_attention_mode(peft_model, "linear")
+    s_logp = F.log_softmax(peft_model(input_ids=batch, use_cache=False).logits.float(), -1)
+    return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="sum") / (
+        batch.shape[0] * batch.shape[1])
 
 
 def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Config,
@@ -190,15 +211,18 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
             break
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
-        out = peft_model(input_ids=batch, labels=batch, use_cache=False)
-        _check_finite(out.loss, f"stage 2, step {step}", cfg.lr)
-        out.loss.backward()
+        if cfg.loss == "kd":
+            loss = _kd_loss(peft_model, batch)
+        else:
+            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        _check_finite(loss, f"stage 2, step {step}", cfg.lr)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += batch.numel()
-        rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "loss": out.loss.item()}
+        rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "loss": loss.item()}
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
