@@ -31,11 +31,13 @@ def _job_from_args(args):
     from hedgehog.pipeline import ConvertJob
 
     s1 = Stage1Config(tokens=args.stage1_tokens, lr=args.stage1_lr, batch_size=args.stage1_batch,
+                      steps_per_capture=args.stage1_steps_per_batch,
                       time_budget_s=args.stage1_minutes * 60 if args.stage1_minutes else None)
     s2 = None
     if args.stage2_tokens > 0:
         s2 = Stage2Config(tokens=args.stage2_tokens, lr=args.stage2_lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                          train_feature_maps=args.train_feature_maps, loss=args.stage2_loss,
+                          train_feature_maps=not args.freeze_feature_maps, loss=args.stage2_loss,
+                          lora_targets=args.lora_targets,
                           time_budget_s=args.stage2_minutes * 60 if args.stage2_minutes else None)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=args.feature_map, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
@@ -105,18 +107,23 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--qk-scale", type=float, default=1.0, help="q and k are multiplied by this before the feature maps")
     c.add_argument("--distill-loss", choices=["ce", "mse"], default="ce",
                    help="stage 1 loss: attention-weight cross-entropy (Hedgehog) or output MSE (LoLCATs)")
-    c.add_argument("--stage1-tokens", type=int, default=163840, help="stage 1 token budget")
+    c.add_argument("--stage1-tokens", type=int, default=131072, help="stage 1 token budget")
     c.add_argument("--stage1-lr", type=float, default=1e-2, help="stage 1 learning rate (Adam, cosine)")
     c.add_argument("--stage1-batch", type=int, default=2, help="windows per stage 1 step")
-    c.add_argument("--stage1-minutes", type=float, default=11.0, help="stop stage 1 after this many minutes (0: no cap)")
-    c.add_argument("--stage2-tokens", type=int, default=65536, help="stage 2 (LoRA) token budget; 0 skips stage 2")
-    c.add_argument("--stage2-lr", type=float, default=1e-3, help="stage 2 learning rate (AdamW, cosine)")
-    c.add_argument("--stage2-minutes", type=float, default=9.0, help="stop stage 2 after this many minutes (0: no cap)")
-    c.add_argument("--stage2-loss", choices=["kd", "ce"], default="kd",
+    c.add_argument("--stage1-steps-per-batch", type=int, default=4,
+                   help="stage 1 optimizer steps per captured batch (disjoint query-row subsets)")
+    c.add_argument("--stage1-minutes", type=float, default=7.0, help="stop stage 1 after this many minutes (0: no cap)")
+    c.add_argument("--stage2-tokens", type=int, default=98304, help="stage 2 (LoRA) token budget; 0 skips stage 2")
+    c.add_argument("--stage2-lr", type=float, default=3e-3, help="stage 2 learning rate (AdamW, cosine)")
+    c.add_argument("--stage2-minutes", type=float, default=13.0, help="stop stage 2 after this many minutes (0: no cap)")
+    c.add_argument("--stage2-loss", choices=["kd", "ce"], default="ce",
                    help="stage 2 loss: KL to the softmax teacher's next-token distribution (kd) or next-token CE")
     c.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     c.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    c.add_argument("--train-feature-maps", action="store_true", help="also train the feature maps in stage 2")
+    c.add_argument("--lora-targets", choices=["attention", "all"], default="attention",
+                   help="LoRA on the attention projections, or on attention + MLP projections")
+    c.add_argument("--freeze-feature-maps", action="store_true",
+                   help="keep the feature maps fixed in stage 2 (default: they train with LoRA)")
     c.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights instead of as an adapter")
     c.add_argument("--eval-tokens", type=int, default=16384, help="held-out test tokens for perplexity")
     c.add_argument("--resume", action="store_true", help="reuse finished stages' checkpoints in OUT/checkpoints")

@@ -26,6 +26,7 @@ class LlamaFamilyAdapter:
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
     lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora_targets_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def attention_slots(self, model) -> List[Tuple[nn.Module, str]]:
         base = getattr(model, "model", model)
@@ -86,6 +87,7 @@ class GPT2Adapter:
     family = "gpt2"
     model_types = ("gpt2",)
     lora_targets = r".*\.attn\.(c_attn|c_proj)"
+    lora_targets_all = ["c_attn", "c_proj", "c_fc"]
 
     def attention_slots(self, model):
         tr = getattr(model, "transformer", model)

@@ -73,17 +73,18 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    tokens: int = 65536
-    lr: float = 1e-3
+    tokens: int = 98304
+    lr: float = 3e-3
     batch_size: int = 1
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    train_feature_maps: bool = False
+    train_feature_maps: bool = True
+    lora_targets: str = "attention"  # "attention" (q/k/v/o) or "all" (attention + MLP projections)
     # "kd": KL(teacher || student) on next-token distributions, the teacher being the same model with
     # the adapter off and softmax attention (one extra forward per step, far more signal per token
     # than one label); "ce": next-token cross-entropy on the text.
-    loss: str = "kd"
+    loss: str = "ce"
     warmup_steps: int = 5
     grad_clip: float = 1.0
     time_budget_s: Optional[float] = None
@@ -167,8 +168,11 @@ def add_lora(model: nn.Module, cfg: Stage2Config):
     from hedgehog.convert import get_adapter
 
     adapter = get_adapter(model)
+    if cfg.lora_targets not in ("attention", "all"):
+        raise ValueError(f"lora_targets must be 'attention' or 'all', got {cfg.lora_targets!r}")
+    targets = adapter.lora_targets if cfg.lora_targets == "attention" else adapter.lora_targets_all
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=adapter.lora_targets)
+                      target_modules=targets)
     pm = get_peft_model(model, lcfg)
     if cfg.loss not in ("kd", "ce"):
         raise ValueError(f"unknown stage 2 loss {cfg.loss!r}; choose 'kd' or 'ce'")
