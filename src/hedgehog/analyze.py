@@ -19,6 +19,7 @@ from hedgehog.feature_maps import get_feature_map
 from hedgehog.metrics import attention_fidelity, kl_divergence, row_entropy, spearman_rows
 from hedgehog.ops import quadratic_linear_attention
 from hedgehog.ops.softmax import softmax_attention_weights
+from hedgehog.plotting import pyplot
 
 DEFAULT_MAPS = ["hedgehog", "elu", "relu", "performer", "cosformer", "t2r", "taylor"]
 METRICS = ("kl", "entropy_softmax", "entropy_linear", "spearman_linear")
@@ -167,17 +168,8 @@ def summary_markdown(a: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_heatmaps(pictures: Dict[str, torch.Tensor], tokens: List[str], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(pictures)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -198,7 +190,7 @@ def _plot_heatmaps(pictures: Dict[str, torch.Tensor], tokens: List[str], path: P
 
 
 def _plot_per_layer(results: Dict, entropy_path: Path, kl_path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     first = next(iter(results.values()))
     ax.plot(_layer_means(first["entropy_softmax"]), "k-", lw=2.5, label="softmax")
@@ -224,7 +216,7 @@ def _plot_per_layer(results: Dict, entropy_path: Path, kl_path: Path) -> None:
 
 
 def _plot_scatter(pictures: Dict[str, torch.Tensor], scores: torch.Tensor, path: Path, row: int, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(pictures)
     cols = min(4, n)
     rows = -(-n // cols)

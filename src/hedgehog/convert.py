@@ -20,26 +20,24 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
-class LlamaFamilyAdapter:
-    """LlamaAttention and its copies (Mistral, Qwen2): q/k/v/o_proj, RoPE, GQA."""
+class Adapter:
+    """What conversion needs to know about one architecture family. Subclasses set the class
+    attributes and the methods that differ; the rest is shared."""
 
-    family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
-    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    lora_targets_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    family = ""
+    model_types: tuple = ()
+    lora_targets = None  # peft target_modules for the attention projections
+    lora_targets_all = None  # ... plus the MLP projections
+    call_args: tuple = ()  # names of the positional arguments of the attention module's forward
 
     def attention_slots(self, model) -> List[Tuple[nn.Module, str]]:
-        base = getattr(model, "model", model)
-        layers = getattr(base, "layers", None)
-        if layers is None:
-            raise UnsupportedArchitectureError(f"{type(model).__name__} has no .model.layers")
-        return [(layer, "self_attn") for layer in layers]
+        raise NotImplementedError
 
     def num_heads(self, m):
-        return m.config.num_attention_heads
+        raise NotImplementedError
 
     def num_kv_heads(self, m):
-        return getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
+        return self.num_heads(m)
 
     def head_dim(self, m):
         return m.head_dim
@@ -52,9 +50,50 @@ class LlamaFamilyAdapter:
 
     def parse_call(self, args, kwargs) -> Dict:
         call = dict(kwargs)
-        for name, val in zip(("position_embeddings", "attention_mask", "past_key_values"), args):
-            call[name] = val
+        call.update(zip(self.call_args, args))
         return call
+
+    def qkv(self, m, hidden_states, call):
+        """Post-RoPE q (B, Hq, N, d), k and v (B, Hkv, N, d)."""
+        raise NotImplementedError
+
+    def softmax_kwargs(self, m) -> Dict:
+        return {}
+
+    def softmax_attention(self, m, q, k, v, call):
+        """The model's own attention function (its configured implementation) -> (B, N, H, d)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        eager = sys.modules[m._base_forward.__module__].eager_attention_forward
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, eager)
+        y, _ = fn(m, q, k, v, call.get("attention_mask"), dropout=0.0, scaling=m.scaling, **self.softmax_kwargs(m))
+        return y
+
+    def output(self, m, y):
+        raise NotImplementedError
+
+
+class LlamaFamilyAdapter(Adapter):
+    """LlamaAttention and its copies (Mistral, Qwen2): q/k/v/o_proj, RoPE, GQA."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora_targets_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    call_args = ("position_embeddings", "attention_mask", "past_key_values")
+
+    def attention_slots(self, model):
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise UnsupportedArchitectureError(f"{type(model).__name__} has no .model.layers")
+        return [(layer, "self_attn") for layer in layers]
+
+    def num_heads(self, m):
+        return m.config.num_attention_heads
+
+    def num_kv_heads(self, m):
+        return getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
 
     def qkv(self, m, hidden_states, call):
         shape = (*hidden_states.shape[:-1], -1, m.head_dim)
@@ -63,31 +102,25 @@ class LlamaFamilyAdapter:
         v = m.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = call["position_embeddings"]
         rope = sys.modules[m._base_forward.__module__].apply_rotary_pos_emb
-        q, k = rope(q, k, cos, sin)
-        return q, k, v
+        return (*rope(q, k, cos, sin), v)
 
-    def softmax_attention(self, m, q, k, v, call):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        eager = sys.modules[m._base_forward.__module__].eager_attention_forward
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, eager)
-        extra = {}
+    def softmax_kwargs(self, m):
         if getattr(m.config, "sliding_window", None) is not None and getattr(m.config, "use_sliding_window", True):
-            extra["sliding_window"] = m.config.sliding_window
-        y, _ = fn(m, q, k, v, call.get("attention_mask"), dropout=0.0, scaling=m.scaling, **extra)
-        return y  # (B, N, H, d)
+            return {"sliding_window": m.config.sliding_window}
+        return {}
 
     def output(self, m, y):
         return m.o_proj(y.reshape(*y.shape[:2], -1).contiguous())
 
 
-class GPT2Adapter:
+class GPT2Adapter(Adapter):
     """GPT2Attention: fused c_attn (Conv1D), c_proj, learned absolute positions (no RoPE)."""
 
     family = "gpt2"
     model_types = ("gpt2",)
     lora_targets = r".*\.attn\.(c_attn|c_proj)"
     lora_targets_all = ["c_attn", "c_proj", "c_fc"]
+    call_args = ("past_key_values", "attention_mask")
 
     def attention_slots(self, model):
         tr = getattr(model, "transformer", model)
@@ -96,36 +129,10 @@ class GPT2Adapter:
     def num_heads(self, m):
         return m.num_heads
 
-    def num_kv_heads(self, m):
-        return m.num_heads
-
-    def head_dim(self, m):
-        return m.head_dim
-
-    def scaling(self, m):
-        return m.scaling
-
-    def cache_index(self, m):
-        return m.layer_idx
-
-    def parse_call(self, args, kwargs):
-        call = dict(kwargs)
-        for name, val in zip(("past_key_values", "attention_mask"), args):
-            call[name] = val
-        return call
-
     def qkv(self, m, hidden_states, call):
         q, k, v = m.c_attn(hidden_states).split(m.split_size, dim=2)
         shape = (*hidden_states.shape[:-1], -1, m.head_dim)
         return (t.view(shape).transpose(1, 2) for t in (q, k, v))
-
-    def softmax_attention(self, m, q, k, v, call):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        eager = sys.modules[m._base_forward.__module__].eager_attention_forward
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, eager)
-        y, _ = fn(m, q, k, v, call.get("attention_mask"), dropout=0.0, scaling=m.scaling)
-        return y
 
     def output(self, m, y):
         return m.resid_dropout(m.c_proj(y.reshape(*y.shape[:2], -1).contiguous()))

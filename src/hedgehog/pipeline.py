@@ -270,10 +270,9 @@ def format_compare(rows: List[Dict]) -> str:
 
 
 def _plot_compare(rows: List[Dict], path: Path) -> None:
-    import matplotlib
+    from hedgehog.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = sorted(rows, key=lambda r: r["ppl_ratio"])
     names = [r["feature_map"] for r in rows]

@@ -208,10 +208,9 @@ def _fmt_row(r: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    import matplotlib
+    from hedgehog.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     n = [r["n"] for r in rows]

@@ -151,10 +151,9 @@ def _fmt(r: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    import matplotlib
+    from hedgehog.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     L = [r["context"] for r in rows]
