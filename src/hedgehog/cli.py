@@ -113,9 +113,9 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--stage1-steps-per-batch", type=int, default=4,
                    help="stage 1 optimizer steps per captured batch (disjoint query-row subsets)")
     c.add_argument("--stage1-minutes", type=float, default=7.0, help="stop stage 1 after this many minutes (0: no cap)")
-    c.add_argument("--stage2-tokens", type=int, default=98304, help="stage 2 (LoRA) token budget; 0 skips stage 2")
+    c.add_argument("--stage2-tokens", type=int, default=163840, help="stage 2 (LoRA) token budget; 0 skips stage 2")
     c.add_argument("--stage2-lr", type=float, default=3e-3, help="stage 2 learning rate (AdamW, cosine)")
-    c.add_argument("--stage2-minutes", type=float, default=13.0, help="stop stage 2 after this many minutes (0: no cap)")
+    c.add_argument("--stage2-minutes", type=float, default=14.0, help="stop stage 2 after this many minutes (0: no cap)")
     c.add_argument("--stage2-loss", choices=["kd", "ce"], default="ce",
                    help="stage 2 loss: KL to the softmax teacher's next-token distribution (kd) or next-token CE")
     c.add_argument("--lora-r", type=int, default=8, help="LoRA rank")

@@ -5,7 +5,8 @@ Run:  hedgehog bench decode [--model smollm2|RUN/model] [--contexts 256,...,3276
 For every context length L, each model is brought to L tokens of context, then ``--steps`` single
 tokens are decoded one at a time (greedy, ``use_cache``) and timed; the median per-token latency is
 reported with the bytes held by the cache (Hedgehog: recurrent state; softmax: keys/values) and the
-process RSS high-water mark during decoding (VmHWM reset before the loop) above the RSS before it.
+process RSS high-water mark through context fill + decoding (VmHWM reset before the fill) above the RSS
+before it. Latency is per decode step; with ``--batch B`` each step decodes one token for B sequences.
 
 Context fill: for L <= ``--max-real-prefill`` (default 4096) the context is a real prefill of text
 tokens. Above it the cache is filled synthetically with tensors of exactly the shapes a prefill
@@ -44,7 +45,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool):
+def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: int = 1):
     """Returns (cache, next_token) with L tokens of context in the cache."""
     from transformers import DynamicCache
 
@@ -53,7 +54,7 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool):
     if real:
         cache = HedgehogCache(model) if kind == "hedgehog" else DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=ids[:, :L], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, :L].expand(batch, L), past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1:].argmax(-1)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
@@ -65,28 +66,28 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool):
         cache = HedgehogCache(model)
         for layer, attn in zip(cache.layers, hedgehog_layers(model)):
             f = attn.feature_map_k.feature_dim
-            layer.set_state(torch.rand(1, kvh, f, hd, generator=g), torch.rand(1, kvh, f, generator=g) + 1.0, L)
+            layer.set_state(torch.rand(batch, kvh, f, hd, generator=g), torch.rand(batch, kvh, f, generator=g) + 1.0, L)
         assert all(isinstance(l, HedgehogStateLayer) for l in cache.layers)
     else:
         cache = DynamicCache(config=model.config)
         for i in range(cfg.num_hidden_layers):
-            k = torch.randn(1, kvh, L, hd, generator=g) * 0.5
-            v = torch.randn(1, kvh, L, hd, generator=g) * 0.5
+            k = torch.randn(batch, kvh, L, hd, generator=g) * 0.5
+            v = torch.randn(batch, kvh, L, hd, generator=g) * 0.5
             cache.update(k, v, i)
-    return cache, ids[:, L - 1:L]
+    return cache, ids[:, -1:].expand(batch, 1)
 
 
-def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real: bool) -> Dict:
-    cache, nxt = _fill_cache(model, kind, L, ids, real)
+def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real: bool, batch: int = 1) -> Dict:
+    rss0 = _vm_kb("VmRSS")
+    hwm_ok = _reset_hwm()  # peak from here: context fill + decode
+    cache, nxt = _fill_cache(model, kind, L, ids, real, batch)
     pos = L
     times = []
-    rss0 = _vm_kb("VmRSS")
-    hwm_ok = _reset_hwm()
     with torch.no_grad():
         for i in range(steps + 2):
             t0 = time.perf_counter()
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True,
-                        cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]))
+                        cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]).expand(batch, 1))
             nxt = out.logits[:, -1:].argmax(-1)
             if i >= 2:  # two warm-up steps
                 times.append(time.perf_counter() - t0)
@@ -97,10 +98,10 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
     else:
         cache_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None)
     return {"ms_per_token": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
-            "cache_mb": cache_bytes / 2 ** 20, "decode_peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
+            "cache_mb": cache_bytes / 2 ** 20, "peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
 
 
-def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, log=print) -> Dict:
+def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch: int = 1, log=print) -> Dict:
     from hedgehog.checkpoint import is_converted_dir, load
     from hedgehog.convert import convert_model
     from hedgehog.data import load_corpus, tokenize_windows
@@ -124,7 +125,7 @@ def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int,
         real = L <= max_real_prefill
         row = {"context": L}
         for kind, model in (("hedgehog", hedgehog), ("softmax", softmax)):
-            r = decode_latency(model, kind, L, ids if real else ids[:, :1].repeat(1, 2), steps, real)
+            r = decode_latency(model, kind, L, ids if real else ids[:, :2], steps, real, batch)
             row.update({f"{kind}_{k}": v for k, v in r.items()})
         row["speedup"] = row["softmax_ms_per_token"] / row["hedgehog_ms_per_token"]
         rows.append(row)
@@ -133,7 +134,7 @@ def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int,
     for r in rows:
         r["hedgehog_latency_vs_first"] = r["hedgehog_ms_per_token"] / base
     crossover = next((r["context"] for r in rows if r["speedup"] > 1.0), None)
-    return {"model": model_name, "source": source, "steps": steps, "threads": torch.get_num_threads(),
+    return {"model": model_name, "source": source, "steps": steps, "batch": batch, "threads": torch.get_num_threads(),
             "max_real_prefill": max_real_prefill, "rows": rows, "crossover_context": crossover}
 
 
@@ -147,7 +148,7 @@ def _fmt(r: Dict) -> str:
 
     return (f"{r['context']:>8} | {r['hedgehog_ms_per_token']:>9.1f} {r['softmax_ms_per_token']:>9.1f} "
             f"{r['speedup']:>6.2f}x | {r['hedgehog_cache_mb']:>11.2f} {r['softmax_cache_mb']:>9.1f} | "
-            f"{mb(r['hedgehog_decode_peak_mb']):>10} {mb(r['softmax_decode_peak_mb']):>10} | {r['hedgehog_context_fill']}")
+            f"{mb(r['hedgehog_peak_mb']):>10} {mb(r['softmax_peak_mb']):>10} | {r['hedgehog_context_fill']}")
 
 
 def plot(result: Dict, path: Path) -> None:
@@ -182,6 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
                    help="comma-separated context lengths (default: %(default)s)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per point (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
     p.add_argument("--max-real-prefill", type=int, default=4096,
                    help="real prefill up to this context; synthetic cache fill above (default: %(default)s)")
     p.add_argument("--out", default="bench_out/decode", help="output dir for JSON + PNG (default: %(default)s)")
@@ -194,7 +196,7 @@ def run_from_args(args) -> Dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
-    result = run(args.model, contexts, args.steps, args.max_real_prefill)
+    result = run(args.model, contexts, args.steps, args.max_real_prefill, args.batch)
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "decode.png")
     rows = result["rows"]
