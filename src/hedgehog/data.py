@@ -49,28 +49,27 @@ def shakespeare_corpus(texts_dir: Path) -> Corpus:
     return Corpus("shakespeare", splits, names)
 
 
+def _positional_split(name: str, text: str) -> Corpus:
+    """First 90% train, next 5% validation, last 5% test."""
+    n = len(text)
+    a, b = int(0.9 * n), int(0.95 * n)
+    return Corpus(name, {"train": [text[:a]], "validation": [text[a:b]], "test": [text[b:]]},
+                  {s: [f"{name}[{s}]"] for s in SPLITS})
+
+
 def file_corpus(path: Path) -> Corpus:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist (give a .txt file, a folder of .txt files, "
                                 "or 'shakespeare')")
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        n = len(text)
-        a, b = int(0.9 * n), int(0.95 * n)
-        return Corpus(path.name, {"train": [text[:a]], "validation": [text[a:b]], "test": [text[b:]]},
-                      {s: [f"{path.name}[{s}]"] for s in SPLITS})
+        return _positional_split(path.name, path.read_text(encoding="utf-8", errors="replace"))
     files = sorted(path.rglob("*.txt"))
     if not files:
         raise FileNotFoundError(f"no .txt files under {path}")
     if len(files) < 3:
-        texts = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-        tmp = Corpus(path.name, {}, {})
-        n = len(texts)
-        a, b = int(0.9 * n), int(0.95 * n)
-        tmp.splits = {"train": [texts[:a]], "validation": [texts[a:b]], "test": [texts[b:]]}
-        tmp.documents = {s: [f"{path.name}[{s}]"] for s in SPLITS}
-        return tmp
+        return _positional_split(path.name, "\n\n".join(f.read_text(encoding="utf-8", errors="replace")
+                                                         for f in files))
     splits = {s: [] for s in SPLITS}
     names = {s: [] for s in SPLITS}
     for i, f in enumerate(files):

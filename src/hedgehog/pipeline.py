@@ -124,7 +124,6 @@ def run(job: ConvertJob) -> Dict:
             curve_s1.append(rec["step"])
 
         s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress)
-        s1_report.pop("history", None) if len(s1_report.get("history", [])) > 2000 else None
         ckpt.save_converted(model, s1_ckpt, base_model=job.model, extra={"stage1_report": _slim(s1_report)})
     set_attention_mode(model, "linear")
     t = time.perf_counter()
@@ -188,7 +187,7 @@ def run(job: ConvertJob) -> Dict:
         "reload_max_abs_logit_diff": reload_max_abs_diff,
         "timings_s": timings,
         "wall_s": time.perf_counter() - t_start,
-        "settings": _settings(job),
+        "settings": asdict(job),
         "model_dir": str(model_dir),
     }
     _write_json(out / "report.json", report)
@@ -205,11 +204,6 @@ def _slim(rep: Optional[Dict]) -> Optional[Dict]:
         rep["loss_last"] = hist[-1]["loss"]
         rep["loss_curve"] = [(h["tokens"], round(h["loss"], 4)) for h in hist[:: max(1, len(hist) // 50)]]
     return rep
-
-
-def _settings(job: ConvertJob) -> Dict:
-    d = asdict(job)
-    return d
 
 
 def format_report(r: Dict) -> str:
@@ -252,7 +246,7 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
                      "mean_kl_before": r["mean_kl_before"], "mean_kl_after": r["mean_kl_after"],
                      "stage1_tokens": (r["stage1"] or {}).get("tokens", 0),
                      "stage2_tokens": (r["stage2"] or {}).get("tokens", 0), "wall_s": r["wall_s"]})
-        result = {"rows": rows, "settings": _settings(base_job)}
+        result = {"rows": rows, "settings": asdict(base_job)}
         _write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
     _plot_compare(rows, root / "compare.png")
     return result

@@ -36,14 +36,23 @@ def _vm_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, conn):
     """Runs in a fresh process: peak RSS (VmHWM) above the level after inputs are built."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim) for _ in range(3))
     fq = get_feature_map(feature_map, head_dim, heads)
     fk = get_feature_map(feature_map, head_dim, heads)
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
+    reset_peak_rss()
     base = _vm_kb("VmRSS")
     with torch.no_grad():
         if kind == "hedgehog":

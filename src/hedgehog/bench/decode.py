@@ -25,24 +25,9 @@ from typing import Dict, List
 
 import torch
 
+from hedgehog.bench.attention import _vm_kb, reset_peak_rss
+
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
-
-
-def _vm_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: int = 1):
@@ -79,7 +64,7 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
 
 def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real: bool, batch: int = 1) -> Dict:
     rss0 = _vm_kb("VmRSS")
-    hwm_ok = _reset_hwm()  # peak from here: context fill + decode
+    hwm_ok = reset_peak_rss()  # peak from here: context fill + decode
     cache, nxt = _fill_cache(model, kind, L, ids, real, batch)
     pos = L
     times = []
