@@ -33,6 +33,25 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     assert "recurrent state" in capsys.readouterr().out
 
 
+def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    main(["compare", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+          "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
+          "--window", "8", "--no-progress", "--feature-maps", "hedgehog,elu,hybrid"])
+    res = json.loads((out / "compare.json").read_text())
+    assert [r["feature_map"] for r in res["rows"]] == ["hedgehog", "elu", "hybrid"]
+    assert all(r["stage1_tokens"] == (0 if r["feature_map"] == "elu" else 128) for r in res["rows"])
+    hyb = json.loads((out / "hybrid" / "report.json").read_text())
+    assert hyb["settings"]["attention"] == "hybrid" and hyb["settings"]["window"] == 8
+    assert (out / "compare.png").stat().st_size > 500
+    printed = capsys.readouterr().out
+    assert "hybrid" in printed and "teacher ppl" in printed
+    main(["generate", "--model", str(out / "hybrid" / "model"), "--prompt", "the king", "--max-new-tokens", "12"])
+    assert "recurrent state" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown feature map"):
+        main(["compare", "--out", str(out), "--feature-maps", "hybrid:nope"])
+
+
 def test_analyze_writes_json_summary_and_pngs(tiny_assets, tmp_path):
     from hedgehog import analyze
 

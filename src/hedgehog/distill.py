@@ -39,7 +39,8 @@ def _check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
 def feature_map_parameters(model: nn.Module) -> List[nn.Parameter]:
     params = []
     for layer in hedgehog_layers(model):
-        params += list(layer.feature_map_q.parameters()) + list(layer.feature_map_k.parameters())
+        for m in layer.trainable_modules().values():
+            params += list(m.parameters())
     return params
 
 

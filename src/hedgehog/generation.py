@@ -79,6 +79,57 @@ class HedgehogStateLayer(CacheLayerMixin):
         return 0 if self.S is None else self.S.numel() * self.S.element_size() + self.z.numel() * self.z.element_size()
 
 
+class HybridStateLayer(HedgehogStateLayer):
+    """A hybrid layer's cache: the last ``w`` keys/values (per KV head, with a validity mask for padding)
+    plus the linear state of every older key. Constant size once ``w`` tokens are seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.k_win: Optional[torch.Tensor] = None
+        self.v_win: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None
+
+    def set_window(self, S, z, k_win, v_win, valid, n_new: int) -> None:
+        self.k_win, self.v_win, self.valid = k_win.contiguous(), v_win.contiguous(), valid.contiguous()
+        self.set_state(S, z, n_new)
+
+    def push(self, k, v) -> None:
+        """Append one token's key/value (B, Hk, 1, d)."""
+        self.k_win = torch.cat([self.k_win, k], 2)
+        self.v_win = torch.cat([self.v_win, v], 2)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], 1)], 1)
+        self.seen += 1
+
+    def pop_oldest(self):
+        """Remove and return the oldest window entry: (k (B, Hk, 1, d), v, valid (B, 1))."""
+        out = self.k_win[:, :, :1], self.v_win[:, :, :1], self.valid[:, :1]
+        self.k_win, self.v_win, self.valid = self.k_win[:, :, 1:], self.v_win[:, :, 1:], self.valid[:, 1:]
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self.k_win = self.v_win = self.valid = None
+
+    def _map_tensors(self, fn) -> None:
+        for name in ("S", "z", "k_win", "v_win", "valid"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_tensors(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.k_win, self.v_win, self.valid)
+                   if t is not None)
+
+
 class HedgehogCache(Cache):
     """Cache for a converted model: a state layer per converted attention layer, KV layers elsewhere."""
 
@@ -88,12 +139,13 @@ class HedgehogCache(Cache):
 
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         n_slots = len(get_adapter(inner).attention_slots(inner))
-        converted = {m.layer_idx for m in hedgehog_layers(inner)}
-        layers = [HedgehogStateLayer() if i in converted else DynamicLayer() for i in range(n_slots)]
+        converted = {m.layer_idx: m.hybrid for m in hedgehog_layers(inner)}
+        layers = [DynamicLayer() if i not in converted else HybridStateLayer() if converted[i] else HedgehogStateLayer()
+                  for i in range(n_slots)]
         super().__init__(layers=layers)
 
     def state_nbytes(self) -> int:
-        """Bytes held by the recurrent states (constant in the number of tokens)."""
+        """Bytes held by the recurrent states and hybrid windows (constant in the number of tokens)."""
         return sum(l.nbytes() for l in self.layers if isinstance(l, HedgehogStateLayer))
 
     def kv_nbytes(self) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
+from hedgehog.ops.hybrid import hybrid_attention, hybrid_weights
 from hedgehog.ops.softmax import causal_drop_mask, softmax_attention_weights
 
 LOSSES = ("ce", "mse")
@@ -35,7 +36,8 @@ def _check_qk(q, k, phi_q, phi_k):
         )
 
 
-def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float, eps: float):
+def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float, eps: float, window=None,
+              gamma=None):
     """Summed cross-entropy of a set of query rows (absolute positions ``row_pos``) against their keys.
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
@@ -45,6 +47,11 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
     with torch.no_grad():
         p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos)
     acc = p.dtype
+    if window is not None:  # hybrid student: exact logs on the window part
+        a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, window, gamma, scale, q_positions=row_pos)
+        log_den = a.sum(-1).clamp_min(eps).log()
+        log_a = torch.where(win, log_win, a.clamp_min(eps).log())
+        return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
     a = pq_blk.to(acc) @ pk_vis.to(acc).transpose(-1, -2)
     if causal:
         a = a.masked_fill(causal_drop_mask(a.shape[-2], a.shape[-1], a.device, q_positions=row_pos), 0.0)
@@ -63,6 +70,8 @@ def attention_distillation_loss(
     query_block: int = 512,
     eps: float = 1e-12,
     query_index: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    gamma=None,
 ) -> torch.Tensor:
     """Hedgehog's attention-distillation cross-entropy, mean over (batch, heads, query rows).
 
@@ -74,9 +83,14 @@ def attention_distillation_loss(
         query_block: query rows per block; peak memory is O(query_block * N).
         query_index: optional 1-D tensor of row positions: the loss over just those rows (each still
             against all the keys it sees), an unbiased estimate of the full loss at a fraction of the cost.
+        window, gamma: score a *hybrid* student instead (:mod:`hedgehog.ops.hybrid`): exact softmax
+            over the last ``window`` keys scaled by ``gamma`` (scalar or (H,), differentiable), the
+            features for older keys (causal only).
     Returns: a scalar; its minimum over students is the teacher's mean row entropy (KL = 0).
     """
     _check_qk(q, k, phi_q, phi_k)
+    if window is not None and not causal:
+        raise ValueError("the hybrid (sliding-window) student is causal only")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, H, N, _ = q.shape
     rows = torch.arange(N, device=q.device) if query_index is None else query_index.to(q.device).sort().values
@@ -89,9 +103,9 @@ def attention_distillation_loss(
         sel = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         args = (q[:, :, sel], k[:, :, :kend], phi_q[:, :, sel], phi_k[:, :, :kend], pos)
         if track and query_block < len(rows):  # several blocks: recompute each in backward to bound memory
-            part = checkpoint(_block_ce, *args, causal, scale, eps, use_reentrant=False)
+            part = checkpoint(_block_ce, *args, causal, scale, eps, window, gamma, use_reentrant=False)
         else:
-            part = _block_ce(*args, causal, scale, eps)
+            part = _block_ce(*args, causal, scale, eps, window, gamma)
         total = total + part
     return total / (B * H * len(rows))
 
@@ -105,11 +119,18 @@ def attention_output_mse_loss(
     causal: bool = True,
     scale: Optional[float] = None,
     chunk_size: int = 64,
+    window: Optional[int] = None,
+    gamma=None,
 ) -> torch.Tensor:
-    """LoLCATs' attention-output MSE: ``mean((softmax_attn(q,k,v) - linear_attn(phi_q,phi_k,v))^2)``."""
+    """LoLCATs' attention-output MSE: ``mean((softmax_attn(q,k,v) - linear_attn(phi_q,phi_k,v))^2)``
+    (the hybrid student's output with ``window``/``gamma``)."""
     _check_qk(q, k, phi_q, phi_k)
     with torch.no_grad():
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         y_t = softmax_attention(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale)
-    y_s = linear_attention(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size)
+    if window is not None:
+        y_s = hybrid_attention(q, k, v.to(acc), phi_q, phi_k, window=window, gamma=gamma, scale=scale,
+                               chunk_size=chunk_size)
+    else:
+        y_s = linear_attention(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size)
     return torch.mean((y_s.to(acc) - y_t) ** 2)

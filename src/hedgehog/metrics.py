@@ -75,6 +75,8 @@ def attention_fidelity(
     phi_k: torch.Tensor,
     causal: bool = True,
     scale: Optional[float] = None,
+    window: Optional[int] = None,
+    gamma=None,
 ) -> Dict[str, torch.Tensor]:
     """Per-head fidelity of linear attention to the softmax teacher, averaged over batch and rows.
 
@@ -82,12 +84,21 @@ def attention_fidelity(
     Returns dict of (H,) float64 tensors: ``kl`` KL(softmax || linear), ``entropy_softmax``,
     ``entropy_linear``, ``spearman_linear`` (rank correlation of q.k vs linear weight per row;
     rows with < 2 keys are skipped) and ``spearman_softmax`` (1 by construction; a sanity check).
+    With ``window``/``gamma`` the student is the hybrid layer (exact softmax on the last ``window`` keys).
     """
     with torch.no_grad():
         scale_ = q.shape[-1] ** -0.5 if scale is None else scale
         p = softmax_attention_weights(q, k, causal=causal, scale=scale_).to(torch.float64)
         v_dummy = phi_k.new_zeros(phi_k.shape[:-1] + (1,), dtype=torch.float64)
-        _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), v_dummy, causal=causal, return_weights=True)
+        if window is not None:
+            from hedgehog.ops.hybrid import quadratic_hybrid_attention
+
+            g = gamma.double() if torch.is_tensor(gamma) else gamma
+            _, w = quadratic_hybrid_attention(q.double(), k.double(), v_dummy, phi_q.double(), phi_k.double(), window,
+                                              g, scale=scale_, return_weights=True)
+        else:
+            _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), v_dummy, causal=causal,
+                                              return_weights=True)
         s = (q.double() @ k.double().transpose(-1, -2)) * scale_
         n = q.shape[2]
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device)

@@ -29,6 +29,8 @@ class ConvertJob:
     model: str = "smollm2"
     data: str = "shakespeare"
     feature_map: str = "hedgehog"
+    attention: str = "linear"  # or "hybrid": sliding-window softmax + linear attention (LoLCATs)
+    window: int = 64
     seq_len: int = 512
     qk_scale: float = 1.0
     distill_loss: str = "ce"
@@ -88,7 +90,8 @@ def run(job: ConvertJob) -> Dict:
     teacher_val_ppl = perplexity(model, val, progress=False)
     timings["teacher_eval_s"] = time.perf_counter() - t
 
-    hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss)
+    hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss,
+                        attention=job.attention, window=job.window)
     convert_model(model, hh)
     curve: List[Dict] = []
 
@@ -229,7 +232,10 @@ def format_report(r: Dict) -> str:
 
 
 def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
-    """Convert with every feature map under the same token budgets; one table + plot in ``out``."""
+    """Convert with every feature map under the same token budgets; one table + plot in ``out``.
+
+    An entry ``hybrid`` (or ``hybrid:<map>``) runs the sliding-window hybrid with the hedgehog (or that) map.
+    """
     import copy
 
     rows = []
@@ -237,8 +243,8 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
     root.mkdir(parents=True, exist_ok=True)
     for name in maps:
         job = copy.deepcopy(base_job)
-        job.feature_map = name
-        job.out = str(root / name)
+        job.attention, job.feature_map = parse_compare_entry(name)
+        job.out = str(root / name.replace(":", "-"))
         log.info("=== compare: %s ===", name)
         r = run(job)
         rows.append({"feature_map": name, "teacher_ppl": r["teacher_ppl"], "student_ppl_stage1": r["student_ppl_stage1"],
@@ -250,6 +256,13 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
         _write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
     _plot_compare(rows, root / "compare.png")
     return result
+
+
+def parse_compare_entry(name: str):
+    """'elu' -> ('linear', 'elu'); 'hybrid' -> ('hybrid', 'hedgehog'); 'hybrid:elu' -> ('hybrid', 'elu')."""
+    if name == "hybrid" or name.startswith("hybrid:"):
+        return "hybrid", name.partition(":")[2] or "hedgehog"
+    return "linear", name
 
 
 def format_compare(rows: List[Dict]) -> str:

@@ -113,7 +113,7 @@ def _auto_block(bh: int, f: int, chunk: int, n: int) -> int:
     return min(target, -(-n // chunk) * chunk)
 
 
-def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc):
+def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     """Blocked, chunked causal linear attention with a carried state.
 
     The sequence comes as blocks (``v_blocks``: (BH, L_i, D) each, every L_i but the last a multiple of
@@ -131,7 +131,9 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc):
     every temporary a few MB, which malloc recycles: on this class of CPU fresh large allocations
     (page faults) cost more than the arithmetic.
 
-    Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)).
+    Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)); ``extra(i, start, L)``, if given,
+        returns ``(num (BH, L, D), den (BH, L, 1))`` added to block i's numerator/denominator before the
+        division (the hybrid layer's sliding-window softmax part).
     Returns: y (BH, N, D) in ``acc``, (S, z).
     """
     bh, _, d = v_blocks[0].shape
@@ -176,6 +178,9 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc):
             (a @ v4).view(bh * nb, chunk, d), q4.reshape(bh * nb, chunk, fd), S_ex.view(bh * nb, fd, d)
         ).view(bh, nb * chunk, d)[:, :L]
         den = ((q4 @ z_ex.unsqueeze(-1)).squeeze(-1) + a.sum(-1)).view(bh, nb * chunk, 1)[:, :L]
+        if extra is not None:
+            num_x, den_x = extra(i, s, L)
+            num, den = num + num_x, den + den_x
         if track:  # a list + one cat: slice-assigning into y would make autograd copy y's whole
             outs.append(num / den.clamp_min(eps))  # gradient once per block (O(N^2 / block))
         else:

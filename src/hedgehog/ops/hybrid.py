@@ -1,0 +1,280 @@
+"""Hybrid attention (LoLCATs): exact softmax over a sliding window, linear attention for older tokens.
+
+For query ``n`` the window is the ``w`` most recent keys ``W_n = {i : n - w < i <= n}``; every older key
+``i <= n - w`` is seen through the linear state. One normalisation covers both parts:
+
+    y_n = [sum_{i in W_n} g * exp(s_ni - c_n) v_i  +  phi(q_n) . S_{<=n-w}]
+          / [sum_{i in W_n} g * exp(s_ni - c_n)      +  phi(q_n) . z_{<=n-w}]
+
+with ``s_ni = q_n . k_i * scale``, ``c_n = max_{i in W_n} s_ni`` (the window max, for stability; it is
+part of the formula, not only a numerical trick, because the linear part is not rescaled by it),
+``g`` a per-head factor in (0, 1) (the layer passes ``sigmoid`` of a learnable parameter), and
+``S = sum phi(k) v^T``, ``z = sum phi(k)`` over the older keys.
+
+Algorithm (causal, O(N * (w * d + F * D))):
+
+* the linear part is ordinary chunked causal linear attention of the queries against keys/values
+  *shifted right by w* (key ``i`` is presented at position ``i + w``): query ``n`` then sees exactly the
+  keys ``i <= n - w``. It reuses the blocked kernel of :mod:`hedgehog.ops.linear_attention`;
+* the window part is computed per chunk of ``w`` queries against the ``2w`` keys of that chunk and
+  the previous one (an ``unfold`` view, no copy), masked to ``n - w < i <= n``; it is added to the
+  linear kernel's numerator and denominator block by block, before the single division.
+
+Decoding keeps the last ``w`` keys/values plus the state of everything older
+(:func:`hybrid_recurrent_step`), so memory is constant in the context length.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from hedgehog.ops.linear_attention import (
+    DEFAULT_EPS,
+    State,
+    _acc_dtype,
+    _auto_block,
+    _causal_blocks,
+)
+
+Gamma = Union[float, torch.Tensor]
+
+
+def _gamma_rows(gamma: Gamma, B: int, H: int, acc, device) -> torch.Tensor:
+    """gamma (scalar or (H,)) -> (B*H, 1, 1) in ``acc``."""
+    g = torch.as_tensor(gamma, device=device).to(acc)
+    if g.dim() == 0:
+        g = g.expand(H)
+    if g.shape != (H,):
+        raise ValueError(f"gamma must be a scalar or one value per head ({H},), got {tuple(g.shape)}")
+    return g.repeat(B).view(B * H, 1, 1)
+
+
+def _check_hybrid(q, k, v, phi_q, phi_k, window):
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("phi_q", phi_q), ("phi_k", phi_k)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, seq, dim), got {tuple(t.shape)}")
+    if not (q.shape == k.shape and q.shape[:3] == v.shape[:3] and phi_q.shape[:3] == q.shape[:3]
+            and phi_k.shape == phi_q.shape):
+        raise ValueError(
+            f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, phi_q "
+            f"{tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}; all need equal (batch, heads, seq) "
+            "(repeat grouped k/v heads to the query heads first)"
+        )
+
+
+def hybrid_masks(nq: int, nk: int, window: int, device, q_positions: Optional[torch.Tensor] = None):
+    """(nq, nk) bool masks ``(in_window, older)`` for queries at ``q_positions`` (default: the last nq
+    positions) against keys 0..nk-1: ``in_window`` is ``n - w < i <= n``, ``older`` is ``i <= n - w``."""
+    if q_positions is None:
+        q_positions = torch.arange(nk - nq, nk, device=device)
+    n = q_positions.to(device)[:, None]
+    i = torch.arange(nk, device=device)[None, :]
+    return (i <= n) & (i > n - window), i <= n - window
+
+
+def hybrid_weights(q, k, phi_q, phi_k, window: int, gamma: Gamma, scale: Optional[float] = None,
+                   q_positions: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None):
+    """Unnormalised hybrid weights, O(Nq * Nk): ``(a, in_window, log_a_window)``.
+
+    ``a`` (B, H, Nq, Nk) holds ``g * exp(s - c)`` on window keys and ``phi_q . phi_k`` on older keys (0
+    elsewhere); the normalised weights are ``a / a.sum(-1)``. ``log_a_window`` is the exact log of the
+    window entries (``log g + s - c``), which the distillation loss uses instead of ``log(a)``.
+    ``key_valid`` (B, Nk) bool drops padding keys from both parts.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, H, nq, d = q.shape
+    nk = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    win, old = hybrid_masks(nq, nk, window, q.device, q_positions)
+    win, old = win[None, None], old[None, None]
+    if key_valid is not None:
+        kv = key_valid[:, None, None, :].to(q.device)
+        win, old = win & kv, old & kv
+    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    s = s.masked_fill(~win, float("-inf"))
+    c = s.amax(-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # a row with no visible key (a padding query)
+    g = torch.as_tensor(gamma, device=q.device).to(acc)
+    g = g.view(1, H, 1, 1) if g.dim() == 1 else g
+    log_win = (torch.log(g) + s - c).masked_fill(~win, 0.0)
+    a_win = g * torch.exp(s - c)  # exp(-inf) = 0 off the window
+    a_lin = (phi_q.to(acc) @ phi_k.to(acc).transpose(-1, -2)).masked_fill(~old, 0.0)
+    return a_win + a_lin, win.expand_as(s), log_win
+
+
+def quadratic_hybrid_attention(q, k, v, phi_q, phi_k, window: int = 64, gamma: Gamma = 0.5,
+                               scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None,
+                               return_weights: bool = False, eps: float = DEFAULT_EPS):
+    """O(N^2) reference of the hybrid layer (causal): materialises the normalised weights.
+
+    Args: q, k (B, H, N, d); v (B, H, N, D); phi_q, phi_k (B, H, N, F); gamma scalar or (H,);
+        key_valid (B, N) bool, False for padding keys. Returns y (B, H, N, D) in v's dtype (and the
+        weights (B, H, N, N) with ``return_weights``). Same denominator guard as linear attention.
+    """
+    _check_hybrid(q, k, v, phi_q, phi_k, window)
+    a, _, _ = hybrid_weights(q, k, phi_q, phi_k, window, gamma, scale, key_valid=key_valid)
+    w = a / a.sum(-1, keepdim=True).clamp_min(eps)
+    y = (w @ v.to(a.dtype)).to(v.dtype)
+    return (y, w) if return_weights else y
+
+
+def _block_size(bh: int, f: int, chunk: int, window: int, n: int, block_size: Optional[int]) -> int:
+    step = chunk * window // math.gcd(chunk, window)
+    if block_size is not None:
+        if block_size % step:
+            raise ValueError(f"block_size ({block_size}) must be a multiple of chunk_size and window ({step})")
+        return block_size
+    blk = _auto_block(bh, f, chunk, n)
+    return max(step, blk // step * step)
+
+
+def _window_part(q_blocks, k, v, window: int, scale: float, gamma_rows: torch.Tensor, acc):
+    """The sliding-window numerator/denominator of block i: a callable for ``_causal_blocks(extra=)``.
+
+    ``k``/``v`` are (BH, N, d) in ``acc``; block i's queries are compared with keys from ``start - w``
+    to the block's end, as chunks of w queries against 2w keys (unfold view).
+    """
+    bh, n, d = k.shape
+    dv = v.shape[-1]
+    w = window
+    j = torch.arange(2 * w, device=k.device)[None, :]
+    b = torch.arange(w, device=k.device)[:, None]
+    keep = (j > b) & (j <= b + w)  # key j of the 2w (previous chunk, this chunk) vs query b
+
+    def extra(i, start, L):
+        qb = q_blocks[i].to(acc)
+        pad = (-L) % w
+        lo = start - w
+        ks, vs = k[:, max(lo, 0):start + L], v[:, max(lo, 0):start + L]
+        front = max(0, -lo)
+        ks, vs = F.pad(ks, (0, 0, front, pad)), F.pad(vs, (0, 0, front, pad))
+        if pad:
+            qb = F.pad(qb, (0, 0, 0, pad))
+        nb = (L + pad) // w
+        q4 = qb.view(bh, nb, w, d)
+        k4 = ks.unfold(1, 2 * w, w)  # (bh, nb, d, 2w)
+        v4 = vs.unfold(1, 2 * w, w).transpose(-1, -2)  # (bh, nb, 2w, D)
+        s = (q4 @ k4) * scale
+        mask = keep.expand(nb, w, 2 * w)
+        if front:  # keys before position 0 (first block only)
+            mask = mask.clone()
+            mask[0, :, :front] = False
+        s = s.masked_fill(~mask, float("-inf"))
+        e = torch.exp(s - s.amax(-1, keepdim=True))
+        num = (e @ v4).view(bh, nb * w, dv)[:, :L] * gamma_rows
+        den = e.sum(-1).view(bh, nb * w, 1)[:, :L] * gamma_rows
+        return num, den
+
+    return extra
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    window: int = 64,
+    gamma: Gamma = 0.5,
+    scale: Optional[float] = None,
+    chunk_size: int = 64,
+    return_state: bool = False,
+    eps: float = DEFAULT_EPS,
+    block_size: Optional[int] = None,
+):
+    """Causal hybrid attention without an N x N tensor (see the module docstring for the formula).
+
+    Args:
+        q, k: (B, H, N, d) the layer's (post-RoPE) queries/keys; v: (B, H, N, D).
+        phi_q, phi_k: (B, H, N, F) their features.
+        window: keys per query seen with exact softmax (the query's own position included).
+        gamma: window factor, a scalar or one value per head ``(H,)`` (differentiable).
+        scale: softmax logit scale, ``d^-1/2`` by default.
+        return_state: also return ``((S, z), k_tail, v_tail)``: the linear state of keys ``0..N-w-1``
+            (zeros if N <= w) and the last ``min(w, N)`` keys/values, which is what decoding continues
+            from with :func:`hybrid_recurrent_step`.
+    Returns: y (B, H, N, D) in v's dtype (and the state as above).
+    """
+    _check_hybrid(q, k, v, phi_q, phi_k, window)
+    B, H, N, d = q.shape
+    if N == 0:
+        raise ValueError("hybrid attention needs at least one position (got seq length 0)")
+    D, Fd = v.shape[-1], phi_q.shape[-1]
+    acc = _acc_dtype(v)
+    scale = d ** -0.5 if scale is None else scale
+    chunk = max(1, min(chunk_size, N))
+    blk = _block_size(B * H, Fd, chunk, window, N, block_size)
+    # the linear part: keys/values shifted right by `window` (zero features never enter the state)
+    shift = lambda t: F.pad(t.to(acc), (0, 0, window, 0))[:, :, :N]
+    pq = phi_q.to(acc).reshape(B * H, N, Fd).split(blk, 1)
+    pk = shift(phi_k).reshape(B * H, N, Fd).split(blk, 1)
+    vs = shift(v).reshape(B * H, N, D).split(blk, 1)
+    qb = q.reshape(B * H, N, d).split(blk, 1)
+    extra = _window_part(qb, k.to(acc).reshape(B * H, N, d), v.to(acc).reshape(B * H, N, D), window, scale,
+                         _gamma_rows(gamma, B, H, acc, q.device), acc)
+    y, (S, z) = _causal_blocks(pq.__getitem__, pk.__getitem__, vs, chunk, None, eps, acc, extra=extra)
+    y = y.reshape(B, H, N, D).to(v.dtype)
+    if not return_state:
+        return y
+    state = (S.reshape(B, H, Fd, D), z.reshape(B, H, Fd))
+    tail = max(0, N - window)
+    return y, (state, k[:, :, tail:], v[:, :, tail:])
+
+
+def hybrid_recurrent_step(
+    q: torch.Tensor,
+    phi_q: torch.Tensor,
+    k_window: torch.Tensor,
+    v_window: torch.Tensor,
+    state: Optional[State],
+    gamma: Gamma = 0.5,
+    scale: Optional[float] = None,
+    eps: float = DEFAULT_EPS,
+    window_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One decoding step of the hybrid layer: query t against its window and the state of older keys.
+
+    Args:
+        q: (B, Hq, d) or (B, Hq, 1, d); phi_q: (B, Hq, F) or (B, Hq, 1, F).
+        k_window, v_window: (B, Hk, W, d/D), the keys/values of the window *including* token t
+            (``W <= window``); ``Hk`` divides ``Hq`` (grouped-query attention, heads ordered as
+            transformers' ``repeat_kv``).
+        state: ``(S (B, Hk, F, D), z (B, Hk, F))`` of all keys older than the window, or None.
+        gamma: scalar or (Hq,).
+        window_valid: (B, W) bool, False for padding keys in the window (left-padded batches).
+    Returns: y with q's leading shape and v's last dim, in v's dtype.
+    """
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, phi_q = q.unsqueeze(2), phi_q.unsqueeze(2)
+    if q.dim() != 4 or q.shape[2] != 1 or phi_q.shape[:3] != q.shape[:3]:
+        raise ValueError(f"hybrid_recurrent_step takes one query: q {tuple(q.shape)}, phi_q {tuple(phi_q.shape)}")
+    B, Hq, _, d = q.shape
+    Hk, W = k_window.shape[1], k_window.shape[2]
+    if Hq % Hk or k_window.shape[0] != B or v_window.shape[:3] != k_window.shape[:3] or W == 0:
+        raise ValueError(f"window shapes do not fit: q {tuple(q.shape)}, k_window {tuple(k_window.shape)}, "
+                         f"v_window {tuple(v_window.shape)} (key heads must divide query heads; W >= 1)")
+    acc = _acc_dtype(v_window)
+    g_heads = Hq // Hk
+    scale = d ** -0.5 if scale is None else scale
+    qq = q[:, :, 0].to(acc).reshape(B, Hk, g_heads, d)
+    s = (qq @ k_window.to(acc).transpose(-1, -2)) * scale  # (B, Hk, g, W)
+    if window_valid is not None:
+        s = s.masked_fill(~window_valid[:, None, None, :].to(s.device), float("-inf"))
+    c = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
+    gam = torch.as_tensor(gamma, device=q.device).to(acc)
+    gam = gam.view(1, Hk, g_heads, 1) if gam.dim() == 1 else gam
+    num = gam * (e @ v_window.to(acc))
+    den = gam * e.sum(-1, keepdim=True)
+    if state is not None:
+        pq = phi_q[:, :, 0].to(acc).reshape(B, Hk, g_heads, -1)
+        num = num + pq @ state[0].to(acc)
+        den = den + pq @ state[1].to(acc).unsqueeze(-1)
+    y = (num / den.clamp_min(eps)).reshape(B, Hq, 1, -1).to(v_window.dtype)
+    return y[:, :, 0] if squeeze else y
