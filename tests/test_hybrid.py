@@ -39,11 +39,15 @@ def test_chunked_equals_quadratic_reference(n, window, chunk):
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
 
 
-def test_several_blocks_equal_one():
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd-path", "no-grad-path"])
+def test_several_blocks_equal_one_and_the_reference(grad):
     q, k, v, pq, pk = inputs(300)
-    one = hybrid_attention(q, k, v, pq, pk, 16, 0.3, chunk_size=16, block_size=320)
-    many = hybrid_attention(q, k, v, pq, pk, 16, 0.3, chunk_size=16, block_size=32)
-    torch.testing.assert_close(many, one, atol=1e-12, rtol=1e-10)
+    ref = quadratic_hybrid_attention(q, k, v, pq, pk, 16, 0.3)
+    with torch.set_grad_enabled(grad):
+        one = hybrid_attention(q, k, v, pq, pk, 16, 0.3, chunk_size=16, block_size=320)
+        many = hybrid_attention(q, k, v, pq, pk, 16, 0.3, chunk_size=16, block_size=32)
+    torch.testing.assert_close(many, ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(one, ref, atol=1e-12, rtol=1e-10)
     with pytest.raises(ValueError, match="multiple"):
         hybrid_attention(q, k, v, pq, pk, 16, 0.3, chunk_size=16, block_size=40)
 
@@ -270,3 +274,21 @@ def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):
     assert hedgehog_layers(loaded)[0].hybrid and hedgehog_layers(loaded)[0].hh_config.window == 4
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("n", [5, 64, 200])
+def test_feature_hybrid_equals_hybrid_of_precomputed_features(n):
+    from hedgehog.feature_maps import get_feature_map
+    from hedgehog.ops import feature_hybrid_attention
+
+    q, k, v, _, _ = inputs(n)
+    fq, fk = get_feature_map("hedgehog", D, H).double(), get_feature_map("hedgehog", D, H).double()
+    with torch.no_grad():
+        for p in list(fq.parameters()) + list(fk.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+    g = torch.rand(H, dtype=torch.float64)
+    want = quadratic_hybrid_attention(q, k, v, fq(q), fk(k), 16, g)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = feature_hybrid_attention(q, k, v, fq, fk, window=16, gamma=g, chunk_size=16, block_size=32)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

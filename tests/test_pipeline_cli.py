@@ -84,3 +84,11 @@ def test_bench_attention_small_writes_outputs(tmp_path, capsys):
     assert [r["n"] for r in res["rows"]] == [64, 128]
     assert all(r["hedgehog_fwd_s"] > 0 and r["sdpa_fwd_s"] > 0 for r in res["rows"])
     assert (tmp_path / "attention.png").stat().st_size > 1000
+
+
+def test_bench_attention_hybrid_small(tmp_path, capsys):
+    main(["bench", "attention", "--attention", "hybrid", "--window", "16", "--lengths", "64,200", "--repeats", "1",
+          "--no-memory", "--no-backward", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "attention.json").read_text())
+    assert res["config"]["attention"] == "hybrid" and res["config"]["window"] == 16
+    assert [r["n"] for r in res["rows"]] == [64, 200] and all(r["fwd_speedup"] > 0 for r in res["rows"])

@@ -30,7 +30,7 @@ import torch.nn as nn
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_linear_attention, recurrent_step
-from hedgehog.ops.hybrid import hybrid_attention, hybrid_recurrent_step, hybrid_weights
+from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_recurrent_step, hybrid_weights
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 MODES = ("softmax", "linear", "distill")
@@ -99,6 +99,21 @@ class _GroupedKeyMap(nn.Module):
             return phi
         b, h, n, f = phi.shape
         return phi[:, :, None].expand(b, h, self.n_rep, n, f).reshape(b, h * self.n_rep, n, f)
+
+
+class _ScaledMap:
+    """``fm(x[:, ::every] * scale, positions)``: a map on raw (possibly head-repeated) q/k for the hybrid kernel,
+    which needs the raw q/k for its softmax window and the scaled ones for the features."""
+
+    def __init__(self, fm, scale: float, every: int = 1):
+        self.fm, self.scale, self.every = fm, scale, every
+        self.feature_dim = fm.feature_dim
+        self.blockwise = getattr(fm, "blockwise", True)
+
+    def __call__(self, x, positions=None):
+        if self.every > 1:
+            x = x[:, ::self.every]
+        return self.fm(x * self.scale if self.scale != 1.0 else x, positions)
 
 
 def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -283,13 +298,15 @@ class HedgehogAttention(nn.Module):
         """Hybrid attention of n queries (the last n positions) over all nk keys; chunked when n == nk
         and there is no padding, else the O(n * nk) form (short prompts, generic caches)."""
         s, w = self.hh_config.qk_scale, self.hh_config.window
-        phi_q = self.feature_map_q(q * s, pos_q)
-        phi_k = self._grouped_k(k * s, pos_k)
         k_rep = _repeat_heads(k, self.n_rep)
         n, nk = q.shape[2], k.shape[2]
         if n == nk and valid is None:
-            return hybrid_attention(q, k_rep, v_rep, phi_q, phi_k, window=w, gamma=self.gamma(),
-                                    scale=self.teacher_scale(), chunk_size=self.hh_config.chunk_size)
+            return feature_hybrid_attention(q, k_rep, v_rep, _ScaledMap(self.feature_map_q, s),
+                                            _ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
+                                            scale=self.teacher_scale(), positions=pos_q,
+                                            chunk_size=self.hh_config.chunk_size)
+        phi_q = self.feature_map_q(q * s, pos_q)
+        phi_k = self._grouped_k(k * s, pos_k)
         a, _, _ = hybrid_weights(q, k_rep, phi_q, phi_k, w, self.gamma(), self.teacher_scale(),
                                  q_positions=torch.arange(nk - n, nk, device=q.device), key_valid=valid)
         y = (a / a.sum(-1, keepdim=True).clamp_min(DEFAULT_EPS)) @ v_rep.to(a.dtype)

@@ -5,6 +5,8 @@ Run:  hedgehog bench attention [--lengths 256,1024,...] [--out bench_out/attenti
 Each length times, in one process and interleaved, the forward (no grad) and forward+backward of
 (1) Hedgehog attention: per-head q and k feature maps + chunked causal linear attention, via
 ``feature_linear_attention``; (2) ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
+With ``--attention hybrid`` the student is the sliding-window + linear hybrid
+(``feature_hybrid_attention``, window ``--window``, feature maps applied block by block).
 Times are the best of ``--repeats`` runs. Peak forward memory on the CPU is measured in a fresh
 process per point: the kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs)
 above the RSS once inputs exist (CPU PyTorch keeps no allocator statistics, and in a long-lived
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.feature_maps import get_feature_map
-from hedgehog.ops import feature_linear_attention
+from hedgehog.ops import feature_hybrid_attention, feature_linear_attention
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -46,7 +48,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, conn):
+def student_forward(q, k, v, fq, fk, chunk_size: int, window=None):
+    """The timed linear-attention forward: pure (feature maps per block) or hybrid (window softmax + linear)."""
+    if window is None:
+        return feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
+    return feature_hybrid_attention(q, k, v, fq, fk, window=window, gamma=0.5, chunk_size=chunk_size)
+
+
+def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, window, conn):
     """Runs in a fresh process: peak RSS (VmHWM) above the level after inputs are built."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim) for _ in range(3))
@@ -56,14 +65,15 @@ def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, conn):
     base = _vm_kb("VmRSS")
     with torch.no_grad():
         if kind == "hedgehog":
-            feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
+            student_forward(q, k, v, fq, fk, chunk_size, window)
         else:
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
     conn.send((_vm_kb("VmHWM") - base) / 1024)
     conn.close()
 
 
-def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, feature_map: str, chunk_size: int):
+def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, feature_map: str, chunk_size: int,
+                    window=None):
     """Peak CPU memory (MB) of one forward, measured in a fresh process (freed pages of earlier
     runs would otherwise hide it); None where /proc is unavailable."""
     import multiprocessing as mp
@@ -72,7 +82,8 @@ def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, fe
         return None
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_peak_child, args=(kind, n, batch, heads, head_dim, feature_map, chunk_size, child))
+    proc = ctx.Process(target=_peak_child, args=(kind, n, batch, heads, head_dim, feature_map, chunk_size, window,
+                                                     child))
     proc.start()
     child.close()
     try:
@@ -115,9 +126,10 @@ def matmul_gflops(device, n: int = 2048, dtype=torch.float32) -> float:
     return 2 * n ** 3 / t / 1e9
 
 
-def hedgehog_flops(n: int, b: int, h: int, d: int, f: int, chunk: int) -> float:
-    """Multiply-add FLOPs of causal Hedgehog attention as implemented (forward)."""
-    per_token = (
+def hedgehog_flops(n: int, b: int, h: int, d: int, f: int, chunk: int, window=None) -> float:
+    """Multiply-add FLOPs of causal Hedgehog attention as implemented (forward); with ``window`` the hybrid's
+    band (w queries x 2w keys per chunk: scores and weights times v) is added."""
+    per_token = (2 * 2 * 2 * window * d if window else 0) + (
         2 * 2 * d * f  # q and k feature-map projections (one matmul each against [W, -W])
         + 2 * chunk * f  # intra-chunk phi_q phi_k^T
         + 2 * chunk * d  # ... times v
@@ -132,7 +144,7 @@ def sdpa_flops(n: int, b: int, h: int, d: int) -> float:
 
 def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=True, device="cpu",
         feature_map="hedgehog", chunk_size=64, max_sdpa_len=None, dtype=torch.float32, log=print,
-        measure_memory=True) -> Dict:
+        measure_memory=True, window=None) -> Dict:
     device = torch.device(device)
     torch.manual_seed(0)
     fq = get_feature_map(feature_map, head_dim, heads).to(device)
@@ -148,7 +160,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
 
         def hh_fwd():
             with torch.no_grad():
-                return feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
+                return student_forward(q, k, v, fq, fk, chunk_size, window)
 
         def sd_fwd():
             with torch.no_grad():
@@ -157,7 +169,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
         def hh_bwd():
-            feature_linear_attention(qg, kg, vg, fq, fk, chunk_size=chunk_size).sum().backward()
+            student_forward(qg, kg, vg, fq, fk, chunk_size, window).sum().backward()
 
         def sd_bwd():
             F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward()
@@ -168,7 +180,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
                 return None
             if device.type == "cuda":
                 return peak_forward_cuda_mb(fn)
-            return peak_forward_mb(kind, n, batch, heads, head_dim, feature_map, chunk_size)
+            return peak_forward_mb(kind, n, batch, heads, head_dim, feature_map, chunk_size, window)
 
         row["hedgehog_fwd_s"] = best_time(hh_fwd, reps, device)
         row["hedgehog_fwd_peak_mb"] = peak("hedgehog", hh_fwd)
@@ -181,7 +193,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
             if run_sdpa:
                 row["sdpa_fwdbwd_s"] = best_time(sd_bwd, 1 if n >= 16384 else sdpa_reps, device)
                 row["fwdbwd_speedup"] = row["sdpa_fwdbwd_s"] / row["hedgehog_fwdbwd_s"]
-        row["hedgehog_gflops"] = hedgehog_flops(n, batch, heads, head_dim, fdim, chunk_size) / row["hedgehog_fwd_s"] / 1e9
+        row["hedgehog_gflops"] = hedgehog_flops(n, batch, heads, head_dim, fdim, chunk_size, window) / row["hedgehog_fwd_s"] / 1e9
         if run_sdpa:
             row["sdpa_gflops"] = sdpa_flops(n, batch, heads, head_dim) / row["sdpa_fwd_s"] / 1e9
         rows.append(row)
@@ -189,7 +201,8 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
     crossover = next((r["n"] for r in rows if r.get("fwd_speedup", 0) > 1.0), None)
     return {
         "config": {"batch": batch, "heads": heads, "head_dim": head_dim, "feature_map": feature_map,
-                   "feature_dim": fdim, "chunk_size": chunk_size, "dtype": str(dtype), "device": str(device),
+                   "feature_dim": fdim, "chunk_size": chunk_size,
+                   "attention": "hybrid" if window else "linear", "window": window, "dtype": str(dtype), "device": str(device),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "matmul_gflops": rate,
@@ -257,7 +270,8 @@ def plot(result: Dict, path: Path) -> None:
     ax.set_title("memory")
     ax.legend()
     c = result["config"]
-    fig.suptitle(f"B={c['batch']} H={c['heads']} d={c['head_dim']} {c['device']} ({c['threads']} threads), "
+    kind = f"hybrid w={c['window']}, " if c.get("window") else ""
+    fig.suptitle(f"{kind}B={c['batch']} H={c['heads']} d={c['head_dim']} {c['device']} ({c['threads']} threads), "
                  f"fp32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -278,6 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
     p.add_argument("--head-dim", type=int, default=64, help="head dimension d (default: %(default)s)")
     p.add_argument("--feature-map", default="hedgehog", help="registered feature map (default: %(default)s)")
+    p.add_argument("--attention", choices=["linear", "hybrid"], default="linear",
+                   help="pure linear attention, or the sliding-window + linear hybrid (default: %(default)s)")
+    p.add_argument("--window", type=int, default=64, help="hybrid window (default: %(default)s)")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk of the causal kernel (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point, best kept (default: %(default)s)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward timings")
@@ -296,7 +313,8 @@ def run_from_args(args) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
     result = run(lengths, args.batch, args.heads, args.head_dim, args.repeats, not args.no_backward, args.device,
-                 args.feature_map, args.chunk_size, args.max_sdpa_len, measure_memory=not args.no_memory)
+                 args.feature_map, args.chunk_size, args.max_sdpa_len, measure_memory=not args.no_memory,
+                 window=args.window if args.attention == "hybrid" else None)
     (out / "attention.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "attention.png")
     best = max((r for r in result["rows"] if "fwd_speedup" in r), key=lambda r: r["n"], default=None)

@@ -6,11 +6,17 @@ from hedgehog.ops.linear_attention import (
     quadratic_linear_attention,
     recurrent_step,
 )
-from hedgehog.ops.hybrid import hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention
+from hedgehog.ops.hybrid import (
+    feature_hybrid_attention,
+    hybrid_attention,
+    hybrid_recurrent_step,
+    quadratic_hybrid_attention,
+)
 from hedgehog.ops.softmax import softmax_attention, softmax_attention_weights
 
 __all__ = [
     "DEFAULT_EPS",
+    "feature_hybrid_attention",
     "feature_linear_attention",
     "hybrid_attention",
     "hybrid_recurrent_step",

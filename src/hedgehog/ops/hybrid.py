@@ -126,51 +126,92 @@ def quadratic_hybrid_attention(q, k, v, phi_q, phi_k, window: int = 64, gamma: G
 def _block_size(bh: int, f: int, chunk: int, window: int, n: int, block_size: Optional[int]) -> int:
     step = chunk * window // math.gcd(chunk, window)
     if block_size is not None:
-        if block_size % step:
+        if block_size % step and block_size < n:
             raise ValueError(f"block_size ({block_size}) must be a multiple of chunk_size and window ({step})")
         return block_size
     blk = _auto_block(bh, f, chunk, n)
     return max(step, blk // step * step)
 
 
-def _window_part(q_blocks, k, v, window: int, scale: float, gamma_rows: torch.Tensor, acc):
+def _window_part(q_blocks, k, v, window: int, scale: float, gamma_rows: torch.Tensor, acc, sub: Optional[int] = None):
     """The sliding-window numerator/denominator of block i: a callable for ``_causal_blocks(extra=)``.
 
-    ``k``/``v`` are (BH, N, d) in ``acc``; block i's queries are compared with keys from ``start - w``
-    to the block's end, as chunks of w queries against 2w keys (unfold view).
+    ``k``/``v`` are (BH, N, d) in ``acc``. Queries go in sub-chunks of ``c`` rows (``sub``, default
+    ``min(w, 16)`` when it divides w); sub-chunk m is compared with the ``c + w`` keys that end with it
+    (an ``unfold`` view of the keys from ``start - w``, no copy) and masked to ``n - w < i <= n``. A
+    smaller c wastes fewer masked entries (w of every c + w are used) at the price of smaller matmuls.
     """
     bh, n, d = k.shape
     dv = v.shape[-1]
     w = window
-    j = torch.arange(2 * w, device=k.device)[None, :]
-    b = torch.arange(w, device=k.device)[:, None]
-    keep = (j > b) & (j <= b + w)  # key j of the 2w (previous chunk, this chunk) vs query b
+    c = sub or (16 if w % 16 == 0 and w > 16 else w)
+    j = torch.arange(c + w, device=k.device)[None, :]
+    b = torch.arange(c, device=k.device)[:, None]
+    drop = (j <= b) | (j > b + w)  # key j of the c + w vs query b: outside the window
 
     def extra(i, start, L):
         qb = q_blocks[i].to(acc)
-        pad = (-L) % w
+        pad = (-L) % c
         lo = start - w
         ks, vs = k[:, max(lo, 0):start + L], v[:, max(lo, 0):start + L]
         front = max(0, -lo)
-        ks, vs = F.pad(ks, (0, 0, front, pad)), F.pad(vs, (0, 0, front, pad))
+        if front or pad:
+            ks, vs = F.pad(ks, (0, 0, front, pad)), F.pad(vs, (0, 0, front, pad))
         if pad:
             qb = F.pad(qb, (0, 0, 0, pad))
-        nb = (L + pad) // w
-        q4 = qb.view(bh, nb, w, d)
-        k4 = ks.unfold(1, 2 * w, w)  # (bh, nb, d, 2w)
-        v4 = vs.unfold(1, 2 * w, w).transpose(-1, -2)  # (bh, nb, 2w, D)
-        s = (q4 @ k4) * scale
-        mask = keep.expand(nb, w, 2 * w)
+        nb = (L + pad) // c
+        q4 = qb.reshape(bh, nb, c, d)
+        k4 = ks.unfold(1, c + w, c)  # (bh, nb, d, c + w), a view
+        v4 = vs.unfold(1, c + w, c).transpose(-1, -2)  # (bh, nb, c + w, D)
+        mask = drop.expand(nb, c, c + w)
         if front:  # keys before position 0 (first block only)
             mask = mask.clone()
-            mask[0, :, :front] = False
-        s = s.masked_fill(~mask, float("-inf"))
-        e = torch.exp(s - s.amax(-1, keepdim=True))
-        num = (e @ v4).view(bh, nb * w, dv)[:, :L] * gamma_rows
-        den = e.sum(-1).view(bh, nb * w, 1)[:, :L] * gamma_rows
+            for m in range(min(nb, -(-front // c))):
+                mask[m, :, :front - m * c] = True
+        s = q4 @ k4
+        if torch.is_grad_enabled():
+            s = (s * scale).masked_fill(mask, float("-inf"))
+            e = torch.exp(s - s.amax(-1, keepdim=True))
+        else:  # same values, in place: this part is elementwise-bound
+            e = s.mul_(scale).masked_fill_(mask, float("-inf"))
+            e = e.sub_(e.amax(-1, keepdim=True)).exp_()
+        num = (e @ v4).view(bh, nb * c, dv)[:, :L] * gamma_rows
+        den = e.sum(-1).view(bh, nb * c, 1)[:, :L] * gamma_rows
         return num, den
 
     return extra
+
+
+def _hybrid(q, k, v, feat_q, feat_k, fd, window, gamma, scale, chunk_size, block_size, eps):
+    """Blocked hybrid attention. ``feat_q(lo, hi)`` / ``feat_k(lo, hi)`` return the (B, H, hi-lo, F) features
+    of positions lo..hi-1, so callers can compute them block by block. Returns y (B,H,N,D) in ``acc``, (S, z)."""
+    B, H, N, d = q.shape
+    D, w = v.shape[-1], window
+    acc = _acc_dtype(v)
+    BH = B * H
+    chunk = max(1, min(chunk_size, N))
+    blk = _block_size(BH, fd, chunk, w, N, block_size)
+    bounds = [(s, min(s + blk, N)) for s in range(0, N, blk)]
+    v3 = v.to(acc).reshape(BH, N, D)
+
+    def shifted(get, s, e, width):
+        """Rows s-w .. e-w of a (BH, N, width) source, zero rows before position 0."""
+        lo, hi = max(0, s - w), max(0, e - w)
+        rows = get(lo, hi) if hi > lo else None
+        front = (e - s) - (hi - lo)
+        if front == 0:
+            return rows
+        z = torch.zeros(BH, front, width, dtype=acc, device=q.device)
+        return z if rows is None else torch.cat([z, rows], 1)
+
+    get_q = lambda i: feat_q(*bounds[i]).to(acc).reshape(BH, bounds[i][1] - bounds[i][0], fd)
+    get_k = lambda i: shifted(lambda lo, hi: feat_k(lo, hi).to(acc).reshape(BH, hi - lo, fd), *bounds[i], fd)
+    v_blocks = [shifted(lambda lo, hi: v3[:, lo:hi], s, e, D) for s, e in bounds]
+    q3 = q.reshape(BH, N, d)
+    q_blocks = [q3[:, s:e] for s, e in bounds]
+    extra = _window_part(q_blocks, k.to(acc).reshape(BH, N, d), v3, w, scale, _gamma_rows(gamma, B, H, acc, q.device),
+                         acc)
+    return _causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra)
 
 
 def hybrid_attention(
@@ -204,26 +245,41 @@ def hybrid_attention(
     B, H, N, d = q.shape
     if N == 0:
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
-    D, Fd = v.shape[-1], phi_q.shape[-1]
-    acc = _acc_dtype(v)
+    Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    chunk = max(1, min(chunk_size, N))
-    blk = _block_size(B * H, Fd, chunk, window, N, block_size)
-    # the linear part: keys/values shifted right by `window` (zero features never enter the state)
-    shift = lambda t: F.pad(t.to(acc), (0, 0, window, 0))[:, :, :N]
-    pq = phi_q.to(acc).reshape(B * H, N, Fd).split(blk, 1)
-    pk = shift(phi_k).reshape(B * H, N, Fd).split(blk, 1)
-    vs = shift(v).reshape(B * H, N, D).split(blk, 1)
-    qb = q.reshape(B * H, N, d).split(blk, 1)
-    extra = _window_part(qb, k.to(acc).reshape(B * H, N, d), v.to(acc).reshape(B * H, N, D), window, scale,
-                         _gamma_rows(gamma, B, H, acc, q.device), acc)
-    y, (S, z) = _causal_blocks(pq.__getitem__, pk.__getitem__, vs, chunk, None, eps, acc, extra=extra)
+    y, (S, z) = _hybrid(q, k, v, lambda lo, hi: phi_q[:, :, lo:hi], lambda lo, hi: phi_k[:, :, lo:hi], Fd, window,
+                        gamma, scale, chunk_size, block_size, eps)
+    D = v.shape[-1]
     y = y.reshape(B, H, N, D).to(v.dtype)
     if not return_state:
         return y
     state = (S.reshape(B, H, Fd, D), z.reshape(B, H, Fd))
     tail = max(0, N - window)
     return y, (state, k[:, :, tail:], v[:, :, tail:])
+
+
+def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int = 64, gamma: Gamma = 0.5,
+                             scale: Optional[float] = None, positions: Optional[torch.Tensor] = None,
+                             chunk_size: int = 64, eps: float = DEFAULT_EPS, block_size: Optional[int] = None):
+    """Hybrid attention of raw q/k with the feature maps applied block by block (never holding N-sized
+    features); equal to ``hybrid_attention(q, k, v, fm_q(q), fm_k(k), ...)``. ``feature_map_k`` returns q's
+    head count (grouped maps repeat); positions (N,) go to the maps (default 0..N-1)."""
+    B, H, N, d = q.shape
+    if k.shape[:3] != (B, H, N) or v.shape[:3] != (B, H, N):
+        raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if N == 0:
+        raise ValueError("hybrid attention needs at least one position (got seq length 0)")
+    if positions is None:
+        positions = torch.arange(N, device=q.device)
+    if not all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k)):
+        return hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,
+                                scale, chunk_size, eps=eps, block_size=block_size)
+    fd = feature_map_q.feature_dim
+    scale = d ** -0.5 if scale is None else scale
+    y, _ = _hybrid(q, k, v, lambda lo, hi: feature_map_q(q[:, :, lo:hi], positions[..., lo:hi]),
+                   lambda lo, hi: feature_map_k(k[:, :, lo:hi], positions[..., lo:hi]), fd, window, gamma, scale,
+                   chunk_size, block_size, eps)
+    return y.reshape(B, H, N, -1).to(v.dtype)
 
 
 def hybrid_recurrent_step(

@@ -169,9 +169,9 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
         else:  # same values, without two (bh, nb, F, D) passes
             S_ex, z_ex = torch.empty_like(kv), torch.empty_like(ks)
             S_ex[:, 0], z_ex[:, 0] = S, z
-            for i in range(1, nb):
-                torch.add(S_ex[:, i - 1], kv[:, i - 1], out=S_ex[:, i])
-                torch.add(z_ex[:, i - 1], ks[:, i - 1], out=z_ex[:, i])
+            for c in range(1, nb):
+                torch.add(S_ex[:, c - 1], kv[:, c - 1], out=S_ex[:, c])
+                torch.add(z_ex[:, c - 1], ks[:, c - 1], out=z_ex[:, c])
         S = S_ex[:, -1] + kv[:, -1]
         z = z_ex[:, -1] + ks[:, -1]
         num = torch.baddbmm(
