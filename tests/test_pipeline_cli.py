@@ -48,6 +48,14 @@ def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsy
     assert "hybrid" in printed and "teacher ppl" in printed
     main(["generate", "--model", str(out / "hybrid" / "model"), "--prompt", "the king", "--max-new-tokens", "12"])
     assert "recurrent state" in capsys.readouterr().out
+    from hedgehog import analyze
+
+    a = analyze.run(str(out / "hybrid" / "model"), str(tmp_path / "an"), ["elu"], data=tiny_assets["data"],
+                    windows=1, seq_len=24, span=12)
+    trained = [k for k in a["summary"] if k.endswith("(trained)")]
+    assert trained == ["hybrid w=8 + hedgehog (trained)"]
+    kl = a["summary"][trained[0]]["kl"]
+    assert 0.0 <= kl < float("inf")
     with pytest.raises(SystemExit, match="unknown feature map"):
         main(["compare", "--out", str(out), "--feature-maps", "hybrid:nope"])
 

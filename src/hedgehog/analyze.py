@@ -17,7 +17,7 @@ import torch
 from hedgehog.attention import _repeat_heads, hedgehog_layers
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.metrics import attention_fidelity, kl_divergence, row_entropy, spearman_rows
-from hedgehog.ops import quadratic_linear_attention
+from hedgehog.ops import quadratic_hybrid_attention, quadratic_linear_attention
 from hedgehog.ops.softmax import softmax_attention_weights
 from hedgehog.plotting import pyplot
 
@@ -32,7 +32,8 @@ def _fresh_maps(name: str, d: int, hq: int, hkv: int, max_len: int, layer_idx: i
 
 @torch.no_grad()
 def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: Dict[str, List[tuple]]) -> Dict:
-    """caps: per layer [(q (1,Hq,N,d), k (1,Hkv,N,d)) per window]; maps: label -> per layer (fq, fk, qk_scale).
+    """caps: per layer [(q (1,Hq,N,d), k (1,Hkv,N,d)) per window]; maps: label -> per layer (fq, fk, qk_scale[,
+    hybrid kwargs {window, gamma}]).
 
     Returns {label: {metric: [[per head] per layer]}} with every metric averaged over rows and windows.
     """
@@ -40,11 +41,12 @@ def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: D
     for label, per_layer in maps.items():
         res = {m: [] for m in METRICS}
         for li, windows in enumerate(caps):
-            fq, fk, s = per_layer[li]
+            fq, fk, s, *hyb = per_layer[li]
+            hyb = hyb[0] if hyb else {}
             acc = None
             for q, k in windows:
                 kr = _repeat_heads(k, n_rep)
-                f = attention_fidelity(q, kr, fq(q * s), _repeat_heads(fk(k * s), n_rep), scale=scales[li])
+                f = attention_fidelity(q, kr, fq(q * s), _repeat_heads(fk(k * s), n_rep), scale=scales[li], **hyb)
                 acc = f if acc is None else {m: acc[m] + f[m] for m in f}
             for m in METRICS:
                 res[m].append((acc[m] / len(windows)).tolist())
@@ -98,7 +100,10 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         maps[name] = [(*_fresh_maps(name, d, hq, hkv, seq_len, lay.layer_idx), 1.0) for lay in layers]
     if trained is not None:
         tname = layers[0].hh_config.feature_map
-        maps[f"{tname} (trained)"] = [(lay.feature_map_q, lay.feature_map_k, lay.hh_config.qk_scale) for lay in layers]
+        if layers[0].hybrid:
+            tname = f"hybrid w={layers[0].hh_config.window} + {tname}"
+        maps[f"{tname} (trained)"] = [(lay.feature_map_q, lay.feature_map_k, lay.hh_config.qk_scale,
+                                       lay.hybrid_kwargs()) for lay in layers]
     results = analyze_captures(caps, scales, n_rep, maps)
 
     # one layer/head, one span of text: the pictures
@@ -110,11 +115,17 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     pictures = {"softmax": softmax_attention_weights(qs, ks, scale=scales[li])[0, 0]}
     scores = (qs @ ks.transpose(-1, -2))[0, 0] * scales[li]
     for label, per_layer in maps.items():
-        fq, fk, s = per_layer[li]
+        fq, fk, s = per_layer[li][:3]
         phi_q = fq(q[:, :, :n] * s)[:, head:head + 1]
         phi_k = _repeat_heads(fk(k[:, :, :n] * s), n_rep)[:, head:head + 1]
-        _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), phi_q.new_zeros(1, 1, n, 1).double(),
-                                          return_weights=True)
+        hyb = per_layer[li][3] if len(per_layer[li]) > 3 else {}
+        zeros = phi_q.new_zeros(1, 1, n, 1).double()
+        if hyb:
+            g = hyb["gamma"][head:head + 1].double()
+            _, w = quadratic_hybrid_attention(qs.double(), ks.double(), zeros, phi_q.double(), phi_k.double(),
+                                              hyb["window"], g, scale=scales[li], return_weights=True)
+        else:
+            _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), zeros, return_weights=True)
         pictures[label] = w[0, 0].float()
     _plot_heatmaps(pictures, tokens, outd / "heatmaps.png", f"layer {li}, head {head}")
     _plot_per_layer(results, outd / "entropy_per_layer.png", outd / "kl_per_layer.png")

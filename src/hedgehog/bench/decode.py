@@ -51,7 +51,13 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
         cache = HedgehogCache(model)
         for layer, attn in zip(cache.layers, hedgehog_layers(model)):
             f = attn.feature_map_k.feature_dim
-            layer.set_state(torch.rand(batch, kvh, f, hd, generator=g), torch.rand(batch, kvh, f, generator=g) + 1.0, L)
+            S, z = torch.rand(batch, kvh, f, hd, generator=g), torch.rand(batch, kvh, f, generator=g) + 1.0
+            if attn.hybrid:  # the last w keys/values of the context, plus the state of the older ones
+                w = min(L, attn.hh_config.window)
+                kw, vw = (torch.randn(batch, kvh, w, hd, generator=g) * 0.5 for _ in range(2))
+                layer.set_window(S, z, kw, vw, torch.ones(batch, w, dtype=torch.bool), L)
+            else:
+                layer.set_state(S, z, L)
         assert all(isinstance(l, HedgehogStateLayer) for l in cache.layers)
     else:
         cache = DynamicCache(config=model.config)
