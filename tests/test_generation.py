@@ -32,16 +32,21 @@ def test_decode_token_by_token_equals_full_forward(family, prefill):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_left_padded_batch_decoding_matches_unpadded(family):
-    m = converted(family)
-    a, b = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 5))
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    assert_left_padded_generation_matches_unpadded(converted(family), long=9, short=5, new=6)
+
+
+def assert_left_padded_generation_matches_unpadded(m, long: int, short: int, new: int):
+    """Greedy generate of a left-padded batch of two prompts equals generating each prompt alone."""
+    a, b = torch.randint(0, V, (1, long)), torch.randint(0, V, (1, short))
+    pad = long - short
+    ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    out_a = m.generate(input_ids=a, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    out_b = m.generate(input_ids=b, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    mask[1, :pad] = 0
+    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    out_a = m.generate(input_ids=a, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    out_b = m.generate(input_ids=b, max_new_tokens=new, do_sample=False, pad_token_id=0)
     assert torch.equal(out[0], out_a[0])
-    assert torch.equal(out[1, 4:], out_b[0])
+    assert torch.equal(out[1, pad:], out_b[0])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])

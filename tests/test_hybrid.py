@@ -165,6 +165,7 @@ from test_convert import FAMILIES, V, _perturb_maps, tiny  # noqa: E402
 
 from hedgehog.convert import convert_model  # noqa: E402
 from hedgehog.generation import HedgehogCache, HybridStateLayer  # noqa: E402
+from test_generation import assert_left_padded_generation_matches_unpadded  # noqa: E402
 
 
 def hybrid_model(family, window=4):
@@ -224,16 +225,8 @@ def test_decode_token_by_token_equals_full_forward(family, prefill):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_left_padded_batch_generation_matches_unpadded(family):
-    m = hybrid_model(family)
-    a, b = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 3))
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out_a = m.generate(input_ids=a, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out_b = m.generate(input_ids=b, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(out[0], out_a[0])
-    assert torch.equal(out[1, 6:], out_b[0])
+    # prompts shorter than the window (4) on one side and longer on the other; padding crosses the window
+    assert_left_padded_generation_matches_unpadded(hybrid_model(family), long=9, short=3, new=8)
 
 
 def test_greedy_generate_equals_argmax_and_cache_size_is_constant():

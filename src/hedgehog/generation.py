@@ -61,27 +61,32 @@ class HedgehogStateLayer(CacheLayerMixin):
         if tokens_to_remove:
             raise RuntimeError("a recurrent state cannot be cropped (tokens are summed into it)")
 
+    _tensors = ("S", "z")  # what batch reordering/selection applies to
+
+    def _map_tensors(self, fn) -> None:
+        for name in self._tensors:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.S is not None:
-            self.S = self.S.index_select(0, beam_idx.to(self.S.device))
-            self.z = self.z.index_select(0, beam_idx.to(self.z.device))
+        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.S is not None:
-            self.S = self.S.repeat_interleave(repeats, dim=0)
-            self.z = self.z.repeat_interleave(repeats, dim=0)
+        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.S is not None:
-            self.S, self.z = self.S[indices], self.z[indices]
+        self._map_tensors(lambda t: t[indices])
 
     def nbytes(self) -> int:
-        return 0 if self.S is None else self.S.numel() * self.S.element_size() + self.z.numel() * self.z.element_size()
+        return sum(t.numel() * t.element_size() for t in map(self.__getattribute__, self._tensors) if t is not None)
 
 
 class HybridStateLayer(HedgehogStateLayer):
     """A hybrid layer's cache: the last ``w`` keys/values (per KV head, with a validity mask for padding)
     plus the linear state of every older key. Constant size once ``w`` tokens are seen."""
+
+    _tensors = ("S", "z", "k_win", "v_win", "valid")
 
     def __init__(self):
         super().__init__()
@@ -109,25 +114,6 @@ class HybridStateLayer(HedgehogStateLayer):
     def reset(self) -> None:
         super().reset()
         self.k_win = self.v_win = self.valid = None
-
-    def _map_tensors(self, fn) -> None:
-        for name in ("S", "z", "k_win", "v_win", "valid"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_tensors(lambda t: t[indices])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.k_win, self.v_win, self.valid)
-                   if t is not None)
 
 
 class HedgehogCache(Cache):
