@@ -14,7 +14,10 @@ Modes (``set_attention_mode(model, mode)``):
 - ``softmax``: the original attention, exactly (the teacher);
 - ``linear``: normalised linear attention ``phi(q).phi(k)`` (the student);
 - ``distill``: returns the teacher's output (so later layers see teacher activations) and stores
-  this layer's distillation loss in ``.distill_loss``.
+  this layer's distillation loss in ``.distill_loss``;
+- ``mimic``: returns the student's (linear) output and stores in ``.distill_loss`` the loss of the
+  feature maps against the softmax attention of the same, *detached* q/k, so that loss trains only
+  the feature maps (the paper's recipe for training Hedgehog from scratch, ``hedgehog.scratch``).
 
 Any mode can record post-RoPE ``(q, k)`` in ``.captured`` (``start_capture``), which stage-1
 distillation uses to train every layer's maps from one teacher forward.
@@ -33,7 +36,7 @@ from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_l
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_recurrent_step, hybrid_weights
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
-MODES = ("softmax", "linear", "distill")
+MODES = ("softmax", "linear", "distill", "mimic")
 ATTENTIONS = ("linear", "hybrid")
 
 
@@ -140,6 +143,7 @@ class HedgehogAttention(nn.Module):
         self.num_kv_heads = adapter.num_kv_heads(base)
         self.hh_head_dim = adapter.head_dim(base)
         self.n_rep = self.num_q_heads // self.num_kv_heads
+        self.causal = adapter.causal
         kw = dict(config.feature_map_kwargs)
         self.feature_map_q = get_feature_map(config.feature_map, self.hh_head_dim, self.num_q_heads, **kw)
         self.feature_map_k = get_feature_map(config.feature_map, self.hh_head_dim, self.num_kv_heads, **kw)
@@ -198,8 +202,8 @@ class HedgehogAttention(nn.Module):
             if v is None:
                 raise ValueError("the mse distillation loss needs v")
             return attention_output_mse_loss(q, k_rep, _repeat_heads(v, self.n_rep), phi_q, phi_k,
-                                             scale=self.teacher_scale(), **hyb)
-        return attention_distillation_loss(q, k_rep, phi_q, phi_k, scale=self.teacher_scale(),
+                                             causal=self.causal, scale=self.teacher_scale(), **hyb)
+        return attention_distillation_loss(q, k_rep, phi_q, phi_k, causal=self.causal, scale=self.teacher_scale(),
                                            query_index=query_index, **hyb)
 
     # -- forward -------------------------------------------------------------------------------
@@ -222,6 +226,8 @@ class HedgehogAttention(nn.Module):
             self.distill_loss = self.layer_distill_loss(q, k, v)
             y = self.adapter.softmax_attention(self, q, k, v, call)
             return self.adapter.output(self, y), None
+        if self.mode == "mimic" and torch.is_grad_enabled():
+            self.distill_loss = self.layer_distill_loss(q.detach(), k.detach(), v.detach())
         y = self._linear(q, k, v, call, cache)
         return self.adapter.output(self, y.transpose(1, 2)), None
 
@@ -253,6 +259,12 @@ class HedgehogAttention(nn.Module):
         valid = _key_valid(call.get("attention_mask"), nk)
         s = self.hh_config.qk_scale
         v_rep = _repeat_heads(v, self.n_rep)
+        if not self.causal:  # encoder: every query sees every real key
+            phi_q = self.feature_map_q(q * s, pos_q)
+            phi_k = self._grouped_k(k * s, pos_k)
+            if valid is not None:
+                phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
+            return linear_attention(phi_q, phi_k, v_rep, causal=False)
         if self.hybrid:
             return self._hybrid_full(q, k, v_rep, pos_q, pos_k, valid)
         if nk != n or valid is not None:

@@ -4,7 +4,8 @@ An adapter knows, for one architecture family, where the attention modules live,
 post-RoPE q/k/v out of them, how to run the original softmax attention, and how to project the
 output back. Everything else (feature maps, modes, caching) is shared in ``HedgehogAttention``.
 
-Supported: Llama-family (llama, mistral, qwen2; SmolLM/SmolLM2 are llama) and GPT-2.
+Supported: Llama-family (llama, mistral, qwen2; SmolLM/SmolLM2 are llama) and GPT-2 (causal), and
+BERT encoders (non-causal: every token attends to every other, so no decoding state).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Adapter:
     lora_targets = None  # peft target_modules for the attention projections
     lora_targets_all = None  # ... plus the MLP projections
     call_args: tuple = ()  # names of the positional arguments of the attention module's forward
+    causal = True  # False: bidirectional (encoder) attention
 
     def attention_slots(self, model) -> List[Tuple[nn.Module, str]]:
         raise NotImplementedError
@@ -138,7 +140,39 @@ class GPT2Adapter(Adapter):
         return m.resid_dropout(m.c_proj(y.reshape(*y.shape[:2], -1).contiguous()))
 
 
-ADAPTERS = [LlamaFamilyAdapter(), GPT2Adapter()]
+class BertAdapter(Adapter):
+    """BertSelfAttention (encoders such as all-MiniLM-L6-v2): query/key/value Linear, absolute positions,
+    bidirectional attention; the output projection lives outside the module (BertSelfOutput)."""
+
+    family = "bert"
+    model_types = ("bert",)
+    causal = False
+    lora_targets = ["query", "key", "value"]
+    lora_targets_all = ["query", "key", "value", "dense"]
+    call_args = ("attention_mask", "past_key_values")
+
+    def attention_slots(self, model):
+        base = getattr(model, "bert", model)
+        enc = getattr(base, "encoder", None)
+        if enc is None:
+            raise UnsupportedArchitectureError(f"{type(model).__name__} has no .encoder")
+        return [(layer.attention, "self") for layer in enc.layer]
+
+    def num_heads(self, m):
+        return m.num_attention_heads
+
+    def head_dim(self, m):
+        return m.attention_head_size
+
+    def qkv(self, m, hidden_states, call):
+        shape = (*hidden_states.shape[:-1], -1, m.attention_head_size)
+        return (p(hidden_states).view(shape).transpose(1, 2) for p in (m.query, m.key, m.value))
+
+    def output(self, m, y):
+        return y.reshape(*y.shape[:2], -1).contiguous()
+
+
+ADAPTERS = [LlamaFamilyAdapter(), GPT2Adapter(), BertAdapter()]
 
 
 def supported_model_types() -> List[str]:
@@ -168,6 +202,9 @@ def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.
     if hedgehog_layers(model):
         raise ValueError("model is already converted")
     adapter = get_adapter(model)
+    if config.attention == "hybrid" and not adapter.causal:
+        raise ValueError(f"hybrid (sliding-window) attention is causal only; {adapter.family} attention is "
+                         "bidirectional: use attention='linear'")
     if config.feature_map == "cosformer" and "max_len" not in config.feature_map_kwargs:
         # a fixed M keeps the map blockwise and decodable; positions beyond it would go negative
         config.feature_map_kwargs["max_len"] = int(getattr(model.config, "max_position_embeddings", 8192))
@@ -184,7 +221,8 @@ def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.
         new.train(base.training)
         setattr(parent, attr, new)
     model.config.hedgehog = config.to_dict()
-    from hedgehog.generation import install_generation_cache
+    if adapter.causal:
+        from hedgehog.generation import install_generation_cache
 
-    install_generation_cache(model)
+        install_generation_cache(model)
     return model

@@ -44,8 +44,8 @@ def layer_attention_kl(model: nn.Module, windows: torch.Tensor) -> List[Dict[str
         caps = capture_qkv(model, w[None])
         for i, (layer, (q, k, _)) in enumerate(zip(layers, caps)):
             phi_q, phi_k = layer.features(q, k)
-            f = attention_fidelity(q, _repeat_heads(k, layer.n_rep), phi_q, phi_k, scale=layer.teacher_scale(),
-                                   **layer.hybrid_kwargs())
+            f = attention_fidelity(q, _repeat_heads(k, layer.n_rep), phi_q, phi_k, causal=layer.causal,
+                                   scale=layer.teacher_scale(), **layer.hybrid_kwargs())
             for key, val in f.items():
                 sums[i][key] = sums[i].get(key, 0.0) + val.mean().item() / len(windows)
     set_attention_mode(model, "linear")

@@ -1,0 +1,509 @@
+"""Training from scratch: a small decoder LM whose attention is any registered kind, and MQAR.
+
+The model is a Hugging Face ``LlamaForCausalLM`` (RoPE, SwiGLU MLP, RMSNorm, tied embeddings), built
+randomly initialised from a ``LlamaConfig``; every kind except ``softmax`` swaps its attention layers
+for ``HedgehogAttention`` through the same ``convert_model`` as pretrained conversion, so a model trained
+here decodes with the same recurrent cache.
+
+Kinds: ``softmax`` (torch SDPA), the feature maps ``hedgehog``, ``t2r``, ``taylor``, ``elu``, ``relu``,
+``performer``, ``cosformer`` (and ``hedgehog_exp``), and ``hybrid`` (sliding-window softmax + Hedgehog).
+
+Hedgehog follows the paper: during training its feature maps also learn to mimic the softmax attention
+of the same q/k. Each layer runs in ``mimic`` mode: its output is the linear attention (what the LM loss
+trains), and it adds the attention cross-entropy between ``softmax(q k^T / sqrt d)`` and its own linear
+weights, computed on *detached* q/k so that this term trains only the feature maps (and the hybrid's
+window factor), never the projections. Total loss = LM loss + ``mimic_weight`` x mean over layers of
+that cross-entropy (default ``mimic_weight = 1``; the LM loss alone also trains the maps).
+
+Text is byte-level by default (257 ids: the 256 bytes + end-of-document), so nothing needs fetching but
+the Shakespeare plays; validation/test perplexities are per byte.
+
+Associative recall (``mqar_*``): multi-query associative recall as in Zoology/Based. A sequence opens with
+``num_kv_pairs`` key-value pairs (keys from the lower half of the vocabulary, values from the upper half),
+then every key reappears once, in random order, at random later positions among filler tokens (id 0);
+at each such position the model must predict the key's value. Accuracy = share of those predictions
+that are right, on a fixed held-out set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
+from hedgehog.distill import _check_finite, _lr_factor
+
+log = logging.getLogger("hedgehog")
+
+LINEAR_KINDS = ("hedgehog", "t2r", "taylor", "elu", "relu", "performer", "cosformer", "hedgehog_exp")
+KINDS = ("softmax", *LINEAR_KINDS, "hybrid")
+PAPER_KINDS = ("softmax", "hedgehog", "taylor", "t2r", "elu", "performer", "cosformer")
+MIMIC_KINDS = ("hedgehog", "hedgehog_exp", "hybrid")  # maps trained to mimic softmax during training
+
+
+def parse_kinds(spec: str) -> List[str]:
+    """'all' -> the paper's kinds; else a comma list, each checked against KINDS."""
+    if spec.strip() == "all":
+        return list(PAPER_KINDS)
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"unknown attention kind(s) {bad or spec!r}; choose from {', '.join(KINDS)} (or 'all')")
+    return kinds
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, plus 256 = end of document; the interface ``tokenize_windows`` uses."""
+
+    vocab_size = 257
+    eos_token_id = 256
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> Dict[str, List[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ModelSpec:
+    vocab_size: int = ByteTokenizer.vocab_size
+    d_model: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_mult: float = 8 / 3  # SwiGLU hidden = mult * d_model (rounded up to a multiple of 32)
+    max_len: int = 4096
+    window: int = 64  # hybrid only
+
+
+def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM; converted to ``kind`` unless it is 'softmax'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hedgehog.convert import convert_model
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; choose from {', '.join(KINDS)}")
+    if spec.d_model % spec.heads:
+        raise ValueError(f"d_model {spec.d_model} is not a multiple of heads {spec.heads}")
+    hidden = int(math.ceil(spec.mlp_mult * spec.d_model / 32) * 32)
+    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=hidden,
+                      num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+                      max_position_embeddings=spec.max_len, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=spec.vocab_size - 1, pad_token_id=None, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    if kind != "softmax":
+        fm = "hedgehog" if kind == "hybrid" else kind
+        convert_model(model, HedgehogConfig(feature_map=fm, attention="hybrid" if kind == "hybrid" else "linear",
+                                            window=spec.window))
+        # conversion draws random features (performer) from the global generator: keep runs reproducible
+    return model
+
+
+def _mimic_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    losses = [m.distill_loss for m in hedgehog_layers(model) if m.distill_loss is not None]
+    for m in hedgehog_layers(model):
+        m.distill_loss = None
+    return torch.stack(losses).mean() if losses else None
+
+
+def set_train_mode(model: nn.Module, kind: str, mimic_weight: float) -> None:
+    """``mimic`` mode for Hedgehog kinds with a positive weight, plain ``linear`` otherwise (eval too)."""
+    if kind == "softmax":
+        return
+    set_attention_mode(model, "mimic" if kind in MIMIC_KINDS and mimic_weight > 0 else "linear")
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: OUT/checkpoint/{model.safetensors, optimizer.pt, state.json}, swapped in atomically
+# ------------------------------------------------------------------------------------------------
+def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: Dict) -> None:
+    from safetensors.torch import save_model
+
+    final = out / "checkpoint"
+    tmp = out / "checkpoint.tmp"
+    old = out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)  # a crash from here on leaves checkpoint.old, which resume also reads
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out: Path) -> Optional[Path]:
+    for name in ("checkpoint", "checkpoint.old"):
+        p = out / name
+        if (p / "state.json").exists():
+            return p
+    return None
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> Dict:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"))
+    if opt is not None:
+        opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# language modelling from scratch
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainJob:
+    out: str = "runs/scratch/hedgehog"
+    attention: str = "hedgehog"
+    data: str = "shakespeare"
+    seq_len: int = 256
+    batch_size: int = 16
+    tokens: int = 1_048_576  # training budget (equal across kinds in a comparison)
+    minutes: Optional[float] = None  # optional wall-clock cap
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mimic_weight: float = 1.0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    eval_points: int = 8  # validation perplexity measurements along training
+    val_tokens: int = 32768
+    test_tokens: int = 131072
+    checkpoint_every: int = 50  # optimizer steps
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@torch.no_grad()
+def _lm_perplexity(model, windows, batch_size=16) -> float:
+    was = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        b = windows[i:i + batch_size]
+        logits = model(input_ids=b, use_cache=False).logits
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
+        n += b[:, 1:].numel()
+    model.train(was)
+    return math.exp(nll / n) if math.isfinite(nll) else float("inf")
+
+
+def train_lm(job: TrainJob) -> Dict:
+    """Train one kind on the corpus' training split; report validation/test perplexity (per byte)."""
+    from hedgehog.data import load_corpus, shuffled_windows, tokenize_windows
+
+    kind = job.attention
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; choose from {', '.join(KINDS)}")
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = ByteTokenizer()
+    corpus = load_corpus(job.data)
+    L = job.seq_len
+    train = shuffled_windows(tokenize_windows(corpus.splits["train"], tok, L), job.seed)
+    val = tokenize_windows(corpus.splits["validation"], tok, L, max_tokens=job.val_tokens)
+    test = tokenize_windows(corpus.splits["test"], tok, L, max_tokens=job.test_tokens)
+    spec = ModelSpec(**{**asdict(job.model), "vocab_size": tok.vocab_size, "max_len": max(job.model.max_len, L)})
+    model = build_model(kind, spec, seed=job.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "feature_map" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "feature_map" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": job.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=job.lr, betas=(0.9, 0.95))
+    total = max(1, job.tokens // (job.batch_size * L))
+    eval_every = max(1, total // max(1, job.eval_points))
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "curve": []}
+    ck = find_checkpoint(out) if job.resume else None
+    if ck is not None:
+        state = load_checkpoint(ck, model, opt)
+        log.info("%s: resumed at step %d from %s", kind, state["step"], ck)
+    set_train_mode(model, kind, job.mimic_weight)
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], desc=f"train {kind}", disable=not job.progress, unit="step")
+    t0 = time.perf_counter() - state["seconds"]
+    while state["step"] < total:
+        if job.minutes and time.perf_counter() - t0 > job.minutes * 60:
+            log.info("%s: stopping at the %.1f-minute cap (step %d of %d)", kind, job.minutes, state["step"], total)
+            break
+        step = state["step"]
+        idx = [(step * job.batch_size + j) % len(train) for j in range(job.batch_size)]
+        batch = train[idx]
+        for g in opt.param_groups:
+            g["lr"] = job.lr * _lr_factor(step, total, job.warmup_steps)
+        lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+        mimic = _mimic_loss(model)
+        loss = lm if mimic is None else lm + job.mimic_weight * mimic
+        _check_finite(loss, f"training {kind}, step {step}", job.lr)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["tokens"] += batch.numel()
+        state["seconds"] = time.perf_counter() - t0
+        rec = {"step": state["step"], "tokens": state["tokens"], "lm_loss": lm.item()}
+        if mimic is not None:
+            rec["mimic_loss"] = mimic.item()
+        state["history"].append(rec)
+        bar.update(1)
+        bar.set_postfix(lm=f"{rec['lm_loss']:.3f}")
+        if state["step"] % eval_every == 0 or state["step"] == total:
+            set_attention_mode(model, "linear") if kind != "softmax" else None
+            ppl = _lm_perplexity(model, val)
+            set_train_mode(model, kind, job.mimic_weight)
+            state["curve"].append({"step": state["step"], "tokens": state["tokens"], "val_ppl": ppl})
+            log.info("%s step %d (%d tokens): val ppl %.3f", kind, state["step"], state["tokens"], ppl)
+        if state["step"] % job.checkpoint_every == 0 or state["step"] == total:
+            save_checkpoint(out, model, opt, state)
+    bar.close()
+    if kind != "softmax":
+        set_attention_mode(model, "linear")
+    model.eval()
+    val_ppl = _lm_perplexity(model, val)
+    test_ppl = _lm_perplexity(model, test)
+    save_checkpoint(out, model, opt, state)
+    report = {
+        "attention": kind, "data": job.data, "tokenizer": "bytes", "params": n_params,
+        "steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
+        "val_ppl": val_ppl, "test_ppl": test_ppl, "test_bits_per_byte": math.log2(test_ppl),
+        "final_train_loss": sum(r["lm_loss"] for r in state["history"][-20:]) / max(1, len(state["history"][-20:])),
+        "curve": state["curve"], "history": state["history"], "settings": asdict(job),
+        "splits": {k: v for k, v in corpus.documents.items() if k != "train"},
+    }
+    _write_json(out / "report.json", report)
+    return report
+
+
+def train_compare(kinds: Sequence[str], job: TrainJob, out: str) -> Dict:
+    """Every kind with the same data, budget and settings; one table (JSON) and a loss-curve PNG."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind in kinds:
+        sub = root / kind
+        if job.resume and (sub / "report.json").exists():
+            rep = json.loads((sub / "report.json").read_text())
+            if rep.get("steps", 0) * job.batch_size * job.seq_len >= job.tokens:
+                log.info("%s: finished run found in %s", kind, sub)
+                rows.append(rep)
+                continue
+        rep = train_lm(TrainJob(**{**asdict(job), "model": job.model, "out": str(sub), "attention": kind}))
+        rows.append(rep)
+        _write_compare(root, rows)
+    return _write_compare(root, rows)
+
+
+def _write_compare(root: Path, rows: List[Dict]) -> Dict:
+    soft = next((r for r in rows if r["attention"] == "softmax"), None)
+    table = []
+    for r in rows:
+        row = {k: r[k] for k in ("attention", "params", "tokens", "seconds", "val_ppl", "test_ppl",
+                                 "test_bits_per_byte", "final_train_loss")}
+        if soft:
+            row["test_ppl_vs_softmax"] = r["test_ppl"] / soft["test_ppl"]
+        table.append(row)
+    result = {"rows": table, "curves": {r["attention"]: r["curve"] for r in rows}}
+    _write_json(root / "train_compare.json", result)
+    plot_curves(rows, root / "train_compare.png")
+    return result
+
+
+def plot_curves(rows: List[Dict], path: Path) -> None:
+    from hedgehog.plotting import pyplot
+
+    plt = pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        h = r["history"]
+        k = max(1, len(h) // 50)  # moving average over ~2% of training
+        xs = [h[i]["tokens"] for i in range(k - 1, len(h))]
+        ys = [sum(x["lm_loss"] for x in h[i - k + 1:i + 1]) / k for i in range(k - 1, len(h))]
+        a1.plot(xs, ys, label=r["attention"])
+        c = r["curve"]
+        a2.plot([p["tokens"] for p in c], [p["val_ppl"] for p in c], marker="o", label=r["attention"])
+    a1.set(xlabel="training tokens", ylabel="train LM loss (nats/byte, smoothed)", title="training loss")
+    a2.set(xlabel="training tokens", ylabel="validation perplexity (per byte)", yscale="log",
+           title="held-out plays")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_train_table(rows: List[Dict]) -> str:
+    lines = ["| attention | params | tokens | minutes | val ppl | test ppl | bits/byte | vs softmax |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = f"{r['test_ppl_vs_softmax']:.3f}x" if "test_ppl_vs_softmax" in r else "-"
+        lines.append(f"| {r['attention']} | {r['params'] / 1e6:.2f}M | {r['tokens']} | {r['seconds'] / 60:.1f} | "
+                     f"{r['val_ppl']:.3f} | {r['test_ppl']:.3f} | {r['test_bits_per_byte']:.3f} | {vs} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-query associative recall
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class MQARConfig:
+    vocab_size: int = 128
+    num_kv_pairs: int = 8
+    seq_len: int = 64
+
+
+def mqar_batch(n: int, cfg: MQARConfig, generator: torch.Generator):
+    """``n`` MQAR sequences -> (input_ids (n, L), targets (n, L) with -100 where nothing is asked).
+
+    Layout: ``k1 v1 ... kP vP`` then filler (0) with each key once more at a random position; the target
+    at a repeated key's position is its value.
+    """
+    V, P, L = cfg.vocab_size, cfg.num_kv_pairs, cfg.seq_len
+    half = V // 2
+    if half - 1 < P:
+        raise ValueError(f"vocab_size {V} too small for {P} distinct keys (keys use ids 1..{half - 1})")
+    if L < 3 * P:
+        raise ValueError(f"seq_len {L} too short for {P} pairs and {P} queries (need >= {3 * P})")
+    keys = torch.argsort(torch.rand(n, half - 1, generator=generator), -1)[:, :P] + 1
+    values = torch.randint(half, V, (n, P), generator=generator)
+    ids = torch.zeros(n, L, dtype=torch.long)
+    ids[:, 0:2 * P:2] = keys
+    ids[:, 1:2 * P:2] = values
+    targets = torch.full((n, L), -100, dtype=torch.long)
+    slots = torch.argsort(torch.rand(n, L - 2 * P, generator=generator), -1)[:, :P] + 2 * P  # query positions
+    order = torch.argsort(torch.rand(n, P, generator=generator), -1)  # which key is asked where
+    rows = torch.arange(n)[:, None]
+    ids[rows, slots] = keys.gather(1, order)
+    targets[rows, slots] = values.gather(1, order)
+    return ids, targets
+
+
+@dataclass
+class MQARJob:
+    out: str = "runs/mqar"
+    kinds: Sequence[str] = PAPER_KINDS
+    task: MQARConfig = field(default_factory=MQARConfig)
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 1
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    mimic_weight: float = 1.0
+    eval_examples: int = 1000
+    eval_every: int = 250
+    seed: int = 0
+    progress: bool = True
+
+
+@torch.no_grad()
+def mqar_accuracy(model, ids, targets, batch_size=250) -> float:
+    was = model.training
+    model.eval()
+    right = total = 0
+    for i in range(0, len(ids), batch_size):
+        logits = model(input_ids=ids[i:i + batch_size], use_cache=False).logits
+        t = targets[i:i + batch_size]
+        m = t != -100
+        right += (logits.argmax(-1)[m] == t[m]).sum().item()
+        total += m.sum().item()
+    model.train(was)
+    return right / max(1, total)
+
+
+def train_mqar(kind: str, job: MQARJob) -> Dict:
+    spec = ModelSpec(vocab_size=job.task.vocab_size, d_model=job.d_model, layers=job.layers, heads=job.heads,
+                     max_len=job.task.seq_len, mlp_mult=2.0)
+    model = build_model(kind, spec, seed=job.seed)
+    g_eval = torch.Generator().manual_seed(10_000 + job.seed)
+    eval_ids, eval_t = mqar_batch(job.eval_examples, job.task, g_eval)
+    g = torch.Generator().manual_seed(job.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.1)
+    set_train_mode(model, kind, job.mimic_weight)
+    model.train()
+    curve, t0 = [], time.perf_counter()
+    bar = tqdm(range(job.steps), desc=f"MQAR {kind}", disable=not job.progress, unit="step")
+    for step in bar:
+        ids, t = mqar_batch(job.batch_size, job.task, g)
+        for grp in opt.param_groups:
+            grp["lr"] = job.lr * _lr_factor(step, job.steps, job.warmup_steps)
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100)
+        mimic = _mimic_loss(model)
+        total = loss if mimic is None else loss + job.mimic_weight * mimic
+        _check_finite(total, f"MQAR {kind}, step {step}", job.lr)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % job.eval_every == 0 or step + 1 == job.steps:
+            if kind != "softmax":
+                set_attention_mode(model, "linear")
+            acc = mqar_accuracy(model, eval_ids, eval_t)
+            set_train_mode(model, kind, job.mimic_weight)
+            curve.append({"step": step + 1, "loss": loss.item(), "accuracy": acc})
+            log.info("MQAR %s step %d: loss %.3f accuracy %.3f", kind, step + 1, loss.item(), acc)
+    return {"attention": kind, "accuracy": curve[-1]["accuracy"], "best_accuracy": max(c["accuracy"] for c in curve),
+            "curve": curve, "seconds": time.perf_counter() - t0,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def mqar_compare(job: MQARJob) -> Dict:
+    root = Path(job.out)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind in job.kinds:
+        rows.append(train_mqar(kind, job))
+        result = {"task": asdict(job.task), "settings": {k: v for k, v in asdict(job).items() if k != "task"},
+                  "rows": rows}
+        _write_json(root / "mqar.json", result)
+    _plot_mqar(rows, root / "mqar.png")
+    return result
+
+
+def _plot_mqar(rows, path):
+    from hedgehog.plotting import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        ax.plot([c["step"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], marker="o", label=r["attention"])
+    ax.set(xlabel="training step", ylabel="held-out MQAR accuracy", ylim=(0, 1.02), title="associative recall")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_mqar_table(rows: List[Dict]) -> str:
+    lines = ["| attention | accuracy | best | minutes |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['attention']} | {100 * r['accuracy']:.1f}% | {100 * r['best_accuracy']:.1f}% | "
+                     f"{r['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
