@@ -81,7 +81,7 @@ class ModelSpec:
     vocab_size: int = ByteTokenizer.vocab_size
     d_model: int = 256
     layers: int = 4
-    heads: int = 4
+    heads: int = 8  # head_dim 32: Taylor's feature dim is then 1 + 32 + 528 = 561
     mlp_mult: float = 8 / 3  # SwiGLU hidden = mult * d_model (rounded up to a multiple of 32)
     max_len: int = 4096
     window: int = 64  # hybrid only
@@ -383,9 +383,9 @@ def format_train_table(rows: List[Dict]) -> str:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class MQARConfig:
-    vocab_size: int = 128
-    num_kv_pairs: int = 8
-    seq_len: int = 64
+    vocab_size: int = 32
+    num_kv_pairs: int = 4
+    seq_len: int = 32
 
 
 def mqar_batch(n: int, cfg: MQARConfig, generator: torch.Generator):
@@ -421,9 +421,9 @@ class MQARJob:
     task: MQARConfig = field(default_factory=MQARConfig)
     d_model: int = 64
     layers: int = 2
-    heads: int = 1
+    heads: int = 4  # head_dim 16 (as Based's Taylor feature dim)
     arch: str = "llama"
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50
