@@ -99,7 +99,7 @@ class EncoderJob:
     progress: bool = True
 
 
-def _balanced_order(labels: torch.Tensor, seed: int) -> torch.Tensor:
+def _shuffled(labels: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(len(labels), generator=g)
 
@@ -109,7 +109,7 @@ def finetune(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, steps: i
     """Task finetune of every trainable parameter (AdamW, warmup + cosine), cross-entropy on the labels."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    order = _balanced_order(labels, seed)
+    order = _shuffled(labels, seed)
     model.train()
     hist, t0 = [], time.perf_counter()
     for step in tqdm(range(steps), desc=desc, disable=not progress, unit="step"):
@@ -224,7 +224,7 @@ def run(job: EncoderJob) -> Dict:
     tr_x, tr_y = data.splits["train"], data.labels["train"]
     te_x, te_y = data.splits["test"], data.labels["test"]
     if job.eval_examples:
-        sel = _balanced_order(te_y, 1)[: job.eval_examples]
+        sel = _shuffled(te_y, 1)[: job.eval_examples]
         te_x, te_y = te_x[sel], te_y[sel]
     counts = {s: {lab: int((data.labels[s] == i).sum()) for i, lab in enumerate(LABELS)} for s in data.splits}
     log.info("genre passages: %s", counts)

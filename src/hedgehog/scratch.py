@@ -284,7 +284,8 @@ def train_lm(job: TrainJob) -> Dict:
         bar.update(1)
         bar.set_postfix(lm=f"{rec['lm_loss']:.3f}")
         if state["step"] % eval_every == 0 or state["step"] == total:
-            set_attention_mode(model, "linear") if kind != "softmax" else None
+            if kind != "softmax":
+                set_attention_mode(model, "linear")
             ppl = _lm_perplexity(model, val)
             set_train_mode(model, kind, job.mimic_weight)
             state["curve"].append({"step": state["step"], "tokens": state["tokens"], "val_ppl": ppl})
