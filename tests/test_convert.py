@@ -4,8 +4,6 @@ import json
 import pytest
 import torch
 from transformers import (
-    BertConfig,
-    BertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -204,11 +202,13 @@ def test_loading_onto_a_different_base_is_refused(tmp_path):
 
 
 def test_unsupported_architecture_and_bad_paths():
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32))
+    from transformers import DistilBertConfig, DistilBertModel
+
+    other = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
     with pytest.raises(UnsupportedArchitectureError) as e:
-        convert_model(bert)
-    assert "bert" in str(e.value) and "llama" in str(e.value) and "gpt2" in str(e.value)
+        convert_model(other)
+    assert "distilbert" in str(e.value) and "llama" in str(e.value) and "gpt2" in str(e.value)
+    assert "bert" in str(e.value).split("supported model types:")[1]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.load("/nonexistent/run/model")
     with pytest.raises(ValueError, match="already converted"):
