@@ -109,7 +109,7 @@ def _train(args):
     except ValueError as e:
         raise SystemExit(str(e))
     _setup_logging()
-    spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window)
+    spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch)
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,
@@ -137,6 +137,7 @@ def _mqar(args):
         raise SystemExit(str(e))
     _setup_logging()
     job = MQARJob(out=args.out, kinds=kinds, task=task, d_model=args.d_model, layers=args.layers, heads=args.heads,
+                  arch=args.arch,
                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, mimic_weight=args.mimic_weight,
                   eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
     result = mqar_compare(job)
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=4, help="transformer blocks")
     t.add_argument("--heads", type=int, default=8, help="attention heads")
     t.add_argument("--window", type=int, default=64, help="hybrid kind: softmax window")
+    t.add_argument("--arch", choices=["llama", "gpt2"], default="llama",
+                   help="llama: RoPE, SwiGLU, RMSNorm; gpt2: learned absolute positions, GELU, LayerNorm")
     t.add_argument("--mimic-weight", type=float, default=1.0,
                    help="weight of the Hedgehog maps' softmax-mimicry loss added to the LM loss (0: LM loss only)")
     t.add_argument("--eval-points", type=int, default=8, help="validation measurements along training")
@@ -414,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--d-model", type=int, default=64, help="model width")
     mq.add_argument("--layers", type=int, default=2, help="blocks")
     mq.add_argument("--heads", type=int, default=4, help="attention heads")
+    mq.add_argument("--arch", choices=["llama", "gpt2"], default="llama", help="model family (see `train --help`)")
     mq.add_argument("--steps", type=int, default=2000, help="training steps per kind")
     mq.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     mq.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
