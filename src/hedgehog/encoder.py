@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, set_attention_mode
 from hedgehog.distill import Stage1Config, _check_finite, _lr_factor, attention_transfer
+from hedgehog.pipeline import _write_json
 
 log = logging.getLogger("hedgehog")
 
@@ -201,12 +202,6 @@ def load_encoder(path: Path) -> nn.Module:
         convert_model(model, HedgehogConfig.from_dict(json.loads(hh.read_text())["hedgehog"]))
     load_model(model, str(path / "model.safetensors"))
     return model.eval()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 def run(job: EncoderJob) -> Dict:

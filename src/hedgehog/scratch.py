@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.distill import _check_finite, _lr_factor
+from hedgehog.evaluate import perplexity
+from hedgehog.pipeline import _write_json
 
 log = logging.getLogger("hedgehog")
 
@@ -177,12 +179,6 @@ def load_checkpoint(path: Path, model: nn.Module, opt: Optional[torch.optim.Opti
     return json.loads((path / "state.json").read_text())
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------------------------------
 # language modelling from scratch
 # ------------------------------------------------------------------------------------------------
@@ -210,18 +206,8 @@ class TrainJob:
     progress: bool = True
 
 
-@torch.no_grad()
-def _lm_perplexity(model, windows, batch_size=16) -> float:
-    was = model.training
-    model.eval()
-    nll, n = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        b = windows[i:i + batch_size]
-        logits = model(input_ids=b, use_cache=False).logits
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b[:, 1:].flatten(), reduction="sum").item()
-        n += b[:, 1:].numel()
-    model.train(was)
-    return math.exp(nll / n) if math.isfinite(nll) else float("inf")
+def _lm_perplexity(model, windows) -> float:
+    return perplexity(model, windows, batch_size=16, progress=False)
 
 
 def train_lm(job: TrainJob) -> Dict:
