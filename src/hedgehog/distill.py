@@ -36,6 +36,15 @@ def _check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
         )
 
 
+def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float, where: str, lr: float) -> None:
+    """One optimizer update: refuse a non-finite loss, backward, clip the gradient norm of ``params``, step."""
+    _check_finite(loss, where, lr)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def feature_map_parameters(model: nn.Module) -> List[nn.Parameter]:
     params = []
     for layer in hedgehog_layers(model):
@@ -220,11 +229,7 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
             loss = _kd_loss(peft_model, batch)
         else:
             loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-        _check_finite(loss, f"stage 2, step {step}", cfg.lr)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clipped_step(opt, loss, params, cfg.grad_clip, f"stage 2, step {step}", cfg.lr)
         step += 1
         tokens += batch.numel()
         rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "loss": loss.item()}

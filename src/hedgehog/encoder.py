@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, set_attention_mode
-from hedgehog.distill import Stage1Config, _check_finite, _lr_factor, attention_transfer
+from hedgehog.distill import Stage1Config, _lr_factor, attention_transfer, clipped_step
 from hedgehog.pipeline import _write_json
 
 log = logging.getLogger("hedgehog")
@@ -118,11 +118,7 @@ def finetune(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, steps: i
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, steps, warmup)
         loss = F.cross_entropy(model(input_ids=ids[idx]).logits, labels[idx])
-        _check_finite(loss, f"{desc}, step {step}", lr)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clipped_step(opt, loss, params, 1.0, f"{desc}, step {step}", lr)
         hist.append(loss.item())
     model.eval()
     return {"steps": steps, "examples": steps * batch_size, "seconds": time.perf_counter() - t0,

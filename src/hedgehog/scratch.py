@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
-from hedgehog.distill import _check_finite, _lr_factor
+from hedgehog.distill import _lr_factor, clipped_step
 from hedgehog.evaluate import perplexity
 from hedgehog.pipeline import _write_json
 
@@ -132,6 +132,12 @@ def _mimic_loss(model: nn.Module) -> Optional[torch.Tensor]:
     for m in hedgehog_layers(model):
         m.distill_loss = None
     return torch.stack(losses).mean() if losses else None
+
+
+def _with_mimic(model: nn.Module, loss: torch.Tensor, weight: float):
+    """``loss + weight * mimic`` and the mimic loss the layers stored in this forward (``loss, None`` if none)."""
+    mimic = _mimic_loss(model)
+    return (loss, None) if mimic is None else (loss + weight * mimic, mimic)
 
 
 def set_train_mode(model: nn.Module, kind: str, mimic_weight: float) -> None:
@@ -253,13 +259,8 @@ def train_lm(job: TrainJob) -> Dict:
         for g in opt.param_groups:
             g["lr"] = job.lr * _lr_factor(step, total, job.warmup_steps)
         lm = model(input_ids=batch, labels=batch, use_cache=False).loss
-        mimic = _mimic_loss(model)
-        loss = lm if mimic is None else lm + job.mimic_weight * mimic
-        _check_finite(loss, f"training {kind}, step {step}", job.lr)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, mimic = _with_mimic(model, lm, job.mimic_weight)
+        clipped_step(opt, loss, model.parameters(), job.grad_clip, f"training {kind}, step {step}", job.lr)
         state["step"] += 1
         state["tokens"] += batch.numel()
         state["seconds"] = time.perf_counter() - t0
@@ -454,13 +455,8 @@ def train_mqar(kind: str, job: MQARJob) -> Dict:
             grp["lr"] = job.lr * _lr_factor(step, job.steps, job.warmup_steps)
         logits = model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100)
-        mimic = _mimic_loss(model)
-        total = loss if mimic is None else loss + job.mimic_weight * mimic
-        _check_finite(total, f"MQAR {kind}, step {step}", job.lr)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        total, _ = _with_mimic(model, loss, job.mimic_weight)
+        clipped_step(opt, total, model.parameters(), 1.0, f"MQAR {kind}, step {step}", job.lr)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % job.eval_every == 0 or step + 1 == job.steps:
             if kind != "softmax":
