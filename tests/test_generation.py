@@ -15,19 +15,25 @@ def converted(family, **kw):
     return m
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("prefill", [1, 7, 16], ids=lambda p: f"prefill{p}")
-def test_decode_token_by_token_equals_full_forward(family, prefill):
-    m = converted(family)
-    ids = torch.randint(0, V, (3, 16))
+def assert_decoding_matches_full_forward(m, prefill, n=16):
+    """Prefill ``prefill`` tokens, then decode one token at a time up to ``n``: the logits equal one full
+    forward. Returns the ids and the cache, for checks on top of that state."""
+    ids = torch.randint(0, V, (3, n))
     with torch.no_grad():
         full = m(ids).logits
         cache = HedgehogCache(m)
         outs = [m(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        for t in range(prefill, 16):
+        for t in range(prefill, n):
             outs.append(m(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert cache.get_seq_length() == 16
+    assert cache.get_seq_length() == n
+    return ids, cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prefill", [1, 7, 16], ids=lambda p: f"prefill{p}")
+def test_decode_token_by_token_equals_full_forward(family, prefill):
+    assert_decoding_matches_full_forward(converted(family), prefill)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
