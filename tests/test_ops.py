@@ -104,6 +104,15 @@ def test_prefill_state_then_continue_equals_one_pass(split, chunk):
         y, st = recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], st)
         outs.append(y)
     torch.testing.assert_close(torch.stack(outs, 2), full[:, :, split:], rtol=1e-11, atol=1e-12)
+    # the no-grad path (ones-augmented values, one [S, z] state) hands over the same state
+    with torch.no_grad():
+        y1n, stn = linear_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split], chunk_size=chunk,
+                                    return_state=True)
+        y2n, (S, z) = linear_attention(q[:, :, split:], k[:, :, split:], v[:, :, split:], chunk_size=chunk,
+                                       initial_state=stn, return_state=True)
+    torch.testing.assert_close(torch.cat([y1n, y2n], 2), full, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(S, k.transpose(-1, -2) @ v, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(z, k.sum(2), rtol=1e-11, atol=1e-12)
 
 
 def test_return_state_matches_closed_form():

@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from hedgehog.runtime import keep_freed_memory
+
+    keep_freed_memory()  # CPU kernels reuse freed blocks instead of page-faulting (HEDGEHOG_MALLOC_TUNING=0: off)
     args.func(args)
     return 0
 

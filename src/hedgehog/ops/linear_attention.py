@@ -131,26 +131,32 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     every temporary a few MB, which malloc recycles: on this class of CPU fresh large allocations
     (page faults) cost more than the arithmetic.
 
+    Without autograd (inference, prefill) the values carry a column of ones, ``[v, 1]``: then the
+    same three matmuls that give the numerator also give the denominator (``a @ [v, 1]`` holds the
+    row sums of ``a``, ``phi_k^T [v, 1]`` holds ``z``, ``phi_q @ [S, z]`` holds ``phi_q . z``), instead
+    of separate row sums and matrix-vector products. With autograd the plain form is kept (its
+    backward does not go through in-place buffers).
+
     Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)); ``extra(i, start, L)``, if given,
         returns ``(num (BH, L, D), den (BH, L, 1))`` added to block i's numerator/denominator before the
         division (the hybrid layer's sliding-window softmax part).
     Returns: y (BH, N, D) in ``acc``, (S, z).
     """
-    bh, _, d = v_blocks[0].shape
     n = sum(b.shape[1] for b in v_blocks)
-    track = torch.is_grad_enabled()
-    y, outs = None, []
+    if n == 0:
+        raise ValueError("linear attention needs at least one position (got seq length 0)")
+    if not torch.is_grad_enabled():
+        return _causal_blocks_inference(get_q, get_k, v_blocks, chunk, state, eps, acc, extra)
+    bh, _, d = v_blocks[0].shape
+    outs = []
     S = z = None
     if state is not None:
         S, z = state
     s = 0
     for i, vb in enumerate(v_blocks):
         L = vb.shape[1]
-        e = s + L
         pq, pk = get_q(i).to(acc), get_k(i).to(acc)
         fd = pq.shape[-1]
-        if y is None and not track:
-            y = vb.new_empty(bh, n, d)
         if S is None:
             S, z = vb.new_zeros(bh, fd, d), vb.new_zeros(bh, fd)
         pad = (-L) % chunk
@@ -163,15 +169,8 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
         a = (q4 @ k4.transpose(-1, -2)).tril_()  # tril_ on a matmul output is autograd-safe
         kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D): each chunk's own contribution
         ks = k4.sum(2)  # (bh, nb, F)
-        if track:
-            S_ex = kv.cumsum(1) - kv + S.unsqueeze(1)
-            z_ex = ks.cumsum(1) - ks + z.unsqueeze(1)
-        else:  # same values, without two (bh, nb, F, D) passes
-            S_ex, z_ex = torch.empty_like(kv), torch.empty_like(ks)
-            S_ex[:, 0], z_ex[:, 0] = S, z
-            for c in range(1, nb):
-                torch.add(S_ex[:, c - 1], kv[:, c - 1], out=S_ex[:, c])
-                torch.add(z_ex[:, c - 1], ks[:, c - 1], out=z_ex[:, c])
+        S_ex = kv.cumsum(1) - kv + S.unsqueeze(1)
+        z_ex = ks.cumsum(1) - ks + z.unsqueeze(1)
         S = S_ex[:, -1] + kv[:, -1]
         z = z_ex[:, -1] + ks[:, -1]
         num = torch.baddbmm(
@@ -181,16 +180,60 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
         if extra is not None:
             num_x, den_x = extra(i, s, L)
             num, den = num + num_x, den + den_x
-        if track:  # a list + one cat: slice-assigning into y would make autograd copy y's whole
-            outs.append(num / den.clamp_min(eps))  # gradient once per block (O(N^2 / block))
-        else:
-            torch.div(num, den.clamp_min_(eps), out=y[:, s:e])
-        s = e
-    if n == 0:
-        raise ValueError("linear attention needs at least one position (got seq length 0)")
-    if track:
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        # a list + one cat: slice-assigning into y would make autograd copy y's whole
+        outs.append(num / den.clamp_min(eps))  # gradient once per block (O(N^2 / block))
+        s += L
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return y, (S, z)
+
+
+def _causal_blocks_inference(get_q, get_k, v_blocks, chunk, state, eps, acc, extra):
+    """``_causal_blocks`` without autograd: values augmented with a ones column (see there), the
+    state carried as one ``[S, z]`` tensor (BH, F, D + 1), one output tensor written block by block."""
+    bh, _, d = v_blocks[0].shape
+    n = sum(b.shape[1] for b in v_blocks)
+    y = v_blocks[0].new_empty(bh, n, d)
+    L0 = v_blocks[0].shape[1]
+    va_buf = v_blocks[0].new_empty(bh, L0 + (-L0) % chunk, d + 1)
+    Sz = None
+    s = 0
+    for i, vb in enumerate(v_blocks):
+        L = vb.shape[1]
+        pq, pk = get_q(i).to(acc), get_k(i).to(acc)
+        fd = pq.shape[-1]
+        if Sz is None:
+            Sz = vb.new_zeros(bh, fd, d + 1)
+            if state is not None:
+                Sz[..., :d], Sz[..., d] = state
+        pad = (-L) % chunk
+        nb = (L + pad) // chunk
+        va = va_buf[:, : L + pad]
+        va[:, :L, :d] = vb
+        va[:, :L, d] = 1.0
+        if pad:  # zero keys/values add nothing; padded query rows are dropped below
+            pq, pk = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk))
+            va[:, L:] = 0.0
+        q4 = pq.reshape(bh, nb, chunk, fd)
+        k4 = pk.reshape(bh, nb, chunk, fd)
+        v4 = va.view(bh, nb, chunk, d + 1)
+        a = (q4 @ k4.transpose(-1, -2)).tril_()
+        kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D + 1): each chunk's [S, z] contribution
+        Sz_ex = torch.empty_like(kv)  # [S, z] entering each chunk (exclusive prefix sum)
+        Sz_ex[:, 0] = Sz
+        for c in range(1, nb):
+            torch.add(Sz_ex[:, c - 1], kv[:, c - 1], out=Sz_ex[:, c])
+        Sz = Sz_ex[:, -1] + kv[:, -1]
+        nd = torch.baddbmm(
+            (a @ v4).view(bh * nb, chunk, d + 1), q4.reshape(bh * nb, chunk, fd), Sz_ex.view(bh * nb, fd, d + 1)
+        ).view(bh, nb * chunk, d + 1)[:, :L]
+        num, den = nd[..., :d], nd[..., d:]
+        if extra is not None:
+            num_x, den_x = extra(i, s, L)
+            num.add_(num_x)
+            den.add_(den_x)
+        torch.div(num, den.clamp_min_(eps), out=y[:, s:s + L])
+        s += L
+    return y, (Sz[..., :d].contiguous(), Sz[..., d].contiguous())
 
 
 def _check_chunking(chunk_size: int, block_size: Optional[int]) -> None:
