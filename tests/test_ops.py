@@ -6,6 +6,7 @@ import torch
 from hedgehog.ops import (
     feature_linear_attention,
     linear_attention,
+    packed_recurrent_step,
     quadratic_linear_attention,
     recurrent_step,
     softmax_attention,
@@ -279,3 +280,21 @@ def test_recurrent_step_grouped_heads_equals_repeated_and_inplace():
     assert st[0].shape == (B, Hk, F, D)  # state per key head, not per query head
     with pytest.raises(ValueError, match="divide"):
         recurrent_step(q[:, :5, 0], k[:, :, 0], v[:, :, 0])
+
+
+def test_packed_recurrent_step_equals_quadratic_with_grouped_heads():
+    """The decoding loop's packed [S, z] state: same outputs as the quadratic reference, state in place."""
+    B, Hq, Hk, n, F, D = 2, 6, 2, 9, 5, 3
+    q = rand_features(B, Hq, n, F)
+    k = rand_features(B, Hk, n, F)
+    v = torch.randn(B, Hk, n, D, dtype=torch.float64)
+    ref = quadratic_linear_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    Sz = torch.zeros(B, Hk, F, D + 1, dtype=torch.float64)
+    ptr = Sz.data_ptr()
+    outs = [packed_recurrent_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], Sz) for t in range(n)]
+    torch.testing.assert_close(torch.cat(outs, 2), ref, rtol=1e-11, atol=1e-12)
+    assert Sz.data_ptr() == ptr  # updated in place, no growth
+    torch.testing.assert_close(Sz[..., :D], k.transpose(-1, -2) @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Sz[..., D], k.sum(2), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not fit"):
+        packed_recurrent_step(q[:, :, :1], k[:, :, :1], v[:, :, :1, :2], Sz)

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
-from hedgehog.ops import feature_linear_attention, linear_attention, quadratic_linear_attention, recurrent_step
+from hedgehog.ops import feature_linear_attention, linear_attention, packed_recurrent_step, quadratic_linear_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_recurrent_step, hybrid_weights
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
@@ -284,16 +284,20 @@ class HedgehogAttention(nn.Module):
         """Prefill (fills the state) or decode (updates it) with a HedgehogStateLayer; state per KV head."""
         b, _, n, _ = q.shape
         s = self.hh_config.qk_scale
-        pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
-        phi_q = self.feature_map_q(q * s, pos)
-        phi_k = self.feature_map_k(k * s, pos)  # (B, Hkv, n, F): not repeated
-        if layer.S is None:
+        pos = None  # built only for maps that read positions (a decode step is a few dozen small ops)
+        if self.feature_map_q.uses_positions or self.feature_map_k.uses_positions:
+            pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
+        if s != 1.0:
+            q, k = q * s, k * s
+        phi_q = self.feature_map_q(q, pos)
+        phi_k = self.feature_map_k(k, pos)  # (B, Hkv, n, F): not repeated
+        if layer.Sz is None:
             valid = _key_valid(call.get("attention_mask"), n)
             if valid is not None:  # padding never enters the state
                 phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
-        if n == 1 and layer.S is not None:
-            y, (S, z) = recurrent_step(phi_q, phi_k, v, (layer.S, layer.z), inplace=True)
-            layer.set_state(S, z, 1)
+        elif n == 1:
+            y = packed_recurrent_step(phi_q, phi_k, v, layer.Sz)
+            layer.seen += 1
             return y
         init = None
         if layer.S is not None:  # several new tokens on top of a state: expand it to the query heads

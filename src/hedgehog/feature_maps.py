@@ -56,6 +56,7 @@ class FeatureMap(nn.Module):
 
     name = "base"
     trainable = False
+    uses_positions = False  # True for maps that read ``positions`` (callers may skip building them otherwise)
 
     @property
     def blockwise(self) -> bool:
@@ -116,19 +117,19 @@ class HedgehogFeatureMap(_PerHeadLinear):
         self.feature_dim = 2 * self.proj_dim
 
     def _signed_params(self, dtype):
-        """([W, -W], [b, -b]); cached outside autograd (decoding calls this once per token per layer)
-        and rebuilt whenever the parameters change (their version counters move)."""
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            b2 = None if self.bias is None else torch.cat([self.bias, -self.bias], -1).to(dtype)
-            return torch.cat([self.weight, -self.weight], -1).to(dtype), b2
-        key = (dtype, self.weight.device, self.weight._version, self.weight.data_ptr(),
-               None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
-        cached = getattr(self, "_signed_cache", None)
+        """([W, -W] (H, d, 2d'), [b, -b] (H, 1, 2d') or None); cached outside autograd (decoding calls this
+        once per token per layer) and rebuilt whenever the parameters change (version counter or storage)."""
+        w, b = self.weight, self.bias
+        if torch.is_grad_enabled() and w.requires_grad:
+            b2 = None if b is None else torch.cat([b, -b], -1).to(dtype).unsqueeze(1)
+            return torch.cat([w, -w], -1).to(dtype), b2
+        key = (dtype, w._version, w.data_ptr(), None if b is None else (b._version, b.data_ptr()))
+        cached = self.__dict__.get("_signed_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                w2 = torch.cat([self.weight, -self.weight], -1).to(dtype)
-                b2 = None if self.bias is None else torch.cat([self.bias, -self.bias], -1).to(dtype)
-            self._signed_cache = cached = (key, w2, b2)
+                w2 = torch.cat([w, -w], -1).to(dtype)
+                b2 = None if b is None else torch.cat([b, -b], -1).to(dtype).unsqueeze(1)
+            self.__dict__["_signed_cache"] = cached = (key, w2, b2)
         return cached[1], cached[2]
 
     def forward(self, x, positions=None):
@@ -137,15 +138,11 @@ class HedgehogFeatureMap(_PerHeadLinear):
         # One matmul against [W, -W] gives [u, -u] side by side; a softmax over the (2, d') view
         # then yields both halves without a concat or negation pass over the features.
         w2, b2 = self._signed_params(x.dtype)
-        if b2 is not None:
-            B, H, N, d = x.shape
-            u = torch.baddbmm(b2.unsqueeze(1).expand(H, B * N, -1).reshape(H, B * N, -1) if B > 1 else b2.unsqueeze(1),
-                              x.transpose(0, 1).reshape(H, B * N, d), w2)
-            u = u.view(H, B, N, -1).transpose(0, 1)
-        else:
-            u = x @ w2
-        shape = u.shape
-        return torch.softmax(u.view(*shape[:-1], 2, self.proj_dim), dim=-1).view(shape)
+        B, H, N, d = x.shape
+        xh = x.view(H, N, d) if B == 1 else x.transpose(0, 1).reshape(H, B * N, d)  # heads as the batch
+        u = xh @ w2 if b2 is None else torch.baddbmm(b2, xh, w2)  # b2 (H, 1, 2d') broadcasts over tokens
+        phi = torch.softmax(u.view(H, B * N, 2, self.proj_dim), dim=-1)
+        return phi.view(1, H, N, 2 * self.proj_dim) if B == 1 else phi.view(H, B, N, -1).transpose(0, 1)
 
 
 @register_feature_map("hedgehog_exp")
@@ -265,6 +262,8 @@ class CosformerFeatureMap(FeatureMap):
     as in the paper; decoding token by token needs a fixed ``max_len`` >= the longest sequence
     (beyond it the cosine goes negative).
     """
+
+    uses_positions = True
 
     def __init__(self, head_dim: int, num_heads: int, max_len: Optional[int] = None):
         super().__init__(head_dim, num_heads)

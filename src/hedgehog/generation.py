@@ -21,16 +21,28 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 
 class HedgehogStateLayer(CacheLayerMixin):
-    """One converted layer's recurrent state: S (B, Hkv, F, D), z (B, Hkv, F) in fp32, plus a token count."""
+    """One converted layer's recurrent state, plus a token count.
+
+    Stored packed as ``Sz = [S, z]``: (B, Hkv, F, D + 1) in fp32, ``S = Sz[..., :D]`` (B, Hkv, F, D) and
+    ``z = Sz[..., D]`` (B, Hkv, F) are views of it. One tensor lets a decode step update both with one
+    rank-1 product against ``[v, 1]`` and read both with one matmul (``packed_recurrent_step``).
+    """
 
     is_compileable = False
     is_sliding = False
 
     def __init__(self):
         super().__init__()
-        self.S: Optional[torch.Tensor] = None
-        self.z: Optional[torch.Tensor] = None
+        self.Sz: Optional[torch.Tensor] = None
         self.seen = 0
+
+    @property
+    def S(self) -> Optional[torch.Tensor]:
+        return None if self.Sz is None else self.Sz[..., :-1]
+
+    @property
+    def z(self) -> Optional[torch.Tensor]:
+        return None if self.Sz is None else self.Sz[..., -1]
 
     def lazy_initialization(self, key_states, value_states) -> None:  # states are set by the attention layer
         self.is_initialized = True
@@ -39,7 +51,13 @@ class HedgehogStateLayer(CacheLayerMixin):
         raise RuntimeError("a Hedgehog layer keeps a recurrent state, not keys/values; use its attention module")
 
     def set_state(self, S: torch.Tensor, z: torch.Tensor, n_new: int) -> None:
-        self.S, self.z = S, z
+        """Replace the state by ``(S (B, Hkv, F, D), z (B, Hkv, F))`` and count ``n_new`` more tokens."""
+        self.Sz = torch.cat([S, z.unsqueeze(-1).to(S.dtype)], -1)
+        self.seen += n_new
+        self.is_initialized = True
+
+    def set_packed(self, Sz: torch.Tensor, n_new: int) -> None:
+        self.Sz = Sz
         self.seen += n_new
         self.is_initialized = True
 
@@ -53,7 +71,7 @@ class HedgehogStateLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.S = self.z = None
+        self.Sz = None
         self.seen = 0
         self.is_initialized = False
 
@@ -61,7 +79,7 @@ class HedgehogStateLayer(CacheLayerMixin):
         if tokens_to_remove:
             raise RuntimeError("a recurrent state cannot be cropped (tokens are summed into it)")
 
-    _tensors = ("S", "z")  # what batch reordering/selection applies to
+    _tensors = ("Sz",)  # what batch reordering/selection applies to
 
     def _map_tensors(self, fn) -> None:
         for name in self._tensors:
@@ -86,7 +104,7 @@ class HybridStateLayer(HedgehogStateLayer):
     """A hybrid layer's cache: the last ``w`` keys/values (per KV head, with a validity mask for padding)
     plus the linear state of every older key. Constant size once ``w`` tokens are seen."""
 
-    _tensors = ("S", "z", "k_win", "v_win", "valid")
+    _tensors = ("Sz", "k_win", "v_win", "valid")
 
     def __init__(self):
         super().__init__()

@@ -3,6 +3,7 @@ from hedgehog.ops.linear_attention import (
     DEFAULT_EPS,
     feature_linear_attention,
     linear_attention,
+    packed_recurrent_step,
     quadratic_linear_attention,
     recurrent_step,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "hybrid_recurrent_step",
     "quadratic_hybrid_attention",
     "linear_attention",
+    "packed_recurrent_step",
     "quadratic_linear_attention",
     "recurrent_step",
     "softmax_attention",

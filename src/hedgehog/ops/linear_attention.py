@@ -370,6 +370,35 @@ def recurrent_step(
     return y, (S, z)
 
 
+def packed_recurrent_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, Sz: torch.Tensor,
+                          eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """:func:`recurrent_step` on a packed state ``Sz = [S, z]`` (B, Hk, F, D + 1), updated in place.
+
+    The decoding loop's form: with values augmented as ``[v, 1]`` the update ``S += phi_k v^T``,
+    ``z += phi_k`` is one rank-1 product and the readout ``phi_q S``, ``phi_q . z`` one matmul
+    (fewer, larger ops per token than the unpacked form; same arithmetic).
+
+    Args:
+        phi_q: (B, Hq, 1, F); phi_k: (B, Hk, 1, F); v: (B, Hk, 1, D); ``Hk`` divides ``Hq`` (GQA: query
+            head h reads key head ``h // (Hq / Hk)``).
+        Sz: contiguous (B, Hk, F, D + 1) float32/float64 state, modified in place.
+    Returns: y (B, Hq, 1, D) in v's dtype.
+    """
+    B, Hk, Fd, D1 = Sz.shape
+    Hq = phi_q.shape[1]
+    if (phi_q.shape != (B, Hq, 1, Fd) or phi_k.shape != (B, Hk, 1, Fd) or v.shape != (B, Hk, 1, D1 - 1)
+            or Hq % Hk or not Sz.is_contiguous()):
+        raise ValueError(f"packed_recurrent_step: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit the contiguous state Sz {tuple(Sz.shape)} "
+                         "(expected (B, Hq, 1, F), (B, Hk, 1, F), (B, Hk, 1, D) with Sz (B, Hk, F, D + 1))")
+    acc = Sz.dtype
+    va = F.pad(v.to(acc), (0, 1), value=1.0)
+    Sz.view(B * Hk, Fd, D1).baddbmm_(phi_k.to(acc).reshape(B * Hk, Fd, 1), va.view(B * Hk, 1, D1))
+    nd = phi_q.to(acc).reshape(B, Hk, Hq // Hk, Fd) @ Sz  # (B, Hk, g, D + 1)
+    y = nd[..., :-1] / nd[..., -1:].clamp_min(eps)
+    return y.reshape(B, Hq, 1, D1 - 1).to(v.dtype)
+
+
 def feature_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
