@@ -393,10 +393,11 @@ def packed_recurrent_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Ten
                          "(expected (B, Hq, 1, F), (B, Hk, 1, F), (B, Hk, 1, D) with Sz (B, Hk, F, D + 1))")
     acc = Sz.dtype
     va = F.pad(v.to(acc), (0, 1), value=1.0)
-    Sz.view(B * Hk, Fd, D1).baddbmm_(phi_k.to(acc).reshape(B * Hk, Fd, 1), va.view(B * Hk, 1, D1))
-    nd = phi_q.to(acc).reshape(B, Hk, Hq // Hk, Fd) @ Sz  # (B, Hk, g, D + 1)
-    y = nd[..., :-1] / nd[..., -1:].clamp_min(eps)
-    return y.reshape(B, Hq, 1, D1 - 1).to(v.dtype)
+    S3 = Sz.view(B * Hk, Fd, D1)
+    S3.baddbmm_(phi_k.to(acc).reshape(B * Hk, Fd, 1), va.view(B * Hk, 1, D1))
+    nd = torch.bmm(phi_q.to(acc).reshape(B * Hk, Hq // Hk, Fd), S3)  # (B * Hk, g, D + 1)
+    num, den = nd.split((D1 - 1, 1), -1)
+    return num.div_(den.clamp_min_(eps)).reshape(B, Hq, 1, D1 - 1).to(v.dtype)
 
 
 def feature_linear_attention(
