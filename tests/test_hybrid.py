@@ -7,6 +7,7 @@ from conftest import rand_features
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention, softmax_attention
+from hedgehog.ops import hybrid as hyb
 from hedgehog.ops.softmax import softmax_attention_weights
 
 B, H, D, FD = 2, 3, 8, 16
@@ -29,14 +30,34 @@ def steps(q, k, v, pq, pk, w, g):
     return torch.stack(ys, 2), st
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd-path", "no-grad-path"])
 @pytest.mark.parametrize("n", [1, 7, 63, 64, 65, 513])
-@pytest.mark.parametrize("window,chunk", [(4, 4), (16, 8), (64, 64), (8, 12)])
-def test_chunked_equals_quadratic_reference(n, window, chunk):
+@pytest.mark.parametrize("window,chunk", [(4, 4), (16, 8), (64, 64), (8, 12), (40, 8)])
+def test_chunked_equals_quadratic_reference(n, window, chunk, grad):
     q, k, v, pq, pk = inputs(n)
     g = torch.rand(H, dtype=torch.float64)
     ref = quadratic_hybrid_attention(q, k, v, pq, pk, window, g)
-    out = hybrid_attention(q, k, v, pq, pk, window, g, chunk_size=chunk)
+    with torch.set_grad_enabled(grad):
+        out = hybrid_attention(q, k, v, pq, pk, window, g, chunk_size=chunk)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("sub,piece", [(8, 8), (8, 24), (5, 15), (32, 64)])
+def test_window_inference_pieces_and_subchunks_agree(sub, piece):
+    """The no-grad window part: any sub-chunk/piece split (pieces after the first, a padded tail) gives
+    the same [num, den] as the autograd form, including a zero gamma head."""
+    n, w = 101, 12
+    q, k, v, _, _ = inputs(n)
+    g = torch.rand(H, dtype=torch.float64)
+    g[0] = 0.0
+    BH = q.shape[0] * H
+    rows = hyb._gamma_rows(g, q.shape[0], H, torch.float64, q.device)
+    q3, k3, v3 = (t.reshape(BH, n, -1) for t in (q, k, v))
+    want = hyb._window_part([q3], k3, v3, w, 0.125, rows, torch.float64)(0, 0, n)
+    with torch.no_grad():
+        got = hyb._window_inference(q3, k3, v3, w, 0.125, rows, sub=sub, piece=piece)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    assert torch.all(got[0::H] == 0)  # gamma 0 (head 0 of each batch row): its window weighs nothing
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd-path", "no-grad-path"])

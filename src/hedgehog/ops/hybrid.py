@@ -134,12 +134,14 @@ def _block_size(bh: int, f: int, chunk: int, window: int, n: int, block_size: Op
 
 
 def _window_part(q_blocks, k, v, window: int, scale: float, gamma_rows: torch.Tensor, acc, sub: Optional[int] = None):
-    """The sliding-window numerator/denominator of block i: a callable for ``_causal_blocks(extra=)``.
+    """The sliding-window numerator/denominator of block i (autograd form): a callable for
+    ``_causal_blocks(extra=)``, returning them packed as ``[num, den]`` (BH, L, D + 1).
 
     ``k``/``v`` are (BH, N, d) in ``acc``. Queries go in sub-chunks of ``c`` rows (``sub``, default
     ``min(w, 16)`` when it divides w); sub-chunk m is compared with the ``c + w`` keys that end with it
-    (an ``unfold`` view of the keys from ``start - w``, no copy) and masked to ``n - w < i <= n``. A
-    smaller c wastes fewer masked entries (w of every c + w are used) at the price of smaller matmuls.
+    (an ``unfold`` view of the keys from ``start - w``) and masked to ``n - w < i <= n``. A smaller c
+    wastes fewer masked entries (w of every c + w are used) at the price of smaller matmuls.
+    Without autograd :func:`_window_inference` computes the same values faster.
     """
     bh, n, d = k.shape
     dv = v.shape[-1]
@@ -168,18 +170,67 @@ def _window_part(q_blocks, k, v, window: int, scale: float, gamma_rows: torch.Te
             mask = mask.clone()
             for m in range(min(nb, -(-front // c))):
                 mask[m, :, :front - m * c] = True
-        s = q4 @ k4
-        if torch.is_grad_enabled():
-            s = (s * scale).masked_fill(mask, float("-inf"))
-            e = torch.exp(s - s.amax(-1, keepdim=True))
-        else:  # same values, in place: this part is elementwise-bound
-            e = s.mul_(scale).masked_fill_(mask, float("-inf"))
-            e = e.sub_(e.amax(-1, keepdim=True)).exp_()
+        s = ((q4 @ k4) * scale).masked_fill(mask, float("-inf"))
+        e = torch.exp(s - s.amax(-1, keepdim=True))
         num = (e @ v4).view(bh, nb * c, dv)[:, :L] * gamma_rows
         den = e.sum(-1).view(bh, nb * c, 1)[:, :L] * gamma_rows
-        return num, den
+        return torch.cat([num, den], -1)
 
     return extra
+
+
+_EXP_FLOOR = -80.0  # exp(-80) ~ 2e-35: a masked key's weight relative to the row max
+
+
+def _window_inference(q, k, v, window: int, scale: float, gamma_rows: torch.Tensor, sub: int = 32,
+                      piece: int = 8192) -> torch.Tensor:
+    """The sliding-window part of every query at once, without autograd: (BH, N, D + 1) = ``[num, den]``.
+
+    Per head, queries go in sub-chunks of ``c`` rows, each against the ``c + w`` keys that end with it:
+    an overlapping ``as_strided`` view of a zero-fronted copy of the head's keys, so one ``bmm`` per piece
+    of the sequence reads them in place (a 4-D matmul over unfold views would copy every window).
+    The mask (keys outside ``n - w < i <= n``) enters as an additive 0/-inf bias of the score matmul;
+    ``gamma`` goes into the exponent (``g exp(s - c) = exp(s - (c - log g))``) and the denominator comes
+    out of the value matmul against ``[v, 1]``.
+
+    Speed detail: scores are clamped to ``_EXP_FLOOR`` below their row max before ``exp``: vectorised exp
+    leaves its fast path for -inf and underflowing inputs (about 4x and 10x slower here). A masked key
+    therefore weighs ``e^-80`` (~2e-35) of the row max instead of exactly 0 -- far below float32 rounding
+    (with ``gamma = 0`` the floor is -inf and the head's window weighs exactly 0).
+    """
+    bh, n, d = q.shape
+    D = v.shape[-1]
+    w = window
+    c = min(sub, w)
+    pad = (-n) % c
+    piece = max(c, piece // c * c)
+    dev, dt = q.device, q.dtype
+    j = torch.arange(c + w, device=dev)[None, :]
+    b = torch.arange(c, device=dev)[:, None]
+    bias = torch.zeros(c, c + w, dtype=dt, device=dev).masked_fill_((j <= b) | (j > b + w), float("-inf"))
+    out = q.new_empty(bh, n + pad, D + 1)
+    kp = q.new_zeros(w + n + pad, d)  # key rows shifted by w: row r holds key r - w (zeros outside 0..n-1)
+    vp = q.new_zeros(w + n + pad, D + 1)  # [v, 1] likewise (zeros outside, so padding adds nothing)
+    vp[w:w + n, D] = 1.0
+    log_g = gamma_rows.reshape(bh).log().tolist()  # log 0 = -inf: that head's window weighs nothing
+    for h in range(bh):
+        kp[w:w + n] = k[h]
+        vp[w:w + n, :D] = v[h]
+        qs = q[h] * scale
+        if pad:
+            qs = F.pad(qs, (0, 0, 0, pad))
+        for s0 in range(0, n + pad, piece):
+            L = min(piece, n + pad - s0)
+            nb = L // c
+            K = kp.as_strided((nb, c + w, d), (c * d, d, 1), s0 * d)
+            V = vp.as_strided((nb, c + w, D + 1), (c * (D + 1), D + 1, 1), s0 * (D + 1))
+            sc = torch.baddbmm(bias, qs[s0:s0 + L].view(nb, c, d), K.transpose(1, 2))
+            if s0 == 0:  # keys before position 0
+                for m in range(min(nb, -(-w // c))):
+                    sc[m, :, :w - m * c] = float("-inf")
+            e = sc.sub_(sc.amax(-1, keepdim=True).sub_(log_g[h])).clamp_min_(_EXP_FLOOR + log_g[h]).exp_()
+            torch.bmm(e, V, out=out[h, s0:s0 + L].view(nb, c, D + 1))
+    return out[:, :n]
 
 
 def _hybrid(q, k, v, feat_q, feat_k, fd, window, gamma, scale, chunk_size, block_size, eps):
@@ -207,10 +258,14 @@ def _hybrid(q, k, v, feat_q, feat_k, fd, window, gamma, scale, chunk_size, block
     get_q = lambda i: feat_q(*bounds[i]).to(acc).reshape(BH, bounds[i][1] - bounds[i][0], fd)
     get_k = lambda i: shifted(lambda lo, hi: feat_k(lo, hi).to(acc).reshape(BH, hi - lo, fd), *bounds[i], fd)
     v_blocks = [shifted(lambda lo, hi: v3[:, lo:hi], s, e, D) for s, e in bounds]
-    q3 = q.reshape(BH, N, d)
-    q_blocks = [q3[:, s:e] for s, e in bounds]
-    extra = _window_part(q_blocks, k.to(acc).reshape(BH, N, d), v3, w, scale, _gamma_rows(gamma, B, H, acc, q.device),
-                         acc)
+    q3 = q.to(acc).reshape(BH, N, d)
+    gamma_rows = _gamma_rows(gamma, B, H, acc, q.device)
+    if torch.is_grad_enabled():
+        extra = _window_part([q3[:, s:e] for s, e in bounds], k.to(acc).reshape(BH, N, d), v3, w, scale, gamma_rows,
+                             acc)
+    else:
+        win = _window_inference(q3, k.to(acc).reshape(BH, N, d), v3, w, scale, gamma_rows)
+        extra = lambda i, s, L: win[:, s:s + L]
     return _causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra)
 
 

@@ -138,8 +138,8 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     backward does not go through in-place buffers).
 
     Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)); ``extra(i, start, L)``, if given,
-        returns ``(num (BH, L, D), den (BH, L, 1))`` added to block i's numerator/denominator before the
-        division (the hybrid layer's sliding-window softmax part).
+        returns ``[num, den]`` packed as (BH, L, D + 1), added to block i's numerator/denominator before
+        the division (the hybrid layer's sliding-window softmax part).
     Returns: y (BH, N, D) in ``acc``, (S, z).
     """
     n = sum(b.shape[1] for b in v_blocks)
@@ -178,8 +178,8 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
         ).view(bh, nb * chunk, d)[:, :L]
         den = ((q4 @ z_ex.unsqueeze(-1)).squeeze(-1) + a.sum(-1)).view(bh, nb * chunk, 1)[:, :L]
         if extra is not None:
-            num_x, den_x = extra(i, s, L)
-            num, den = num + num_x, den + den_x
+            nd_x = extra(i, s, L)
+            num, den = num + nd_x[..., :d], den + nd_x[..., d:]
         # a list + one cat: slice-assigning into y would make autograd copy y's whole
         outs.append(num / den.clamp_min(eps))  # gradient once per block (O(N^2 / block))
         s += L
@@ -226,11 +226,9 @@ def _causal_blocks_inference(get_q, get_k, v_blocks, chunk, state, eps, acc, ext
         nd = torch.baddbmm(
             (a @ v4).view(bh * nb, chunk, d + 1), q4.reshape(bh * nb, chunk, fd), Sz_ex.view(bh * nb, fd, d + 1)
         ).view(bh, nb * chunk, d + 1)[:, :L]
-        num, den = nd[..., :d], nd[..., d:]
         if extra is not None:
-            num_x, den_x = extra(i, s, L)
-            num.add_(num_x)
-            den.add_(den_x)
+            nd.add_(extra(i, s, L))
+        num, den = nd[..., :d], nd[..., d:]
         torch.div(num, den.clamp_min_(eps), out=y[:, s:s + L])
         s += L
     return y, (Sz[..., :d].contiguous(), Sz[..., d].contiguous())
