@@ -53,7 +53,8 @@ def test_window_inference_pieces_and_subchunks_agree(sub, piece):
     BH = q.shape[0] * H
     rows = hyb._gamma_rows(g, q.shape[0], H, torch.float64, q.device)
     q3, k3, v3 = (t.reshape(BH, n, -1) for t in (q, k, v))
-    want = hyb._window_part([q3], k3, v3, w, 0.125, rows, torch.float64)(0, 0, n)
+    rows_of = lambda t: (lambda lo, hi: t[:, lo:hi])
+    want = hyb._window_part(rows_of(q3), rows_of(k3), rows_of(v3), w, 0.125, rows, torch.float64)(0, 0, n)
     with torch.no_grad():
         got = hyb._window_inference(q3, k3, v3, w, 0.125, rows, sub=sub, piece=piece)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
@@ -130,11 +131,13 @@ def test_recurrent_step_grouped_query_heads():
     torch.testing.assert_close(y, y_rep)
 
 
-def test_gradcheck_including_gamma():
-    q, k, v, pq, pk = inputs(11)
+@pytest.mark.parametrize("n,block", [(11, None), (26, 12)], ids=["one-block", "three-blocks"])
+def test_gradcheck_including_gamma(n, block):
+    q, k, v, pq, pk = inputs(n)
     g = torch.rand(H, dtype=torch.float64)
     args = [t[:1, :2].clone().requires_grad_() for t in (q, k, v, pq, pk)] + [g[:2].clone().requires_grad_()]
-    fn = lambda q, k, v, pq, pk, g: hybrid_attention(q, k, v, pq, pk, window=3, gamma=g, chunk_size=4)
+    fn = lambda q, k, v, pq, pk, g: hybrid_attention(q, k, v, pq, pk, window=3, gamma=g, chunk_size=4,
+                                                     block_size=block)
     assert torch.autograd.gradcheck(fn, args)
     ref = lambda q, k, v, pq, pk, g: quadratic_hybrid_attention(q, k, v, pq, pk, window=3, gamma=g)
     assert torch.autograd.gradcheck(ref, args)

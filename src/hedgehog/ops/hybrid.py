@@ -133,29 +133,31 @@ def _block_size(bh: int, f: int, chunk: int, window: int, n: int, block_size: Op
     return max(step, blk // step * step)
 
 
-def _window_part(q_blocks, k, v, window: int, scale: float, gamma_rows: torch.Tensor, acc, sub: Optional[int] = None):
+def _window_part(q_rows, k_rows, v_rows, window: int, scale: float, gamma_rows: torch.Tensor, acc,
+                 sub: Optional[int] = None):
     """The sliding-window numerator/denominator of block i (autograd form): a callable for
     ``_causal_blocks(extra=)``, returning them packed as ``[num, den]`` (BH, L, D + 1).
 
-    ``k``/``v`` are (BH, N, d) in ``acc``. Queries go in sub-chunks of ``c`` rows (``sub``, default
+    ``q_rows(lo, hi)`` / ``k_rows`` / ``v_rows`` return rows lo..hi-1 of the (BH, N, d) queries, keys and
+    values in ``acc`` (see :class:`_Rows`). Queries go in sub-chunks of ``c`` rows (``sub``, default
     ``min(w, 16)`` when it divides w); sub-chunk m is compared with the ``c + w`` keys that end with it
     (an ``unfold`` view of the keys from ``start - w``) and masked to ``n - w < i <= n``. A smaller c
     wastes fewer masked entries (w of every c + w are used) at the price of smaller matmuls.
     Without autograd :func:`_window_inference` computes the same values faster.
     """
-    bh, n, d = k.shape
-    dv = v.shape[-1]
     w = window
     c = sub or (16 if w % 16 == 0 and w > 16 else w)
-    j = torch.arange(c + w, device=k.device)[None, :]
-    b = torch.arange(c, device=k.device)[:, None]
+    j = torch.arange(c + w, device=gamma_rows.device)[None, :]
+    b = torch.arange(c, device=gamma_rows.device)[:, None]
     drop = (j <= b) | (j > b + w)  # key j of the c + w vs query b: outside the window
 
     def extra(i, start, L):
-        qb = q_blocks[i].to(acc)
+        qb = q_rows(start, start + L)
+        bh, _, d = qb.shape
         pad = (-L) % c
         lo = start - w
-        ks, vs = k[:, max(lo, 0):start + L], v[:, max(lo, 0):start + L]
+        ks, vs = k_rows(max(lo, 0), start + L), v_rows(max(lo, 0), start + L)
+        dv = vs.shape[-1]
         front = max(0, -lo)
         if front or pad:
             ks, vs = F.pad(ks, (0, 0, front, pad)), F.pad(vs, (0, 0, front, pad))
@@ -233,9 +235,30 @@ def _window_inference(q, k, v, window: int, scale: float, gamma_rows: torch.Tens
     return out[:, :n]
 
 
-def _hybrid(q, k, v, feat_q, feat_k, fd, window, gamma, scale, chunk_size, block_size, eps):
-    """Blocked hybrid attention. ``feat_q(lo, hi)`` / ``feat_k(lo, hi)`` return the (B, H, hi-lo, F) features
-    of positions lo..hi-1, so callers can compute them block by block. Returns y (B,H,N,D) in ``acc``, (S, z)."""
+class _Rows:
+    """Rows ``lo..hi-1`` along the sequence axis of a tensor that was ``split`` once into blocks.
+
+    Under autograd, slicing the full tensor once per block would make each slice's backward
+    zero-fill a full-size gradient (O(N^2 / block) work and traffic); slicing blocks costs O(block)
+    and the split's own backward is one concat. Rows before position 0 are not served (callers pad).
+    """
+
+    def __init__(self, t: torch.Tensor, blk: int, dim: int):
+        self.blocks, self.blk, self.dim = t.split(blk, dim), blk, dim
+
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        pieces = []
+        for i in range(lo // self.blk, -(-hi // self.blk)):
+            b, s0 = self.blocks[i], i * self.blk
+            a, e = max(lo, s0) - s0, min(hi, s0 + b.shape[self.dim]) - s0
+            pieces.append(b if (a, e) == (0, b.shape[self.dim]) else b.narrow(self.dim, a, e - a))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim)
+
+
+def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, scale, chunk_size, block_size, eps):
+    """Blocked hybrid attention. The features of positions lo..hi-1 are ``map_q(src_q rows, positions rows)``
+    (likewise for k), computed block by block: ``src`` is the raw q/k with the layer's maps, or
+    precomputed features with identity maps. Returns y (B*H, N, D) in ``acc``, (S, z)."""
     B, H, N, d = q.shape
     D, w = v.shape[-1], window
     acc = _acc_dtype(v)
@@ -243,7 +266,8 @@ def _hybrid(q, k, v, feat_q, feat_k, fd, window, gamma, scale, chunk_size, block
     chunk = max(1, min(chunk_size, N))
     blk = _block_size(BH, fd, chunk, w, N, block_size)
     bounds = [(s, min(s + blk, N)) for s in range(0, N, blk)]
-    v3 = v.to(acc).reshape(BH, N, D)
+    rq, rk, rpos = _Rows(src_q, blk, 2), _Rows(src_k, blk, 2), _Rows(positions, blk, positions.dim() - 1)
+    rv = _Rows(v.to(acc).reshape(BH, N, D), blk, 1)
 
     def shifted(get, s, e, width):
         """Rows s-w .. e-w of a (BH, N, width) source, zero rows before position 0."""
@@ -255,16 +279,16 @@ def _hybrid(q, k, v, feat_q, feat_k, fd, window, gamma, scale, chunk_size, block
         z = torch.zeros(BH, front, width, dtype=acc, device=q.device)
         return z if rows is None else torch.cat([z, rows], 1)
 
-    get_q = lambda i: feat_q(*bounds[i]).to(acc).reshape(BH, bounds[i][1] - bounds[i][0], fd)
-    get_k = lambda i: shifted(lambda lo, hi: feat_k(lo, hi).to(acc).reshape(BH, hi - lo, fd), *bounds[i], fd)
-    v_blocks = [shifted(lambda lo, hi: v3[:, lo:hi], s, e, D) for s, e in bounds]
-    q3 = q.to(acc).reshape(BH, N, d)
+    feats_k = lambda lo, hi: map_k(rk(lo, hi), rpos(lo, hi)).to(acc).reshape(BH, hi - lo, fd)
+    get_q = lambda i: map_q(rq(*bounds[i]), rpos(*bounds[i])).to(acc).reshape(BH, bounds[i][1] - bounds[i][0], fd)
+    get_k = lambda i: shifted(feats_k, *bounds[i], fd)
+    v_blocks = [shifted(rv, s, e, D) for s, e in bounds]
     gamma_rows = _gamma_rows(gamma, B, H, acc, q.device)
+    q3, k3 = q.to(acc).reshape(BH, N, d), k.to(acc).reshape(BH, N, d)
     if torch.is_grad_enabled():
-        extra = _window_part([q3[:, s:e] for s, e in bounds], k.to(acc).reshape(BH, N, d), v3, w, scale, gamma_rows,
-                             acc)
+        extra = _window_part(_Rows(q3, blk, 1), _Rows(k3, blk, 1), rv, w, scale, gamma_rows, acc)
     else:
-        win = _window_inference(q3, k.to(acc).reshape(BH, N, d), v3, w, scale, gamma_rows)
+        win = _window_inference(q3, k3, rv(0, N), w, scale, gamma_rows)
         extra = lambda i, s, L: win[:, s:s + L]
     return _causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra)
 
@@ -302,7 +326,8 @@ def hybrid_attention(
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    y, (S, z) = _hybrid(q, k, v, lambda lo, hi: phi_q[:, :, lo:hi], lambda lo, hi: phi_k[:, :, lo:hi], Fd, window,
+    ident = lambda x, pos: x
+    y, (S, z) = _hybrid(q, k, v, phi_q, phi_k, ident, ident, torch.arange(N, device=q.device), Fd, window,
                         gamma, scale, chunk_size, block_size, eps)
     D = v.shape[-1]
     y = y.reshape(B, H, N, D).to(v.dtype)
@@ -331,9 +356,8 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
                                 scale, chunk_size, eps=eps, block_size=block_size)
     fd = feature_map_q.feature_dim
     scale = d ** -0.5 if scale is None else scale
-    y, _ = _hybrid(q, k, v, lambda lo, hi: feature_map_q(q[:, :, lo:hi], positions[..., lo:hi]),
-                   lambda lo, hi: feature_map_k(k[:, :, lo:hi], positions[..., lo:hi]), fd, window, gamma, scale,
-                   chunk_size, block_size, eps)
+    y, _ = _hybrid(q, k, v, q, k, feature_map_q, feature_map_k, positions, fd, window, gamma, scale, chunk_size,
+                   block_size, eps)
     return y.reshape(B, H, N, -1).to(v.dtype)
 
 
