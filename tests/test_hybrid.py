@@ -2,11 +2,13 @@
 converted layer through prefill, decoding, generate and save/load."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import rand_features
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
-from hedgehog.ops import hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention, softmax_attention
+from hedgehog.ops import (hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention, ring_hybrid_step,
+                          softmax_attention)
 from hedgehog.ops import hybrid as hyb
 from hedgehog.ops.softmax import softmax_attention_weights
 
@@ -129,6 +131,25 @@ def test_recurrent_step_grouped_query_heads():
     rep = lambda t: t.repeat_interleave(2, dim=1)
     y_rep = hybrid_recurrent_step(q[:, :, 0], pq[:, :, 0], rep(kw), rep(vw), (rep(S), rep(z)), g)
     torch.testing.assert_close(y, y_rep)
+
+
+def test_ring_step_equals_recurrent_step_in_any_slot_order_with_empty_slots():
+    """The decode cache's ring layout: slots shuffled, two empty (invalid) slots holding garbage, values
+    with a ones column and a packed state give the same output as the ordered window."""
+    q, _, _, pq, _ = inputs(1, heads=4)
+    kw, vw = torch.randn(B, 2, 5, D, dtype=torch.float64), torch.randn(B, 2, 5, D, dtype=torch.float64)
+    S, z = torch.rand(B, 2, FD, D, dtype=torch.float64), torch.rand(B, 2, FD, dtype=torch.float64)
+    g = torch.rand(4, dtype=torch.float64)
+    want = hybrid_recurrent_step(q, pq, kw, vw, (S, z), g)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    ring_k = torch.cat([kw[:, :, perm], 100 * torch.randn(B, 2, 2, D, dtype=torch.float64)], 2)
+    ring_v = torch.cat([F.pad(vw[:, :, perm], (0, 1), value=1.0), torch.randn(B, 2, 2, D + 1, dtype=torch.float64)], 2)
+    valid = torch.tensor([True] * 5 + [False] * 2).expand(B, 7)
+    Sz = torch.cat([S, z.unsqueeze(-1)], -1)
+    got = ring_hybrid_step(q, pq, ring_k, ring_v, valid, Sz, g)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not fit"):
+        ring_hybrid_step(q, pq, ring_k, ring_v, valid[:, :6], Sz, g)
 
 
 @pytest.mark.parametrize("n,block", [(11, None), (26, 12)], ids=["one-block", "three-blocks"])

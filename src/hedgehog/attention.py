@@ -33,7 +33,7 @@ import torch.nn as nn
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import feature_linear_attention, linear_attention, packed_recurrent_step, quadratic_linear_attention
-from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_recurrent_step, hybrid_weights
+from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights, ring_hybrid_step
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 MODES = ("softmax", "linear", "distill", "mimic")
@@ -332,7 +332,7 @@ class HedgehogAttention(nn.Module):
         """Hybrid prefill (window of the last w keys + state of older ones) or decode, per KV head."""
         s, w = self.hh_config.qk_scale, self.hh_config.window
         b, _, n, _ = q.shape
-        if layer.S is None:  # prefill: one parallel pass, then build the cache from its keys
+        if layer.Sz is None:  # prefill: one parallel pass, then build the cache from its keys
             valid = _key_valid(call.get("attention_mask"), n)
             pos = torch.arange(n, device=q.device)
             y = self._hybrid_full(q, k, _repeat_heads(v, self.n_rep), pos, pos, valid)
@@ -345,21 +345,30 @@ class HedgehogAttention(nn.Module):
                 phi_k = self.feature_map_k(k[:, :, :old] * s, pos[:old]) * valid[:, None, :old, None].to(k.dtype)
                 S += phi_k.to(acc).transpose(-1, -2) @ v[:, :, :old].to(acc)
                 z += phi_k.to(acc).sum(2)
-            layer.set_window(S, z, k[:, :, old:], v[:, :, old:], valid[:, old:], n)
+            layer.set_window(S, z, k[:, :, old:], v[:, :, old:], valid[:, old:], n, window=w)
             return y
         ys = []
-        for t in range(n):  # decode, one token at a time
-            layer.push(k[:, :, t:t + 1], v[:, :, t:t + 1])
-            if layer.k_win.shape[2] > w:  # the oldest key leaves the window: fold it into the state
-                k_old, v_old, ok = layer.pop_oldest()
-                phi = self.feature_map_k(k_old * s, torch.tensor([layer.seen - w - 1], device=q.device))
-                phi = phi * ok[:, None, :, None].to(phi.dtype)
-                layer.S.add_(phi[:, :, 0].to(layer.S.dtype).unsqueeze(-1) * v_old[:, :, 0].to(layer.S.dtype).unsqueeze(-2))
-                layer.z.add_(phi[:, :, 0].to(layer.z.dtype))
-            pos = torch.tensor([layer.seen - 1], device=q.device)
-            phi_q = self.feature_map_q(q[:, :, t:t + 1] * s, pos)
-            ys.append(hybrid_recurrent_step(q[:, :, t:t + 1], phi_q, layer.k_win, layer.v_win, (layer.S, layer.z),
-                                            self.gamma(), self.teacher_scale(), window_valid=layer.valid))
+        needs_pos = self.feature_map_q.uses_positions or self.feature_map_k.uses_positions
+        Sz3 = layer.Sz.view(b * self.num_kv_heads, *layer.Sz.shape[2:])
+        for t in range(n):  # decode, one token at a time: it takes ring slot seen % w
+            p = layer.seen % w
+            if layer.seen >= w:  # that slot's token leaves the window: fold it into the state
+                pos = torch.tensor([layer.seen - w], device=q.device) if needs_pos else None
+                k_old = layer.k_win[:, :, p:p + 1]
+                phi = self.feature_map_k(k_old * s if s != 1.0 else k_old, pos)
+                phi = phi * layer.valid[:, p].view(b, 1, 1, 1).to(phi.dtype)
+                Sz3.baddbmm_(phi.to(Sz3.dtype).reshape(-1, phi.shape[-1], 1),
+                             layer.v_win[:, :, p:p + 1].to(Sz3.dtype).reshape(Sz3.shape[0], 1, -1))
+            layer.k_win[:, :, p] = k[:, :, t]
+            layer.v_win[:, :, p, :-1] = v[:, :, t]
+            layer.v_win[:, :, p, -1] = 1.0
+            layer.valid[:, p] = True
+            layer.seen += 1
+            qt = q[:, :, t:t + 1]
+            pos = torch.tensor([layer.seen - 1], device=q.device) if needs_pos else None
+            phi_q = self.feature_map_q(qt * s if s != 1.0 else qt, pos)
+            ys.append(ring_hybrid_step(qt, phi_q, layer.k_win, layer.v_win, layer.valid, layer.Sz, self.gamma(),
+                                       self.teacher_scale()))
         return ys[0] if n == 1 else torch.cat(ys, 2)
 
     def extra_repr(self) -> str:

@@ -101,8 +101,15 @@ class HedgehogStateLayer(CacheLayerMixin):
 
 
 class HybridStateLayer(HedgehogStateLayer):
-    """A hybrid layer's cache: the last ``w`` keys/values (per KV head, with a validity mask for padding)
-    plus the linear state of every older key. Constant size once ``w`` tokens are seen."""
+    """A hybrid layer's cache: the last ``w`` keys/values (per KV head) plus the linear state of every
+    older key. Constant size: ``w`` slots from the start.
+
+    The window is a ring buffer: token ``t`` sits in slot ``t % w`` (``k_win`` (B, Hk, w, d),
+    ``v_win`` (B, Hk, w, D + 1) holding ``[v, 1]``), ``valid`` (B, w) is False for empty slots and
+    padding. A decode step overwrites one slot in place, folding the token that leaves the window
+    into the packed state first (no concatenation or shifting per token). The window softmax is a
+    sum over its slots, so their order does not matter.
+    """
 
     _tensors = ("Sz", "k_win", "v_win", "valid")
 
@@ -112,22 +119,28 @@ class HybridStateLayer(HedgehogStateLayer):
         self.v_win: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
 
-    def set_window(self, S, z, k_win, v_win, valid, n_new: int) -> None:
-        self.k_win, self.v_win, self.valid = k_win.contiguous(), v_win.contiguous(), valid.contiguous()
+    @property
+    def window(self) -> int:
+        return self.k_win.shape[2]
+
+    def set_window(self, S, z, k_tail, v_tail, valid_tail, n_new: int, window: Optional[int] = None) -> None:
+        """State ``(S, z)`` of the older keys plus the last ``m`` keys/values in order (``k_tail``
+        (B, Hk, m, d), ``v_tail`` (B, Hk, m, D), ``valid_tail`` (B, m)), after ``n_new`` more tokens;
+        ``window`` is the ring's size (default ``m``)."""
+        B, Hk, m, d = k_tail.shape
+        w = window or m
+        if m > w:
+            raise ValueError(f"{m} window keys do not fit a window of {w}")
+        total = self.seen + n_new
+        idx = torch.arange(total - m, total, device=k_tail.device) % w
+        self.k_win = k_tail.new_zeros(B, Hk, w, d)
+        self.v_win = v_tail.new_zeros(B, Hk, w, v_tail.shape[-1] + 1)
+        self.valid = torch.zeros(B, w, dtype=torch.bool, device=k_tail.device)
+        self.k_win[:, :, idx] = k_tail
+        self.v_win[:, :, idx, :-1] = v_tail
+        self.v_win[:, :, idx, -1] = 1.0
+        self.valid[:, idx] = valid_tail.to(self.valid.device)
         self.set_state(S, z, n_new)
-
-    def push(self, k, v) -> None:
-        """Append one token's key/value (B, Hk, 1, d)."""
-        self.k_win = torch.cat([self.k_win, k], 2)
-        self.v_win = torch.cat([self.v_win, v], 2)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], 1)], 1)
-        self.seen += 1
-
-    def pop_oldest(self):
-        """Remove and return the oldest window entry: (k (B, Hk, 1, d), v, valid (B, 1))."""
-        out = self.k_win[:, :, :1], self.v_win[:, :, :1], self.valid[:, :1]
-        self.k_win, self.v_win, self.valid = self.k_win[:, :, 1:], self.v_win[:, :, 1:], self.valid[:, 1:]
-        return out
 
     def reset(self) -> None:
         super().reset()

@@ -55,7 +55,7 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
             if attn.hybrid:  # the last w keys/values of the context, plus the state of the older ones
                 w = min(L, attn.hh_config.window)
                 kw, vw = (torch.randn(batch, kvh, w, hd, generator=g) * 0.5 for _ in range(2))
-                layer.set_window(S, z, kw, vw, torch.ones(batch, w, dtype=torch.bool), L)
+                layer.set_window(S, z, kw, vw, torch.ones(batch, w, dtype=torch.bool), L, window=attn.hh_config.window)
             else:
                 layer.set_state(S, z, L)
         assert all(isinstance(l, HedgehogStateLayer) for l in cache.layers)

@@ -12,6 +12,7 @@ from hedgehog.ops.hybrid import (
     hybrid_attention,
     hybrid_recurrent_step,
     quadratic_hybrid_attention,
+    ring_hybrid_step,
 )
 from hedgehog.ops.softmax import softmax_attention, softmax_attention_weights
 
@@ -26,6 +27,7 @@ __all__ = [
     "packed_recurrent_step",
     "quadratic_linear_attention",
     "recurrent_step",
+    "ring_hybrid_step",
     "softmax_attention",
     "softmax_attention_weights",
 ]

@@ -413,3 +413,40 @@ def hybrid_recurrent_step(
         den = den + pq @ state[1].to(acc).unsqueeze(-1)
     y = (num / den.clamp_min(eps)).reshape(B, Hq, 1, -1).to(v_window.dtype)
     return y[:, :, 0] if squeeze else y
+
+
+def ring_hybrid_step(q: torch.Tensor, phi_q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
+                     valid: torch.Tensor, Sz: torch.Tensor, gamma: Gamma = 0.5, scale: Optional[float] = None,
+                     eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """One query of the hybrid layer against a ring-buffer window and a packed linear state (decoding).
+
+    Same value as :func:`hybrid_recurrent_step`; the cache layout differs: the window's slots may be in
+    any order (a softmax over them is a sum), values carry a ones column so one matmul gives the
+    window's numerator and denominator, and the state is packed as ``Sz = [S, z]``.
+
+    Args:
+        q: (B, Hq, 1, d); phi_q: (B, Hq, 1, F).
+        k_win: (B, Hk, w, d); v_win: (B, Hk, w, D + 1) = ``[v, 1]``; valid: (B, w) bool, False for empty
+            slots and padding (at least one slot per row must be valid: the current token's).
+        Sz: (B, Hk, F, D + 1) state of the keys older than the window; ``Hk`` divides ``Hq``.
+        gamma: scalar or (Hq,).
+    Returns: y (B, Hq, 1, D) in ``v_win``'s dtype.
+    """
+    B, Hq, _, d = q.shape
+    Hk, w, D1 = k_win.shape[1], k_win.shape[2], v_win.shape[-1]
+    if (q.shape[2] != 1 or phi_q.shape[:3] != q.shape[:3] or Hq % Hk or v_win.shape[:3] != k_win.shape[:3]
+            or valid.shape != (B, w) or Sz.shape[:2] != (B, Hk) or Sz.shape[-1] != D1):
+        raise ValueError(f"ring_hybrid_step: shapes do not fit: q {tuple(q.shape)}, phi_q {tuple(phi_q.shape)}, "
+                         f"k_win {tuple(k_win.shape)}, v_win {tuple(v_win.shape)}, valid {tuple(valid.shape)}, "
+                         f"Sz {tuple(Sz.shape)}")
+    acc = Sz.dtype
+    g = Hq // Hk
+    scale = d ** -0.5 if scale is None else scale
+    s = (q.to(acc).reshape(B, Hk, g, d) * scale) @ k_win.to(acc).transpose(-1, -2)  # (B, Hk, g, w)
+    s = s.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    e = s.sub_(s.amax(-1, keepdim=True)).exp_()
+    gam = torch.as_tensor(gamma, device=q.device).to(acc)
+    gam = gam.view(1, Hk, g, 1) if gam.dim() == 1 else gam
+    nd = torch.matmul(phi_q.to(acc).reshape(B, Hk, g, -1), Sz).add_((e @ v_win.to(acc)).mul_(gam))
+    num, den = nd.split((D1 - 1, 1), -1)
+    return num.div_(den.clamp_min_(eps)).reshape(B, Hq, 1, D1 - 1).to(v_win.dtype)
