@@ -5,6 +5,8 @@ non-negative: every map's features are non-negative except Taylor's, whose kerne
 1 + s + s^2/2 is positive for every s.
 Every ``forward`` takes an optional ``positions`` argument ((N,) or (B, N) absolute token
 positions); only position-dependent maps (cosFormer) read it, so callers can pass it uniformly.
+Such maps set ``uses_positions = True``: decoding builds positions only for them (a custom map that
+reads ``positions`` must declare it, or it gets None while decoding).
 
 Half-precision inputs are computed in float32 and returned in float32: the features feed
 sums over many tokens, and the ops promote to float32 anyway.
