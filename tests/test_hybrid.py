@@ -325,3 +325,11 @@ def test_feature_hybrid_equals_hybrid_of_precomputed_features(n):
         with torch.set_grad_enabled(grad):
             got = feature_hybrid_attention(q, k, v, fq, fk, window=16, gamma=g, chunk_size=16, block_size=32)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # the state handed to decoding: keys older than the window, summed
+    with torch.no_grad():
+        y, (S, z) = feature_hybrid_attention(q, k, v, fq, fk, window=16, gamma=g, chunk_size=16, block_size=32,
+                                             return_state=True)
+        old = fk(k)[:, :, :max(0, n - 16)]
+        torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(S, old.transpose(-1, -2) @ v[:, :, :old.shape[2]], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(z, old.sum(2), atol=1e-12, rtol=1e-10)

@@ -310,23 +310,29 @@ class HedgehogAttention(nn.Module):
         layer.set_state(S, z, n)
         return y
 
-    def _hybrid_full(self, q, k, v_rep, pos_q, pos_k, valid):
+    def _hybrid_full(self, q, k, v_rep, pos_q, pos_k, valid, return_state=False):
         """Hybrid attention of n queries (the last n positions) over all nk keys; chunked when n == nk
-        and there is no padding, else the O(n * nk) form (short prompts, generic caches)."""
+        and there is no padding, else the O(n * nk) form (short prompts, generic caches). With
+        ``return_state`` returns ``(y, state)``: the chunked path's linear state of keys ``0..n-w-1`` per KV
+        head, or None from the other path."""
         s, w = self.hh_config.qk_scale, self.hh_config.window
         k_rep = _repeat_heads(k, self.n_rep)
         n, nk = q.shape[2], k.shape[2]
         if n == nk and valid is None:
-            return feature_hybrid_attention(q, k_rep, v_rep, _ScaledMap(self.feature_map_q, s),
-                                            _ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
-                                            scale=self.teacher_scale(), positions=pos_q,
-                                            chunk_size=self.hh_config.chunk_size)
+            out = feature_hybrid_attention(q, k_rep, v_rep, _ScaledMap(self.feature_map_q, s),
+                                           _ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
+                                           scale=self.teacher_scale(), positions=pos_q,
+                                           chunk_size=self.hh_config.chunk_size, return_state=return_state)
+            if not return_state:
+                return out
+            y, (S, z) = out  # per query head; the heads of a group hold the same state
+            return y, (S[:, ::self.n_rep].contiguous(), z[:, ::self.n_rep].contiguous())
         phi_q = self.feature_map_q(q * s, pos_q)
         phi_k = self._grouped_k(k * s, pos_k)
         a, _, _ = hybrid_weights(q, k_rep, phi_q, phi_k, w, self.gamma(), self.teacher_scale(),
                                  q_positions=torch.arange(nk - n, nk, device=q.device), key_valid=valid)
         y = (a / a.sum(-1, keepdim=True).clamp_min(DEFAULT_EPS)) @ v_rep.to(a.dtype)
-        return y.to(v_rep.dtype)
+        return (y.to(v_rep.dtype), None) if return_state else y.to(v_rep.dtype)
 
     def _hybrid_recurrent(self, q, k, v, call, layer):
         """Hybrid prefill (window of the last w keys + state of older ones) or decode, per KV head."""
@@ -335,13 +341,17 @@ class HedgehogAttention(nn.Module):
         if layer.Sz is None:  # prefill: one parallel pass, then build the cache from its keys
             valid = _key_valid(call.get("attention_mask"), n)
             pos = torch.arange(n, device=q.device)
-            y = self._hybrid_full(q, k, _repeat_heads(v, self.n_rep), pos, pos, valid)
+            y, state = self._hybrid_full(q, k, _repeat_heads(v, self.n_rep), pos, pos, valid, return_state=True)
             valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
             old = max(0, n - w)
             acc = torch.float64 if v.dtype == torch.float64 else torch.float32
             fd = self.feature_map_k.feature_dim
-            S, z = v.new_zeros(b, self.num_kv_heads, fd, v.shape[-1], dtype=acc), v.new_zeros(b, self.num_kv_heads, fd, dtype=acc)
-            if old:
+            if state is not None:  # the chunked pass already summed the keys older than the window
+                S, z = state[0].to(acc), state[1].to(acc)
+            else:
+                S = v.new_zeros(b, self.num_kv_heads, fd, v.shape[-1], dtype=acc)
+                z = v.new_zeros(b, self.num_kv_heads, fd, dtype=acc)
+            if old and state is None:
                 phi_k = self.feature_map_k(k[:, :, :old] * s, pos[:old]) * valid[:, None, :old, None].to(k.dtype)
                 S += phi_k.to(acc).transpose(-1, -2) @ v[:, :, :old].to(acc)
                 z += phi_k.to(acc).sum(2)

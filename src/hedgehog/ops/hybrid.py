@@ -340,10 +340,13 @@ def hybrid_attention(
 
 def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int = 64, gamma: Gamma = 0.5,
                              scale: Optional[float] = None, positions: Optional[torch.Tensor] = None,
-                             chunk_size: int = 64, eps: float = DEFAULT_EPS, block_size: Optional[int] = None):
+                             chunk_size: int = 64, eps: float = DEFAULT_EPS, block_size: Optional[int] = None,
+                             return_state: bool = False):
     """Hybrid attention of raw q/k with the feature maps applied block by block (never holding N-sized
     features); equal to ``hybrid_attention(q, k, v, fm_q(q), fm_k(k), ...)``. ``feature_map_k`` returns q's
-    head count (grouped maps repeat); positions (N,) go to the maps (default 0..N-1)."""
+    head count (grouped maps repeat); positions (N,) go to the maps (default 0..N-1).
+    With ``return_state`` also returns ``(S (B, H, F, D), z (B, H, F))``, the linear state of keys
+    ``0..N-w-1`` (what decoding continues from, next to the last ``w`` keys/values)."""
     B, H, N, d = q.shape
     if k.shape[:3] != (B, H, N) or v.shape[:3] != (B, H, N):
         raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -352,13 +355,15 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
     if positions is None:
         positions = torch.arange(N, device=q.device)
     if not all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k)):
-        return hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,
-                                scale, chunk_size, eps=eps, block_size=block_size)
+        out = hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,
+                               scale, chunk_size, return_state=return_state, eps=eps, block_size=block_size)
+        return (out[0], out[1][0]) if return_state else out
     fd = feature_map_q.feature_dim
     scale = d ** -0.5 if scale is None else scale
-    y, _ = _hybrid(q, k, v, q, k, feature_map_q, feature_map_k, positions, fd, window, gamma, scale, chunk_size,
-                   block_size, eps)
-    return y.reshape(B, H, N, -1).to(v.dtype)
+    y, (S, z) = _hybrid(q, k, v, q, k, feature_map_q, feature_map_k, positions, fd, window, gamma, scale,
+                        chunk_size, block_size, eps)
+    y = y.reshape(B, H, N, -1).to(v.dtype)
+    return (y, (S.reshape(B, H, fd, -1), z.reshape(B, H, fd))) if return_state else y
 
 
 def hybrid_recurrent_step(
