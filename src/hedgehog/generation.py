@@ -7,8 +7,9 @@ group shares one state (SmolLM2: 3 states per layer instead of 9). Layers left u
 ordinary ``DynamicLayer``.
 
 Prefill runs the chunked kernel with ``return_state`` (padding keys, e.g. left padding, are zeroed
-before they enter the state); each further token is one ``recurrent_step`` updating the state in
-place. ``convert_model`` installs a hook so that ``model.generate(...)`` builds this cache by default;
+before they enter the state); each further token is one ``packed_recurrent_step`` updating the
+state, kept packed as ``[S, z]``, in place. Hybrid layers add a ring buffer of the last ``w``
+keys/values (``HybridStateLayer``). ``convert_model`` installs a hook so that ``model.generate(...)`` builds this cache by default;
 passing ``past_key_values=`` explicitly still works.
 """
 from __future__ import annotations
