@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hedgehog.feature_maps import available_feature_maps, get_feature_map
+from hedgehog.feature_maps import available_feature_maps, get_feature_map, hedgehog_pair_features
 from hedgehog.ops import feature_linear_attention, quadratic_linear_attention
 
 ALL = ["hedgehog", "hedgehog_exp", "elu", "relu", "performer", "cosformer", "t2r", "taylor"]
@@ -167,3 +167,19 @@ def test_hedgehog_cached_signed_weights_follow_parameter_updates():
     with torch.no_grad():
         c = fm(x)
     torch.testing.assert_close(c, torch.cat([(x + 1).softmax(-1), (-(x + 1)).softmax(-1)], -1))
+
+
+def test_hedgehog_pair_features_equal_the_two_maps_and_follow_parameter_updates():
+    """The decoding fast path (both maps of a layer in one matmul) equals calling the maps, also after
+    the maps' parameters change in place (its stacked-weight cache must notice)."""
+    fq, fk = get_feature_map("hedgehog", 8, 6), get_feature_map("hedgehog", 8, 2)
+    q, k = torch.randn(1, 6, 1, 8), torch.randn(1, 2, 1, 8)
+    with torch.no_grad():
+        for step in range(2):
+            for p in list(fq.parameters()) + list(fk.parameters()):
+                p.add_(0.3 * torch.randn_like(p))
+            pq, pk = hedgehog_pair_features(fq, fk, q, k)
+            torch.testing.assert_close(pq, fq(q))
+            torch.testing.assert_close(pk, fk(k))
+        assert hedgehog_pair_features(fq, fk, torch.randn(2, 6, 1, 8), torch.randn(2, 2, 1, 8)) is None  # B > 1
+    assert hedgehog_pair_features(fq, fk, q, k) is None  # autograd: the maps' own forward

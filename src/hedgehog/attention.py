@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from hedgehog.feature_maps import get_feature_map
+from hedgehog.feature_maps import HedgehogFeatureMap, get_feature_map, hedgehog_pair_features
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import feature_linear_attention, linear_attention, packed_recurrent_step, quadratic_linear_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights, ring_hybrid_step
@@ -148,6 +148,7 @@ class HedgehogAttention(nn.Module):
         self.feature_map_q = get_feature_map(config.feature_map, self.hh_head_dim, self.num_q_heads, **kw)
         self.feature_map_k = get_feature_map(config.feature_map, self.hh_head_dim, self.num_kv_heads, **kw)
         self._grouped_k = _GroupedKeyMap(self.feature_map_k, self.n_rep)
+        self._pair_maps = all(type(fm) is HedgehogFeatureMap for fm in (self.feature_map_q, self.feature_map_k))
         self.window_gate = None
         if config.attention == "hybrid":  # per query head; gamma = sigmoid(gate)
             self.window_gate = nn.Parameter(torch.full((self.num_q_heads,), float(config.window_gate_init)))
@@ -289,8 +290,13 @@ class HedgehogAttention(nn.Module):
             pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
         if s != 1.0:
             q, k = q * s, k * s
-        phi_q = self.feature_map_q(q, pos)
-        phi_k = self.feature_map_k(k, pos)  # (B, Hkv, n, F): not repeated
+        pair = hedgehog_pair_features(self.feature_map_q, self.feature_map_k, q, k) \
+            if self._pair_maps and layer.Sz is not None else None
+        if pair is not None:  # one decoding token: both maps in one matmul
+            phi_q, phi_k = pair
+        else:
+            phi_q = self.feature_map_q(q, pos)
+            phi_k = self.feature_map_k(k, pos)  # (B, Hkv, n, F): not repeated
         if layer.Sz is None:
             valid = _key_valid(call.get("attention_mask"), n)
             if valid is not None:  # padding never enters the state

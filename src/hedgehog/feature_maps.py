@@ -147,6 +147,33 @@ class HedgehogFeatureMap(_PerHeadLinear):
         return phi.view(1, H, N, 2 * self.proj_dim) if B == 1 else phi.view(H, B, N, -1).transpose(0, 1)
 
 
+def hedgehog_pair_features(fq: "HedgehogFeatureMap", fk: "HedgehogFeatureMap", q: torch.Tensor, k: torch.Tensor):
+    """``(fq(q), fk(k))`` for one decoding token (B = 1, N = 1, no autograd) in one matmul and one softmax.
+
+    Decoding calls both maps once per token per layer on a handful of values, where the cost is the
+    number of ops, not the arithmetic; the two maps' signed weights are stacked once (cached on
+    ``fq``, rebuilt when either map's parameters change). Returns None when the fast path does not
+    apply (other shapes, autograd, maps of different sizes or without bias); callers then call the maps.
+    """
+    if (torch.is_grad_enabled() or q.shape[0] != 1 or q.shape[2] != 1 or k.shape[2] != 1 or fq.bias is None
+            or fk.bias is None or fq.proj_dim != fk.proj_dim or q.dtype != k.dtype or q.shape[-1] != k.shape[-1]):
+        return None
+    wq, bq = fq._signed_params(q.dtype)
+    wk, bk = fk._signed_params(q.dtype)
+    key = (fq.__dict__["_signed_cache"][0], fk.__dict__["_signed_cache"][0])  # both maps' parameter versions
+    cached = fq.__dict__.get("_pair_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([wq, wk]), torch.cat([bq, bk]))
+        fq.__dict__["_pair_cache"] = cached
+    hq, hk = q.shape[1], k.shape[1]
+    if cached[1].shape[0] != hq + hk:
+        return None
+    x = torch.cat([q.reshape(hq, 1, -1), k.reshape(hk, 1, -1)])
+    phi = torch.softmax(torch.baddbmm(cached[2], x, cached[1]).view(hq + hk, 2, fq.proj_dim), dim=-1)
+    phi = phi.view(1, hq + hk, 1, 2 * fq.proj_dim)
+    return phi[:, :hq], phi[:, hq:]
+
+
 @register_feature_map("hedgehog_exp")
 class HedgehogExpFeatureMap(_PerHeadLinear):
     """The paper's ``[exp(Wx+b), exp(-(Wx+b))]`` with max-subtraction.
