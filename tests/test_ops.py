@@ -263,12 +263,18 @@ def test_gpu_paths_match_reference():
     assert (yb.double().cpu() - ref).abs().max() < 5e-2
 
 
-def test_recurrent_step_grouped_heads_equals_repeated_and_inplace():
-    B, Hq, Hk, n, F, D = 2, 6, 2, 9, 5, 3
+def grouped_heads_case(B=2, Hq=6, Hk=2, n=9, F=5, D=3):
+    """Features for Hq query heads and Hk key heads (GQA) and the quadratic reference with k/v repeated."""
     q = rand_features(B, Hq, n, F)
     k = rand_features(B, Hk, n, F)
     v = torch.randn(B, Hk, n, D, dtype=torch.float64)
-    ref = quadratic_linear_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    ref = quadratic_linear_attention(q, k.repeat_interleave(Hq // Hk, 1), v.repeat_interleave(Hq // Hk, 1))
+    return q, k, v, ref
+
+
+def test_recurrent_step_grouped_heads_equals_repeated_and_inplace():
+    q, k, v, ref = grouped_heads_case()
+    (B, Hk, n, F), D = k.shape, v.shape[-1]
     st, st_inplace, outs, outs2 = None, None, [], []
     for t in range(n):
         y, st = recurrent_step(q[:, :, t], k[:, :, t], v[:, :, t], st)
@@ -284,11 +290,8 @@ def test_recurrent_step_grouped_heads_equals_repeated_and_inplace():
 
 def test_packed_recurrent_step_equals_quadratic_with_grouped_heads():
     """The decoding loop's packed [S, z] state: same outputs as the quadratic reference, state in place."""
-    B, Hq, Hk, n, F, D = 2, 6, 2, 9, 5, 3
-    q = rand_features(B, Hq, n, F)
-    k = rand_features(B, Hk, n, F)
-    v = torch.randn(B, Hk, n, D, dtype=torch.float64)
-    ref = quadratic_linear_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    q, k, v, ref = grouped_heads_case()
+    (B, Hk, n, F), D = k.shape, v.shape[-1]
     Sz = torch.zeros(B, Hk, F, D + 1, dtype=torch.float64)
     ptr = Sz.data_ptr()
     outs = [packed_recurrent_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], Sz) for t in range(n)]

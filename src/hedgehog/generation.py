@@ -57,11 +57,6 @@ class HedgehogStateLayer(CacheLayerMixin):
         self.seen += n_new
         self.is_initialized = True
 
-    def set_packed(self, Sz: torch.Tensor, n_new: int) -> None:
-        self.Sz = Sz
-        self.seen += n_new
-        self.is_initialized = True
-
     def get_seq_length(self) -> int:
         return self.seen
 
@@ -119,10 +114,6 @@ class HybridStateLayer(HedgehogStateLayer):
         self.k_win: Optional[torch.Tensor] = None
         self.v_win: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
-
-    @property
-    def window(self) -> int:
-        return self.k_win.shape[2]
 
     def set_window(self, S, z, k_tail, v_tail, valid_tail, n_new: int, window: Optional[int] = None) -> None:
         """State ``(S, z)`` of the older keys plus the last ``m`` keys/values in order (``k_tail``

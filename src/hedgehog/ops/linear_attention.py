@@ -113,6 +113,17 @@ def _auto_block(bh: int, f: int, chunk: int, n: int) -> int:
     return min(target, -(-n // chunk) * chunk)
 
 
+def _block_chunks(get_q, get_k, i, L, chunk, bh, acc):
+    """Block i's features as chunks: (q4, k4) (bh, nb, chunk, F), nb, and the zero rows ``pad`` appended
+    to reach a multiple of ``chunk`` (zero keys add nothing; padded query rows are dropped by callers)."""
+    pq, pk = get_q(i).to(acc), get_k(i).to(acc)
+    pad = (-L) % chunk
+    if pad:
+        pq, pk = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk))
+    nb = (L + pad) // chunk
+    return pq.reshape(bh, nb, chunk, -1), pk.reshape(bh, nb, chunk, -1), nb, pad
+
+
 def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     """Blocked, chunked causal linear attention with a carried state.
 
@@ -146,7 +157,7 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     if n == 0:
         raise ValueError("linear attention needs at least one position (got seq length 0)")
     if not torch.is_grad_enabled():
-        return _causal_blocks_inference(get_q, get_k, v_blocks, chunk, state, eps, acc, extra)
+        return _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra)
     bh, _, d = v_blocks[0].shape
     outs = []
     S = z = None
@@ -155,17 +166,11 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     s = 0
     for i, vb in enumerate(v_blocks):
         L = vb.shape[1]
-        pq, pk = get_q(i).to(acc), get_k(i).to(acc)
-        fd = pq.shape[-1]
+        q4, k4, nb, pad = _block_chunks(get_q, get_k, i, L, chunk, bh, acc)
+        fd = q4.shape[-1]
         if S is None:
             S, z = vb.new_zeros(bh, fd, d), vb.new_zeros(bh, fd)
-        pad = (-L) % chunk
-        if pad:  # zero keys/values add nothing; padded query rows are dropped below
-            pq, pk, vb = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, vb))
-        nb = (L + pad) // chunk
-        q4 = pq.reshape(bh, nb, chunk, fd)
-        k4 = pk.reshape(bh, nb, chunk, fd)
-        v4 = vb.reshape(bh, nb, chunk, d)
+        v4 = (F.pad(vb, (0, 0, 0, pad)) if pad else vb).reshape(bh, nb, chunk, d)
         a = (q4 @ k4.transpose(-1, -2)).tril_()  # tril_ on a matmul output is autograd-safe
         kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D): each chunk's own contribution
         ks = k4.sum(2)  # (bh, nb, F)
@@ -187,11 +192,10 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     return y, (S, z)
 
 
-def _causal_blocks_inference(get_q, get_k, v_blocks, chunk, state, eps, acc, extra):
+def _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra):
     """``_causal_blocks`` without autograd: values augmented with a ones column (see there), the
     state carried as one ``[S, z]`` tensor (BH, F, D + 1), one output tensor written block by block."""
     bh, _, d = v_blocks[0].shape
-    n = sum(b.shape[1] for b in v_blocks)
     y = v_blocks[0].new_empty(bh, n, d)
     L0 = v_blocks[0].shape[1]
     va_buf = v_blocks[0].new_empty(bh, L0 + (-L0) % chunk, d + 1)
@@ -199,22 +203,17 @@ def _causal_blocks_inference(get_q, get_k, v_blocks, chunk, state, eps, acc, ext
     s = 0
     for i, vb in enumerate(v_blocks):
         L = vb.shape[1]
-        pq, pk = get_q(i).to(acc), get_k(i).to(acc)
-        fd = pq.shape[-1]
+        q4, k4, nb, pad = _block_chunks(get_q, get_k, i, L, chunk, bh, acc)
+        fd = q4.shape[-1]
         if Sz is None:
             Sz = vb.new_zeros(bh, fd, d + 1)
             if state is not None:
                 Sz[..., :d], Sz[..., d] = state
-        pad = (-L) % chunk
-        nb = (L + pad) // chunk
         va = va_buf[:, : L + pad]
         va[:, :L, :d] = vb
         va[:, :L, d] = 1.0
-        if pad:  # zero keys/values add nothing; padded query rows are dropped below
-            pq, pk = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk))
+        if pad:
             va[:, L:] = 0.0
-        q4 = pq.reshape(bh, nb, chunk, fd)
-        k4 = pk.reshape(bh, nb, chunk, fd)
         v4 = va.view(bh, nb, chunk, d + 1)
         a = (q4 @ k4.transpose(-1, -2)).tril_()
         kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D + 1): each chunk's [S, z] contribution
