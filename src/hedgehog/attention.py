@@ -33,6 +33,7 @@ import torch.nn as nn
 from hedgehog.feature_maps import HedgehogFeatureMap, get_feature_map, hedgehog_pair_features
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import feature_linear_attention, linear_attention, packed_recurrent_step, quadratic_linear_attention
+from hedgehog.ops.cpu_kernel import fused_hedgehog_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights, ring_hybrid_step
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
@@ -276,6 +277,9 @@ class HedgehogAttention(nn.Module):
             if nk == n:
                 return linear_attention(phi_q, phi_k, v_rep, chunk_size=self.hh_config.chunk_size)
             return quadratic_linear_attention(phi_q, phi_k, v_rep, causal=True)
+        fused = fused_hedgehog_attention(q * s, k * s, v, self.feature_map_q, self.feature_map_k)
+        if fused is not None:  # CPU, no autograd: one pass per key head, no repeated k/v
+            return fused[0]
         return feature_linear_attention(
             q * s, k * s, v_rep, self.feature_map_q, self._grouped_k, positions=pos_q,
             chunk_size=self.hh_config.chunk_size,
@@ -290,6 +294,13 @@ class HedgehogAttention(nn.Module):
             pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
         if s != 1.0:
             q, k = q * s, k * s
+        if n > 1 and (layer.Sz is not None or _key_valid(call.get("attention_mask"), n) is None):
+            init = None if layer.Sz is None else (layer.S, layer.z)
+            fused = fused_hedgehog_attention(q, k, v, self.feature_map_q, self.feature_map_k, init)
+            if fused is not None:  # prefill in the fused CPU kernel; its state is per key head already
+                y, (S, z) = fused
+                layer.set_state(S, z, n)
+                return y
         pair = hedgehog_pair_features(self.feature_map_q, self.feature_map_k, q, k) \
             if self._pair_maps and layer.Sz is not None else None
         if pair is not None:  # one decoding token: both maps in one matmul

@@ -4,7 +4,9 @@ Run:  hedgehog bench attention [--lengths 256,1024,...] [--out bench_out/attenti
 
 Each length times, in one process and interleaved, the forward (no grad) and forward+backward of
 (1) Hedgehog attention: per-head q and k feature maps + chunked causal linear attention, via
-``feature_linear_attention``; (2) ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
+``feature_linear_attention`` (the no-grad forward takes the fused CPU kernel of
+``hedgehog.ops.cpu_kernel`` where it builds, the backward the PyTorch ops; the JSON's
+``forward_kernel`` says which; ``HEDGEHOG_CPU_KERNEL=0`` times the PyTorch forward); (2) ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
 With ``--attention hybrid`` the student is the sliding-window + linear hybrid
 (``feature_hybrid_attention``, window ``--window``, feature maps applied block by block).
 Times are the best of ``--repeats`` runs. Peak forward memory on the CPU is measured in a fresh
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.feature_maps import get_feature_map
-from hedgehog.ops import feature_hybrid_attention, feature_linear_attention
+from hedgehog.ops import cpu_kernel, feature_hybrid_attention, feature_linear_attention
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -142,6 +144,16 @@ def sdpa_flops(n: int, b: int, h: int, d: int) -> float:
     return 2 * 2 * n * n * d * b * h / 2  # QK^T and PV, causal half
 
 
+def forward_kernel(fq, fk, device, dtype, window) -> str:
+    """Which implementation the timed no-grad forward takes: the fused CPU kernel or the PyTorch ops."""
+    if window is not None or device.type != "cpu":
+        return "torch"
+    x = torch.zeros(1, fq.num_heads, 1, fq.head_dim, dtype=dtype)
+    with torch.no_grad():
+        ok = cpu_kernel.applicable(x, x, x, fq, fk) and cpu_kernel.load() is not None
+    return "fused-cpu" if ok else "torch"
+
+
 def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=True, device="cpu",
         feature_map="hedgehog", chunk_size=64, max_sdpa_len=None, dtype=torch.float32, log=print,
         measure_memory=True, window=None) -> Dict:
@@ -150,6 +162,9 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
     fq = get_feature_map(feature_map, head_dim, heads).to(device)
     fk = get_feature_map(feature_map, head_dim, heads).to(device)
     fdim = fq.feature_dim
+    kernel = forward_kernel(fq, fk, device, dtype, window)
+    flop_chunk = cpu_kernel.CHUNK if kernel == "fused-cpu" else chunk_size
+    log(f"forward kernel: {kernel}")
     rate = matmul_gflops(device, dtype=dtype)
     rows = []
     for n in lengths:
@@ -193,7 +208,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
             if run_sdpa:
                 row["sdpa_fwdbwd_s"] = best_time(sd_bwd, 1 if n >= 16384 else sdpa_reps, device)
                 row["fwdbwd_speedup"] = row["sdpa_fwdbwd_s"] / row["hedgehog_fwdbwd_s"]
-        row["hedgehog_gflops"] = hedgehog_flops(n, batch, heads, head_dim, fdim, chunk_size, window) / row["hedgehog_fwd_s"] / 1e9
+        row["hedgehog_gflops"] = hedgehog_flops(n, batch, heads, head_dim, fdim, flop_chunk, window) / row["hedgehog_fwd_s"] / 1e9
         if run_sdpa:
             row["sdpa_gflops"] = sdpa_flops(n, batch, heads, head_dim) / row["sdpa_fwd_s"] / 1e9
         rows.append(row)
@@ -201,7 +216,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
     crossover = next((r["n"] for r in rows if r.get("fwd_speedup", 0) > 1.0), None)
     return {
         "config": {"batch": batch, "heads": heads, "head_dim": head_dim, "feature_map": feature_map,
-                   "feature_dim": fdim, "chunk_size": chunk_size,
+                   "feature_dim": fdim, "chunk_size": chunk_size, "forward_kernel": kernel,
                    "attention": "hybrid" if window else "linear", "window": window, "dtype": str(dtype), "device": str(device),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},

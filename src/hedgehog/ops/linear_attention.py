@@ -425,7 +425,8 @@ def feature_linear_attention(
         positions: (N,) or (B, N) absolute positions, passed through to the feature maps
             (sliced per block); None means 0..N-1.
     Maps whose output depends on the whole call (``blockwise`` False, e.g. cosFormer without
-    ``max_len``) are applied to the full sequence first.
+    ``max_len``) are applied to the full sequence first. Causal Hedgehog maps on the CPU without autograd
+    go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`; its own chunk size) when it is available.
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape[:3] != q.shape[:3] or k.shape[0] != q.shape[0] \
             or k.shape[2] != q.shape[2]:
@@ -436,6 +437,12 @@ def feature_linear_attention(
         positions = torch.arange(N, device=q.device)
     from hedgehog.ops import backends
 
+    if causal and not q.is_cuda and k.shape[1] == H:  # Hedgehog maps without autograd: the fused CPU kernel
+        from hedgehog.ops import cpu_kernel
+
+        out = cpu_kernel.fused_hedgehog_attention(q, k, v, feature_map_q, feature_map_k, initial_state, eps)
+        if out is not None:
+            return out if return_state else out[0]
     blockwise = all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k))
     if not causal or not blockwise or (q.is_cuda and backends.select(q, backend) is not None):
         return linear_attention(feature_map_q(q, positions), feature_map_k(k, positions), v, causal=causal,

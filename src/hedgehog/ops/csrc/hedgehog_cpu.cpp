@@ -1,0 +1,222 @@
+// Fused causal Hedgehog attention for the CPU (inference / prefill, float32).
+//
+// One pass over the sequence per (batch, key head) task, chunk by chunk. Everything a chunk touches
+// (its q/k features, the (C x C) product, the [S, z] state of F x (D + 1) floats) stays in the core's
+// caches; only q, k, v are read and y written. The PyTorch path computes the same thing in ~40 ops
+// per block whose temporaries go through memory; here the arithmetic is a handful of small sgemm calls
+// (MKL, single-threaded inside the parallel region) and a vectorised softmax.
+//
+// Per chunk of L <= C tokens starting at t (all row-major):
+//   phi_k = softmax2(k[t:t+L] @ Wk + bk)            (L x F), F = 2P: softmax over each half of P
+//   va    = [v[t:t+L], 1]                           (L x (D + 1))
+//   for each query head h of the group:
+//     phi_q = softmax2(q_h[t:t+L] @ Wq_h + bq_h)
+//     o     = phi_q @ Sz + tril(phi_q @ phi_k^T) @ va  (numerator | denominator)
+//     y_h[t:t+L] = o[:, :D] / max(o[:, D], eps)
+//   Sz   += phi_k^T @ va                            (the chunk enters the state after its readout)
+//
+// The Python side (hedgehog/ops/cpu_kernel.py) checks shapes/dtypes and falls back to the PyTorch
+// path when this file cannot be compiled.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+extern "C" __m512 _ZGVeN16v_expf(__m512);  // glibc libmvec: 16-lane expf
+#endif
+
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+extern "C" int mkl_set_num_threads_local_(const int*);  // MKL per-thread thread count, Fortran form (0: global)
+
+namespace {
+
+// Row-major C (M x N) = op(A) (M x K) @ op(B) (K x N) + beta * C, through column-major sgemm on the
+// transposes: C^T = op(B)^T op(A)^T.
+inline void gemm(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                 float beta, float* C, int ldc) {
+  const char a = tb ? 'T' : 'N', b = ta ? 'T' : 'N';
+  const float one = 1.0f;
+  sgemm_(&a, &b, &N, &M, &K, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// In place: each row of u (L rows of stride ld, 2P used) plus the bias becomes [softmax(first P), softmax(last P)].
+void softmax_halves(float* u, int L, int ld, int P, const float* bias) {
+  for (int i = 0; i < L; ++i) {
+    for (int half = 0; half < 2; ++half) {
+      float* p = u + static_cast<int64_t>(i) * ld + half * P;
+      const float* b = bias ? bias + half * P : nullptr;
+#if defined(__AVX512F__)
+      if (P % 16 == 0) {
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int j = 0; j < P; j += 16) {
+          __m512 x = _mm512_loadu_ps(p + j);
+          if (b) x = _mm512_add_ps(x, _mm512_loadu_ps(b + j));
+          _mm512_storeu_ps(p + j, x);
+          mx = _mm512_max_ps(mx, x);
+        }
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int j = 0; j < P; j += 16) {
+          const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
+          _mm512_storeu_ps(p + j, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int j = 0; j < P; j += 16) _mm512_storeu_ps(p + j, _mm512_mul_ps(_mm512_loadu_ps(p + j), inv));
+        continue;
+      }
+#endif
+      float m = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < P; ++j) {
+        if (b) p[j] += b[j];
+        m = std::max(m, p[j]);
+      }
+      float s = 0.0f;
+      for (int j = 0; j < P; ++j) {
+        p[j] = std::exp(p[j] - m);
+        s += p[j];
+      }
+      const float inv = 1.0f / s;
+      for (int j = 0; j < P; ++j) p[j] *= inv;
+    }
+  }
+}
+
+void check(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.dim() == dim,
+              name, " must be a contiguous float32 CPU tensor with ", dim, " dims");
+}
+
+}  // namespace
+
+// q (B, H, N, d); k (B, Hk, N, d); v (B, Hk, N, D); wq (H, d, 2P), bq (H, 2P) or empty; wk (Hk, d, 2P),
+// bk (Hk, 2P) or empty; Sz (B, Hk, 2P, D + 1) the state entering the call, updated in place.
+// Query head h reads key head h / (H / Hk). Returns y (B, H, N, D).
+// split_groups: one task per query head (each recomputes its group's key features and state; for
+// few key heads on more threads) instead of one per key head.
+torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
+                             torch::Tensor wk, torch::Tensor bk, torch::Tensor Sz, int64_t chunk, double eps,
+                             bool split_groups) {
+  check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(wq, "wq", 3); check(wk, "wk", 3); check(Sz, "Sz", 4);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t Hk = k.size(1), D = v.size(3), F = wq.size(2), P = F / 2, D1 = D + 1;
+  TORCH_CHECK(H % Hk == 0 && k.size(0) == B && k.size(2) == N && k.size(3) == d && v.size(0) == B &&
+                  v.size(1) == Hk && v.size(2) == N && F % 2 == 0 && wq.size(0) == H && wq.size(1) == d &&
+                  wk.size(0) == Hk && wk.size(1) == d && wk.size(2) == F && Sz.size(0) == B && Sz.size(1) == Hk &&
+                  Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1,
+              "causal_forward: shapes do not fit");
+  const bool has_bq = bq.numel() > 0, has_bk = bk.numel() > 0;
+  if (has_bq) { check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F); }
+  if (has_bk) { check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F); }
+  const int64_t g = H / Hk;
+  auto y = torch::empty({B, H, N, D}, q.options());
+  // split_groups: each query head's task keeps its own copy of its key head's state
+  torch::Tensor states = split_groups && g > 1 ? Sz.unsqueeze(2).expand({B, Hk, g, F, D1}).contiguous() : Sz;
+  const int64_t tasks = split_groups && g > 1 ? B * H : B * Hk;
+  const int64_t per_task_heads = split_groups && g > 1 ? 1 : g;
+
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const float* WQ = wq.data_ptr<float>();
+  const float* WK = wk.data_ptr<float>();
+  const float* BQ = has_bq ? bq.data_ptr<float>() : nullptr;
+  const float* BK = has_bk ? bk.data_ptr<float>() : nullptr;
+  float* ST = states.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
+  const int Fi = static_cast<int>(F), Di = static_cast<int>(D), D1i = static_cast<int>(D1), di = static_cast<int>(d);
+  const float epsf = static_cast<float>(eps);
+
+  // Features are computed a block of Tb tokens at a time (larger, more efficient sgemms; the block's
+  // features stay in L2), the attention itself chunk by chunk.
+  const int Tb = C * std::max(1, 256 / C);
+  const int ld = Fi + C;  // query-feature rows: [phi_q (F) | this chunk's scores a (C)]
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int one = 1;
+    const int mkl_prev = mkl_set_num_threads_local_(&one);  // small sgemms: one thread each, tasks in parallel
+    std::vector<float> pk(static_cast<size_t>(Tb) * F), pq(static_cast<size_t>(per_task_heads) * Tb * ld);
+    std::vector<float> sv((F + C) * D), z(F), den(C);  // [S; v of the chunk] (F + C, D), z (F)
+    float* S = sv.data();
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b, hk, h0;
+      if (per_task_heads == 1 && g > 1) {  // one query head
+        b = task / H; h0 = task % H; hk = h0 / g;
+      } else {
+        b = task / Hk; hk = task % Hk; h0 = hk * g;
+      }
+      const float* kk = K + (b * Hk + hk) * N * d;
+      const float* vv = V + (b * Hk + hk) * N * D;
+      float* Sz_t = ST + task * F * D1;
+      // [S, z] apart: every sgemm has D columns (D = 64 fits the 16-lane kernels; D + 1 costs a remainder pass)
+      for (int f = 0; f < Fi; ++f) {
+        std::copy(Sz_t + f * D1, Sz_t + f * D1 + D, S + f * D);
+        z[f] = Sz_t[f * D1 + D];
+      }
+      for (int64_t t0 = 0; t0 < N; t0 += Tb) {
+        const int Lb = static_cast<int>(std::min<int64_t>(Tb, N - t0));
+        gemm(false, false, Lb, Fi, di, kk + t0 * d, di, WK + hk * d * F, Fi, 0.0f, pk.data(), Fi);
+        softmax_halves(pk.data(), Lb, Fi, static_cast<int>(P), BK ? BK + hk * F : nullptr);
+        for (int64_t r = 0; r < per_task_heads; ++r) {
+          const int64_t h = h0 + r;
+          float* pqr = pq.data() + r * Tb * ld;
+          gemm(false, false, Lb, Fi, di, Q + ((b * H + h) * N + t0) * d, di, WQ + h * d * F, Fi, 0.0f, pqr, ld);
+          softmax_halves(pqr, Lb, ld, static_cast<int>(P), BQ ? BQ + h * F : nullptr);
+        }
+        for (int c0 = 0; c0 < Lb; c0 += C) {
+          const int L = std::min(C, Lb - c0);
+          const float* pkc = pk.data() + c0 * F;
+          const float* vc = vv + (t0 + c0) * D;
+          std::copy(vc, vc + L * D, sv.data() + F * D);
+          for (int64_t r = 0; r < per_task_heads; ++r) {
+            const int64_t h = h0 + r;
+            float* qa = pq.data() + r * Tb * ld + c0 * ld;  // L rows of [phi_q | a]
+            gemm(false, true, L, L, Fi, qa, ld, pkc, Fi, 0.0f, qa + Fi, ld);
+            for (int i = 0; i < L; ++i) {  // causal mask; denominator = phi_q . z + row sum of the masked a
+              float* row = qa + i * ld;
+              std::fill(row + Fi + i + 1, row + Fi + L, 0.0f);
+              float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+              for (int f = 0; f < Fi; ++f) s += row[f] * z[f];
+#pragma omp simd reduction(+ : s)
+              for (int j = 0; j <= i; ++j) s += row[Fi + j];
+              den[i] = s;
+            }
+            // numerator in one sgemm: [phi_q | a] @ [S; v]
+            float* yy = Y + ((b * H + h) * N + t0 + c0) * D;
+            gemm(false, false, L, Di, Fi + L, qa, ld, sv.data(), Di, 0.0f, yy, Di);
+            for (int i = 0; i < L; ++i) {
+              const float inv = 1.0f / std::max(den[i], epsf);
+              float* yi = yy + i * D;
+#pragma omp simd
+              for (int j = 0; j < Di; ++j) yi[j] *= inv;
+            }
+          }
+          gemm(true, false, Fi, Di, L, pkc, Fi, vc, Di, 1.0f, S, Di);
+          for (int i = 0; i < L; ++i) {
+            const float* ki = pkc + i * F;
+#pragma omp simd
+            for (int f = 0; f < Fi; ++f) z[f] += ki[f];
+          }
+        }
+      }
+      for (int f = 0; f < Fi; ++f) {
+        std::copy(S + f * D, S + (f + 1) * D, Sz_t + f * D1);
+        Sz_t[f * D1 + D] = z[f];
+      }
+    }
+    mkl_set_num_threads_local_(&mkl_prev);
+  });
+  if (states.data_ptr() != Sz.data_ptr()) Sz.copy_(states.select(2, 0));
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("causal_forward", &causal_forward, "fused causal Hedgehog attention (float32, no autograd)");
+}

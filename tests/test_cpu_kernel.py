@@ -1,0 +1,206 @@
+"""The fused CPU kernel against the float64 quadratic reference: lengths around its chunk, grouped heads,
+carried states, precision, dispatch and fallback."""
+import platform
+import shutil
+
+import pytest
+import torch
+
+from hedgehog.feature_maps import get_feature_map
+from hedgehog.ops import cpu_kernel, feature_linear_attention, quadratic_linear_attention
+from hedgehog.ops.cpu_kernel import fused_hedgehog_attention
+
+C = cpu_kernel.CHUNK
+LENGTHS = [1, 7, C - 1, C, C + 1, 63, 257, 513]
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None, reason="fused CPU kernel not built here")
+
+
+def test_kernel_builds_on_linux_x86_with_gcc():
+    """Where it can be built (the CI machine), it is: a silent fallback would hide a broken kernel."""
+    if not (platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++")):
+        pytest.skip("the kernel targets Linux x86-64 with g++")
+    assert cpu_kernel.enabled()
+    assert cpu_kernel.load() is not None
+
+
+def trained_maps(h, hk, d, proj=None, seed=0):
+    """Hedgehog maps moved away from the identity init (random weights and biases)."""
+    g = torch.Generator().manual_seed(seed)
+    maps = []
+    for heads in (h, hk):
+        fm = get_feature_map("hedgehog", d, heads, feature_dim=proj)
+        with torch.no_grad():
+            fm.weight.add_(0.3 * torch.randn(fm.weight.shape, generator=g))
+            fm.bias.copy_(0.5 * torch.randn(fm.bias.shape, generator=g))
+        maps.append(fm)
+    return maps
+
+
+def reference(q, k, v, fq, fk, state=None):
+    """float64: features, heads repeated to the query heads, quadratic causal attention (+ the state)."""
+    fq64, fk64 = (get_feature_map("hedgehog", m.head_dim, m.num_heads, feature_dim=m.proj_dim).double()
+                  for m in (fq, fk))
+    fq64.load_state_dict(fq.state_dict())
+    fk64.load_state_dict(fk.state_dict())
+    with torch.no_grad():
+        pq, pk = fq64(q.double()), fk64(k.double())
+    rep = q.shape[1] // k.shape[1]
+    pk_r, v_r = (t.repeat_interleave(rep, 1) for t in (pk, v.double()))
+    if state is None:
+        return quadratic_linear_attention(pq, pk_r, v_r), (pk.transpose(-1, -2) @ v.double(), pk.sum(2))
+    # a carried state acts as one extra key whose contribution to every query is phi_q . [S, z]
+    S, z = (t.double().repeat_interleave(rep, 1) for t in state)
+    a = (pq @ pk_r.transpose(-1, -2)).tril()
+    num = a @ v_r + pq @ S
+    den = a.sum(-1, keepdim=True) + pq @ z.unsqueeze(-1)
+    return num / den, None
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", LENGTHS, ids=lambda n: f"N{n}")
+def test_fused_matches_float64_reference(n):
+    B, H, d, D = 2, 4, 16, 8
+    fq, fk = trained_maps(H, H, d)
+    q, k = 2 * torch.randn(B, H, n, d), 2 * torch.randn(B, H, n, d)
+    v = torch.randn(B, H, n, D)
+    with torch.no_grad():
+        y, (S, z) = fused_hedgehog_attention(q, k, v, fq, fk)
+    ref, (S_ref, z_ref) = reference(q, k, v, fq, fk)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,hk", [(1, 6, 2), (2, 6, 3), (1, 3, 1), (1, 9, 3)], ids=lambda x: str(x))
+def test_fused_grouped_query_heads(b, h, hk):
+    """Query head i reads key head i // (H / Hk); both task layouts (one per key head, one per query head
+    when there are fewer key heads than threads) give the reference, and the state is per key head."""
+    d, D, n = 16, 8, 100
+    fq, fk = trained_maps(h, hk, d, seed=1)
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, hk, n, d), torch.randn(b, hk, n, D)
+    with torch.no_grad():
+        y, (S, z) = fused_hedgehog_attention(q, k, v, fq, fk)
+    ref, (S_ref, z_ref) = reference(q, k, v, fq, fk)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
+    assert S.shape == (b, hk, 2 * d, D)
+    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_fused_task_layouts_agree(monkeypatch):
+    """One thread (a task per key head) and two (a task per query head with its own state copy)."""
+    fq, fk = trained_maps(4, 1, 16, seed=2)
+    q, k, v = torch.randn(1, 4, 70, 16), torch.randn(1, 1, 70, 16), torch.randn(1, 1, 70, 8)
+    outs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(fused_hedgehog_attention(q, k, v, fq, fk))
+    finally:
+        torch.set_num_threads(prev)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1][0], outs[1][1][0], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [1, C, 45, 99], ids=lambda s: f"split{s}")
+def test_fused_state_carries_between_calls(split):
+    """A prefill of the first part and a call on the rest from its state == one pass."""
+    fq, fk = trained_maps(6, 2, 16, seed=3)
+    n = 100
+    q, k, v = torch.randn(1, 6, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 8)
+    with torch.no_grad():
+        full, (S_full, z_full) = fused_hedgehog_attention(q, k, v, fq, fk)
+        y1, st = fused_hedgehog_attention(q[:, :, :split], k[:, :, :split], v[:, :, :split], fq, fk)
+        y2, (S2, z2) = fused_hedgehog_attention(q[:, :, split:], k[:, :, split:], v[:, :, split:], fq, fk, st)
+    torch.testing.assert_close(torch.cat([y1, y2], 2), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(S2, S_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z2, z_full, rtol=1e-5, atol=1e-5)
+    ref, _ = reference(q[:, :, split:], k[:, :, split:], v[:, :, split:], fq, fk, st)
+    torch.testing.assert_close(y2.double(), ref, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d,proj", [(64, None), (24, 40), (8, 5)], ids=["d64", "d24p40", "d8p5"])
+def test_fused_head_and_feature_sizes(d, proj):
+    """The vectorised softmax (P a multiple of 16) and its scalar tail (other P), D != d."""
+    fq, fk = trained_maps(2, 2, d, proj=proj, seed=4)
+    q, k, v = torch.randn(1, 2, 77, d), torch.randn(1, 2, 77, d), torch.randn(1, 2, 77, 12)
+    with torch.no_grad():
+        y, _ = fused_hedgehog_attention(q, k, v, fq, fk)
+    torch.testing.assert_close(y.double(), reference(q, k, v, fq, fk)[0], rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_fused_stable_at_large_inputs_and_half_precision():
+    fq, fk = trained_maps(2, 2, 16, seed=5)
+    q, k, v = 1e3 * torch.randn(1, 2, 50, 16), 1e3 * torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 8)
+    with torch.no_grad():
+        y, _ = fused_hedgehog_attention(q, k, v, fq, fk)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), reference(q, k, v, fq, fk)[0], rtol=1e-4, atol=1e-4)
+        qb, kb, vb = (t.bfloat16() for t in (q / 1e3, k / 1e3, v))
+        yb, _ = fused_hedgehog_attention(qb, kb, vb, fq, fk)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), reference(qb.float(), kb.float(), vb.float(), fq, fk)[0],
+                               rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_feature_linear_attention_dispatch(monkeypatch):
+    """No autograd on the CPU: the kernel serves and agrees with the PyTorch path; with autograd, or when
+    disabled, the PyTorch path runs (and gradients flow)."""
+    fq, fk = trained_maps(3, 3, 16, seed=6)
+    q, k, v = torch.randn(2, 3, 90, 16), torch.randn(2, 3, 90, 16), torch.randn(2, 3, 90, 8)
+    calls = []
+    real = cpu_kernel.load().causal_forward
+
+    class Spy:
+        def causal_forward(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(cpu_kernel, "_module", Spy())
+    with torch.no_grad():
+        fused = feature_linear_attention(q, k, v, fq, fk)
+    assert calls == [1]
+    monkeypatch.setenv("HEDGEHOG_CPU_KERNEL", "0")
+    with torch.no_grad():
+        plain = feature_linear_attention(q, k, v, fq, fk)
+    assert calls == [1]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("HEDGEHOG_CPU_KERNEL")
+    qg = q.clone().requires_grad_()
+    y = feature_linear_attention(qg, k, v, fq, fk)
+    assert calls == [1] and y.grad_fn is not None
+    y.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+def test_unavailable_kernel_falls_back(monkeypatch):
+    """A machine where the build fails: callers get None and feature_linear_attention the PyTorch path."""
+    monkeypatch.setattr(cpu_kernel, "_tried", True)
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    fq, fk = trained_maps(2, 2, 8, seed=7)
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 4)
+    with torch.no_grad():
+        assert fused_hedgehog_attention(q, k, v, fq, fk) is None
+        y = feature_linear_attention(q, k, v, fq, fk)
+    torch.testing.assert_close(y.double(), reference(q, k, v, fq, fk)[0], rtol=2e-5, atol=2e-6)
+
+
+def test_not_applicable_inputs():
+    """Other maps, float64, CUDA-less autograd and empty sequences are left to the PyTorch path."""
+    fq, fk = trained_maps(2, 2, 8)
+    q, k, v = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 4)
+    elu = get_feature_map("elu", 8, 2)
+    with torch.no_grad():
+        assert not cpu_kernel.applicable(q, k, v, elu, elu)
+        assert not cpu_kernel.applicable(q.double(), k.double(), v.double(), fq, fk)
+        assert not cpu_kernel.applicable(q[:, :, :0], k[:, :, :0], v[:, :, :0], fq, fk)
+    assert not cpu_kernel.applicable(q, k, v, fq, fk)  # the maps' parameters need gradients
