@@ -204,3 +204,74 @@ def test_not_applicable_inputs():
         assert not cpu_kernel.applicable(q.double(), k.double(), v.double(), fq, fk)
         assert not cpu_kernel.applicable(q[:, :, :0], k[:, :, :0], v[:, :, :0], fq, fk)
     assert not cpu_kernel.applicable(q, k, v, fq, fk)  # the maps' parameters need gradients
+
+
+def hybrid_reference(q, k, v, fq, fk, window, gamma, feature_scale=1.0):
+    """float64 quadratic hybrid and the linear state of keys 0 .. N - w - 1 per key head."""
+    from hedgehog.ops import quadratic_hybrid_attention
+
+    rep = q.shape[1] // k.shape[1]
+    with torch.no_grad():
+        pq, pk = fq(q * feature_scale).double(), fk(k * feature_scale).double()
+    y = quadratic_hybrid_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                   v.double().repeat_interleave(rep, 1), pq, pk.repeat_interleave(rep, 1), window,
+                                   torch.as_tensor(gamma).double())
+    old = max(0, q.shape[2] - window)
+    return y, (pk[:, :, :old].transpose(-1, -2) @ v[:, :, :old].double(), pk[:, :, :old].sum(2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,window", [(1, 4), (7, 4), (C - 1, C), (C + 1, C), (100, 5), (300, 64), (300, 299),
+                                      (70, 200), (600, 300)], ids=lambda x: str(x))
+def test_fused_hybrid_matches_float64_reference(n, window):
+    """Windows shorter and longer than the chunk and the feature block (256), longer than the sequence."""
+    fq, fk = trained_maps(3, 3, 16, seed=8)
+    q, k, v = 2 * torch.randn(2, 3, n, 16), 2 * torch.randn(2, 3, n, 16), torch.randn(2, 3, n, 8)
+    gamma = torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        y, (S, z) = cpu_kernel.fused_hybrid_attention(q, k, v, fq, fk, window, gamma)
+    ref, (S_ref, z_ref) = hybrid_reference(q, k, v, fq, fk, window, gamma)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,hk", [(1, 6, 2), (1, 3, 1), (2, 4, 2)], ids=lambda x: str(x))
+def test_fused_hybrid_grouped_heads_and_feature_scale(b, h, hk):
+    fq, fk = trained_maps(h, hk, 16, seed=9)
+    q, k, v = torch.randn(b, h, 150, 16), torch.randn(b, hk, 150, 16), torch.randn(b, hk, 150, 8)
+    with torch.no_grad():
+        y, (S, z) = cpu_kernel.fused_hybrid_attention(q, k, v, fq, fk, 40, 0.3, feature_scale=0.6)
+    ref, (S_ref, z_ref) = hybrid_reference(q, k, v, fq, fk, 40, 0.3, feature_scale=0.6)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_feature_hybrid_attention_dispatch(monkeypatch):
+    """The op takes the kernel without autograd and agrees with its PyTorch path; with gradients it does not."""
+    from hedgehog.ops import feature_hybrid_attention
+
+    fq, fk = trained_maps(2, 2, 16, seed=10)
+    q, k, v = torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 8)
+    calls = []
+    real = cpu_kernel.load().hybrid_forward
+
+    class Spy:
+        def hybrid_forward(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(cpu_kernel, "_module", Spy())
+    with torch.no_grad():
+        fused, (S, z) = feature_hybrid_attention(q, k, v, fq, fk, window=24, gamma=0.4, return_state=True)
+        monkeypatch.setenv("HEDGEHOG_CPU_KERNEL", "0")
+        plain, (S0, z0) = feature_hybrid_attention(q, k, v, fq, fk, window=24, gamma=0.4, return_state=True)
+    assert calls == [1]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(S, S0, rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("HEDGEHOG_CPU_KERNEL")
+    y = feature_hybrid_attention(q.requires_grad_(), k, v, fq, fk, window=24, gamma=0.4)
+    assert calls == [1] and y.grad_fn is not None

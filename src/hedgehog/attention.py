@@ -33,7 +33,7 @@ import torch.nn as nn
 from hedgehog.feature_maps import HedgehogFeatureMap, get_feature_map, hedgehog_pair_features
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import feature_linear_attention, linear_attention, packed_recurrent_step, quadratic_linear_attention
-from hedgehog.ops.cpu_kernel import fused_hedgehog_attention
+from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights, ring_hybrid_step
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
@@ -336,6 +336,10 @@ class HedgehogAttention(nn.Module):
         k_rep = _repeat_heads(k, self.n_rep)
         n, nk = q.shape[2], k.shape[2]
         if n == nk and valid is None:
+            fused = fused_hybrid_attention(q, k, v_rep[:, ::self.n_rep], self.feature_map_q, self.feature_map_k, w,
+                                           self.gamma(), self.teacher_scale(), feature_scale=s)
+            if fused is not None:  # CPU, no autograd: the fused kernel, state per KV head already
+                return fused if return_state else fused[0]
             out = feature_hybrid_attention(q, k_rep, v_rep, _ScaledMap(self.feature_map_q, s),
                                            _ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
                                            scale=self.teacher_scale(), positions=pos_q,

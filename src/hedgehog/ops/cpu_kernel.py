@@ -142,3 +142,43 @@ def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1
     split = B * Hk < torch.get_num_threads() and H > Hk  # few key heads: one task per query head
     y = mod.causal_forward(*f32, wq, bq, wk, bk, Sz, CHUNK, float(eps), split)
     return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+
+
+def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[float] = None,
+                           feature_scale: float = 1.0, eps: float = 1e-6):
+    """The sliding-window + Hedgehog hybrid (:mod:`hedgehog.ops.hybrid`'s formula) in the fused kernel.
+
+    Args:
+        q: (B, H, N, d); k: (B, Hk, N, d); v: (B, Hk, N, D) (grouped heads as in
+            :func:`fused_hedgehog_attention`); window ``w >= 1``; gamma a scalar or (H,) per query head;
+            scale for the window scores (default d ** -0.5); the feature maps see ``x * feature_scale``.
+    Returns:
+        ``(y (B, H, N, D), (S, z))`` with the linear state of keys ``0 .. N - w - 1`` per key head, or None
+        when the kernel is unavailable or does not apply.
+    """
+    if not applicable(q, k, v, fq, fk) or window < 1:
+        return None
+    gam = torch.as_tensor(gamma, dtype=torch.float32)
+    if torch.is_grad_enabled() and gam.requires_grad:
+        return None
+    mod = load()
+    if mod is None:
+        return None
+    B, H, N, d = q.shape
+    Hk, D = k.shape[1], v.shape[-1]
+    if v.shape[:3] != (B, Hk, N) or k.shape[0] != B or k.shape[2] != N or k.shape[-1] != d:
+        raise ValueError(f"fused_hybrid_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "must be (B, H, N, d), (B, Hk, N, d), (B, Hk, N, D)")
+    gam = gam.detach().expand(H).contiguous() if gam.dim() == 0 else gam.detach().contiguous()
+    if gam.shape != (H,):
+        raise ValueError(f"gamma must be a scalar or one value per query head ({H},), got {tuple(gam.shape)}")
+    (wq, bq), (wk, bk) = _hedgehog_params(fq), _hedgehog_params(fk)
+    if feature_scale != 1.0:  # fm(x * s) = softmax(x @ (s W) + b)
+        wq, wk = wq * feature_scale, wk * feature_scale
+    Fd = wq.shape[-1]
+    Sz = torch.empty(B, Hk, Fd, D + 1)
+    f32 = [t.to(torch.float32).contiguous() for t in (q, k, v)]
+    split = B * Hk < torch.get_num_threads() and H > Hk
+    y = mod.hybrid_forward(*f32, wq, bq, wk, bk, gam, Sz, int(window), CHUNK,
+                           float(d ** -0.5 if scale is None else scale), float(eps), split)
+    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())

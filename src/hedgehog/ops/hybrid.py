@@ -346,7 +346,8 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
     features); equal to ``hybrid_attention(q, k, v, fm_q(q), fm_k(k), ...)``. ``feature_map_k`` returns q's
     head count (grouped maps repeat); positions (N,) go to the maps (default 0..N-1).
     With ``return_state`` also returns ``(S (B, H, F, D), z (B, H, F))``, the linear state of keys
-    ``0..N-w-1`` (what decoding continues from, next to the last ``w`` keys/values)."""
+    ``0..N-w-1`` (what decoding continues from, next to the last ``w`` keys/values).
+    Hedgehog maps on the CPU without autograd go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`)."""
     B, H, N, d = q.shape
     if k.shape[:3] != (B, H, N) or v.shape[:3] != (B, H, N):
         raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -358,6 +359,12 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
         out = hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,
                                scale, chunk_size, return_state=return_state, eps=eps, block_size=block_size)
         return (out[0], out[1][0]) if return_state else out
+    if not q.is_cuda:  # Hedgehog maps without autograd: the fused CPU kernel
+        from hedgehog.ops import cpu_kernel
+
+        out = cpu_kernel.fused_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window, gamma, scale, eps=eps)
+        if out is not None:
+            return out if return_state else out[0]
     fd = feature_map_q.feature_dim
     scale = d ** -0.5 if scale is None else scale
     y, (S, z) = _hybrid(q, k, v, q, k, feature_map_q, feature_map_k, positions, fd, window, gamma, scale,

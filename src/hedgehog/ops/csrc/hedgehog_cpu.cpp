@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -86,6 +87,60 @@ void softmax_halves(float* u, int L, int ld, int P, const float* bias) {
       for (int j = 0; j < P; ++j) p[j] *= inv;
     }
   }
+}
+
+// Reductions over n floats (vectorised with masked tails; the compiler keeps float sums in order).
+#if defined(__AVX512F__)
+inline __mmask16 tail_mask(int r) { return static_cast<__mmask16>((1u << r) - 1u); }
+#endif
+
+float vmax(const float* x, int n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int j = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(x + j));
+  if (j < n) acc = _mm512_mask_max_ps(acc, tail_mask(n - j), acc, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
+  return _mm512_reduce_max_ps(acc);
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+float vdot(const float* x, const float* y, int n) {  // y == nullptr: the sum of x
+  int j = 0;
+  float s = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16)
+    acc = y ? _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j), acc)
+            : _mm512_add_ps(acc, _mm512_loadu_ps(x + j));
+  if (j < n) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 xv = _mm512_maskz_loadu_ps(k, x + j);
+    acc = y ? _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(k, y + j), acc) : _mm512_add_ps(acc, xv);
+  }
+  return _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) s += y ? x[j] * y[j] : x[j];
+  return s;
+}
+
+// In place: x[j] = g * exp(sc * (x[j] - m)) for j < n.
+void scaled_exp(float* x, int n, float m, float sc, float g) {
+  int j = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(sc), vms = _mm512_set1_ps(sc * m), vg = _mm512_set1_ps(g);
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(x + j, _mm512_mul_ps(vg, _ZGVeN16v_expf(_mm512_fmsub_ps(_mm512_loadu_ps(x + j), vs, vms))));
+  if (j < n) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 e = _ZGVeN16v_expf(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x + j), vs, vms));
+    _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(vg, e));
+    return;
+  }
+#endif
+  for (; j < n; ++j) x[j] = g * std::exp(sc * x[j] - sc * m);
 }
 
 void check(const torch::Tensor& t, const char* name, int64_t dim) {
@@ -181,12 +236,7 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
             for (int i = 0; i < L; ++i) {  // causal mask; denominator = phi_q . z + row sum of the masked a
               float* row = qa + i * ld;
               std::fill(row + Fi + i + 1, row + Fi + L, 0.0f);
-              float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-              for (int f = 0; f < Fi; ++f) s += row[f] * z[f];
-#pragma omp simd reduction(+ : s)
-              for (int j = 0; j <= i; ++j) s += row[Fi + j];
-              den[i] = s;
+              den[i] = vdot(row, z.data(), Fi) + vdot(row + Fi, nullptr, i + 1);
             }
             // numerator in one sgemm: [phi_q | a] @ [S; v]
             float* yy = Y + ((b * H + h) * N + t0 + c0) * D;
@@ -217,6 +267,141 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return y;
 }
 
+// The LoLCATs hybrid: query n sees keys n - w < i <= n through exact softmax (scores q.k * scale, c_n
+// the window max, per-head factor gamma) and keys i <= n - w through the linear state, one normalisation:
+//   y_n = [sum_win g e^(s - c_n) v_i + phi_q . S_{<=n-w}] / [sum_win g e^(s - c_n) + phi_q . z_{<=n-w}].
+// Per chunk [t, t + L) the linear part is the causal kernel above on keys delayed by w (rows t - w ..
+// t - w + L of the key features, kept in a buffer that slides with the blocks), and both parts share one
+// coefficient row over the values t - w .. t + L - 1: [0, i] linear scores, (i, i + w] window weights.
+//   y = [phi_q | coef] @ [S; v[t - w : t + L]] / (phi_q . z + sum coef)
+// gamma (H); Sz (B, Hk, 2P, D + 1) receives the state of keys 0 .. N - w - 1 (it starts from zero).
+torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
+                             torch::Tensor wk, torch::Tensor bk, torch::Tensor gamma, torch::Tensor Sz,
+                             int64_t window, int64_t chunk, double scale, double eps, bool split_groups) {
+  check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(wq, "wq", 3); check(wk, "wk", 3); check(Sz, "Sz", 4);
+  check(gamma, "gamma", 1);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t Hk = k.size(1), D = v.size(3), F = wq.size(2), P = F / 2, D1 = D + 1;
+  TORCH_CHECK(H % Hk == 0 && k.size(0) == B && k.size(2) == N && k.size(3) == d && v.size(0) == B &&
+                  v.size(1) == Hk && v.size(2) == N && F % 2 == 0 && wq.size(0) == H && wq.size(1) == d &&
+                  wk.size(0) == Hk && wk.size(1) == d && wk.size(2) == F && Sz.size(0) == B && Sz.size(1) == Hk &&
+                  Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1 && window >= 1 && gamma.size(0) == H,
+              "hybrid_forward: shapes do not fit");
+  const bool has_bq = bq.numel() > 0, has_bk = bk.numel() > 0;
+  if (has_bq) { check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F); }
+  if (has_bk) { check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F); }
+  const int64_t g = H / Hk;
+  auto y = torch::empty({B, H, N, D}, q.options());
+  Sz.zero_();
+  torch::Tensor states = split_groups && g > 1 ? torch::zeros({B, Hk, g, F, D1}, Sz.options()) : Sz;
+  const int64_t tasks = split_groups && g > 1 ? B * H : B * Hk;
+  const int64_t per_task_heads = split_groups && g > 1 ? 1 : g;
+
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  const float* WQ = wq.data_ptr<float>();
+  const float* WK = wk.data_ptr<float>();
+  const float* BQ = has_bq ? bq.data_ptr<float>() : nullptr;
+  const float* BK = has_bk ? bk.data_ptr<float>() : nullptr;
+  const float* GAM = gamma.data_ptr<float>();
+  float* ST = states.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const int C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
+  const int W = static_cast<int>(window);
+  const int Fi = static_cast<int>(F), Di = static_cast<int>(D), di = static_cast<int>(d);
+  const float epsf = static_cast<float>(eps), sc = static_cast<float>(scale);
+  const int Tb = C * std::max(1, 256 / C);
+  const int ld = Fi + C + W;  // query rows: [phi_q (F) | coefficients over the chunk's L + w values]
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int one = 1;
+    const int mkl_prev = mkl_set_num_threads_local_(&one);
+    // key features of positions [t0 - w, t0 + Tb): the delayed keys of the block's chunks
+    std::vector<float> pk(static_cast<size_t>(W + Tb) * F), pq(static_cast<size_t>(per_task_heads) * Tb * ld);
+    std::vector<float> sv(static_cast<size_t>(F + C + W) * D), z(F), den(C), a(C * C);
+    float* S = sv.data();
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b, hk, h0;
+      if (per_task_heads == 1 && g > 1) {
+        b = task / H; h0 = task % H; hk = h0 / g;
+      } else {
+        b = task / Hk; hk = task % Hk; h0 = hk * g;
+      }
+      const float* kk = K + (b * Hk + hk) * N * d;
+      const float* vv = V + (b * Hk + hk) * N * D;
+      std::fill(S, S + F * D, 0.0f);
+      std::fill(z.begin(), z.end(), 0.0f);
+      std::fill(pk.begin(), pk.begin() + static_cast<size_t>(W) * F, 0.0f);  // keys before position 0
+      for (int64_t t0 = 0; t0 < N; t0 += Tb) {
+        const int Lb = static_cast<int>(std::min<int64_t>(Tb, N - t0));
+        if (t0 > 0)  // slide: the previous block's last w key rows move to the front
+          std::memmove(pk.data(), pk.data() + static_cast<size_t>(Tb) * F, static_cast<size_t>(W) * F * sizeof(float));
+        float* pk_new = pk.data() + static_cast<size_t>(W) * F;
+        gemm(false, false, Lb, Fi, di, kk + t0 * d, di, WK + hk * d * F, Fi, 0.0f, pk_new, Fi);
+        softmax_halves(pk_new, Lb, Fi, static_cast<int>(P), BK ? BK + hk * F : nullptr);
+        for (int64_t r = 0; r < per_task_heads; ++r) {
+          const int64_t h = h0 + r;
+          float* pqr = pq.data() + r * Tb * ld;
+          gemm(false, false, Lb, Fi, di, Q + ((b * H + h) * N + t0) * d, di, WQ + h * d * F, Fi, 0.0f, pqr, ld);
+          softmax_halves(pqr, Lb, ld, static_cast<int>(P), BQ ? BQ + h * F : nullptr);
+        }
+        for (int c0 = 0; c0 < Lb; c0 += C) {
+          const int L = std::min(C, Lb - c0);
+          const int64_t t = t0 + c0;
+          const int jmin = static_cast<int>(std::max<int64_t>(0, W - t));  // values t - w + j exist for j >= jmin
+          const int nv = L + W - jmin;                                     // values t - w + jmin .. t + L - 1
+          const float* pk_lag = pk.data() + static_cast<size_t>(c0) * F;   // key features of t - w .. t - w + L
+          std::copy(vv + (t - W + jmin) * D, vv + (t + L) * D, sv.data() + F * D);
+          for (int64_t r = 0; r < per_task_heads; ++r) {
+            const int64_t h = h0 + r;
+            const float gh = GAM[h];
+            float* qa = pq.data() + r * Tb * ld + c0 * ld;
+            float* coef = qa + Fi;  // column j <-> value t - w + jmin + j
+            const float* qc = Q + ((b * H + h) * N + t) * d;
+            gemm(false, true, L, nv, di, qc, di, kk + (t - W + jmin) * d, di, 0.0f, coef, ld);  // raw scores
+            if (jmin < L) gemm(false, true, L, L - jmin, Fi, qa, ld, pk_lag + jmin * F, Fi, 0.0f, a.data(), C);
+            for (int i = 0; i < L; ++i) {
+              float* row = coef + i * ld;
+              const int lo = std::max(i + 1 - jmin, 0), hi = i + W - jmin;  // window columns [lo, hi]
+              const float m = vmax(row + lo, hi - lo + 1);
+              std::copy(a.data() + i * C, a.data() + i * C + lo, row);  // linear part: delayed keys <= t + i - w
+              scaled_exp(row + lo, hi - lo + 1, m, sc, gh);
+              std::fill(row + hi + 1, row + nv, 0.0f);
+              den[i] = vdot(row, nullptr, hi + 1) + vdot(qa + i * ld, z.data(), Fi);
+            }
+            float* yy = Y + ((b * H + h) * N + t) * D;
+            gemm(false, false, L, Di, Fi + nv, qa, ld, sv.data(), Di, 0.0f, yy, Di);
+            for (int i = 0; i < L; ++i) {
+              const float inv = 1.0f / std::max(den[i], epsf);
+              float* yi = yy + i * D;
+#pragma omp simd
+              for (int j = 0; j < Di; ++j) yi[j] *= inv;
+            }
+          }
+          if (jmin < L) {  // the delayed keys t - w + jmin .. t - w + L enter the state
+            gemm(true, false, Fi, Di, L - jmin, pk_lag + jmin * F, Fi, sv.data() + F * D, Di, 1.0f, S, Di);
+            for (int i = jmin; i < L; ++i) {
+              const float* ki = pk_lag + i * F;
+#pragma omp simd
+              for (int f = 0; f < Fi; ++f) z[f] += ki[f];
+            }
+          }
+        }
+      }
+      float* Sz_t = ST + task * F * D1;
+      for (int f = 0; f < Fi; ++f) {
+        std::copy(S + f * D, S + (f + 1) * D, Sz_t + f * D1);
+        Sz_t[f * D1 + D] = z[f];
+      }
+    }
+    mkl_set_num_threads_local_(&mkl_prev);
+  });
+  if (states.data_ptr() != Sz.data_ptr()) Sz.copy_(states.select(2, 0));
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_forward", &causal_forward, "fused causal Hedgehog attention (float32, no autograd)");
+  m.def("hybrid_forward", &hybrid_forward, "fused sliding-window + Hedgehog hybrid attention (float32, no autograd)");
 }
