@@ -310,7 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=["linear", "hybrid"], default="linear",
                    help="pure linear attention, or the sliding-window + linear hybrid (default: %(default)s)")
     p.add_argument("--window", type=int, default=64, help="hybrid window (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=64, help="chunk of the causal kernel (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk of the PyTorch causal kernel (the fused CPU forward uses its own, "
+                   "32) (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point, best kept (default: %(default)s)")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward timings")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
