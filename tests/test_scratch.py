@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
-from hedgehog.scratch import (KINDS, ByteTokenizer, MQARConfig, ModelSpec, TrainJob, _mimic_loss, build_model,
-                              mqar_batch, parse_kinds, train_compare, train_lm)
+from hedgehog.scratch import (KINDS, ByteTokenizer, MQARConfig, ModelSpec, ShortConv, TrainJob, _mimic_loss,
+                              build_model, mqar_batch, parse_kinds, train_compare, train_lm)
 
 TINY = ModelSpec(vocab_size=ByteTokenizer.vocab_size, d_model=32, layers=2, heads=2, max_len=64, window=8)
 
@@ -177,3 +177,34 @@ def test_mqar_cli(tmp_path):
     assert (tmp_path / "mqar.png").exists()
     with pytest.raises(SystemExit, match="too small"):
         main(["mqar", "--vocab-size", "4", "--kv-pairs", "4"])
+
+
+@pytest.mark.parametrize("kind,arch", [("softmax", "llama"), ("hedgehog", "llama"), ("hybrid", "llama"),
+                                       ("t2r", "gpt2")], ids=lambda x: str(x))
+def test_short_conv_starts_as_identity_and_decodes_like_the_full_forward(kind, arch):
+    """Identity init: the same logits as the model without it. Then, with trained (random) taps, greedy
+    generation through the cache (the conv's tail kept per layer) equals step-by-step full forwards."""
+    spec = ModelSpec(**{**TINY.__dict__, "arch": arch})
+    plain = build_model(kind, spec, seed=3)
+    conv = build_model(kind, ModelSpec(**{**spec.__dict__, "short_conv": 3}), seed=3)
+    assert sum(isinstance(m, ShortConv) for m in conv.modules()) == TINY.layers
+    ids = torch.randint(0, TINY.vocab_size - 1, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(input_ids=ids).logits, plain(input_ids=ids).logits)
+        for m in conv.modules():
+            if isinstance(m, ShortConv):
+                m.weight.normal_(0, 0.5)
+        changed = conv(input_ids=ids).logits
+        assert not torch.allclose(changed, plain(input_ids=ids).logits, atol=1e-3)
+        conv.eval()
+        out = conv.generate(ids[:1, :12], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        seq = ids[:1, :12]
+        for _ in range(6):  # no cache: every step the whole sequence
+            nxt = conv(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_short_conv_rejects_bad_kernel():
+    with pytest.raises(ValueError, match="kernel must be >= 1"):
+        ShortConv(8, 0, 0)

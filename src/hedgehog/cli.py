@@ -109,7 +109,8 @@ def _train(args):
     except ValueError as e:
         raise SystemExit(str(e))
     _setup_logging()
-    spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch)
+    spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
+                     short_conv=args.short_conv)
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,
@@ -393,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--window", type=int, default=64, help="hybrid kind: softmax window")
     t.add_argument("--arch", choices=["llama", "gpt2"], default="llama",
                    help="llama: RoPE, SwiGLU, RMSNorm; gpt2: learned absolute positions, GELU, LayerNorm")
+    t.add_argument("--short-conv", type=int, default=0, metavar="K",
+                   help="a causal depthwise conv of kernel K (identity init) in front of every attention, "
+                        "for every kind alike (0: none)")
     t.add_argument("--mimic-weight", type=float, default=1.0,
                    help="weight of the Hedgehog maps' softmax-mimicry loss added to the LM loss (0: LM loss only)")
     t.add_argument("--eval-points", type=int, default=8, help="validation measurements along training")

@@ -90,6 +90,56 @@ class ModelSpec:
     # "llama": RoPE, SwiGLU, RMSNorm; "gpt2": learned absolute positions, GELU MLP, LayerNorm (position
     # lives in q/k before any feature map, which linear attention needs for positional heads)
     arch: str = "llama"
+    short_conv: int = 0  # > 0: a causal depthwise conv of this kernel in front of every attention (ShortConv)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over the sequence in front of an attention layer (kernel K).
+
+    Like the short convolutions of Based and fla's linear-attention layers: each position's attention input
+    mixes in its K - 1 predecessors, the local precision that linear attention (one running sum over all
+    keys) lacks. Identity initialisation (last tap 1, others 0): a model starts exactly as without it.
+    With a cache (generation) the last K - 1 inputs of each layer are kept on the cache object, so decoding
+    one token at a time equals the full forward; a new cache starts from zeros.
+    """
+
+    def __init__(self, hidden: int, kernel: int, layer_idx: int):
+        super().__init__()
+        if kernel < 1:
+            raise ValueError(f"short_conv kernel must be >= 1, got {kernel}")
+        self.kernel, self.layer_idx = kernel, layer_idx
+        w = torch.zeros(hidden, 1, kernel)
+        w[:, 0, -1] = 1.0
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        tails = None if cache is None else cache.__dict__.setdefault("_short_conv_tails", {})
+        tail = None if tails is None else tails.get(self.layer_idx)
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[-1])
+        xx = torch.cat([tail.to(x.dtype), x], 1)
+        y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2).contiguous()
+        if tails is not None:
+            tails[self.layer_idx] = xx[:, xx.shape[1] - (self.kernel - 1):].detach()
+        return y
+
+
+def _short_conv_hook(module, args, kwargs):
+    """Forward pre-hook of an attention module: its hidden states go through ``module.short_conv`` first."""
+    cache = kwargs.get("past_key_values")
+    if args:
+        return (module.short_conv(args[0], cache), *args[1:]), kwargs
+    kwargs["hidden_states"] = module.short_conv(kwargs["hidden_states"], cache)
+    return args, kwargs
+
+
+def add_short_conv(model: nn.Module, kernel: int) -> None:
+    """Put a :class:`ShortConv` (identity-initialised) in front of every attention layer of ``model``."""
+    blocks = model.model.layers if hasattr(model, "model") else model.transformer.h
+    for i, block in enumerate(blocks):
+        attn = block.self_attn if hasattr(block, "self_attn") else block.attn
+        attn.short_conv = ShortConv(model.config.hidden_size, kernel, i)
+        attn.register_forward_pre_hook(_short_conv_hook, with_kwargs=True)
 
 
 def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
@@ -124,6 +174,8 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         convert_model(model, HedgehogConfig(feature_map=fm, attention="hybrid" if kind == "hybrid" else "linear",
                                             window=spec.window))
         # conversion draws random features (performer) from the global generator: keep runs reproducible
+    if spec.short_conv:
+        add_short_conv(model, spec.short_conv)
     return model
 
 
