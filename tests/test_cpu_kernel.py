@@ -57,6 +57,12 @@ def reference(q, k, v, fq, fk, state=None):
     return num / den, None
 
 
+def assert_matches(got, want):
+    """Output and state (y, S, z) against the float64 reference."""
+    for g, w, atol in zip(got, want, (2e-6, 2e-5, 2e-5)):
+        torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=atol)
+
+
 @needs_kernel
 @pytest.mark.parametrize("n", LENGTHS, ids=lambda n: f"N{n}")
 def test_fused_matches_float64_reference(n):
@@ -67,9 +73,7 @@ def test_fused_matches_float64_reference(n):
     with torch.no_grad():
         y, (S, z) = fused_hedgehog_attention(q, k, v, fq, fk)
     ref, (S_ref, z_ref) = reference(q, k, v, fq, fk)
-    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+    assert_matches((y, S, z), (ref, S_ref, z_ref))
 
 
 @needs_kernel
@@ -83,10 +87,8 @@ def test_fused_grouped_query_heads(b, h, hk):
     with torch.no_grad():
         y, (S, z) = fused_hedgehog_attention(q, k, v, fq, fk)
     ref, (S_ref, z_ref) = reference(q, k, v, fq, fk)
-    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
     assert S.shape == (b, hk, 2 * d, D)
-    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+    assert_matches((y, S, z), (ref, S_ref, z_ref))
 
 
 @needs_kernel
@@ -151,21 +153,31 @@ def test_fused_stable_at_large_inputs_and_half_precision():
                                rtol=2e-2, atol=2e-2)
 
 
+def spy_on_kernel(monkeypatch, name):
+    """Counts the calls of the kernel function ``name`` (the kernel's other functions still work)."""
+    calls, real = [], cpu_kernel.load()
+
+    class Spy:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+    def counted(*a):
+        calls.append(1)
+        return getattr(real, name)(*a)
+
+    spy = Spy()
+    spy.__dict__[name] = counted
+    monkeypatch.setattr(cpu_kernel, "_module", spy)
+    return calls
+
+
 @needs_kernel
 def test_feature_linear_attention_dispatch(monkeypatch):
     """No autograd on the CPU: the kernel serves and agrees with the PyTorch path; with autograd, or when
     disabled, the PyTorch path runs (and gradients flow)."""
     fq, fk = trained_maps(3, 3, 16, seed=6)
     q, k, v = torch.randn(2, 3, 90, 16), torch.randn(2, 3, 90, 16), torch.randn(2, 3, 90, 8)
-    calls = []
-    real = cpu_kernel.load().causal_forward
-
-    class Spy:
-        def causal_forward(self, *a):
-            calls.append(1)
-            return real(*a)
-
-    monkeypatch.setattr(cpu_kernel, "_module", Spy())
+    calls = spy_on_kernel(monkeypatch, "causal_forward")
     with torch.no_grad():
         fused = feature_linear_attention(q, k, v, fq, fk)
     assert calls == [1]
@@ -231,9 +243,7 @@ def test_fused_hybrid_matches_float64_reference(n, window):
     with torch.no_grad():
         y, (S, z) = cpu_kernel.fused_hybrid_attention(q, k, v, fq, fk, window, gamma)
     ref, (S_ref, z_ref) = hybrid_reference(q, k, v, fq, fk, window, gamma)
-    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+    assert_matches((y, S, z), (ref, S_ref, z_ref))
 
 
 @needs_kernel
@@ -244,9 +254,7 @@ def test_fused_hybrid_grouped_heads_and_feature_scale(b, h, hk):
     with torch.no_grad():
         y, (S, z) = cpu_kernel.fused_hybrid_attention(q, k, v, fq, fk, 40, 0.3, feature_scale=0.6)
     ref, (S_ref, z_ref) = hybrid_reference(q, k, v, fq, fk, 40, 0.3, feature_scale=0.6)
-    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(S.double(), S_ref, rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(z.double(), z_ref, rtol=2e-5, atol=2e-5)
+    assert_matches((y, S, z), (ref, S_ref, z_ref))
 
 
 @needs_kernel
@@ -256,15 +264,7 @@ def test_feature_hybrid_attention_dispatch(monkeypatch):
 
     fq, fk = trained_maps(2, 2, 16, seed=10)
     q, k, v = torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 16), torch.randn(1, 2, 130, 8)
-    calls = []
-    real = cpu_kernel.load().hybrid_forward
-
-    class Spy:
-        def hybrid_forward(self, *a):
-            calls.append(1)
-            return real(*a)
-
-    monkeypatch.setattr(cpu_kernel, "_module", Spy())
+    calls = spy_on_kernel(monkeypatch, "hybrid_forward")
     with torch.no_grad():
         fused, (S, z) = feature_hybrid_attention(q, k, v, fq, fk, window=24, gamma=0.4, return_state=True)
         monkeypatch.setenv("HEDGEHOG_CPU_KERNEL", "0")

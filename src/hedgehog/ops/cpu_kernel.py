@@ -107,6 +107,19 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq, fk) -> boo
             and fq.num_heads == q.shape[1] and fk.num_heads == k.shape[1] and q.shape[1] % k.shape[1] == 0)
 
 
+def _module_for(q, k, v, fq, fk, name: str):
+    """The kernel module when it applies to these inputs and is built, else None; checks the head layout."""
+    if not applicable(q, k, v, fq, fk):
+        return None
+    mod = load()
+    if mod is not None:
+        B, H, N, d = q.shape
+        if v.shape[:3] != (B, k.shape[1], N) or k.shape[0] != B or k.shape[2] != N or k.shape[-1] != d:
+            raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                             "must be (B, H, N, d), (B, Hk, N, d), (B, Hk, N, D)")
+    return mod
+
+
 def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1e-6):
     """Causal Hedgehog attention ``y = linear_attention(fq(q), fk(k) per group, v)`` in the fused kernel.
 
@@ -118,16 +131,11 @@ def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1
         ``(y (B, H, N, D) in v's dtype, (S, z))`` with the state per key head in float32, or None when the
         kernel is unavailable or does not apply (the caller then takes the PyTorch path).
     """
-    if not applicable(q, k, v, fq, fk):
-        return None
-    mod = load()
+    mod = _module_for(q, k, v, fq, fk, "fused_hedgehog_attention")
     if mod is None:
         return None
     B, H, N, _ = q.shape
     Hk, D = k.shape[1], v.shape[-1]
-    if v.shape[:3] != (B, Hk, N) or k.shape[0] != B or k.shape[2] != N or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"fused_hedgehog_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "must be (B, H, N, d), (B, Hk, N, d), (B, Hk, N, D)")
     wq, bq = _hedgehog_params(fq)
     wk, bk = _hedgehog_params(fk)
     Fd = wq.shape[-1]
@@ -156,19 +164,14 @@ def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[
         ``(y (B, H, N, D), (S, z))`` with the linear state of keys ``0 .. N - w - 1`` per key head, or None
         when the kernel is unavailable or does not apply.
     """
-    if not applicable(q, k, v, fq, fk) or window < 1:
-        return None
     gam = torch.as_tensor(gamma, dtype=torch.float32)
-    if torch.is_grad_enabled() and gam.requires_grad:
+    if window < 1 or (torch.is_grad_enabled() and gam.requires_grad):
         return None
-    mod = load()
+    mod = _module_for(q, k, v, fq, fk, "fused_hybrid_attention")
     if mod is None:
         return None
     B, H, N, d = q.shape
     Hk, D = k.shape[1], v.shape[-1]
-    if v.shape[:3] != (B, Hk, N) or k.shape[0] != B or k.shape[2] != N or k.shape[-1] != d:
-        raise ValueError(f"fused_hybrid_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "must be (B, H, N, d), (B, Hk, N, d), (B, Hk, N, D)")
     gam = gam.detach().expand(H).contiguous() if gam.dim() == 0 else gam.detach().contiguous()
     if gam.shape != (H,):
         raise ValueError(f"gamma must be a scalar or one value per query head ({H},), got {tuple(gam.shape)}")

@@ -1,19 +1,18 @@
-// Fused causal Hedgehog attention for the CPU (inference / prefill, float32).
+// Fused causal Hedgehog attention and the sliding-window hybrid for the CPU (inference / prefill, float32).
 //
-// One pass over the sequence per (batch, key head) task, chunk by chunk. Everything a chunk touches
-// (its q/k features, the (C x C) product, the [S, z] state of F x (D + 1) floats) stays in the core's
-// caches; only q, k, v are read and y written. The PyTorch path computes the same thing in ~40 ops
-// per block whose temporaries go through memory; here the arithmetic is a handful of small sgemm calls
-// (MKL, single-threaded inside the parallel region) and a vectorised softmax.
+// One pass over the sequence per (batch, key head) task. Per block of Tb tokens both feature maps are
+// computed (one sgemm each, then a vectorised softmax over each half); per chunk of C tokens the scores,
+// the readout and the state update follow. Everything a chunk touches (its features, its scores, the
+// state of F x D floats) stays in the core's caches; only q, k, v are read and y written. The PyTorch
+// path does the same arithmetic in ~40 ops per block whose temporaries go through memory. The sgemms are
+// MKL's, single-threaded inside the parallel region (tasks run in parallel).
 //
-// Per chunk of L <= C tokens starting at t (all row-major):
-//   phi_k = softmax2(k[t:t+L] @ Wk + bk)            (L x F), F = 2P: softmax over each half of P
-//   va    = [v[t:t+L], 1]                           (L x (D + 1))
-//   for each query head h of the group:
-//     phi_q = softmax2(q_h[t:t+L] @ Wq_h + bq_h)
-//     o     = phi_q @ Sz + tril(phi_q @ phi_k^T) @ va  (numerator | denominator)
-//     y_h[t:t+L] = o[:, :D] / max(o[:, D], eps)
-//   Sz   += phi_k^T @ va                            (the chunk enters the state after its readout)
+// Causal, per chunk of L <= C tokens starting at t (row-major, F = 2P, softmax2 = softmax over each half):
+//   phi_k = softmax2(k[t:t+L] @ Wk + bk),  phi_q = softmax2(q_h[t:t+L] @ Wq_h + bq_h)
+//   a     = tril(phi_q @ phi_k^T)
+//   y_h   = [phi_q | a] @ [S; v[t:t+L]]  /  max(phi_q . z + rowsum(a), eps)
+//   S += phi_k^T @ v[t:t+L],  z += colsum(phi_k)          (after every query head of the group read)
+// The hybrid (hybrid_forward below) adds the softmax window to the same coefficient row.
 //
 // The Python side (hedgehog/ops/cpu_kernel.py) checks shapes/dtypes and falls back to the PyTorch
 // path when this file cannot be compiled.
@@ -148,120 +147,163 @@ void check(const torch::Tensor& t, const char* name, int64_t dim) {
               name, " must be a contiguous float32 CPU tensor with ", dim, " dims");
 }
 
+// Shapes, raw pointers and the task layout both kernels share.
+// q (B, H, N, d); k (B, Hk, N, d); v (B, Hk, N, D); wq (H, d, 2P), bq (H, 2P) or empty; wk (Hk, d, 2P),
+// bk (Hk, 2P) or empty; Sz (B, Hk, 2P, D + 1). Query head h reads key head h / (H / Hk).
+// split_groups: one task per query head (each recomputes its group's key features and keeps its own
+// copy of the state; for few key heads on more threads) instead of one task per key head.
+struct Problem {
+  int64_t B, H, N, d, Hk, D, F, P, D1, g, tasks, heads_per_task;
+  int C, Tb, Fi, Di, di;
+  const float *Q, *K, *V, *WQ, *WK, *BQ, *BK;
+
+  Problem(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& wq,
+          const torch::Tensor& bq, const torch::Tensor& wk, const torch::Tensor& bk, const torch::Tensor& Sz,
+          int64_t chunk, bool split_groups, const char* name) {
+    check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(wq, "wq", 3); check(wk, "wk", 3);
+    check(Sz, "Sz", 4);
+    B = q.size(0); H = q.size(1); N = q.size(2); d = q.size(3);
+    Hk = k.size(1); D = v.size(3); F = wq.size(2); P = F / 2; D1 = D + 1;
+    TORCH_CHECK(H % Hk == 0 && k.size(0) == B && k.size(2) == N && k.size(3) == d && v.size(0) == B &&
+                    v.size(1) == Hk && v.size(2) == N && F % 2 == 0 && wq.size(0) == H && wq.size(1) == d &&
+                    wk.size(0) == Hk && wk.size(1) == d && wk.size(2) == F && Sz.size(0) == B &&
+                    Sz.size(1) == Hk && Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1,
+                name, ": shapes do not fit");
+    if (bq.numel() > 0) { check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F, name, ": bq"); }
+    if (bk.numel() > 0) { check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F, name, ": bk"); }
+    g = H / Hk;
+    const bool split = split_groups && g > 1;
+    tasks = split ? B * H : B * Hk;
+    heads_per_task = split ? 1 : g;
+    C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
+    Tb = C * std::max(1, 256 / C);  // feature blocks: larger sgemms, the block's features stay in L2
+    Fi = static_cast<int>(F); Di = static_cast<int>(D); di = static_cast<int>(d);
+    Q = q.data_ptr<float>(); K = k.data_ptr<float>(); V = v.data_ptr<float>();
+    WQ = wq.data_ptr<float>(); WK = wk.data_ptr<float>();
+    BQ = bq.numel() > 0 ? bq.data_ptr<float>() : nullptr;
+    BK = bk.numel() > 0 ? bk.data_ptr<float>() : nullptr;
+  }
+
+  bool split() const { return heads_per_task == 1 && g > 1; }
+
+  // task -> batch b, key head hk, first query head h0 (the task's heads are h0 .. h0 + heads_per_task - 1)
+  void heads(int64_t task, int64_t& b, int64_t& hk, int64_t& h0) const {
+    if (split()) { b = task / H; h0 = task % H; hk = h0 / g; }
+    else { b = task / Hk; hk = task % Hk; h0 = hk * g; }
+  }
+
+  // features of tokens [t0, t0 + L) into rows of stride ld: key head hk, or query head h
+  void key_features(int64_t b, int64_t hk, int64_t t0, int L, float* out, int ld) const {
+    gemm(false, false, L, Fi, di, K + ((b * Hk + hk) * N + t0) * d, di, WK + hk * d * F, Fi, 0.0f, out, ld);
+    softmax_halves(out, L, ld, static_cast<int>(P), BK ? BK + hk * F : nullptr);
+  }
+  void query_features(int64_t b, int64_t h, int64_t t0, int L, float* out, int ld) const {
+    gemm(false, false, L, Fi, di, Q + ((b * H + h) * N + t0) * d, di, WQ + h * d * F, Fi, 0.0f, out, ld);
+    softmax_halves(out, L, ld, static_cast<int>(P), BQ ? BQ + h * F : nullptr);
+  }
+
+  // [S, z] (F x (D + 1)) <-> S (F x D) and z (F) apart: every sgemm then has D columns (D = 64 fits the
+  // 16-lane kernels; D + 1 costs a remainder pass per call)
+  void unpack(const float* Sz, float* S, float* z) const {
+    for (int64_t f = 0; f < F; ++f) {
+      std::copy(Sz + f * D1, Sz + f * D1 + D, S + f * D);
+      z[f] = Sz[f * D1 + D];
+    }
+  }
+  void pack(const float* S, const float* z, float* Sz) const {
+    for (int64_t f = 0; f < F; ++f) {
+      std::copy(S + f * D, S + (f + 1) * D, Sz + f * D1);
+      Sz[f * D1 + D] = z[f];
+    }
+  }
+
+  // y rows /= max(den, eps); then the delayed/current keys enter the state: S += phi_k^T v, z += colsum
+  void normalise(float* y, const float* den, int L, float eps) const {
+    for (int i = 0; i < L; ++i) {
+      const float inv = 1.0f / std::max(den[i], eps);
+      float* yi = y + static_cast<int64_t>(i) * D;
+#pragma omp simd
+      for (int j = 0; j < Di; ++j) yi[j] *= inv;
+    }
+  }
+  void update_state(const float* pk, const float* vrows, int L, float* S, float* z) const {
+    gemm(true, false, Fi, Di, L, pk, Fi, vrows, Di, 1.0f, S, Di);
+    for (int i = 0; i < L; ++i) {
+      const float* ki = pk + static_cast<int64_t>(i) * F;
+#pragma omp simd
+      for (int f = 0; f < Fi; ++f) z[f] += ki[f];
+    }
+  }
+};
+
+// Runs fn(task, S, z, b, hk, h0) over the tasks in parallel, each with its state unpacked from and packed
+// back into states (one (F, D + 1) block per task), MKL single-threaded per call.
+template <typename Fn>
+void run_tasks(const Problem& pb, float* states, Fn fn) {
+  at::parallel_for(0, pb.tasks, 1, [&](int64_t begin, int64_t end) {
+    const int one = 1;
+    const int mkl_prev = mkl_set_num_threads_local_(&one);
+    std::vector<float> S(pb.F * pb.D), z(pb.F);
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b, hk, h0;
+      pb.heads(task, b, hk, h0);
+      float* Sz = states + task * pb.F * pb.D1;
+      pb.unpack(Sz, S.data(), z.data());
+      fn(task, S.data(), z.data(), b, hk, h0);
+      pb.pack(S.data(), z.data(), Sz);
+    }
+    mkl_set_num_threads_local_(&mkl_prev);
+  });
+}
+
 }  // namespace
 
-// q (B, H, N, d); k (B, Hk, N, d); v (B, Hk, N, D); wq (H, d, 2P), bq (H, 2P) or empty; wk (Hk, d, 2P),
-// bk (Hk, 2P) or empty; Sz (B, Hk, 2P, D + 1) the state entering the call, updated in place.
-// Query head h reads key head h / (H / Hk). Returns y (B, H, N, D).
-// split_groups: one task per query head (each recomputes its group's key features and state; for
-// few key heads on more threads) instead of one per key head.
+// Causal Hedgehog attention; Sz is the state entering the call, updated in place. Returns y (B, H, N, D).
 torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
                              torch::Tensor wk, torch::Tensor bk, torch::Tensor Sz, int64_t chunk, double eps,
                              bool split_groups) {
-  check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(wq, "wq", 3); check(wk, "wk", 3); check(Sz, "Sz", 4);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
-  const int64_t Hk = k.size(1), D = v.size(3), F = wq.size(2), P = F / 2, D1 = D + 1;
-  TORCH_CHECK(H % Hk == 0 && k.size(0) == B && k.size(2) == N && k.size(3) == d && v.size(0) == B &&
-                  v.size(1) == Hk && v.size(2) == N && F % 2 == 0 && wq.size(0) == H && wq.size(1) == d &&
-                  wk.size(0) == Hk && wk.size(1) == d && wk.size(2) == F && Sz.size(0) == B && Sz.size(1) == Hk &&
-                  Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1,
-              "causal_forward: shapes do not fit");
-  const bool has_bq = bq.numel() > 0, has_bk = bk.numel() > 0;
-  if (has_bq) { check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F); }
-  if (has_bk) { check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F); }
-  const int64_t g = H / Hk;
-  auto y = torch::empty({B, H, N, D}, q.options());
-  // split_groups: each query head's task keeps its own copy of its key head's state
-  torch::Tensor states = split_groups && g > 1 ? Sz.unsqueeze(2).expand({B, Hk, g, F, D1}).contiguous() : Sz;
-  const int64_t tasks = split_groups && g > 1 ? B * H : B * Hk;
-  const int64_t per_task_heads = split_groups && g > 1 ? 1 : g;
-
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
-  const float* WQ = wq.data_ptr<float>();
-  const float* WK = wk.data_ptr<float>();
-  const float* BQ = has_bq ? bq.data_ptr<float>() : nullptr;
-  const float* BK = has_bk ? bk.data_ptr<float>() : nullptr;
-  float* ST = states.data_ptr<float>();
+  const Problem pb(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "causal_forward");
+  auto y = torch::empty({pb.B, pb.H, pb.N, pb.D}, q.options());
+  torch::Tensor states = pb.split() ? Sz.unsqueeze(2).expand({pb.B, pb.Hk, pb.g, pb.F, pb.D1}).contiguous() : Sz;
   float* Y = y.data_ptr<float>();
-  const int C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
-  const int Fi = static_cast<int>(F), Di = static_cast<int>(D), D1i = static_cast<int>(D1), di = static_cast<int>(d);
+  const int C = pb.C, Tb = pb.Tb, Fi = pb.Fi, Di = pb.Di;
+  const int64_t F = pb.F, D = pb.D, N = pb.N, H = pb.H;
+  const int ld = Fi + C;  // query rows: [phi_q (F) | this chunk's scores a (C)]
   const float epsf = static_cast<float>(eps);
-
-  // Features are computed a block of Tb tokens at a time (larger, more efficient sgemms; the block's
-  // features stay in L2), the attention itself chunk by chunk.
-  const int Tb = C * std::max(1, 256 / C);
-  const int ld = Fi + C;  // query-feature rows: [phi_q (F) | this chunk's scores a (C)]
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int one = 1;
-    const int mkl_prev = mkl_set_num_threads_local_(&one);  // small sgemms: one thread each, tasks in parallel
-    std::vector<float> pk(static_cast<size_t>(Tb) * F), pq(static_cast<size_t>(per_task_heads) * Tb * ld);
-    std::vector<float> sv((F + C) * D), z(F), den(C);  // [S; v of the chunk] (F + C, D), z (F)
-    float* S = sv.data();
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t b, hk, h0;
-      if (per_task_heads == 1 && g > 1) {  // one query head
-        b = task / H; h0 = task % H; hk = h0 / g;
-      } else {
-        b = task / Hk; hk = task % Hk; h0 = hk * g;
-      }
-      const float* kk = K + (b * Hk + hk) * N * d;
-      const float* vv = V + (b * Hk + hk) * N * D;
-      float* Sz_t = ST + task * F * D1;
-      // [S, z] apart: every sgemm has D columns (D = 64 fits the 16-lane kernels; D + 1 costs a remainder pass)
-      for (int f = 0; f < Fi; ++f) {
-        std::copy(Sz_t + f * D1, Sz_t + f * D1 + D, S + f * D);
-        z[f] = Sz_t[f * D1 + D];
-      }
-      for (int64_t t0 = 0; t0 < N; t0 += Tb) {
-        const int Lb = static_cast<int>(std::min<int64_t>(Tb, N - t0));
-        gemm(false, false, Lb, Fi, di, kk + t0 * d, di, WK + hk * d * F, Fi, 0.0f, pk.data(), Fi);
-        softmax_halves(pk.data(), Lb, Fi, static_cast<int>(P), BK ? BK + hk * F : nullptr);
-        for (int64_t r = 0; r < per_task_heads; ++r) {
-          const int64_t h = h0 + r;
-          float* pqr = pq.data() + r * Tb * ld;
-          gemm(false, false, Lb, Fi, di, Q + ((b * H + h) * N + t0) * d, di, WQ + h * d * F, Fi, 0.0f, pqr, ld);
-          softmax_halves(pqr, Lb, ld, static_cast<int>(P), BQ ? BQ + h * F : nullptr);
-        }
-        for (int c0 = 0; c0 < Lb; c0 += C) {
-          const int L = std::min(C, Lb - c0);
-          const float* pkc = pk.data() + c0 * F;
-          const float* vc = vv + (t0 + c0) * D;
-          std::copy(vc, vc + L * D, sv.data() + F * D);
-          for (int64_t r = 0; r < per_task_heads; ++r) {
-            const int64_t h = h0 + r;
-            float* qa = pq.data() + r * Tb * ld + c0 * ld;  // L rows of [phi_q | a]
-            gemm(false, true, L, L, Fi, qa, ld, pkc, Fi, 0.0f, qa + Fi, ld);
-            for (int i = 0; i < L; ++i) {  // causal mask; denominator = phi_q . z + row sum of the masked a
-              float* row = qa + i * ld;
-              std::fill(row + Fi + i + 1, row + Fi + L, 0.0f);
-              den[i] = vdot(row, z.data(), Fi) + vdot(row + Fi, nullptr, i + 1);
-            }
-            // numerator in one sgemm: [phi_q | a] @ [S; v]
-            float* yy = Y + ((b * H + h) * N + t0 + c0) * D;
-            gemm(false, false, L, Di, Fi + L, qa, ld, sv.data(), Di, 0.0f, yy, Di);
-            for (int i = 0; i < L; ++i) {
-              const float inv = 1.0f / std::max(den[i], epsf);
-              float* yi = yy + i * D;
-#pragma omp simd
-              for (int j = 0; j < Di; ++j) yi[j] *= inv;
-            }
+  run_tasks(pb, states.data_ptr<float>(), [&](int64_t, float* S, float* z, int64_t b, int64_t hk, int64_t h0) {
+    // thread-local scratch (allocation per task is cheap next to a task's work)
+    std::vector<float> pk(static_cast<size_t>(Tb) * F), pq(static_cast<size_t>(pb.heads_per_task) * Tb * ld);
+    std::vector<float> den(C);
+    std::vector<float> sv(static_cast<size_t>(F + C) * D);  // [S; v of the chunk]
+    std::copy(S, S + F * D, sv.data());
+    float* Sv = sv.data();
+    const float* vv = pb.V + (b * pb.Hk + hk) * N * D;
+    for (int64_t t0 = 0; t0 < N; t0 += Tb) {
+      const int Lb = static_cast<int>(std::min<int64_t>(Tb, N - t0));
+      pb.key_features(b, hk, t0, Lb, pk.data(), Fi);
+      for (int64_t r = 0; r < pb.heads_per_task; ++r)
+        pb.query_features(b, h0 + r, t0, Lb, pq.data() + r * Tb * ld, ld);
+      for (int c0 = 0; c0 < Lb; c0 += C) {
+        const int L = std::min(C, Lb - c0);
+        const float* pkc = pk.data() + c0 * F;
+        const float* vc = vv + (t0 + c0) * D;
+        std::copy(vc, vc + L * D, sv.data() + F * D);
+        for (int64_t r = 0; r < pb.heads_per_task; ++r) {
+          float* qa = pq.data() + r * Tb * ld + c0 * ld;  // L rows of [phi_q | a]
+          gemm(false, true, L, L, Fi, qa, ld, pkc, Fi, 0.0f, qa + Fi, ld);
+          for (int i = 0; i < L; ++i) {  // causal mask; denominator = phi_q . z + row sum of the masked a
+            float* row = qa + i * ld;
+            std::fill(row + Fi + i + 1, row + Fi + L, 0.0f);
+            den[i] = vdot(row, z, Fi) + vdot(row + Fi, nullptr, i + 1);
           }
-          gemm(true, false, Fi, Di, L, pkc, Fi, vc, Di, 1.0f, S, Di);
-          for (int i = 0; i < L; ++i) {
-            const float* ki = pkc + i * F;
-#pragma omp simd
-            for (int f = 0; f < Fi; ++f) z[f] += ki[f];
-          }
+          float* yy = Y + ((b * H + h0 + r) * N + t0 + c0) * D;
+          gemm(false, false, L, Di, Fi + L, qa, ld, sv.data(), Di, 0.0f, yy, Di);  // [phi_q | a] @ [S; v]
+          pb.normalise(yy, den.data(), L, epsf);
         }
-      }
-      for (int f = 0; f < Fi; ++f) {
-        std::copy(S + f * D, S + (f + 1) * D, Sz_t + f * D1);
-        Sz_t[f * D1 + D] = z[f];
+        pb.update_state(pkc, vc, L, Sv, z);
       }
     }
-    mkl_set_num_threads_local_(&mkl_prev);
+    std::copy(Sv, Sv + F * D, S);
   });
   if (states.data_ptr() != Sz.data_ptr()) Sz.copy_(states.select(2, 0));
   return y;
@@ -278,124 +320,66 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
                              torch::Tensor wk, torch::Tensor bk, torch::Tensor gamma, torch::Tensor Sz,
                              int64_t window, int64_t chunk, double scale, double eps, bool split_groups) {
-  check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(wq, "wq", 3); check(wk, "wk", 3); check(Sz, "Sz", 4);
+  const Problem pb(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "hybrid_forward");
   check(gamma, "gamma", 1);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
-  const int64_t Hk = k.size(1), D = v.size(3), F = wq.size(2), P = F / 2, D1 = D + 1;
-  TORCH_CHECK(H % Hk == 0 && k.size(0) == B && k.size(2) == N && k.size(3) == d && v.size(0) == B &&
-                  v.size(1) == Hk && v.size(2) == N && F % 2 == 0 && wq.size(0) == H && wq.size(1) == d &&
-                  wk.size(0) == Hk && wk.size(1) == d && wk.size(2) == F && Sz.size(0) == B && Sz.size(1) == Hk &&
-                  Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1 && window >= 1 && gamma.size(0) == H,
-              "hybrid_forward: shapes do not fit");
-  const bool has_bq = bq.numel() > 0, has_bk = bk.numel() > 0;
-  if (has_bq) { check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F); }
-  if (has_bk) { check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F); }
-  const int64_t g = H / Hk;
-  auto y = torch::empty({B, H, N, D}, q.options());
+  TORCH_CHECK(window >= 1 && gamma.size(0) == pb.H, "hybrid_forward: window >= 1 and one gamma per query head");
+  auto y = torch::empty({pb.B, pb.H, pb.N, pb.D}, q.options());
   Sz.zero_();
-  torch::Tensor states = split_groups && g > 1 ? torch::zeros({B, Hk, g, F, D1}, Sz.options()) : Sz;
-  const int64_t tasks = split_groups && g > 1 ? B * H : B * Hk;
-  const int64_t per_task_heads = split_groups && g > 1 ? 1 : g;
-
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
-  const float* WQ = wq.data_ptr<float>();
-  const float* WK = wk.data_ptr<float>();
-  const float* BQ = has_bq ? bq.data_ptr<float>() : nullptr;
-  const float* BK = has_bk ? bk.data_ptr<float>() : nullptr;
-  const float* GAM = gamma.data_ptr<float>();
-  float* ST = states.data_ptr<float>();
+  torch::Tensor states = pb.split() ? torch::zeros({pb.B, pb.Hk, pb.g, pb.F, pb.D1}, Sz.options()) : Sz;
   float* Y = y.data_ptr<float>();
-  const int C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
-  const int W = static_cast<int>(window);
-  const int Fi = static_cast<int>(F), Di = static_cast<int>(D), di = static_cast<int>(d);
-  const float epsf = static_cast<float>(eps), sc = static_cast<float>(scale);
-  const int Tb = C * std::max(1, 256 / C);
+  const float* GAM = gamma.data_ptr<float>();
+  const int C = pb.C, Tb = pb.Tb, Fi = pb.Fi, Di = pb.Di, di = pb.di, W = static_cast<int>(window);
+  const int64_t F = pb.F, D = pb.D, N = pb.N, H = pb.H, d = pb.d;
   const int ld = Fi + C + W;  // query rows: [phi_q (F) | coefficients over the chunk's L + w values]
-
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int one = 1;
-    const int mkl_prev = mkl_set_num_threads_local_(&one);
+  const float epsf = static_cast<float>(eps), sc = static_cast<float>(scale);
+  run_tasks(pb, states.data_ptr<float>(), [&](int64_t, float* S, float* z, int64_t b, int64_t hk, int64_t h0) {
     // key features of positions [t0 - w, t0 + Tb): the delayed keys of the block's chunks
-    std::vector<float> pk(static_cast<size_t>(W + Tb) * F), pq(static_cast<size_t>(per_task_heads) * Tb * ld);
-    std::vector<float> sv(static_cast<size_t>(F + C + W) * D), z(F), den(C), a(C * C);
-    float* S = sv.data();
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t b, hk, h0;
-      if (per_task_heads == 1 && g > 1) {
-        b = task / H; h0 = task % H; hk = h0 / g;
-      } else {
-        b = task / Hk; hk = task % Hk; h0 = hk * g;
-      }
-      const float* kk = K + (b * Hk + hk) * N * d;
-      const float* vv = V + (b * Hk + hk) * N * D;
-      std::fill(S, S + F * D, 0.0f);
-      std::fill(z.begin(), z.end(), 0.0f);
-      std::fill(pk.begin(), pk.begin() + static_cast<size_t>(W) * F, 0.0f);  // keys before position 0
-      for (int64_t t0 = 0; t0 < N; t0 += Tb) {
-        const int Lb = static_cast<int>(std::min<int64_t>(Tb, N - t0));
-        if (t0 > 0)  // slide: the previous block's last w key rows move to the front
-          std::memmove(pk.data(), pk.data() + static_cast<size_t>(Tb) * F, static_cast<size_t>(W) * F * sizeof(float));
-        float* pk_new = pk.data() + static_cast<size_t>(W) * F;
-        gemm(false, false, Lb, Fi, di, kk + t0 * d, di, WK + hk * d * F, Fi, 0.0f, pk_new, Fi);
-        softmax_halves(pk_new, Lb, Fi, static_cast<int>(P), BK ? BK + hk * F : nullptr);
-        for (int64_t r = 0; r < per_task_heads; ++r) {
+    std::vector<float> pk(static_cast<size_t>(W + Tb) * F, 0.0f);  // rows before position 0 stay zero
+    std::vector<float> pq(static_cast<size_t>(pb.heads_per_task) * Tb * ld);
+    std::vector<float> sv(static_cast<size_t>(F + C + W) * D), den(C), a(static_cast<size_t>(C) * C);
+    std::copy(S, S + F * D, sv.data());
+    float* Sv = sv.data();
+    const float* kk = pb.K + (b * pb.Hk + hk) * N * d;
+    const float* vv = pb.V + (b * pb.Hk + hk) * N * D;
+    for (int64_t t0 = 0; t0 < N; t0 += Tb) {
+      const int Lb = static_cast<int>(std::min<int64_t>(Tb, N - t0));
+      if (t0 > 0)  // slide: the previous block's last w key rows move to the front
+        std::memmove(pk.data(), pk.data() + static_cast<size_t>(Tb) * F, static_cast<size_t>(W) * F * sizeof(float));
+      pb.key_features(b, hk, t0, Lb, pk.data() + static_cast<size_t>(W) * F, Fi);
+      for (int64_t r = 0; r < pb.heads_per_task; ++r)
+        pb.query_features(b, h0 + r, t0, Lb, pq.data() + r * Tb * ld, ld);
+      for (int c0 = 0; c0 < Lb; c0 += C) {
+        const int L = std::min(C, Lb - c0);
+        const int64_t t = t0 + c0;
+        const int jmin = static_cast<int>(std::max<int64_t>(0, W - t));  // values t - w + j exist for j >= jmin
+        const int nv = L + W - jmin;                                     // values t - w + jmin .. t + L - 1
+        const float* pk_lag = pk.data() + static_cast<size_t>(c0) * F;   // key features of t - w .. t - w + L
+        std::copy(vv + (t - W + jmin) * D, vv + (t + L) * D, sv.data() + F * D);
+        for (int64_t r = 0; r < pb.heads_per_task; ++r) {
           const int64_t h = h0 + r;
-          float* pqr = pq.data() + r * Tb * ld;
-          gemm(false, false, Lb, Fi, di, Q + ((b * H + h) * N + t0) * d, di, WQ + h * d * F, Fi, 0.0f, pqr, ld);
-          softmax_halves(pqr, Lb, ld, static_cast<int>(P), BQ ? BQ + h * F : nullptr);
-        }
-        for (int c0 = 0; c0 < Lb; c0 += C) {
-          const int L = std::min(C, Lb - c0);
-          const int64_t t = t0 + c0;
-          const int jmin = static_cast<int>(std::max<int64_t>(0, W - t));  // values t - w + j exist for j >= jmin
-          const int nv = L + W - jmin;                                     // values t - w + jmin .. t + L - 1
-          const float* pk_lag = pk.data() + static_cast<size_t>(c0) * F;   // key features of t - w .. t - w + L
-          std::copy(vv + (t - W + jmin) * D, vv + (t + L) * D, sv.data() + F * D);
-          for (int64_t r = 0; r < per_task_heads; ++r) {
-            const int64_t h = h0 + r;
-            const float gh = GAM[h];
-            float* qa = pq.data() + r * Tb * ld + c0 * ld;
-            float* coef = qa + Fi;  // column j <-> value t - w + jmin + j
-            const float* qc = Q + ((b * H + h) * N + t) * d;
-            gemm(false, true, L, nv, di, qc, di, kk + (t - W + jmin) * d, di, 0.0f, coef, ld);  // raw scores
-            if (jmin < L) gemm(false, true, L, L - jmin, Fi, qa, ld, pk_lag + jmin * F, Fi, 0.0f, a.data(), C);
-            for (int i = 0; i < L; ++i) {
-              float* row = coef + i * ld;
-              const int lo = std::max(i + 1 - jmin, 0), hi = i + W - jmin;  // window columns [lo, hi]
-              const float m = vmax(row + lo, hi - lo + 1);
-              std::copy(a.data() + i * C, a.data() + i * C + lo, row);  // linear part: delayed keys <= t + i - w
-              scaled_exp(row + lo, hi - lo + 1, m, sc, gh);
-              std::fill(row + hi + 1, row + nv, 0.0f);
-              den[i] = vdot(row, nullptr, hi + 1) + vdot(qa + i * ld, z.data(), Fi);
-            }
-            float* yy = Y + ((b * H + h) * N + t) * D;
-            gemm(false, false, L, Di, Fi + nv, qa, ld, sv.data(), Di, 0.0f, yy, Di);
-            for (int i = 0; i < L; ++i) {
-              const float inv = 1.0f / std::max(den[i], epsf);
-              float* yi = yy + i * D;
-#pragma omp simd
-              for (int j = 0; j < Di; ++j) yi[j] *= inv;
-            }
+          float* qa = pq.data() + r * Tb * ld + c0 * ld;
+          float* coef = qa + Fi;  // column j <-> value t - w + jmin + j
+          const float* qc = pb.Q + ((b * H + h) * N + t) * d;
+          gemm(false, true, L, nv, di, qc, di, kk + (t - W + jmin) * d, di, 0.0f, coef, ld);  // raw scores
+          if (jmin < L) gemm(false, true, L, L - jmin, Fi, qa, ld, pk_lag + jmin * F, Fi, 0.0f, a.data(), C);
+          for (int i = 0; i < L; ++i) {
+            float* row = coef + i * ld;
+            const int lo = std::max(i + 1 - jmin, 0), hi = i + W - jmin;  // window columns [lo, hi]
+            const float m = vmax(row + lo, hi - lo + 1);
+            std::copy(a.data() + i * C, a.data() + i * C + lo, row);  // linear part: delayed keys <= t + i - w
+            scaled_exp(row + lo, hi - lo + 1, m, sc, GAM[h]);
+            std::fill(row + hi + 1, row + nv, 0.0f);
+            den[i] = vdot(row, nullptr, hi + 1) + vdot(qa + i * ld, z, Fi);
           }
-          if (jmin < L) {  // the delayed keys t - w + jmin .. t - w + L enter the state
-            gemm(true, false, Fi, Di, L - jmin, pk_lag + jmin * F, Fi, sv.data() + F * D, Di, 1.0f, S, Di);
-            for (int i = jmin; i < L; ++i) {
-              const float* ki = pk_lag + i * F;
-#pragma omp simd
-              for (int f = 0; f < Fi; ++f) z[f] += ki[f];
-            }
-          }
+          float* yy = Y + ((b * H + h) * N + t) * D;
+          gemm(false, false, L, Di, Fi + nv, qa, ld, sv.data(), Di, 0.0f, yy, Di);
+          pb.normalise(yy, den.data(), L, epsf);
         }
-      }
-      float* Sz_t = ST + task * F * D1;
-      for (int f = 0; f < Fi; ++f) {
-        std::copy(S + f * D, S + (f + 1) * D, Sz_t + f * D1);
-        Sz_t[f * D1 + D] = z[f];
+        if (jmin < L)  // the delayed keys t - w + jmin .. t - w + L enter the state
+          pb.update_state(pk_lag + jmin * F, sv.data() + F * D, L - jmin, Sv, z);
       }
     }
-    mkl_set_num_threads_local_(&mkl_prev);
+    std::copy(Sv, Sv + F * D, S);
   });
   if (states.data_ptr() != Sz.data_ptr()) Sz.copy_(states.select(2, 0));
   return y;
