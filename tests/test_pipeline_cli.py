@@ -94,6 +94,16 @@ def test_bench_attention_small_writes_outputs(tmp_path, capsys):
     assert (tmp_path / "attention.png").stat().st_size > 1000
 
 
+def test_bench_prefill_small_writes_outputs(tiny_assets, tmp_path, capsys):
+    main(["bench", "prefill", "--model", tiny_assets["model"], "--lengths", "16,100", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "prefill.json").read_text())
+    assert [r["n"] for r in res["rows"]] == [16, 100]
+    assert all(r["hedgehog_s"] > 0 and r["softmax_s"] > 0 and r["speedup"] > 0 for r in res["rows"])
+    assert "identity-initialised" in res["model"]
+    with pytest.raises(SystemExit, match="--lengths"):
+        main(["bench", "prefill", "--model", tiny_assets["model"], "--lengths", "0", "--out", str(tmp_path)])
+
+
 def test_bench_attention_hybrid_small(tmp_path, capsys):
     main(["bench", "attention", "--attention", "hybrid", "--window", "16", "--lengths", "64,200", "--repeats", "1",
           "--no-memory", "--no-backward", "--out", str(tmp_path)])

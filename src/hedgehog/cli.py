@@ -12,6 +12,13 @@ def _bench_decode(args):
     decode.run_from_args(args)
 
 
+def _bench_prefill(args):
+    from hedgehog.bench import prefill
+
+    _setup_logging()
+    prefill.run_from_args(args)
+
+
 def _bench_attention(args):
     from hedgehog.bench import attention
 
@@ -278,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description=decode.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     decode.add_arguments(bd)
     bd.set_defaults(func=_bench_decode)
+    from hedgehog.bench import prefill
+
+    bp = bsub.add_parser("prefill", help="whole-model prefill time, converted model vs its softmax base",
+                         description=prefill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prefill.add_arguments(bp)
+    bp.set_defaults(func=_bench_prefill)
 
     c = sub.add_parser(
         "convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -92,22 +92,28 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
             "cache_mb": cache_bytes / 2 ** 20, "peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
 
 
-def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch: int = 1, log=print) -> Dict:
+def load_pair(model_name: str):
+    """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
+    a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
     from hedgehog.checkpoint import is_converted_dir, load
     from hedgehog.convert import convert_model
-    from hedgehog.data import load_corpus, tokenize_windows
     from hedgehog.pipeline import load_base
 
     torch.manual_seed(0)
-    softmax, tok, base_path = load_base(model_name if not is_converted_dir(model_name) else
-                                        json.loads((Path(model_name) / "hedgehog_config.json").read_text())["base_model"])
+    softmax, tok, _ = load_base(model_name if not is_converted_dir(model_name) else
+                                json.loads((Path(model_name) / "hedgehog_config.json").read_text())["base_model"])
     if is_converted_dir(model_name):
         hedgehog, _ = load(model_name)
-        source = f"converted model {model_name}"
-    else:
-        hedgehog, _, _ = load_base(model_name)
-        convert_model(hedgehog)  # timing does not depend on training the maps
-        source = f"{model_name} converted with identity-initialised maps"
+        return hedgehog, softmax, tok, f"converted model {model_name}"
+    hedgehog, _, _ = load_base(model_name)
+    convert_model(hedgehog)
+    return hedgehog, softmax, tok, f"{model_name} converted with identity-initialised maps"
+
+
+def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch: int = 1, log=print) -> Dict:
+    from hedgehog.data import load_corpus, tokenize_windows
+
+    hedgehog, softmax, tok, source = load_pair(model_name)
     need = min(max(contexts), max_real_prefill)
     corpus = load_corpus("shakespeare")
     ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]

@@ -1,0 +1,77 @@
+"""Whole-model prefill: a converted model's decoder stack vs the same model with softmax attention.
+
+Run:  hedgehog bench prefill [--model smollm2|RUN/model] [--lengths 1024,4096,16384]
+
+Times one no-grad forward of the decoder stack (embeddings, every layer, final norm; no LM head, whose
+(N x vocab) logits would dominate memory) over N tokens, for the Hedgehog model (attention through the
+fused CPU kernel where it builds) and for the softmax base model (torch SDPA). Both share everything but
+attention, so the ratio is what conversion buys on a real prefill; the op-level ratio is
+``hedgehog bench attention``. Token ids are drawn at random (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+DEFAULT_LENGTHS = (1024, 4096, 16384)
+
+
+def decoder_stack(model):
+    """The model without its LM head (``get_decoder`` of a causal LM, through a peft wrapper if any)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder() if hasattr(inner, "get_decoder") else inner
+
+
+def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
+    stack = decoder_stack(model).eval()
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            stack(input_ids=ids, use_cache=False)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run(model_name: str, lengths: List[int], repeats: int = 1, log=print) -> Dict:
+    from hedgehog.bench.decode import load_pair
+
+    hedgehog, softmax, tok, source = load_pair(model_name)
+    vocab = min(getattr(tok, "vocab_size", None) or 1000, softmax.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (1, n), generator=gen)
+        row = {"n": n, "hedgehog_s": prefill_seconds(hedgehog, ids, repeats),
+               "softmax_s": prefill_seconds(softmax, ids, repeats)}
+        row["speedup"] = row["softmax_s"] / row["hedgehog_s"]
+        rows.append(row)
+        log(f"{n:>7} | {row['hedgehog_s']:9.2f} {row['softmax_s']:10.2f} | {row['speedup']:6.2f}x")
+    return {"model": source, "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2', a base model dir, or a converted run's model dir "
+                   "(default: %(default)s)")
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                   help="comma-separated prompt lengths (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="timed forwards per point, best kept (default: %(default)s)")
+    p.add_argument("--out", default="bench_out/prefill", help="output dir for prefill.json (default: %(default)s)")
+
+
+def run_from_args(args) -> Dict:
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths or min(lengths) < 1 or args.repeats < 1:
+        raise SystemExit(f"--lengths must be positive integers and --repeats >= 1, got {args.lengths!r}, {args.repeats}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")
+    result = run(args.model, lengths, args.repeats)
+    (out / "prefill.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'prefill.json'}")
+    return result
