@@ -21,7 +21,10 @@ def test_kernel_builds_on_linux_x86_with_gcc():
     if not (platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("g++")):
         pytest.skip("the kernel targets Linux x86-64 with g++")
     assert cpu_kernel.enabled()
-    assert cpu_kernel.load() is not None
+    mod = cpu_kernel.load()
+    assert mod is not None
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    assert mod.avx512 == (" avx512f" in flags)  # -march=native takes the vector paths where the CPU has them
 
 
 def trained_maps(h, hk, d, proj=None, seed=0):
@@ -275,3 +278,47 @@ def test_feature_hybrid_attention_dispatch(monkeypatch):
     monkeypatch.delenv("HEDGEHOG_CPU_KERNEL")
     y = feature_hybrid_attention(q.requires_grad_(), k, v, fq, fk, window=24, gamma=0.4)
     assert calls == [1] and y.grad_fn is not None
+
+
+PORTABLE_CHECK = r"""
+import json, torch
+from hedgehog.feature_maps import get_feature_map
+from hedgehog.ops import cpu_kernel, quadratic_hybrid_attention, quadratic_linear_attention
+torch.manual_seed(0)
+mod = cpu_kernel.load()
+errs = []
+for d, proj in ((16, None), (8, 5)):  # P = 16 (the vector width) and 5
+    fq, fk = get_feature_map("hedgehog", d, 4), get_feature_map("hedgehog", d, 2)
+    with torch.no_grad():
+        for p in [*fq.parameters(), *fk.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = torch.randn(1, 4, 90, d), torch.randn(1, 2, 90, d), torch.randn(1, 2, 90, 6)
+    with torch.no_grad():
+        pq, pk = fq(q).double(), fk(k).double().repeat_interleave(2, 1)
+        kr, vr = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+        y, _ = cpu_kernel.fused_hedgehog_attention(q, k, v, fq, fk)
+        errs.append((y.double() - quadratic_linear_attention(pq, pk, vr)).abs().max().item())
+        y, _ = cpu_kernel.fused_hybrid_attention(q, k, v, fq, fk, 20, 0.4)
+        ref = quadratic_hybrid_attention(q.double(), kr, vr, pq, pk, 20, torch.tensor(0.4, dtype=torch.float64))
+        errs.append((y.double() - ref).abs().max().item())
+print(json.dumps({"avx512": bool(mod.avx512), "errors": errs}))
+"""
+
+
+@needs_kernel
+def test_portable_build_without_avx512(tmp_path):
+    """The kernel's plain loops (machines without AVX-512): an x86-64-v3 (AVX2) build, in a fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    env = {**os.environ, "HEDGEHOG_CPU_KERNEL_ARCH": "x86-64-v3"}
+    out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["avx512"] is False
+    assert len(res["errors"]) == 4 and max(res["errors"]) < 1e-5, res

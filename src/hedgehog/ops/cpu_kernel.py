@@ -9,7 +9,8 @@ the kernel is ~1.8x faster (see ``hedgehog bench attention``).
 It is compiled on first use with ``torch.utils.cpp_extension`` (g++, ~30 s, once per machine; cached
 under ``$HEDGEHOG_CACHE/kernels``). Anything that stops it (no compiler, a torch without MKL, another
 OS) makes :func:`load` return None with one log line, and every caller falls back to the PyTorch path,
-which stays the reference. ``HEDGEHOG_CPU_KERNEL=0`` turns the kernel off.
+which stays the reference. ``HEDGEHOG_CPU_KERNEL=0`` turns the kernel off; ``HEDGEHOG_CPU_KERNEL_ARCH`` sets
+the ``-march`` of the build (default ``native``).
 
 Scope: float32 compute (other float dtypes are converted, float64 is left to the reference path),
 Hedgehog's softmax feature map with per-head weights, grouped-query attention (states per key head).
@@ -38,10 +39,17 @@ def enabled() -> bool:
     return os.environ.get("HEDGEHOG_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _arch() -> str:
+    """The ``-march`` of the build: ``native`` unless ``HEDGEHOG_CPU_KERNEL_ARCH`` names another (e.g.
+    ``x86-64-v3`` for AVX2 without AVX-512, which selects the kernel's portable loops)."""
+    return os.environ.get("HEDGEHOG_CPU_KERNEL_ARCH", "native").strip() or "native"
+
+
 def _build_name() -> str:
-    """A name per source, torch version and CPU (the build uses -march=native)."""
+    """A name per source, torch version, -march and CPU (flags from /proc/cpuinfo)."""
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(torch.__version__.encode())
+    h.update(_arch().encode())
     h.update(platform.machine().encode())
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -71,7 +79,7 @@ def load():
             log.warning("hedgehog: compiling the fused CPU attention kernel (once per machine, ~30 s)")
         _module = load_extension(
             name=name, sources=[str(SOURCE)], build_directory=str(build),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-lmvec", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={_arch()}", "-fopenmp"], extra_ldflags=["-lmvec", "-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler / headers / MKL symbols: the PyTorch path serves

@@ -88,28 +88,28 @@ void softmax_halves(float* u, int L, int ld, int P, const float* bias) {
   }
 }
 
-// Reductions over n floats (vectorised with masked tails; the compiler keeps float sums in order).
+// Reductions over n floats: 16 lanes with a masked tail (AVX-512), else a plain loop.
 #if defined(__AVX512F__)
 inline __mmask16 tail_mask(int r) { return static_cast<__mmask16>((1u << r) - 1u); }
 #endif
 
 float vmax(const float* x, int n) {
-  float m = -std::numeric_limits<float>::infinity();
-  int j = 0;
 #if defined(__AVX512F__)
-  __m512 acc = _mm512_set1_ps(m);
+  int j = 0;
+  __m512 acc = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(x + j));
   if (j < n) acc = _mm512_mask_max_ps(acc, tail_mask(n - j), acc, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
   return _mm512_reduce_max_ps(acc);
-#endif
-  for (; j < n; ++j) m = std::max(m, x[j]);
+#else
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < n; ++j) m = std::max(m, x[j]);
   return m;
+#endif
 }
 
 float vdot(const float* x, const float* y, int n) {  // y == nullptr: the sum of x
-  int j = 0;
-  float s = 0.0f;
 #if defined(__AVX512F__)
+  int j = 0;
   __m512 acc = _mm512_setzero_ps();
   for (; j + 16 <= n; j += 16)
     acc = y ? _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j), acc)
@@ -120,15 +120,17 @@ float vdot(const float* x, const float* y, int n) {  // y == nullptr: the sum of
     acc = y ? _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(k, y + j), acc) : _mm512_add_ps(acc, xv);
   }
   return _mm512_reduce_add_ps(acc);
-#endif
-  for (; j < n; ++j) s += y ? x[j] * y[j] : x[j];
+#else
+  float s = 0.0f;
+  for (int j = 0; j < n; ++j) s += y ? x[j] * y[j] : x[j];
   return s;
+#endif
 }
 
 // In place: x[j] = g * exp(sc * (x[j] - m)) for j < n.
 void scaled_exp(float* x, int n, float m, float sc, float g) {
-  int j = 0;
 #if defined(__AVX512F__)
+  int j = 0;
   const __m512 vs = _mm512_set1_ps(sc), vms = _mm512_set1_ps(sc * m), vg = _mm512_set1_ps(g);
   for (; j + 16 <= n; j += 16)
     _mm512_storeu_ps(x + j, _mm512_mul_ps(vg, _ZGVeN16v_expf(_mm512_fmsub_ps(_mm512_loadu_ps(x + j), vs, vms))));
@@ -136,10 +138,10 @@ void scaled_exp(float* x, int n, float m, float sc, float g) {
     const __mmask16 k = tail_mask(n - j);
     const __m512 e = _ZGVeN16v_expf(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, x + j), vs, vms));
     _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(vg, e));
-    return;
   }
+#else
+  for (int j = 0; j < n; ++j) x[j] = g * std::exp(sc * x[j] - sc * m);
 #endif
-  for (; j < n; ++j) x[j] = g * std::exp(sc * x[j] - sc * m);
 }
 
 void check(const torch::Tensor& t, const char* name, int64_t dim) {
@@ -386,6 +388,11 @@ torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#if defined(__AVX512F__)
+  m.attr("avx512") = true;
+#else
+  m.attr("avx512") = false;
+#endif
   m.def("causal_forward", &causal_forward, "fused causal Hedgehog attention (float32, no autograd)");
   m.def("hybrid_forward", &hybrid_forward, "fused sliding-window + Hedgehog hybrid attention (float32, no autograd)");
 }
