@@ -42,8 +42,8 @@ def trained_maps(h, hk, d, proj=None, seed=0):
 
 def reference(q, k, v, fq, fk, state=None):
     """float64: features, heads repeated to the query heads, quadratic causal attention (+ the state)."""
-    fq64, fk64 = (get_feature_map("hedgehog", m.head_dim, m.num_heads, feature_dim=m.proj_dim).double()
-                  for m in (fq, fk))
+    fq64, fk64 = (get_feature_map("hedgehog", m.head_dim, m.num_heads, feature_dim=m.proj_dim,
+                                  bias=m.bias is not None).double() for m in (fq, fk))
     fq64.load_state_dict(fq.state_dict())
     fk64.load_state_dict(fk.state_dict())
     with torch.no_grad():
@@ -322,3 +322,18 @@ def test_portable_build_without_avx512(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["avx512"] is False
     assert len(res["errors"]) == 4 and max(res["errors"]) < 1e-5, res
+
+
+@needs_kernel
+def test_fused_maps_without_bias():
+    fq, fk = (get_feature_map("hedgehog", 16, 2, bias=False) for _ in range(2))
+    with torch.no_grad():
+        for m in (fq, fk):
+            m.weight.add_(0.3 * torch.randn(m.weight.shape))
+    q, k, v = torch.randn(1, 2, 45, 16), torch.randn(1, 2, 45, 16), torch.randn(1, 2, 45, 8)
+    with torch.no_grad():
+        y, (S, z) = fused_hedgehog_attention(q, k, v, fq, fk)
+        yh, _ = cpu_kernel.fused_hybrid_attention(q, k, v, fq, fk, 10, 0.5)
+    ref, (S_ref, z_ref) = reference(q, k, v, fq, fk)
+    assert_matches((y, S, z), (ref, S_ref, z_ref))
+    torch.testing.assert_close(yh.double(), hybrid_reference(q, k, v, fq, fk, 10, 0.5)[0], rtol=2e-5, atol=2e-6)
