@@ -236,6 +236,43 @@ def test_baseline_maps_convert_and_run(fm):
     assert torch.isfinite(out).all()
 
 
+def test_taylor_kernel_form_in_the_layer_equals_feature_form(monkeypatch):
+    """Short sequences take Taylor's closed-form kernel (O(N^2 d)); logits and gradients equal the feature path."""
+    from hedgehog import attention as attn_mod
+
+    torch.manual_seed(0)
+    model = convert_model(tiny("llama").eval(), HedgehogConfig(feature_map="taylor"))  # GQA: 4 q heads, 2 kv heads
+    layer = hedgehog_layers(model)[0]
+    assert layer.n_rep == 2 and layer.feature_map_q.feature_dim == 45  # head_dim 8: 1 + 8 + 36
+    ids = torch.randint(0, V, (2, 40))
+    calls = []
+    real = attn_mod.kernel_linear_attention
+    monkeypatch.setattr(attn_mod, "kernel_linear_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def run():
+        model.zero_grad()
+        out = model(ids).logits
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    kern_out, kern_grads = run()
+    assert len(calls) == 2  # N = 40 <= F = 45: both layers took the kernel form
+    monkeypatch.setattr(attn_mod.HedgehogAttention, "_kernel_form", lambda self, n: False)
+    feat_out, feat_grads = run()
+    assert len(calls) == 2
+    torch.testing.assert_close(kern_out, feat_out, rtol=1e-4, atol=1e-5)
+    assert kern_grads.keys() == feat_grads.keys() and len(kern_grads) > 0
+    for name in kern_grads:
+        torch.testing.assert_close(kern_grads[name], feat_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(attn_mod, "kernel_linear_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        model(torch.randint(0, V, (1, 46)))
+    assert calls == []  # N > F: the linear (feature) form
+
+
 def test_stage2_kd_uses_the_unadapted_softmax_teacher():
     torch.manual_seed(0)
     model = convert_model(tiny("llama").eval())

@@ -87,6 +87,11 @@ def test_taylor_identity_exact():
     s = s / math.sqrt(d)
     torch.testing.assert_close(fm_scaled(q) @ fm_scaled(k).transpose(-1, -2), 1 + s + s ** 2 / 2)
     assert fm.feature_dim == 1 + d + d * (d + 1) // 2
+    # the closed-form kernel is the same matrix, for both scales
+    torch.testing.assert_close(fm.kernel(q, k), fm(q) @ fm(k).transpose(-1, -2))
+    torch.testing.assert_close(fm_scaled.kernel(q, k), fm_scaled(q) @ fm_scaled(k).transpose(-1, -2))
+    with pytest.raises(ValueError, match="expects"):
+        fm.kernel(q, k[..., :3])
 
 
 def test_performer_approximates_softmax_kernel_and_redraws():

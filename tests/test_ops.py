@@ -5,6 +5,7 @@ import torch
 
 from hedgehog.ops import (
     feature_linear_attention,
+    kernel_linear_attention,
     linear_attention,
     packed_recurrent_step,
     quadratic_linear_attention,
@@ -210,6 +211,28 @@ def test_feature_linear_attention_equals_unfused(name):
     if name == "hedgehog":
         feature_linear_attention(q, k, v, fq, fk, chunk_size=16).sum().backward()
         assert fq.weight.grad is not None and fq.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("nq", [9, 5], ids=["square", "last-queries"])
+def test_kernel_form_equals_features_taylor(causal, nq):
+    """Taylor through its closed-form kernel = the same linear attention through its features (values, grads)."""
+    fm = get_feature_map("taylor", 6, 2).double()
+    q = torch.randn(2, 2, nq, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 9, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 9, 3, dtype=torch.float64, requires_grad=True)
+    got = kernel_linear_attention(fm.kernel(q, k), v, causal=causal)
+    want = quadratic_linear_attention(fm(q), fm(k), v, causal=causal)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if causal and nq == 9:  # the first row sees one key: its output is that key's value
+        torch.testing.assert_close(got[:, :, 0], v[:, :, 0].detach())
+    g = torch.randn_like(got)
+    ga = torch.autograd.grad((got * g).sum(), (q, k, v))
+    gb = torch.autograd.grad((want * g).sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+    with pytest.raises(ValueError, match="kernel matrix"):
+        kernel_linear_attention(fm.kernel(q, k), v[:, :, :8])
 
 
 def test_softmax_reference():

@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from hedgehog.feature_maps import HedgehogFeatureMap, get_feature_map, hedgehog_pair_features
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
-from hedgehog.ops import feature_linear_attention, linear_attention, packed_recurrent_step, quadratic_linear_attention
+from hedgehog.ops import (feature_linear_attention, kernel_linear_attention, linear_attention, packed_recurrent_step,
+                          quadratic_linear_attention)
 from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights, ring_hybrid_step
 from hedgehog.ops.linear_attention import DEFAULT_EPS
@@ -277,6 +278,9 @@ class HedgehogAttention(nn.Module):
             if nk == n:
                 return linear_attention(phi_q, phi_k, v_rep, chunk_size=self.hh_config.chunk_size)
             return quadratic_linear_attention(phi_q, phi_k, v_rep, causal=True)
+        if self._kernel_form(n):  # e.g. Taylor on short sequences: O(N^2 d) beats O(N F d)
+            a = self.feature_map_q.kernel(q * s, _repeat_heads(k * s, self.n_rep))
+            return kernel_linear_attention(a, v_rep, causal=True)
         fused = fused_hedgehog_attention(q * s, k * s, v, self.feature_map_q, self.feature_map_k)
         if fused is not None:  # CPU, no autograd: one pass per key head, no repeated k/v
             return fused[0]
@@ -284,6 +288,12 @@ class HedgehogAttention(nn.Module):
             q * s, k * s, v_rep, self.feature_map_q, self._grouped_k, positions=pos_q,
             chunk_size=self.hh_config.chunk_size,
         )
+
+    def _kernel_form(self, n: int) -> bool:
+        """True where the maps have a closed-form kernel (same map for q and k) and N < F makes it cheaper."""
+        fq, fk = self.feature_map_q, self.feature_map_k
+        return (hasattr(fq, "kernel") and type(fq) is type(fk) and getattr(fq, "scale", None) == getattr(fk, "scale", None)
+                and n <= fq.feature_dim)
 
     def _linear_recurrent(self, q, k, v, call, layer):
         """Prefill (fills the state) or decode (updates it) with a HedgehogStateLayer; state per KV head."""

@@ -351,5 +351,16 @@ class TaylorFeatureMap(FeatureMap):
         second = x[..., self._iu0] * x[..., self._iu1] * coef
         return torch.cat([torch.ones_like(x[..., :1]), x, second], dim=-1)
 
+    def kernel(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``phi(q) phi(k)^T = 1 + s + s^2/2`` without the features: (B,H,Nq,d), (B,H,Nk,d) -> (B,H,Nq,Nk).
+
+        Costs O(Nq Nk d) instead of O(Nq Nk F) with F = 1 + d + d(d+1)/2: the quadratic form is the cheap
+        one for short sequences (as fla's ``parallel_based``), and it never materialises the features.
+        """
+        self._check(q)
+        self._check(k)
+        s = (_float(q) @ _float(k).transpose(-1, -2)) * self.scale
+        return torch.addcmul(s + 1.0, s, s, value=0.5)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale={self.scale:.4g}"

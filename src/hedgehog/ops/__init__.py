@@ -2,6 +2,7 @@
 from hedgehog.ops.linear_attention import (
     DEFAULT_EPS,
     feature_linear_attention,
+    kernel_linear_attention,
     linear_attention,
     packed_recurrent_step,
     quadratic_linear_attention,
@@ -23,6 +24,7 @@ __all__ = [
     "hybrid_attention",
     "hybrid_recurrent_step",
     "quadratic_hybrid_attention",
+    "kernel_linear_attention",
     "linear_attention",
     "packed_recurrent_step",
     "quadratic_linear_attention",
