@@ -65,6 +65,34 @@ def test_padding_keys_are_ignored_in_linear_mode():
     torch.testing.assert_close(padded, short, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel_form", [True, False], ids=["kernel", "features"])
+def test_taylor_encoder_kernel_form_and_padding(kernel_form, monkeypatch):
+    """Taylor's closed-form kernel (short N) and its feature form agree, padding keys ignored in both."""
+    from hedgehog import attention as attn_mod
+
+    m = tiny_bert(dtype=torch.float64)
+    convert_model(m, HedgehogConfig(feature_map="taylor"))
+    set_attention_mode(m, "linear")
+    layer = hedgehog_layers(m)[0]
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    q, k, v = layer.adapter.qkv(layer, x, {})
+    phi_q, phi_k = layer.features(q, k)
+    ref = quadratic_linear_attention(phi_q, phi_k, v, causal=False)
+    if not kernel_form:
+        monkeypatch.setattr(attn_mod.HedgehogAttention, "_kernel_form", lambda self, n: False)
+    calls = []
+    real = attn_mod.kernel_linear_attention
+    monkeypatch.setattr(attn_mod, "kernel_linear_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y, _ = layer(x)
+    assert len(calls) == (1 if kernel_form else 0)
+    torch.testing.assert_close(y, ref.transpose(1, 2).reshape(2, 10, 32), rtol=1e-10, atol=1e-12)
+    ids = torch.randint(5, 60, (1, 9))
+    short = m(input_ids=ids).logits
+    padded = m(input_ids=torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+               attention_mask=torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], 1).long()).logits
+    torch.testing.assert_close(padded, short, rtol=1e-9, atol=1e-10)
+
+
 def test_hybrid_is_refused_for_encoders():
     with pytest.raises(ValueError, match="causal only"):
         convert_model(tiny_bert(), HedgehogConfig(attention="hybrid"))

@@ -263,6 +263,11 @@ class HedgehogAttention(nn.Module):
         s = self.hh_config.qk_scale
         v_rep = _repeat_heads(v, self.n_rep)
         if not self.causal:  # encoder: every query sees every real key
+            if self._kernel_form(max(n, nk)):
+                a = self.feature_map_q.kernel(q * s, _repeat_heads(k * s, self.n_rep))
+                if valid is not None:
+                    a = a * valid[:, None, None, :].to(a.dtype)
+                return kernel_linear_attention(a, v_rep, causal=False)
             phi_q = self.feature_map_q(q * s, pos_q)
             phi_k = self._grouped_k(k * s, pos_k)
             if valid is not None:
