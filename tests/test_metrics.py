@@ -3,7 +3,9 @@ import math
 import torch
 
 from hedgehog.feature_maps import get_feature_map
-from hedgehog.metrics import attention_fidelity, kl_divergence, row_entropy, spearman_rows
+import pytest
+
+from hedgehog.metrics import attention_fidelity, kl_divergence, paired_bootstrap_ratio, row_entropy, spearman_rows
 
 
 def test_entropy_uniform_and_one_hot():
@@ -48,3 +50,28 @@ def test_fidelity_of_exact_student_and_of_a_baseline():
     g = attention_fidelity(q * 3, k * 3, fm(q * 3), fm(k * 3))
     assert (g["kl"] > 0.01).all() and (g["entropy_linear"] > g["entropy_softmax"]).all()
     assert g["kl"].shape == (2,)
+
+
+def test_paired_bootstrap_ratio():
+    g = torch.Generator().manual_seed(0)
+    a = 1.5 + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)
+    same = paired_bootstrap_ratio(a, a.clone())
+    assert same["ratio"] == 1.0 and same["lo"] == 1.0 and same["hi"] == 1.0 and same["p_a_better"] == 0.0
+    shifted = paired_bootstrap_ratio(a, a + 0.1)  # a is better on every window by 0.1 nats: exactly exp(-0.1)
+    assert shifted["ratio"] == pytest.approx(math.exp(-0.1)) and shifted["hi"] == pytest.approx(math.exp(-0.1))
+    assert shifted["p_a_better"] == 1.0
+    # a small mean shift under per-window noise: the interval covers the true ratio and excludes 1
+    noise = 0.02 * torch.randn(400, generator=g, dtype=torch.float64)
+    r = paired_bootstrap_ratio(a, a + 0.01 + noise, block=8)
+    assert r["lo"] < math.exp(-0.01) < r["hi"] < 1.0 and r["windows"] == 400
+    # no difference in expectation: the interval straddles 1
+    r = paired_bootstrap_ratio(a, a + noise, block=8)
+    assert r["lo"] < 1.0 < r["hi"] and 0.0 < r["p_a_better"] < 1.0
+    # block size matters when neighbours are correlated: wider intervals than i.i.d. resampling
+    corr = torch.repeat_interleave(0.05 * torch.randn(25, generator=g, dtype=torch.float64), 16)
+    wide, narrow = paired_bootstrap_ratio(a, a + corr, block=16), paired_bootstrap_ratio(a, a + corr, block=1)
+    assert wide["hi"] - wide["lo"] > 1.5 * (narrow["hi"] - narrow["lo"])
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap_ratio(a, a[:-1])
+    with pytest.raises(ValueError, match="diverged"):
+        paired_bootstrap_ratio(a, torch.full_like(a, float("nan")))

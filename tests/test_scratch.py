@@ -1,5 +1,6 @@
 """Training from scratch and MQAR: models per kind, the mimic loss, data generator, checkpoint/resume, CLI."""
 import json
+import math
 
 import pytest
 import torch
@@ -163,6 +164,21 @@ def test_train_compare_and_cli(tiny_assets, tmp_path):
     rows = train_compare(["softmax"], _job(tmp_path, tiny_assets["data"], tokens=192, resume=True,
                                            eval_points=1), str(out))["rows"]
     assert rows[0]["test_ppl"] == res["rows"][0]["test_ppl"]
+    # paired evaluation reloads the final checkpoints: the same test perplexities, ratios with intervals
+    main(["paired-eval", "--out", str(out), "--attention", "softmax,hedgehog,elu", "--against", "softmax,hedgehog",
+          "--samples", "200", "--block", "2", "--no-progress"])
+    pe = json.loads((out / "paired_test.json").read_text())
+    for r in res["rows"]:
+        assert pe["ppl"][r["attention"]]["ppl"] == pytest.approx(r["test_ppl"], rel=1e-5)
+    assert [(p["kind"], p["reference"]) for p in pe["pairs"]] == [
+        ("hedgehog", "softmax"), ("elu", "softmax"), ("softmax", "hedgehog"), ("elu", "hedgehog")]
+    p0 = pe["pairs"][0]
+    assert p0["ratio"] == pytest.approx(pe["ppl"]["hedgehog"]["ppl"] / pe["ppl"]["softmax"]["ppl"], rel=1e-9)
+    assert p0["lo"] <= p0["ratio"] <= p0["hi"]
+    with pytest.raises(SystemExit, match="not a finished"):
+        main(["paired-eval", "--out", str(out), "--attention", "softmax,taylor", "--no-progress"])
+    with pytest.raises(SystemExit, match="not among"):
+        main(["paired-eval", "--out", str(out), "--attention", "elu", "--against", "softmax", "--no-progress"])
 
 
 def test_mqar_cli(tmp_path):
@@ -208,3 +224,16 @@ def test_short_conv_starts_as_identity_and_decodes_like_the_full_forward(kind, a
 def test_short_conv_rejects_bad_kernel():
     with pytest.raises(ValueError, match="kernel must be >= 1"):
         ShortConv(8, 0, 0)
+
+
+def test_window_nll_matches_manual_cross_entropy_and_perplexity():
+    from hedgehog.evaluate import perplexity, window_nll
+
+    model = build_model("hedgehog", ModelSpec(vocab_size=257, d_model=32, layers=1, heads=2))
+    windows = torch.randint(0, 257, (5, 12))
+    got = window_nll(model, windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    want = torch.stack([torch.nn.functional.cross_entropy(logits[i, :-1], windows[i, 1:]) for i in range(5)])
+    torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
+    assert perplexity(model, windows, batch_size=3, progress=False) == pytest.approx(math.exp(want.mean().item()), rel=1e-5)

@@ -132,6 +132,25 @@ def _train(args):
     print(f"wrote {args.out}/train_compare.json and {args.out}/train_compare.png")
 
 
+def _paired(args):
+    from hedgehog.scratch import format_paired_table, paired_eval, parse_kinds
+
+    try:
+        kinds = parse_kinds(args.attention)
+        against = parse_kinds(args.against)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    _setup_logging()
+    try:
+        result = paired_eval(args.out, kinds, against, split=args.split,
+                             max_tokens=None if args.tokens < 0 else args.tokens, block=args.block,
+                             samples=args.samples, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
+    print(format_paired_table(result))
+    print(f"wrote {args.out}/paired_{args.split}.json")
+
+
 def _mqar(args):
     from hedgehog.scratch import MQARConfig, MQARJob, format_mqar_table, mqar_compare, parse_kinds
 
@@ -419,6 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
+
+    pe = sub.add_parser("paired-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="compare finished `train` runs on the same held-out windows, with bootstrap intervals",
+                        description="Loads the final checkpoints of OUT/<kind> (finished `hedgehog train` runs of one "
+                                    "comparison), scores every held-out window with each, and reports each kind's "
+                                    "perplexity ratio to every --against kind with a 95% paired block-bootstrap "
+                                    "interval (runs of --block consecutive windows are resampled, both models "
+                                    "together). Writes OUT/paired_<split>.json.")
+    pe.add_argument("--out", required=True, help="the comparison's run directory (holds <kind>/report.json)")
+    pe.add_argument("--attention", default="all", help="kinds to load (comma list or 'all')")
+    pe.add_argument("--against", default="softmax", help="reference kinds (comma list), each among --attention")
+    pe.add_argument("--split", choices=["test", "validation"], default="test", help="held-out plays to score")
+    pe.add_argument("--tokens", type=int, default=-1,
+                    help="bytes to score: -1 = what the runs were evaluated on, 0 = the whole split")
+    pe.add_argument("--block", type=int, default=16, help="consecutive windows per bootstrap block")
+    pe.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    pe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pe.set_defaults(func=_paired)
 
     mq = sub.add_parser("mqar", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help="multi-query associative recall: train each attention kind, report accuracy",

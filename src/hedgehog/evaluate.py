@@ -14,22 +14,27 @@ from hedgehog.metrics import attention_fidelity
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
-               desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over every predicted token of ``windows`` (num_windows, seq_len)."""
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+               desc: str = "perplexity") -> torch.Tensor:
+    """Mean next-token NLL (nats) of each window of ``windows`` (num_windows, seq_len): float64 (num_windows,)."""
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    out = []
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i:i + batch_size]
         logits = model(input_ids=batch, use_cache=False).logits
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                               reduction="sum").item()
-        count += batch[:, 1:].numel()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                              reduction="none").view(batch.shape[0], -1)
+        out.append(nll.double().mean(1))
     model.train(was_training)
-    if not math.isfinite(nll):
-        return float("inf")
-    return math.exp(nll / count)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over every predicted token of ``windows`` (num_windows, seq_len)."""
+    nll = window_nll(model, windows, batch_size, progress, desc).mean().item()  # equal-length windows
+    return math.exp(nll) if math.isfinite(nll) else float("inf")
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ These functions materialise N x N rows: meant for analysis at moderate N (a few 
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -115,3 +116,32 @@ def attention_fidelity(
             "spearman_linear": mean_rows(spearman_rows(s, w, mask)),
             "spearman_softmax": mean_rows(spearman_rows(s, p, mask)),
         }
+
+
+def paired_bootstrap_ratio(nll_a: torch.Tensor, nll_b: torch.Tensor, block: int = 16, samples: int = 2000,
+                           seed: int = 0, level: float = 0.95) -> dict:
+    """Perplexity ratio ``exp(mean(a) - mean(b))`` of two models on the same windows, with a paired block bootstrap.
+
+    ``nll_a``, ``nll_b``: per-window mean NLL (same windows, same order). Neighbouring windows of a text are
+    correlated (same scene, same speakers), so the resampling draws runs of ``block`` consecutive windows
+    with replacement, both models together. Returns ``ratio``, ``lo``, ``hi`` (the ``level`` percentile
+    interval), ``p_a_better`` (share of resamples where a's perplexity is lower) and ``windows``.
+    """
+    a, b = torch.as_tensor(nll_a, dtype=torch.float64), torch.as_tensor(nll_b, dtype=torch.float64)
+    if a.dim() != 1 or a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"need two equal-length 1-d per-window NLL vectors; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("per-window NLL contains inf/NaN: a model diverged; evaluate finished, finite runs")
+    if block < 1 or samples < 1 or not 0 < level < 1:
+        raise ValueError(f"block ({block}) and samples ({samples}) must be >= 1 and level ({level}) in (0, 1)")
+    d = a - b
+    n = d.numel()
+    block = min(block, n)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - block + 1, (samples, -(-n // block)), generator=g)
+    idx = (starts[..., None] + torch.arange(block)).reshape(samples, -1)[:, :n]
+    means = d[idx].mean(1)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return {"ratio": math.exp(d.mean().item()), "lo": math.exp(lo), "hi": math.exp(hi),
+            "p_a_better": (means < 0).double().mean().item(), "windows": n}

@@ -384,6 +384,81 @@ def _write_compare(root: Path, rows: List[Dict]) -> Dict:
     return result
 
 
+def load_trained(run: Path):
+    """A finished ``train_lm`` run (OUT/<kind> with report.json and checkpoint) as an eval-mode model + its report."""
+    run = Path(run)
+    if not (run / "report.json").exists():
+        raise FileNotFoundError(f"{run} has no report.json: not a finished `hedgehog train` run (finish it with --resume)")
+    rep = json.loads((run / "report.json").read_text())
+    ck = find_checkpoint(run)
+    if ck is None:
+        raise FileNotFoundError(f"{run} has no checkpoint/ to load the trained weights from")
+    st = rep["settings"]
+    model = build_model(rep["attention"], ModelSpec(**st["model"]), seed=st.get("seed", 0))
+    load_checkpoint(ck, model, None)
+    if rep["attention"] != "softmax":
+        set_attention_mode(model, "linear")
+    return model.eval(), rep
+
+
+@torch.no_grad()
+def paired_eval(root: str, kinds: Sequence[str], against: Sequence[str], split: str = "test",
+                max_tokens: Optional[int] = None, block: int = 16, samples: int = 2000,
+                progress: bool = True) -> Dict:
+    """Per-window NLL of finished runs ``root/<kind>`` on the same held-out windows, and for each reference in
+    ``against`` every other kind's perplexity ratio to it with a paired block-bootstrap 95% interval.
+
+    ``max_tokens``: None = the bytes the runs were evaluated on (their ``val_tokens``/``test_tokens``), 0 = the
+    whole split. Writes ``root/paired_<split>.json``.
+    """
+    from hedgehog.data import load_corpus, tokenize_windows
+    from hedgehog.evaluate import window_nll
+    from hedgehog.metrics import paired_bootstrap_ratio
+
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    missing = [k for k in against if k not in kinds]
+    if missing:
+        raise ValueError(f"reference kinds {missing} are not among the compared kinds {list(kinds)}")
+    root_p = Path(root)
+    nll, reports, setting = {}, {}, None
+    for kind in kinds:
+        model, rep = load_trained(root_p / kind)
+        st = rep["settings"]
+        key = (st["data"], st["seq_len"], st["val_tokens"], st["test_tokens"])
+        if setting is None:
+            setting = key
+            corpus = load_corpus(st["data"])
+            cap = st["test_tokens" if split == "test" else "val_tokens"] if max_tokens is None else (max_tokens or None)
+            windows = tokenize_windows(corpus.splits[split], ByteTokenizer(), st["seq_len"], max_tokens=cap)
+        elif key != setting:
+            raise ValueError(f"{kind} was trained/evaluated with (data, seq_len, val, test) = {key}, not {setting}: "
+                             "paired windows need runs of one comparison")
+        nll[kind] = window_nll(model, windows, batch_size=16, progress=progress, desc=f"{kind} [{split}]")
+        reports[kind] = rep
+    rows = {k: {"ppl": math.exp(v.mean().item()), "tokens": reports[k]["tokens"]} for k, v in nll.items()}
+    pairs = []
+    for ref in against:
+        for kind in kinds:
+            if kind != ref:
+                r = paired_bootstrap_ratio(nll[kind], nll[ref], block=block, samples=samples)
+                pairs.append({"kind": kind, "reference": ref, **r})
+    result = {"split": split, "windows": int(windows.shape[0]), "bytes": int(windows.numel()), "block": block,
+              "samples": samples, "ppl": rows, "pairs": pairs}
+    _write_json(root_p / f"paired_{split}.json", result)
+    return result
+
+
+def format_paired_table(result: Dict) -> str:
+    lines = [f"{result['split']}: {result['windows']} windows, {result['bytes']} bytes; perplexity per byte: " +
+             ", ".join(f"{k} {v['ppl']:.3f}" for k, v in result["ppl"].items()),
+             "| kind | vs | ppl ratio | 95% interval | P(kind lower) |", "|---|---|---|---|---|"]
+    for p in result["pairs"]:
+        lines.append(f"| {p['kind']} | {p['reference']} | {p['ratio']:.4f} | {p['lo']:.4f} – {p['hi']:.4f} | "
+                     f"{p['p_a_better']:.3f} |")
+    return "\n".join(lines)
+
+
 def plot_curves(rows: List[Dict], path: Path) -> None:
     from hedgehog.plotting import pyplot
 
