@@ -264,10 +264,7 @@ class HedgehogAttention(nn.Module):
         v_rep = _repeat_heads(v, self.n_rep)
         if not self.causal:  # encoder: every query sees every real key
             if self._kernel_form(max(n, nk)):
-                a = self.feature_map_q.kernel(q * s, _repeat_heads(k * s, self.n_rep))
-                if valid is not None:
-                    a = a * valid[:, None, None, :].to(a.dtype)
-                return kernel_linear_attention(a, v_rep, causal=False)
+                return self._kernel_attention(q, k, v_rep, causal=False, valid=valid)
             phi_q = self.feature_map_q(q * s, pos_q)
             phi_k = self._grouped_k(k * s, pos_k)
             if valid is not None:
@@ -284,8 +281,7 @@ class HedgehogAttention(nn.Module):
                 return linear_attention(phi_q, phi_k, v_rep, chunk_size=self.hh_config.chunk_size)
             return quadratic_linear_attention(phi_q, phi_k, v_rep, causal=True)
         if self._kernel_form(n):  # e.g. Taylor on short sequences: O(N^2 d) beats O(N F d)
-            a = self.feature_map_q.kernel(q * s, _repeat_heads(k * s, self.n_rep))
-            return kernel_linear_attention(a, v_rep, causal=True)
+            return self._kernel_attention(q, k, v_rep, causal=True)
         fused = fused_hedgehog_attention(q * s, k * s, v, self.feature_map_q, self.feature_map_k)
         if fused is not None:  # CPU, no autograd: one pass per key head, no repeated k/v
             return fused[0]
@@ -299,6 +295,14 @@ class HedgehogAttention(nn.Module):
         fq, fk = self.feature_map_q, self.feature_map_k
         return (hasattr(fq, "kernel") and type(fq) is type(fk) and getattr(fq, "scale", None) == getattr(fk, "scale", None)
                 and n <= fq.feature_dim)
+
+    def _kernel_attention(self, q, k, v_rep, causal: bool, valid=None):
+        """Linear attention through the maps' closed-form kernel; ``valid`` (B, Nk) zeroes padding keys' columns."""
+        s = self.hh_config.qk_scale
+        a = self.feature_map_q.kernel(q * s, _repeat_heads(k * s, self.n_rep))
+        if valid is not None:
+            a = a * valid[:, None, None, :].to(a.dtype)
+        return kernel_linear_attention(a, v_rep, causal=causal)
 
     def _linear_recurrent(self, q, k, v, call, layer):
         """Prefill (fills the state) or decode (updates it) with a HedgehogStateLayer; state per KV head."""
