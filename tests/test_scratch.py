@@ -237,3 +237,19 @@ def test_window_nll_matches_manual_cross_entropy_and_perplexity():
     want = torch.stack([torch.nn.functional.cross_entropy(logits[i, :-1], windows[i, 1:]) for i in range(5)])
     torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
     assert perplexity(model, windows, batch_size=3, progress=False) == pytest.approx(math.exp(want.mean().item()), rel=1e-5)
+
+
+def test_load_trained_rebuilds_the_trained_model(tiny_assets, tmp_path):
+    """A GPT-2 run whose windows are longer than its model setting's max_len (train_lm widens the positions)."""
+    from hedgehog.evaluate import perplexity
+    from hedgehog.scratch import load_trained
+
+    job = _job(tmp_path, tiny_assets["data"], attention="elu", model=ModelSpec(d_model=32, layers=1, heads=2,
+                                                                                   max_len=16, arch="gpt2"))
+    rep = train_lm(job)
+    model, loaded = load_trained(tmp_path / "run")
+    assert loaded["test_ppl"] == rep["test_ppl"]
+    from hedgehog.data import load_corpus, tokenize_windows
+
+    test = tokenize_windows(load_corpus(tiny_assets["data"]).splits["test"], ByteTokenizer(), 32, max_tokens=64)
+    assert perplexity(model, test, batch_size=16, progress=False) == pytest.approx(rep["test_ppl"], rel=1e-5)

@@ -268,6 +268,12 @@ def _lm_perplexity(model, windows) -> float:
     return perplexity(model, windows, batch_size=16, progress=False)
 
 
+def _lm_spec(model: ModelSpec, seq_len: int) -> ModelSpec:
+    """The model a ``train_lm`` job builds from its ``model`` setting: byte vocabulary, room for one window."""
+    return ModelSpec(**{**asdict(model), "vocab_size": ByteTokenizer.vocab_size,
+                        "max_len": max(model.max_len, seq_len)})
+
+
 def train_lm(job: TrainJob) -> Dict:
     """Train one kind on the corpus' training split; report validation/test perplexity (per byte)."""
     from hedgehog.data import load_corpus, shuffled_windows, tokenize_windows
@@ -283,7 +289,7 @@ def train_lm(job: TrainJob) -> Dict:
     train = shuffled_windows(tokenize_windows(corpus.splits["train"], tok, L), job.seed)
     val = tokenize_windows(corpus.splits["validation"], tok, L, max_tokens=job.val_tokens)
     test = tokenize_windows(corpus.splits["test"], tok, L, max_tokens=job.test_tokens)
-    spec = ModelSpec(**{**asdict(job.model), "vocab_size": tok.vocab_size, "max_len": max(job.model.max_len, L)})
+    spec = _lm_spec(job.model, L)
     model = build_model(kind, spec, seed=job.seed)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "feature_map" not in n]
@@ -394,7 +400,7 @@ def load_trained(run: Path):
     if ck is None:
         raise FileNotFoundError(f"{run} has no checkpoint/ to load the trained weights from")
     st = rep["settings"]
-    model = build_model(rep["attention"], ModelSpec(**st["model"]), seed=st.get("seed", 0))
+    model = build_model(rep["attention"], _lm_spec(ModelSpec(**st["model"]), st["seq_len"]), seed=st.get("seed", 0))
     load_checkpoint(ck, model, None)
     if rep["attention"] != "softmax":
         set_attention_mode(model, "linear")
