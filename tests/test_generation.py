@@ -4,7 +4,7 @@ import torch
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.convert import convert_model
-from hedgehog.generation import HedgehogCache, HedgehogStateLayer
+from hedgehog.generation import HedgehogCache, HedgehogStateLayer, cache_argument, cache_kwargs, output_cache
 from test_convert import FAMILIES, V, _perturb_maps, tiny
 
 
@@ -22,9 +22,11 @@ def assert_decoding_matches_full_forward(m, prefill, n=16):
     with torch.no_grad():
         full = m(ids).logits
         cache = HedgehogCache(m)
-        outs = [m(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        # under the name this transformers release takes (`cache` from 5.24 on); the other tests pass
+        # `past_key_values=`, which 5.24 still accepts (deprecated)
+        outs = [m(ids[:, :prefill], **cache_kwargs(m, cache), use_cache=True).logits]
         for t in range(prefill, n):
-            outs.append(m(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            outs.append(m(ids[:, t:t + 1], **cache_kwargs(m, cache), use_cache=True).logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == n
     return ids, cache
@@ -117,3 +119,24 @@ def test_state_layer_refuses_kv_update_and_crop():
     layer.set_state(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2), 3)
     with pytest.raises(RuntimeError, match="cannot be cropped"):
         layer.crop(-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_argument_under_either_name(family):
+    """transformers 5.24 renamed the cache argument of models and layers from past_key_values to cache:
+    the adapters hand the layer's cache on under one name whichever the model used."""
+    import inspect
+
+    from hedgehog.convert import get_adapter
+
+    m = converted(family)
+    c = HedgehogCache(m)
+    adapter = get_adapter(m)
+    for name in ("cache", "past_key_values"):
+        call = adapter.parse_call((), {name: c, "attention_mask": None})
+        assert call["cache"] is c and "past_key_values" not in call
+        assert cache_argument({name: c}) is c
+        assert output_cache(type("Out", (), {name: c})()) is c
+    assert cache_argument({"cache": None, "past_key_values": c}) is c and cache_argument({}) is None
+    takes = inspect.signature(type(m).forward).parameters
+    assert cache_kwargs(m, c) == {"cache" if "cache" in takes else "past_key_values": c}

@@ -217,7 +217,7 @@ class HedgehogAttention(nn.Module):
             return self._base_forward(self, hidden_states, *args, **kwargs)
         call = self.adapter.parse_call(args, kwargs)
         q, k, v = self.adapter.qkv(self, hidden_states, call)
-        cache = call.get("past_key_values")
+        cache = call.get("cache")
         if self.captured is not None:
             self.captured.append((q.detach(), k.detach(), v.detach()))
         if self.mode == "softmax":

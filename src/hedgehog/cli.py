@@ -255,6 +255,8 @@ def _generate(args):
     import torch
     from transformers import TextStreamer
 
+    from hedgehog.generation import output_cache
+
     _setup_logging()
     model, tok, kind = _load_any(args.model, args.base_model)
     if tok is None:
@@ -272,7 +274,7 @@ def _generate(args):
                          streamer=streamer, return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
     dt = time.perf_counter() - t0
     new = out.sequences.shape[1] - ids.shape[1]
-    cache = out.past_key_values
+    cache = output_cache(out)
     if hasattr(cache, "state_nbytes"):
         mem = f"recurrent state {cache.state_nbytes() / 2**20:.2f} MiB (constant in length)"
     else:

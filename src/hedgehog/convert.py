@@ -29,7 +29,7 @@ class Adapter:
     model_types: tuple = ()
     lora_targets = None  # peft target_modules for the attention projections
     lora_targets_all = None  # ... plus the MLP projections
-    call_args: tuple = ()  # names of the positional arguments of the attention module's forward
+    call_args: tuple = ()  # names of the positional arguments of the attention module's forward (after hidden)
     causal = True  # False: bidirectional (encoder) attention
 
     def attention_slots(self, model) -> List[Tuple[nn.Module, str]]:
@@ -51,8 +51,11 @@ class Adapter:
         return m.layer_idx
 
     def parse_call(self, args, kwargs) -> Dict:
+        """The attention module's call as one dict; the cache is always under ``cache``."""
         call = dict(kwargs)
         call.update(zip(self.call_args, args))
+        if "past_key_values" in call:  # transformers < 5.24 names the layer's cache argument so
+            call.setdefault("cache", call.pop("past_key_values"))
         return call
 
     def qkv(self, m, hidden_states, call):
@@ -82,7 +85,7 @@ class LlamaFamilyAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2")
     lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     lora_targets_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    call_args = ("position_embeddings", "attention_mask", "past_key_values")
+    call_args = ("position_embeddings", "attention_mask", "cache")
 
     def attention_slots(self, model):
         base = getattr(model, "model", model)
@@ -122,7 +125,7 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     lora_targets = r".*\.attn\.(c_attn|c_proj)"
     lora_targets_all = ["c_attn", "c_proj", "c_fc"]
-    call_args = ("past_key_values", "attention_mask")
+    call_args = ("cache", "attention_mask")
 
     def attention_slots(self, model):
         tr = getattr(model, "transformer", model)
@@ -149,7 +152,7 @@ class BertAdapter(Adapter):
     causal = False
     lora_targets = ["query", "key", "value"]
     lora_targets_all = ["query", "key", "value", "dense"]
-    call_args = ("attention_mask", "past_key_values")
+    call_args = ("attention_mask", "cache")
 
     def attention_slots(self, model):
         base = getattr(model, "bert", model)

@@ -10,7 +10,7 @@ Prefill runs the chunked kernel with ``return_state`` (padding keys, e.g. left p
 before they enter the state); each further token is one ``packed_recurrent_step`` updating the
 state, kept packed as ``[S, z]``, in place. Hybrid layers add a ring buffer of the last ``w``
 keys/values (``HybridStateLayer``). ``convert_model`` installs a hook so that ``model.generate(...)`` builds this cache by default;
-passing ``past_key_values=`` explicitly still works.
+passing a cache explicitly (``cache=``, or ``past_key_values=`` before transformers 5.24) still works.
 """
 from __future__ import annotations
 
@@ -163,12 +163,36 @@ class HedgehogCache(Cache):
                    if isinstance(l, DynamicLayer) and l.keys is not None)
 
 
+# transformers 5.24 renamed the cache argument of models and layers (and the output field) from
+# `past_key_values` to `cache`; earlier 5.x releases use the old name. Read both, newest first.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict):
+    """The cache object in a model's or layer's keyword arguments (``cache`` or ``past_key_values``), or None."""
+    return next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the name ``model.forward`` takes (``cache`` from transformers 5.24 on)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(out):
+    """The cache a model's output (or ``generate(..., return_dict_in_generate=True)``) hands back."""
+    return next((getattr(out, n) for n in CACHE_NAMES if getattr(out, n, None) is not None), None)
+
+
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
     """Wraps transformers' method: swap the default DynamicCache for a HedgehogCache."""
     out = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("past_key_values")
+    name = next((n for n in CACHE_NAMES if n in model_kwargs), None)
+    cache = None if name is None else model_kwargs[name]
     if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0:
-        model_kwargs["past_key_values"] = HedgehogCache(self)
+        model_kwargs[name] = HedgehogCache(self)
     return out
 
 

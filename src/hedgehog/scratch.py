@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.distill import _lr_factor, clipped_step
 from hedgehog.evaluate import perplexity
+from hedgehog.generation import cache_argument
 from hedgehog.pipeline import _write_json
 
 log = logging.getLogger("hedgehog")
@@ -126,7 +127,7 @@ class ShortConv(nn.Module):
 
 def _short_conv_hook(module, args, kwargs):
     """Forward pre-hook of an attention module: its hidden states go through ``module.short_conv`` first."""
-    cache = kwargs.get("past_key_values")
+    cache = cache_argument(kwargs)
     if args:
         return (module.short_conv(args[0], cache), *args[1:]), kwargs
     kwargs["hidden_states"] = module.short_conv(kwargs["hidden_states"], cache)

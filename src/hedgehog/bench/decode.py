@@ -26,6 +26,7 @@ from typing import Dict, List
 import torch
 
 from hedgehog.bench.attention import _vm_kb, reset_peak_rss
+from hedgehog.generation import cache_kwargs
 
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
 
@@ -39,7 +40,8 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
     if real:
         cache = HedgehogCache(model) if kind == "hedgehog" else DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=ids[:, :L].expand(batch, L), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, :L].expand(batch, L), **cache_kwargs(model, cache), use_cache=True,
+                        logits_to_keep=1)
         return cache, out.logits[:, -1:].argmax(-1)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
@@ -77,7 +79,7 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
     with torch.no_grad():
         for i in range(steps + 2):
             t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+            out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True,
                         cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]).expand(batch, 1))
             nxt = out.logits[:, -1:].argmax(-1)
             if i >= 2:  # two warm-up steps
