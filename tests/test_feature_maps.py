@@ -188,3 +188,30 @@ def test_hedgehog_pair_features_equal_the_two_maps_and_follow_parameter_updates(
             torch.testing.assert_close(pk, fk(k))
         assert hedgehog_pair_features(fq, fk, torch.randn(2, 6, 1, 8), torch.randn(2, 2, 1, 8)) is None  # B > 1
     assert hedgehog_pair_features(fq, fk, q, k) is None  # autograd: the maps' own forward
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "hedgehog_exp", "t2r"])
+def test_wide_maps_start_with_distinct_columns(name):
+    """feature_dim > head_dim: identity first, then random columns; no two columns are clones.
+
+    Equal columns see equal inputs and get equal gradients (the maps are symmetric in their columns),
+    so clones (e.g. zero-initialised extra columns) would stay clones through training: check that the
+    extra columns get different gradients after one backward.
+    """
+    d, p = 4, 12
+    torch.manual_seed(0)
+    fm = get_feature_map(name, d, 2, feature_dim=p)
+    assert fm.feature_dim == (p if name == "t2r" else 2 * p)
+    torch.testing.assert_close(fm.weight[:, :, :d], torch.eye(d).repeat(2, 1, 1))
+    extra = fm.weight[:, :, d:].detach()
+    assert extra.abs().min() > 0 and torch.cdist(extra.transpose(1, 2), extra.transpose(1, 2)).add(
+        torch.eye(p - d) * 1e9).min() > 1e-3  # pairwise distinct
+    x = torch.randn(1, 2, 9, d)
+    (fm(x) * torch.randn(1, 2, 9, fm.feature_dim)).sum().backward()
+    g = fm.weight.grad[:, :, d:]
+    assert (g[:, :, 1:] - g[:, :, :1]).abs().amax() > 1e-6  # different columns move differently
+
+
+def test_feature_dim_must_be_positive():
+    with pytest.raises(ValueError, match="feature_dim must be positive"):
+        get_feature_map("hedgehog", 4, 1, feature_dim=-2)

@@ -42,6 +42,19 @@ def test_build_model_every_kind(kind, arch):
         assert layers[0].hybrid == (kind == "hybrid")
 
 
+@pytest.mark.parametrize("kind,width", [("hedgehog", 2 * 24), ("hybrid", 2 * 24), ("t2r", 24), ("taylor", None),
+                                        ("elu", 16)])
+def test_build_model_feature_dim(kind, width):
+    """--feature-dim widens the maps that have a projection width; the others keep their own size."""
+    m = build_model(kind, ModelSpec(**{**TINY.__dict__, "feature_dim": 24}))
+    fm = hedgehog_layers(m)[0].feature_map_q
+    assert fm.feature_dim == (width or 1 + 16 + 16 * 17 // 2)  # head_dim 16
+    ids = torch.randint(0, TINY.vocab_size, (2, 24))
+    assert torch.isfinite(m(input_ids=ids, labels=ids).loss)
+    with pytest.raises(ValueError, match="feature_dim must be >= 0"):
+        build_model(kind, ModelSpec(**{**TINY.__dict__, "feature_dim": -1}))
+
+
 @pytest.mark.parametrize("kind", ["hedgehog", "hybrid"])
 def test_mimic_mode_same_output_and_loss_trains_only_feature_maps(kind):
     m = build_model(kind, TINY)
@@ -153,9 +166,11 @@ def test_train_compare_and_cli(tiny_assets, tmp_path):
     out = tmp_path / "cmp"
     main(["train", "--attention", "softmax,hedgehog,elu", "--out", str(out), "--data", tiny_assets["data"],
           "--tokens", "192", "--seq-len", "32", "--batch-size", "2", "--d-model", "32", "--layers", "1",
-          "--heads", "2", "--val-tokens", "64", "--test-tokens", "64", "--eval-points", "1", "--no-progress"])
+          "--heads", "2", "--val-tokens", "64", "--test-tokens", "64", "--eval-points", "1", "--feature-dim", "24",
+          "--no-progress"])
     res = json.loads((out / "train_compare.json").read_text())
     assert [r["attention"] for r in res["rows"]] == ["softmax", "hedgehog", "elu"]
+    assert [r["feature_dim"] for r in res["rows"]] == [None, 48, 16]  # --feature-dim widens hedgehog only
     assert res["rows"][0]["test_ppl_vs_softmax"] == 1.0
     assert all(r["tokens"] == 192 for r in res["rows"])
     assert (out / "train_compare.png").stat().st_size > 0

@@ -117,7 +117,7 @@ def _train(args):
         raise SystemExit(str(e))
     _setup_logging()
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
-                     short_conv=args.short_conv)
+                     short_conv=args.short_conv, feature_dim=args.feature_dim)
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,
@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for every kind alike (0: none)")
     t.add_argument("--mimic-weight", type=float, default=1.0,
                    help="weight of the Hedgehog maps' softmax-mimicry loss added to the LM loss (0: LM loss only)")
+    t.add_argument("--feature-dim", type=int, default=0, metavar="P",
+                   help="projection width of the trainable maps (hedgehog, hedgehog_exp, t2r, hybrid): Hedgehog "
+                        "features F = 2P, so a decode state of 2P x head_dim per head (0: P = head_dim)")
     t.add_argument("--eval-points", type=int, default=8, help="validation measurements along training")
     t.add_argument("--val-tokens", type=int, default=32768, help="validation bytes")
     t.add_argument("--test-tokens", type=int, default=131072, help="test bytes")

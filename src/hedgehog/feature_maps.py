@@ -84,15 +84,27 @@ class FeatureMap(nn.Module):
 
 
 class _PerHeadLinear(FeatureMap):
-    """Holds per-head ``W: (H, d, F)`` and ``b: (H, F)``, identity-initialised (rectangular eye)."""
+    """Holds per-head ``W: (H, d, F)`` and ``b: (H, F)``, identity-initialised (rectangular eye).
+
+    Wider than the head (``feature_dim > head_dim``): the first ``head_dim`` columns are the identity and
+    the others random (N(0, 1/d) entries, so unit-norm columns like the identity's), drawn from torch's
+    global generator. Zero extra columns would be a trap: columns that start equal see equal inputs and
+    get equal gradients under the (permutation-symmetric) softmax or ReLU, so they would stay clones of
+    one another for ever and the extra features would add nothing.
+    """
 
     trainable = True
 
     def __init__(self, head_dim: int, num_heads: int, feature_dim: Optional[int] = None, bias: bool = True):
         super().__init__(head_dim, num_heads)
         f = feature_dim or head_dim
+        if f < 1:
+            raise ValueError(f"feature_dim must be positive, got {f}")
         self.proj_dim = f
-        self.weight = nn.Parameter(torch.eye(head_dim, f).repeat(num_heads, 1, 1))
+        w = torch.eye(head_dim, f).repeat(num_heads, 1, 1)
+        if f > head_dim:
+            w[:, :, head_dim:] = torch.randn(num_heads, head_dim, f - head_dim) * head_dim ** -0.5
+        self.weight = nn.Parameter(w)
         self.bias = nn.Parameter(torch.zeros(num_heads, f)) if bias else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

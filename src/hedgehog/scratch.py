@@ -53,6 +53,7 @@ LINEAR_KINDS = ("hedgehog", "t2r", "taylor", "elu", "relu", "performer", "cosfor
 KINDS = ("softmax", *LINEAR_KINDS, "hybrid")
 PAPER_KINDS = ("softmax", "hedgehog", "taylor", "t2r", "elu", "performer", "cosformer")
 MIMIC_KINDS = ("hedgehog", "hedgehog_exp", "hybrid")  # maps trained to mimic softmax during training
+WIDTH_KINDS = ("hedgehog", "hedgehog_exp", "t2r")  # maps with a projection width (ModelSpec.feature_dim)
 
 
 def parse_kinds(spec: str) -> List[str]:
@@ -92,6 +93,9 @@ class ModelSpec:
     # lives in q/k before any feature map, which linear attention needs for positional heads)
     arch: str = "llama"
     short_conv: int = 0  # > 0: a causal depthwise conv of this kernel in front of every attention (ShortConv)
+    # > 0: the projection width d' of the maps that have one (WIDTH_KINDS and hybrid; hedgehog: F = 2 d',
+    # t2r: F = d'); other kinds keep their own size. 0: d' = head_dim
+    feature_dim: int = 0
 
 
 class ShortConv(nn.Module):
@@ -170,10 +174,15 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"unknown arch {spec.arch!r}; choose 'llama' or 'gpt2'")
+    if spec.feature_dim < 0:
+        raise ValueError(f"feature_dim must be >= 0 (0: the head size), got {spec.feature_dim}")
     if kind != "softmax":
         fm = "hedgehog" if kind == "hybrid" else kind
-        convert_model(model, HedgehogConfig(feature_map=fm, attention="hybrid" if kind == "hybrid" else "linear",
-                                            window=spec.window))
+        # the width applies to the maps that have one; the others keep their fixed size (so one setting
+        # can serve a whole comparison, and each report records its kind's actual F)
+        kw = {"feature_dim": spec.feature_dim} if spec.feature_dim and fm in WIDTH_KINDS else {}
+        convert_model(model, HedgehogConfig(feature_map=fm, feature_map_kwargs=kw,
+                                            attention="hybrid" if kind == "hybrid" else "linear", window=spec.window))
         # conversion draws random features (performer) from the global generator: keep runs reproducible
     if spec.short_conv:
         add_short_conv(model, spec.short_conv)
@@ -345,8 +354,11 @@ def train_lm(job: TrainJob) -> Dict:
     val_ppl = _lm_perplexity(model, val)
     test_ppl = _lm_perplexity(model, test)
     save_checkpoint(out, model, opt, state)
+    maps = hedgehog_layers(model)
     report = {
         "attention": kind, "data": job.data, "tokenizer": "bytes", "params": n_params,
+        # features per head (the decode state is feature_dim x head_dim per head); None for softmax
+        "feature_dim": maps[0].feature_map_q.feature_dim if maps else None,
         "steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
         "val_ppl": val_ppl, "test_ppl": test_ppl, "test_bits_per_byte": math.log2(test_ppl),
         "final_train_loss": sum(r["lm_loss"] for r in state["history"][-20:]) / max(1, len(state["history"][-20:])),
@@ -380,8 +392,8 @@ def _write_compare(root: Path, rows: List[Dict]) -> Dict:
     soft = next((r for r in rows if r["attention"] == "softmax"), None)
     table = []
     for r in rows:
-        row = {k: r[k] for k in ("attention", "params", "tokens", "seconds", "val_ppl", "test_ppl",
-                                 "test_bits_per_byte", "final_train_loss")}
+        row = {k: r.get(k) for k in ("attention", "feature_dim", "params", "tokens", "seconds", "val_ppl", "test_ppl",
+                                     "test_bits_per_byte", "final_train_loss")}
         if soft:
             row["test_ppl_vs_softmax"] = r["test_ppl"] / soft["test_ppl"]
         table.append(row)
@@ -491,11 +503,12 @@ def plot_curves(rows: List[Dict], path: Path) -> None:
 
 
 def format_train_table(rows: List[Dict]) -> str:
-    lines = ["| attention | params | tokens | minutes | val ppl | test ppl | bits/byte | vs softmax |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| attention | F | params | tokens | minutes | val ppl | test ppl | bits/byte | vs softmax |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"{r['test_ppl_vs_softmax']:.3f}x" if "test_ppl_vs_softmax" in r else "-"
-        lines.append(f"| {r['attention']} | {r['params'] / 1e6:.2f}M | {r['tokens']} | {r['seconds'] / 60:.1f} | "
+        lines.append(f"| {r['attention']} | {r.get('feature_dim') or '-'} | {r['params'] / 1e6:.2f}M | {r['tokens']} | "
+                     f"{r['seconds'] / 60:.1f} | "
                      f"{r['val_ppl']:.3f} | {r['test_ppl']:.3f} | {r['test_bits_per_byte']:.3f} | {vs} |")
     return "\n".join(lines)
 
