@@ -14,6 +14,8 @@ passing a cache explicitly (``cache=``, or ``past_key_values=`` before transform
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 from typing import Optional
 
@@ -173,12 +175,15 @@ def cache_argument(kwargs: dict):
     return next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
 
 
-def cache_kwargs(model, cache) -> dict:
-    """``{name: cache}`` under the name ``model.forward`` takes (``cache`` from transformers 5.24 on)."""
-    import inspect
+@functools.lru_cache(maxsize=None)
+def _cache_param(model_cls) -> str:
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
-    params = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the name ``model.forward`` takes (``cache`` from transformers 5.24 on);
+    the name is looked up once per model class (decode loops call this every token)."""
+    return {_cache_param(type(model)): cache}
 
 
 def output_cache(out):

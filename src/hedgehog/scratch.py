@@ -157,6 +157,8 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         raise ValueError(f"unknown attention kind {kind!r}; choose from {', '.join(KINDS)}")
     if spec.d_model % spec.heads:
         raise ValueError(f"d_model {spec.d_model} is not a multiple of heads {spec.heads}")
+    if spec.feature_dim < 0:
+        raise ValueError(f"feature_dim must be >= 0 (0: the head size), got {spec.feature_dim}")
     hidden = int(math.ceil(spec.mlp_mult * spec.d_model / 32) * 32)
     torch.manual_seed(seed)
     if spec.arch == "llama":
@@ -174,8 +176,6 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"unknown arch {spec.arch!r}; choose 'llama' or 'gpt2'")
-    if spec.feature_dim < 0:
-        raise ValueError(f"feature_dim must be >= 0 (0: the head size), got {spec.feature_dim}")
     if kind != "softmax":
         fm = "hedgehog" if kind == "hybrid" else kind
         # the width applies to the maps that have one; the others keep their fixed size (so one setting
