@@ -268,3 +268,33 @@ def test_load_trained_rebuilds_the_trained_model(tiny_assets, tmp_path):
 
     test = tokenize_windows(load_corpus(tiny_assets["data"]).splits["test"], ByteTokenizer(), 32, max_tokens=64)
     assert perplexity(model, test, batch_size=16, progress=False) == pytest.approx(rep["test_ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "hedgehog", "taylor"])
+def test_no_rope_is_position_free_and_decodes_like_the_full_forward(kind):
+    """rope=False: logits no longer depend on where the window starts. With RoPE Hedgehog's do (its kernel is
+    not a function of q.k, so a shift of every position changes it). Decoding through the cache equals full
+    forwards."""
+    ids = torch.randint(0, TINY.vocab_size - 1, (1, 20))
+    pos = torch.arange(20)[None]
+    nope = build_model(kind, ModelSpec(**{**TINY.__dict__, "rope": False, "short_conv": 3}), seed=1).eval()
+    rope = build_model(kind, ModelSpec(**{**TINY.__dict__, "short_conv": 3}), seed=1).eval()
+    with torch.no_grad():
+        for m in (nope, rope):  # q/k large enough for the rotation to matter
+            for name, p in m.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(4.0)
+        torch.testing.assert_close(nope(input_ids=ids, position_ids=pos + 50).logits,
+                                   nope(input_ids=ids, position_ids=pos).logits, rtol=0, atol=1e-5)
+        if kind == "hedgehog":  # absolute positions: a shift changes the output
+            shift = (rope(input_ids=ids, position_ids=pos + 50).logits - rope(input_ids=ids, position_ids=pos).logits)
+            assert shift.abs().max() > 1e-3
+        assert not torch.allclose(nope(input_ids=ids).logits, rope(input_ids=ids).logits, atol=1e-3)
+        out = nope.generate(ids[:, :12], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        seq = ids[:, :12]
+        for _ in range(6):
+            nxt = nope(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+    with pytest.raises(ValueError, match="applies to arch 'llama'"):
+        build_model(kind, ModelSpec(**{**TINY.__dict__, "rope": False, "arch": "gpt2"}))

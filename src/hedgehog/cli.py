@@ -117,7 +117,8 @@ def _train(args):
         raise SystemExit(str(e))
     _setup_logging()
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
-                     short_conv=args.short_conv, feature_dim=args.feature_dim)
+                     short_conv=args.short_conv, feature_dim=args.feature_dim,
+                     rope=not args.no_rope)
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--short-conv", type=int, default=0, metavar="K",
                    help="a causal depthwise conv of kernel K (identity init) in front of every attention, "
                         "for every kind alike (0: none)")
+    t.add_argument("--no-rope", action="store_true",
+                   help="llama arch: no rotary embedding, for every kind alike (NoPE: order comes from the causal "
+                        "mask and --short-conv). RoPE keeps Taylor's kernel relative but not a learned map's")
     t.add_argument("--mimic-weight", type=float, default=1.0,
                    help="weight of the Hedgehog maps' softmax-mimicry loss added to the LM loss (0: LM loss only)")
     t.add_argument("--feature-dim", type=int, default=0, metavar="P",

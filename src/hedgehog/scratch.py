@@ -96,6 +96,10 @@ class ModelSpec:
     # > 0: the projection width d' of the maps that have one (WIDTH_KINDS and hybrid; hedgehog: F = 2 d',
     # t2r: F = d'); other kinds keep their own size. 0: d' = head_dim
     feature_dim: int = 0
+    # llama arch only. False: no rotary embedding in any layer (NoPE; the causal mask and a short conv carry
+    # order). RoPE makes q.k relative, which Taylor's kernel (a function of q.k) keeps but a learned map's
+    # phi(q).phi(k) does not: under RoPE, Hedgehog's kernel depends on absolute positions.
+    rope: bool = True
 
 
 class ShortConv(nn.Module):
@@ -147,6 +151,19 @@ def add_short_conv(model: nn.Module, kernel: int) -> None:
         attn.register_forward_pre_hook(_short_conv_hook, with_kwargs=True)
 
 
+def disable_rope(model: nn.Module) -> None:
+    """No rotary embedding in a Llama-family model: every rotation becomes the identity (cos 1, sin 0).
+
+    Zeroes the rotary module's inverse frequencies (a non-persistent buffer, so a checkpoint does not carry it:
+    ``build_model`` redoes this from the spec on every load). Prefill and decoding alike then see unrotated q/k.
+    """
+    rot = model.model.rotary_emb
+    for name in ("inv_freq", "original_inv_freq"):
+        buf = getattr(rot, name, None)
+        if isinstance(buf, torch.Tensor):
+            buf.zero_()
+
+
 def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
     """A randomly initialised LlamaForCausalLM (or GPT2LMHeadModel); converted to ``kind`` unless 'softmax'."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -168,7 +185,12 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
                           tie_word_embeddings=True, bos_token_id=None, eos_token_id=spec.vocab_size - 1,
                           pad_token_id=None, attn_implementation="sdpa")
         model = LlamaForCausalLM(cfg)
+        if not spec.rope:
+            disable_rope(model)
     elif spec.arch == "gpt2":
+        if not spec.rope:
+            raise ValueError("rope=False (--no-rope) applies to arch 'llama'; 'gpt2' has no rotary embedding "
+                             "(its positions are learned absolute embeddings)")
         cfg = GPT2Config(vocab_size=spec.vocab_size, n_embd=spec.d_model, n_layer=spec.layers, n_head=spec.heads,
                          n_inner=hidden, n_positions=spec.max_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                          bos_token_id=spec.vocab_size - 1, eos_token_id=spec.vocab_size - 1,
