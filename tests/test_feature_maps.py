@@ -94,6 +94,24 @@ def test_taylor_identity_exact():
         fm.kernel(q, k[..., :3])
 
 
+def test_taylor_projected_identity_and_no_kernel():
+    """feature_dim p: a trainable per-head (d, p) projection first, then the exact Taylor features of p dims."""
+    d, p = 8, 3
+    fq = get_feature_map("taylor", d, 2, feature_dim=p).double()
+    fk = get_feature_map("taylor", d, 2, feature_dim=p).double()
+    assert fq.feature_dim == 1 + p + p * (p + 1) // 2 == 10 and fq.weight.shape == (2, d, p) and fq.trainable
+    assert not torch.equal(fq.weight, fk.weight) and not fq.has_kernel
+    q, k = torch.randn(1, 2, 5, d, dtype=torch.float64), torch.randn(1, 2, 7, d, dtype=torch.float64)
+    pq, pk = torch.einsum("bhnd,hdp->bhnp", q, fq.weight), torch.einsum("bhnd,hdp->bhnp", k, fk.weight)
+    s = pq @ pk.transpose(-1, -2) / math.sqrt(p)
+    torch.testing.assert_close(fq(q) @ fk(k).transpose(-1, -2), 1 + s + s ** 2 / 2)
+    (fq(q).sum() + fk(k).sum()).backward()
+    assert fq.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="goes through its features"):
+        fq.kernel(q, k)
+    assert get_feature_map("taylor", d, 2, feature_dim=d).has_kernel  # p = d: the plain map
+
+
 def test_performer_approximates_softmax_kernel_and_redraws():
     d, m = 8, 16384
     fm = get_feature_map("performer", d, 1, num_features=m, seed=0).double()

@@ -298,3 +298,25 @@ def test_no_rope_is_position_free_and_decodes_like_the_full_forward(kind):
     assert torch.equal(out, seq)
     with pytest.raises(ValueError, match="applies to arch 'llama'"):
         build_model(kind, ModelSpec(**{**TINY.__dict__, "rope": False, "arch": "gpt2"}))
+
+
+def test_taylor_dim_projects_and_decodes_like_the_full_forward():
+    """taylor_dim 3 (F = 10): prompts shorter than F must not take the unprojected closed-form kernel, so
+    generation (prefill + recurrent steps) equals full forwards through the features."""
+    spec = ModelSpec(**{**TINY.__dict__, "taylor_dim": 3})
+    m = build_model("taylor", spec, seed=2).eval()
+    fm = hedgehog_layers(m)[0].feature_map_q
+    assert fm.feature_dim == 10 and fm.weight.shape == (TINY.heads, TINY.d_model // TINY.heads, 3)
+    assert hedgehog_layers(build_model("hedgehog", spec))[0].feature_map_q.feature_dim == 32  # others keep theirs
+    ids = torch.randint(0, TINY.vocab_size - 1, (1, 8))
+    with torch.no_grad():
+        out = m.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        seq = ids
+        for _ in range(6):
+            nxt = m(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+    layer = hedgehog_layers(m)[0]
+    assert not layer._kernel_form(4)
+    with pytest.raises(ValueError, match="taylor_dim must be >= 0"):
+        build_model("taylor", ModelSpec(**{**TINY.__dict__, "taylor_dim": -1}))

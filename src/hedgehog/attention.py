@@ -293,7 +293,8 @@ class HedgehogAttention(nn.Module):
     def _kernel_form(self, n: int) -> bool:
         """True where the maps have a closed-form kernel (same map for q and k) and N < F makes it cheaper."""
         fq, fk = self.feature_map_q, self.feature_map_k
-        return (hasattr(fq, "kernel") and type(fq) is type(fk) and getattr(fq, "scale", None) == getattr(fk, "scale", None)
+        return (hasattr(fq, "kernel") and getattr(fq, "has_kernel", True) and getattr(fk, "has_kernel", True)
+                and type(fq) is type(fk) and getattr(fq, "scale", None) == getattr(fk, "scale", None)
                 and n <= fq.feature_dim)
 
     def _kernel_attention(self, q, k, v_rep, causal: bool, valid=None):

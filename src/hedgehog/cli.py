@@ -118,7 +118,7 @@ def _train(args):
     _setup_logging()
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
-                     rope=not args.no_rope)
+                     rope=not args.no_rope, taylor_dim=args.taylor_dim)
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,
@@ -432,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--short-conv", type=int, default=0, metavar="K",
                    help="a causal depthwise conv of kernel K (identity init) in front of every attention, "
                         "for every kind alike (0: none)")
+    t.add_argument("--taylor-dim", type=int, default=0, metavar="D",
+                   help="taylor kind: project q/k per head to D dims (trainable) before the Taylor features, "
+                        "F = 1 + D + D(D+1)/2, as Based's feature dimension; e.g. 10 gives F = 66, Hedgehog's "
+                        "64-feature state (0: D = head_dim, F = 561 at head_dim 32)")
     t.add_argument("--no-rope", action="store_true",
                    help="llama arch: no rotary embedding, for every kind alike (NoPE: order comes from the causal "
                         "mask and --short-conv). RoPE keeps Taylor's kernel relative but not a learned map's")

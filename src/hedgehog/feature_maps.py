@@ -343,21 +343,42 @@ class TaylorFeatureMap(FeatureMap):
     ``phi(q) . phi(k) = 1 + s + s^2 / 2`` exactly, ``s = scale * q . k`` (``scale = d^-1/2`` default).
     Uses the upper triangle of ``x x^T`` (``F = 1 + d + d(d+1)/2``) instead of all d^2 entries:
     the same inner products at about half the feature dimension. ``1 + s + s^2/2 > 0`` for all s.
+
+    ``feature_dim = p`` (``!= head_dim``): x first goes through a trainable per-head projection ``(H, d, p)``
+    (random N(0, 1/d) init), as Based sizes its state with a small q/k "feature dimension" (16 there), so
+    ``F = 1 + p + p(p+1)/2`` and ``scale = p^-1/2``. The projection makes q's and k's maps differ, so the
+    closed-form :meth:`kernel` is only for the unprojected map.
     """
 
-    def __init__(self, head_dim: int, num_heads: int, scale: Optional[float] = None):
+    def __init__(self, head_dim: int, num_heads: int, scale: Optional[float] = None,
+                 feature_dim: Optional[int] = None):
         super().__init__(head_dim, num_heads)
-        d = head_dim
-        self.scale = d ** -0.5 if scale is None else scale
-        self.feature_dim = 1 + d + d * (d + 1) // 2
-        iu = torch.triu_indices(d, d)
+        p = feature_dim or head_dim
+        if p < 1:
+            raise ValueError(f"feature_dim must be positive, got {p}")
+        self.proj_dim = p
+        self.weight = None
+        if p != head_dim:
+            self.weight = nn.Parameter(torch.randn(num_heads, head_dim, p) * head_dim ** -0.5)
+            self.trainable = True
+        self.scale = p ** -0.5 if scale is None else scale
+        self.feature_dim = 1 + p + p * (p + 1) // 2
+        iu = torch.triu_indices(p, p)
         self.register_buffer("_iu0", iu[0], persistent=False)
         self.register_buffer("_iu1", iu[1], persistent=False)
         self.register_buffer("_diag", iu[0] == iu[1], persistent=False)
 
+    @property
+    def has_kernel(self) -> bool:
+        """The closed form ``1 + s + s^2/2`` of q.k applies (no projection)."""
+        return self.weight is None
+
     def forward(self, x, positions=None):
         self._check(x)
-        x = _float(x) * self.scale ** 0.5
+        x = _float(x)
+        if self.weight is not None:
+            x = x @ self.weight.to(x.dtype)
+        x = x * self.scale ** 0.5
         # coefficient built in x's dtype: a float32 1/sqrt(2) would cap float64 accuracy at 1e-7
         coef = torch.where(self._diag, x.new_tensor(math.sqrt(0.5)), x.new_tensor(1.0))
         second = x[..., self._iu0] * x[..., self._iu1] * coef
@@ -369,10 +390,14 @@ class TaylorFeatureMap(FeatureMap):
         Costs O(Nq Nk d) instead of O(Nq Nk F) with F = 1 + d + d(d+1)/2: the quadratic form is the cheap
         one for short sequences (as fla's ``parallel_based``), and it never materialises the features.
         """
+        if not self.has_kernel:
+            raise ValueError("kernel() is the unprojected map's closed form; a projected Taylor map "
+                             "(feature_dim != head_dim) goes through its features")
         self._check(q)
         self._check(k)
         s = (_float(q) @ _float(k).transpose(-1, -2)) * self.scale
         return torch.addcmul(s + 1.0, s, s, value=0.5)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", scale={self.scale:.4g}"
+        proj = f", proj_dim={self.proj_dim}" if self.weight is not None else ""
+        return super().extra_repr() + proj + f", scale={self.scale:.4g}"

@@ -100,6 +100,9 @@ class ModelSpec:
     # order). RoPE makes q.k relative, which Taylor's kernel (a function of q.k) keeps but a learned map's
     # phi(q).phi(k) does not: under RoPE, Hedgehog's kernel depends on absolute positions.
     rope: bool = True
+    # > 0 and != head_dim: Taylor's q/k go through a trainable per-head projection to this many dims first
+    # (F = 1 + p + p(p+1)/2, as Based's small "feature dimension"), to compare maps at an equal decode state
+    taylor_dim: int = 0
 
 
 class ShortConv(nn.Module):
@@ -176,6 +179,8 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         raise ValueError(f"d_model {spec.d_model} is not a multiple of heads {spec.heads}")
     if spec.feature_dim < 0:
         raise ValueError(f"feature_dim must be >= 0 (0: the head size), got {spec.feature_dim}")
+    if spec.taylor_dim < 0:
+        raise ValueError(f"taylor_dim must be >= 0 (0: the head size), got {spec.taylor_dim}")
     hidden = int(math.ceil(spec.mlp_mult * spec.d_model / 32) * 32)
     torch.manual_seed(seed)
     if spec.arch == "llama":
@@ -203,6 +208,8 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         # the width applies to the maps that have one; the others keep their fixed size (so one setting
         # can serve a whole comparison, and each report records its kind's actual F)
         kw = {"feature_dim": spec.feature_dim} if spec.feature_dim and fm in WIDTH_KINDS else {}
+        if fm == "taylor" and spec.taylor_dim:
+            kw = {"feature_dim": spec.taylor_dim}
         convert_model(model, HedgehogConfig(feature_map=fm, feature_map_kwargs=kw,
                                             attention="hybrid" if kind == "hybrid" else "linear", window=spec.window))
         # conversion draws random features (performer) from the global generator: keep runs reproducible
