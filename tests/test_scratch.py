@@ -320,3 +320,12 @@ def test_taylor_dim_projects_and_decodes_like_the_full_forward():
     assert not layer._kernel_form(4)
     with pytest.raises(ValueError, match="taylor_dim must be >= 0"):
         build_model("taylor", ModelSpec(**{**TINY.__dict__, "taylor_dim": -1}))
+
+
+def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths():
+    from hedgehog.cli import main
+
+    with pytest.raises(SystemExit, match="--no-rope applies to --arch llama"):
+        main(["train", "--arch", "gpt2", "--no-rope"])
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        main(["train", "--attention", "taylor", "--taylor-dim", "-2"])
