@@ -13,6 +13,17 @@ from hedgehog.scratch import (KINDS, ByteTokenizer, MQARConfig, ModelSpec, Short
 TINY = ModelSpec(vocab_size=ByteTokenizer.vocab_size, d_model=32, layers=2, heads=2, max_len=64, window=8)
 
 
+def _assert_greedy_generate_matches_full_forwards(model, prompt, steps=6):
+    """Greedy ``generate`` through the cache = ``steps`` full forwards without one (the whole sequence each)."""
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
+        seq = prompt
+        for _ in range(steps):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
 def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
     text = "To be, or not to be — that is the question."
@@ -227,13 +238,7 @@ def test_short_conv_starts_as_identity_and_decodes_like_the_full_forward(kind, a
                 m.weight.normal_(0, 0.5)
         changed = conv(input_ids=ids).logits
         assert not torch.allclose(changed, plain(input_ids=ids).logits, atol=1e-3)
-        conv.eval()
-        out = conv.generate(ids[:1, :12], max_new_tokens=6, do_sample=False, min_new_tokens=6)
-        seq = ids[:1, :12]
-        for _ in range(6):  # no cache: every step the whole sequence
-            nxt = conv(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(out, seq)
+    _assert_greedy_generate_matches_full_forwards(conv.eval(), ids[:1, :12])
 
 
 def test_short_conv_rejects_bad_kernel():
@@ -290,12 +295,7 @@ def test_no_rope_is_position_free_and_decodes_like_the_full_forward(kind):
             shift = (rope(input_ids=ids, position_ids=pos + 50).logits - rope(input_ids=ids, position_ids=pos).logits)
             assert shift.abs().max() > 1e-3
         assert not torch.allclose(nope(input_ids=ids).logits, rope(input_ids=ids).logits, atol=1e-3)
-        out = nope.generate(ids[:, :12], max_new_tokens=6, do_sample=False, min_new_tokens=6)
-        seq = ids[:, :12]
-        for _ in range(6):
-            nxt = nope(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(out, seq)
+    _assert_greedy_generate_matches_full_forwards(nope, ids[:, :12])
     with pytest.raises(ValueError, match="applies to arch 'llama'"):
         build_model(kind, ModelSpec(**{**TINY.__dict__, "rope": False, "arch": "gpt2"}))
 
@@ -308,14 +308,7 @@ def test_taylor_dim_projects_and_decodes_like_the_full_forward():
     fm = hedgehog_layers(m)[0].feature_map_q
     assert fm.feature_dim == 10 and fm.weight.shape == (TINY.heads, TINY.d_model // TINY.heads, 3)
     assert hedgehog_layers(build_model("hedgehog", spec))[0].feature_map_q.feature_dim == 32  # others keep theirs
-    ids = torch.randint(0, TINY.vocab_size - 1, (1, 8))
-    with torch.no_grad():
-        out = m.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-        seq = ids
-        for _ in range(6):
-            nxt = m(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-    assert torch.equal(out, seq)
+    _assert_greedy_generate_matches_full_forwards(m, torch.randint(0, TINY.vocab_size - 1, (1, 8)))
     layer = hedgehog_layers(m)[0]
     assert not layer._kernel_form(4)
     with pytest.raises(ValueError, match="taylor_dim must be >= 0"):

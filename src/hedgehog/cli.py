@@ -115,14 +115,14 @@ def _train(args):
         kinds = parse_kinds(args.attention)
     except ValueError as e:
         raise SystemExit(str(e))
-    if args.no_rope and args.arch != "llama":
-        raise SystemExit("--no-rope applies to --arch llama; gpt2 has no rotary embedding (learned absolute positions)")
-    if args.taylor_dim < 0 or args.feature_dim < 0:
-        raise SystemExit("--taylor-dim and --feature-dim must be >= 0 (0: the head size)")
-    _setup_logging()
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
                      rope=not args.no_rope, taylor_dim=args.taylor_dim)
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise SystemExit(str(e))
+    _setup_logging()
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,

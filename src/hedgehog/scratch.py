@@ -104,6 +104,17 @@ class ModelSpec:
     # (F = 1 + p + p(p+1)/2, as Based's small "feature dimension"), to compare maps at an equal decode state
     taylor_dim: int = 0
 
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting (``build_model`` and the CLI both call this)."""
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
+        for name in ("feature_dim", "taylor_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the head size), got {getattr(self, name)}")
+        if not self.rope and self.arch != "llama":
+            raise ValueError(f"rope=False applies to arch 'llama' only (--no-rope applies to --arch llama); "
+                             f"{self.arch!r} has no rotary embedding (its positions are learned absolute embeddings)")
+
 
 class ShortConv(nn.Module):
     """Causal depthwise convolution over the sequence in front of an attention layer (kernel K).
@@ -175,12 +186,7 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
 
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; choose from {', '.join(KINDS)}")
-    if spec.d_model % spec.heads:
-        raise ValueError(f"d_model {spec.d_model} is not a multiple of heads {spec.heads}")
-    if spec.feature_dim < 0:
-        raise ValueError(f"feature_dim must be >= 0 (0: the head size), got {spec.feature_dim}")
-    if spec.taylor_dim < 0:
-        raise ValueError(f"taylor_dim must be >= 0 (0: the head size), got {spec.taylor_dim}")
+    spec.validate()
     hidden = int(math.ceil(spec.mlp_mult * spec.d_model / 32) * 32)
     torch.manual_seed(seed)
     if spec.arch == "llama":
@@ -193,9 +199,6 @@ def build_model(kind: str, spec: ModelSpec, seed: int = 0) -> nn.Module:
         if not spec.rope:
             disable_rope(model)
     elif spec.arch == "gpt2":
-        if not spec.rope:
-            raise ValueError("rope=False (--no-rope) applies to arch 'llama'; 'gpt2' has no rotary embedding "
-                             "(its positions are learned absolute embeddings)")
         cfg = GPT2Config(vocab_size=spec.vocab_size, n_embd=spec.d_model, n_layer=spec.layers, n_head=spec.heads,
                          n_inner=hidden, n_positions=spec.max_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                          bos_token_id=spec.vocab_size - 1, eos_token_id=spec.vocab_size - 1,
