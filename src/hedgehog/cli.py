@@ -111,14 +111,11 @@ def _eval(args):
 def _train(args):
     from hedgehog.scratch import ModelSpec, TrainJob, format_train_table, parse_kinds, train_compare, train_lm
 
-    try:
-        kinds = parse_kinds(args.attention)
-    except ValueError as e:
-        raise SystemExit(str(e))
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
                      rope=not args.no_rope, taylor_dim=args.taylor_dim)
-    try:
+    try:  # bad kinds or model settings stop with their message, before any data or model is loaded
+        kinds = parse_kinds(args.attention)
         spec.validate()
     except ValueError as e:
         raise SystemExit(str(e))
