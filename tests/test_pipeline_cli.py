@@ -104,6 +104,18 @@ def test_bench_prefill_small_writes_outputs(tiny_assets, tmp_path, capsys):
         main(["bench", "prefill", "--model", tiny_assets["model"], "--lengths", "0", "--out", str(tmp_path)])
 
 
+def test_bench_train_step_small_writes_outputs(tmp_path, capsys):
+    main(["bench", "train-step", "--lengths", "16,64", "--tokens", "128", "--mimic-rows", "8", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "train_step.json").read_text())
+    assert [(r["n"], r["batch"]) for r in res["rows"]] == [(16, 8), (64, 2)] and res["mimic_rows"] == 8
+    for r in res["rows"]:
+        assert min(r["softmax_s"], r["hedgehog_all_rows_s"], r["hedgehog_rows_s"]) > 0
+        assert r["rows_speedup"] == pytest.approx(r["hedgehog_all_rows_s"] / r["hedgehog_rows_s"])
+    assert "all/R" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--lengths must be integers >= 2"):
+        main(["bench", "train-step", "--lengths", "1", "--out", str(tmp_path)])
+
+
 def test_bench_attention_hybrid_small(tmp_path, capsys):
     main(["bench", "attention", "--attention", "hybrid", "--window", "16", "--lengths", "64,200", "--repeats", "1",
           "--no-memory", "--no-backward", "--out", str(tmp_path)])

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
 from hedgehog.scratch import (KINDS, ByteTokenizer, MQARConfig, ModelSpec, ShortConv, TrainJob, _mimic_loss,
-                              build_model, mqar_batch, parse_kinds, train_compare, train_lm)
+                              build_model, mimic_rows_for_step, mqar_batch, parse_kinds, set_mimic_rows, train_compare,
+                              train_lm)
 
 TINY = ModelSpec(vocab_size=ByteTokenizer.vocab_size, d_model=32, layers=2, heads=2, max_len=64, window=8)
 
@@ -89,6 +90,47 @@ def test_mimic_mode_same_output_and_loss_trains_only_feature_maps(kind):
     assert _mimic_loss(m) is None
 
 
+def test_mimic_rows_for_step_is_a_seeded_sorted_subset():
+    a = mimic_rows_for_step(32, 8, seed=0, step=5)
+    assert a.shape == (8,) and torch.equal(a, a.sort().values) and len(set(a.tolist())) == 8 and int(a.max()) < 32
+    assert torch.equal(a, mimic_rows_for_step(32, 8, seed=0, step=5))  # (seed, step) decide it: resume-safe
+    assert not torch.equal(a, mimic_rows_for_step(32, 8, seed=0, step=6))
+    assert not torch.equal(a, mimic_rows_for_step(32, 8, seed=1, step=5))
+    assert mimic_rows_for_step(32, 0, 0, 0) is None and mimic_rows_for_step(32, 32, 0, 0) is None
+    with pytest.raises(ValueError, match="mimic_rows must be >= 0"):
+        mimic_rows_for_step(32, -1, 0, 0)
+
+
+def test_mimic_rows_take_the_loss_over_those_rows_in_float64():
+    """With a row subset, each layer's stored mimic loss is the distillation cross-entropy over exactly
+    those query rows (each against all the keys it sees), computed here from the layer's own q/k/features."""
+    from hedgehog.attention import _repeat_heads
+    from hedgehog.losses import attention_distillation_loss
+
+    m = build_model("hedgehog", TINY, seed=2).double()
+    ids = torch.randint(0, TINY.vocab_size, (2, 24))
+    layers = hedgehog_layers(m)
+    for layer in layers:
+        layer.captured = []
+    set_attention_mode(m, "mimic")
+    rows = torch.tensor([0, 5, 6, 17, 23])
+    set_mimic_rows(m, rows)
+    m(input_ids=ids)
+    for layer in layers:
+        (q, k, _), = layer.captured
+        phi_q, phi_k = layer.features(q, k)
+        kr, scale = _repeat_heads(k, layer.n_rep), layer.teacher_scale()
+        want = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, scale=scale, query_index=rows)
+        full = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, scale=scale)
+        assert layer.distill_loss.dtype == torch.float64
+        torch.testing.assert_close(layer.distill_loss, want, rtol=1e-12, atol=1e-12)
+        assert abs(layer.distill_loss.item() - full.item()) > 1e-6  # a subset, not every row
+        layer.captured = None
+    set_mimic_rows(m, torch.tensor([24]))  # past the end of the window
+    with pytest.raises(ValueError, match="below the sequence length 24"):
+        m(input_ids=ids)
+
+
 def test_mqar_batch_structure():
     cfg = MQARConfig(vocab_size=64, num_kv_pairs=6, seq_len=40)
     ids, t = mqar_batch(50, cfg, torch.Generator().manual_seed(0))
@@ -136,8 +178,9 @@ def test_train_lm_learns_reports_and_checkpoints(tiny_assets, tmp_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["attention"] == "hedgehog"
 
 
-def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path, monkeypatch):
-    full = train_lm(_job(tmp_path / "a", tiny_assets["data"]))
+@pytest.mark.parametrize("mimic_rows", [0, 8])
+def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path, monkeypatch, mimic_rows):
+    full = train_lm(_job(tmp_path / "a", tiny_assets["data"], mimic_rows=mimic_rows))
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
 
@@ -149,11 +192,11 @@ def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path,
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        train_lm(_job(tmp_path / "b", tiny_assets["data"]))
+        train_lm(_job(tmp_path / "b", tiny_assets["data"], mimic_rows=mimic_rows))
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2  # the checkpoint before the crash
-    resumed = train_lm(_job(tmp_path / "b", tiny_assets["data"], resume=True))
+    resumed = train_lm(_job(tmp_path / "b", tiny_assets["data"], resume=True, mimic_rows=mimic_rows))
     assert resumed["steps"] == full["steps"] == 4
     a = load_file(str(tmp_path / "a" / "run" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "run" / "checkpoint" / "model.safetensors"))
@@ -315,10 +358,12 @@ def test_taylor_dim_projects_and_decodes_like_the_full_forward():
         build_model("taylor", ModelSpec(**{**TINY.__dict__, "taylor_dim": -1}))
 
 
-def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths():
+def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths_and_rows():
     from hedgehog.cli import main
 
     with pytest.raises(SystemExit, match="--no-rope applies to --arch llama"):
         main(["train", "--arch", "gpt2", "--no-rope"])
     with pytest.raises(SystemExit, match="must be >= 0"):
         main(["train", "--attention", "taylor", "--taylor-dim", "-2"])
+    with pytest.raises(SystemExit, match="mimic_rows must be >= 0"):
+        main(["train", "--attention", "hedgehog", "--mimic-rows", "-1"])

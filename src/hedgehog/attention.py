@@ -157,6 +157,9 @@ class HedgehogAttention(nn.Module):
         self.mode = "linear"
         self.captured = None
         self.distill_loss = None
+        # mimic mode: the query rows (1-D positions) its loss is taken over; None = every row. Training from
+        # scratch sets a fresh subset per step (an unbiased estimate at rows x N cost instead of N x N).
+        self.mimic_rows = None
 
     # -- helpers -----------------------------------------------------------------------------
     def start_capture(self):
@@ -204,6 +207,8 @@ class HedgehogAttention(nn.Module):
         if self.hh_config.distill_loss == "mse":
             if v is None:
                 raise ValueError("the mse distillation loss needs v")
+            if query_index is not None:
+                raise ValueError("the mse distillation loss takes every row (query_index applies to 'ce' only)")
             return attention_output_mse_loss(q, k_rep, _repeat_heads(v, self.n_rep), phi_q, phi_k,
                                              causal=self.causal, scale=self.teacher_scale(), **hyb)
         return attention_distillation_loss(q, k_rep, phi_q, phi_k, causal=self.causal, scale=self.teacher_scale(),
@@ -230,7 +235,11 @@ class HedgehogAttention(nn.Module):
             y = self.adapter.softmax_attention(self, q, k, v, call)
             return self.adapter.output(self, y), None
         if self.mode == "mimic" and torch.is_grad_enabled():
-            self.distill_loss = self.layer_distill_loss(q.detach(), k.detach(), v.detach())
+            rows = self.mimic_rows
+            if rows is not None and (rows.numel() == 0 or int(rows.max()) >= q.shape[2]):
+                raise ValueError(f"mimic rows must be non-empty positions below the sequence length "
+                                 f"{q.shape[2]}, got {rows.numel()} rows up to {int(rows.max()) if rows.numel() else None}")
+            self.distill_loss = self.layer_distill_loss(q.detach(), k.detach(), v.detach(), query_index=rows)
         y = self._linear(q, k, v, call, cache)
         return self.adapter.output(self, y.transpose(1, 2)), None
 

@@ -19,6 +19,13 @@ def _bench_prefill(args):
     prefill.run_from_args(args)
 
 
+def _bench_train_step(args):
+    from hedgehog.bench import train_step
+
+    _setup_logging()
+    train_step.run_from_args(args)
+
+
 def _bench_attention(args):
     from hedgehog.bench import attention
 
@@ -109,7 +116,8 @@ def _eval(args):
 
 
 def _train(args):
-    from hedgehog.scratch import ModelSpec, TrainJob, format_train_table, parse_kinds, train_compare, train_lm
+    from hedgehog.scratch import (ModelSpec, TrainJob, format_train_table, mimic_rows_for_step, parse_kinds,
+                                  train_compare, train_lm)
 
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
@@ -117,13 +125,14 @@ def _train(args):
     try:  # bad kinds or model settings stop with their message, before any data or model is loaded
         kinds = parse_kinds(args.attention)
         spec.validate()
+        mimic_rows_for_step(args.seq_len, args.mimic_rows, args.seed, 0)
     except ValueError as e:
         raise SystemExit(str(e))
     _setup_logging()
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
-                   model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens, test_tokens=args.test_tokens,
-                   resume=args.resume, seed=args.seed, progress=not args.no_progress)
+                   mimic_rows=args.mimic_rows, model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens,
+                   test_tokens=args.test_tokens, resume=args.resume, seed=args.seed, progress=not args.no_progress)
     if len(kinds) == 1 and args.attention.strip() != "all":
         rep = train_lm(job)
         print(format_train_table([{**rep}]))
@@ -314,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description=prefill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     prefill.add_arguments(bp)
     bp.set_defaults(func=_bench_prefill)
+    from hedgehog.bench import train_step
+
+    bt = bsub.add_parser("train-step", help="from-scratch training step time: softmax vs Hedgehog, mimic loss over "
+                         "every row or --mimic-rows rows", description=train_step.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_step.add_arguments(bt)
+    bt.set_defaults(func=_bench_train_step)
 
     c = sub.add_parser(
         "convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -442,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mask and --short-conv). RoPE keeps Taylor's kernel relative but not a learned map's")
     t.add_argument("--mimic-weight", type=float, default=1.0,
                    help="weight of the Hedgehog maps' softmax-mimicry loss added to the LM loss (0: LM loss only)")
+    t.add_argument("--mimic-rows", type=int, default=0, metavar="R",
+                   help="take the mimic loss over R random query rows per step (each against all its keys): an "
+                        "unbiased estimate at O(R x seq-len) cost, so long windows stay linear (0: every row, "
+                        "O(seq-len^2))")
     t.add_argument("--feature-dim", type=int, default=0, metavar="P",
                    help="projection width of the trainable maps (hedgehog, hedgehog_exp, t2r, hybrid): Hedgehog "
                         "features F = 2P, so a decode state of 2P x head_dim per head (0: P = head_dim)")

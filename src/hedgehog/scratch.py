@@ -13,7 +13,9 @@ of the same q/k. Each layer runs in ``mimic`` mode: its output is the linear att
 trains), and it adds the attention cross-entropy between ``softmax(q k^T / sqrt d)`` and its own linear
 weights, computed on *detached* q/k so that this term trains only the feature maps (and the hybrid's
 window factor), never the projections. Total loss = LM loss + ``mimic_weight`` x mean over layers of
-that cross-entropy (default ``mimic_weight = 1``; the LM loss alone also trains the maps).
+that cross-entropy (default ``mimic_weight = 1``; the LM loss alone also trains the maps). That term costs
+O(N^2) per layer, like the teacher; ``mimic_rows = R`` takes it over R random query rows per step (an unbiased
+estimate at O(R N), rows drawn from the seed and step so resume draws the same ones).
 
 Text is byte-level by default (257 ids: the 256 bytes + end-of-document), so nothing needs fetching but
 the Shakespeare plays; validation/test perplexities are per byte.
@@ -234,6 +236,22 @@ def _with_mimic(model: nn.Module, loss: torch.Tensor, weight: float):
     return (loss, None) if mimic is None else (loss + weight * mimic, mimic)
 
 
+def mimic_rows_for_step(seq_len: int, rows: int, seed: int, step: int) -> Optional[torch.Tensor]:
+    """The sorted query rows a step's mimic loss uses: ``rows`` of ``seq_len`` drawn from (seed, step) alone,
+    so a resumed run draws what the uninterrupted one did; None (every row) when ``rows`` is 0 or >= seq_len."""
+    if rows < 0:
+        raise ValueError(f"mimic_rows must be >= 0 (0: every row), got {rows}")
+    if rows == 0 or rows >= seq_len:
+        return None
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randperm(seq_len, generator=gen)[:rows].sort().values
+
+
+def set_mimic_rows(model: nn.Module, rows: Optional[torch.Tensor]) -> None:
+    for layer in hedgehog_layers(model):
+        layer.mimic_rows = rows
+
+
 def set_train_mode(model: nn.Module, kind: str, mimic_weight: float) -> None:
     """``mimic`` mode for Hedgehog kinds with a positive weight, plain ``linear`` otherwise (eval too)."""
     if kind == "softmax":
@@ -296,6 +314,9 @@ class TrainJob:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mimic_weight: float = 1.0
+    # > 0: the mimic loss over this many random query rows per step (fresh each step, every row against all
+    # its keys): an unbiased estimate at O(rows x seq_len) instead of O(seq_len^2). 0: every row
+    mimic_rows: int = 0
     model: ModelSpec = field(default_factory=ModelSpec)
     eval_points: int = 8  # validation perplexity measurements along training
     val_tokens: int = 32768
@@ -328,6 +349,7 @@ def train_lm(job: TrainJob) -> Dict:
     tok = ByteTokenizer()
     corpus = load_corpus(job.data)
     L = job.seq_len
+    mimic_rows_for_step(L, job.mimic_rows, job.seed, 0)  # a bad setting stops here, before any work
     train = shuffled_windows(tokenize_windows(corpus.splits["train"], tok, L), job.seed)
     val = tokenize_windows(corpus.splits["validation"], tok, L, max_tokens=job.val_tokens)
     test = tokenize_windows(corpus.splits["test"], tok, L, max_tokens=job.test_tokens)
@@ -358,6 +380,8 @@ def train_lm(job: TrainJob) -> Dict:
         batch = train[idx]
         for g in opt.param_groups:
             g["lr"] = job.lr * _lr_factor(step, total, job.warmup_steps)
+        if job.mimic_rows:
+            set_mimic_rows(model, mimic_rows_for_step(L, job.mimic_rows, job.seed, step))
         lm = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss, mimic = _with_mimic(model, lm, job.mimic_weight)
         clipped_step(opt, loss, model.parameters(), job.grad_clip, f"training {kind}, step {step}", job.lr)
@@ -380,6 +404,7 @@ def train_lm(job: TrainJob) -> Dict:
         if state["step"] % job.checkpoint_every == 0 or state["step"] == total:
             save_checkpoint(out, model, opt, state)
     bar.close()
+    set_mimic_rows(model, None)
     if kind != "softmax":
         set_attention_mode(model, "linear")
     model.eval()

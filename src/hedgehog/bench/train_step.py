@@ -1,0 +1,96 @@
+"""Training-step time from scratch: softmax vs Hedgehog with its mimic loss over every query row or over R rows.
+
+Run:  hedgehog bench train-step [--lengths 256,1024,4096] [--tokens 4096] [--mimic-rows 64]
+
+Each point times one optimizer step (forward, backward, AdamW) of the ``hedgehog train`` model (a 4-layer,
+width-256 Llama-style decoder, byte vocabulary, ``--short-conv`` as given) on ``tokens // N`` random windows
+of N bytes, so every length trains on the same number of tokens. Hedgehog runs in ``mimic`` mode, as in
+training: once with the mimic loss over every query row (O(N^2) per layer, like the softmax teacher it
+mimics) and once over ``--mimic-rows`` random rows (O(R N): ``hedgehog train --mimic-rows R``). The best of
+``--repeats`` steps after one warm-up step is kept; ratios are taken within this one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+DEFAULT_LENGTHS = (256, 1024, 4096)
+
+
+def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repeats: int, short_conv: int,
+                 spec_kw: Optional[Dict] = None) -> float:
+    """Best wall time of one training step of ``kind`` on (tokens // n, n) random bytes."""
+    from hedgehog.scratch import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
+                                  set_mimic_rows, set_train_mode)
+
+    spec = ModelSpec(**{"short_conv": short_conv, "max_len": max(4096, n), **(spec_kw or {})})
+    model = build_model(kind, spec, seed=0)
+    set_train_mode(model, kind, 1.0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, ByteTokenizer.vocab_size - 1, (max(1, tokens // n), n), generator=gen)
+    best = float("inf")
+    for i in range(repeats + 1):  # the first step warms up (allocations, lazy init)
+        t = time.perf_counter()
+        if mimic_rows:
+            set_mimic_rows(model, mimic_rows_for_step(n, mimic_rows, 0, i))
+        lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss, _ = _with_mimic(model, lm, 1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run(lengths: List[int], tokens: int, mimic_rows: int, repeats: int = 1, short_conv: int = 4,
+        spec_kw: Optional[Dict] = None, log=print) -> Dict:
+    rows = []
+    for n in lengths:
+        row = {"n": n, "batch": max(1, tokens // n),
+               "softmax_s": step_seconds("softmax", n, tokens, None, repeats, short_conv, spec_kw),
+               "hedgehog_all_rows_s": step_seconds("hedgehog", n, tokens, None, repeats, short_conv, spec_kw),
+               "hedgehog_rows_s": step_seconds("hedgehog", n, tokens, mimic_rows, repeats, short_conv, spec_kw)}
+        row["all_rows_vs_softmax"] = row["hedgehog_all_rows_s"] / row["softmax_s"]
+        row["rows_vs_softmax"] = row["hedgehog_rows_s"] / row["softmax_s"]
+        row["rows_speedup"] = row["hedgehog_all_rows_s"] / row["hedgehog_rows_s"]
+        rows.append(row)
+        log(f"{n:>6} {row['batch']:>5} | {row['softmax_s']:9.3f} {row['hedgehog_all_rows_s']:10.3f} "
+            f"{row['hedgehog_rows_s']:10.3f} | {row['all_rows_vs_softmax']:7.2f}x {row['rows_vs_softmax']:7.2f}x "
+            f"{row['rows_speedup']:7.2f}x")
+    return {"tokens_per_step": tokens, "mimic_rows": mimic_rows, "short_conv": short_conv, "repeats": repeats,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                   help="comma-separated window lengths N (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per step; batch = tokens // N (default: %(default)s)")
+    p.add_argument("--mimic-rows", type=int, default=64, help="R, the rows of the subsampled mimic loss "
+                   "(default: %(default)s)")
+    p.add_argument("--short-conv", type=int, default=4, help="as in hedgehog train (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="timed steps per point, best kept (default: %(default)s)")
+    p.add_argument("--out", default="bench_out/train_step", help="output dir for train_step.json "
+                   "(default: %(default)s)")
+
+
+def run_from_args(args) -> Dict:
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if not lengths or min(lengths) < 2 or args.repeats < 1 or args.tokens < 1 or args.mimic_rows < 1:
+        raise SystemExit(f"--lengths must be integers >= 2, --tokens, --mimic-rows and --repeats >= 1; got "
+                         f"{args.lengths!r}, {args.tokens}, {args.mimic_rows}, {args.repeats}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{'N':>6} {'batch':>5} | {'softmax s':>9} {'hh all s':>10} {'hh R s':>10} | "
+          f"{'all/sm':>8} {'R/sm':>8} {'all/R':>8}")
+    result = run(lengths, args.tokens, args.mimic_rows, args.repeats, args.short_conv)
+    (out / "train_step.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'train_step.json'}")
+    return result
