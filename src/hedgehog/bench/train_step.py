@@ -2,9 +2,10 @@
 
 Run:  hedgehog bench train-step [--lengths 256,1024,4096] [--tokens 4096] [--mimic-rows 64]
 
-Each point times one optimizer step (forward, backward, AdamW) of the ``hedgehog train`` model (a 4-layer,
-width-256 Llama-style decoder, byte vocabulary, ``--short-conv`` as given) on ``tokens // N`` random windows
-of N bytes, so every length trains on the same number of tokens. Hedgehog runs in ``mimic`` mode, as in
+Each point times one optimizer step (forward, backward, gradient clip, AdamW: ``clipped_step``, as in
+training) of the ``hedgehog train`` model (a 4-layer, width-256 Llama-style decoder, byte vocabulary,
+``--short-conv`` as given) on ``tokens // N`` random windows of N bytes, so every length trains on the same
+number of tokens. Hedgehog runs in ``mimic`` mode, as in
 training: once with the mimic loss over every query row (O(N^2) per layer, like the softmax teacher it
 mimics) and once over ``--mimic-rows`` random rows (O(R N): ``hedgehog train --mimic-rows R``). The best of
 ``--repeats`` steps after one warm-up step is kept; ratios are taken within this one run.
@@ -22,13 +23,13 @@ import torch
 DEFAULT_LENGTHS = (256, 1024, 4096)
 
 
-def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repeats: int, short_conv: int,
-                 spec_kw: Optional[Dict] = None) -> float:
+def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repeats: int, short_conv: int) -> float:
     """Best wall time of one training step of ``kind`` on (tokens // n, n) random bytes."""
+    from hedgehog.distill import clipped_step
     from hedgehog.scratch import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
                                   set_mimic_rows, set_train_mode)
 
-    spec = ModelSpec(**{"short_conv": short_conv, "max_len": max(4096, n), **(spec_kw or {})})
+    spec = ModelSpec(short_conv=short_conv, max_len=max(4096, n))
     model = build_model(kind, spec, seed=0)
     set_train_mode(model, kind, 1.0)
     model.train()
@@ -42,22 +43,20 @@ def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repe
             set_mimic_rows(model, mimic_rows_for_step(n, mimic_rows, 0, i))
         lm = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss, _ = _with_mimic(model, lm, 1.0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        clipped_step(opt, loss, model.parameters(), 1.0, f"bench train-step {kind}, N={n}", 1e-4)  # as train_lm
         if i:
             best = min(best, time.perf_counter() - t)
     return best
 
 
 def run(lengths: List[int], tokens: int, mimic_rows: int, repeats: int = 1, short_conv: int = 4,
-        spec_kw: Optional[Dict] = None, log=print) -> Dict:
+        log=print) -> Dict:
     rows = []
     for n in lengths:
         row = {"n": n, "batch": max(1, tokens // n),
-               "softmax_s": step_seconds("softmax", n, tokens, None, repeats, short_conv, spec_kw),
-               "hedgehog_all_rows_s": step_seconds("hedgehog", n, tokens, None, repeats, short_conv, spec_kw),
-               "hedgehog_rows_s": step_seconds("hedgehog", n, tokens, mimic_rows, repeats, short_conv, spec_kw)}
+               "softmax_s": step_seconds("softmax", n, tokens, None, repeats, short_conv),
+               "hedgehog_all_rows_s": step_seconds("hedgehog", n, tokens, None, repeats, short_conv),
+               "hedgehog_rows_s": step_seconds("hedgehog", n, tokens, mimic_rows, repeats, short_conv)}
         row["all_rows_vs_softmax"] = row["hedgehog_all_rows_s"] / row["softmax_s"]
         row["rows_vs_softmax"] = row["hedgehog_rows_s"] / row["softmax_s"]
         row["rows_speedup"] = row["hedgehog_all_rows_s"] / row["hedgehog_rows_s"]
@@ -72,7 +71,8 @@ def run(lengths: List[int], tokens: int, mimic_rows: int, repeats: int = 1, shor
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                    help="comma-separated window lengths N (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per step; batch = tokens // N (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=4096,
+                   help="tokens per step; batch = tokens // N (default: %(default)s)")
     p.add_argument("--mimic-rows", type=int, default=64, help="R, the rows of the subsampled mimic loss "
                    "(default: %(default)s)")
     p.add_argument("--short-conv", type=int, default=4, help="as in hedgehog train (default: %(default)s)")
