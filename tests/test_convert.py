@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from hedgehog import checkpoint as ckpt
+from hedgehog.assets import PLAIN_LOAD
 from hedgehog.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.convert import UnsupportedArchitectureError, convert_model
 from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
@@ -148,7 +149,7 @@ def test_save_load_round_trip_with_lora(tmp_path, family, merge):
     tiny(family).save_pretrained(base_dir)
     from transformers import AutoModelForCausalLM
 
-    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir, **PLAIN_LOAD).eval())
     _perturb_maps(model)
     pm = add_lora(model, Stage2Config(lora_r=4, lora_alpha=8))
     lora_finetune(pm, torch.randint(0, V, (4, 16)), Stage2Config(tokens=64, lr=1e-2, warmup_steps=1), progress=False)
@@ -174,7 +175,7 @@ def test_save_load_without_lora_is_exact_and_partial_layers(tmp_path):
     tiny("qwen2").save_pretrained(base_dir)
     from transformers import AutoModelForCausalLM
 
-    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir).eval(), HedgehogConfig(layers=[1]))
+    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir, **PLAIN_LOAD).eval(), HedgehogConfig(layers=[1]))
     assert [m.layer_idx for m in hedgehog_layers(model)] == [1]
     _perturb_maps(model)
     ids = torch.randint(0, V, (1, 12))
@@ -195,7 +196,7 @@ def test_loading_onto_a_different_base_is_refused(tmp_path):
     tiny("llama").save_pretrained(b)
     from transformers import AutoModelForCausalLM
 
-    model = convert_model(AutoModelForCausalLM.from_pretrained(a))
+    model = convert_model(AutoModelForCausalLM.from_pretrained(a, **PLAIN_LOAD))
     ckpt.save_converted(model, tmp_path / "c", base_model=str(a))
     with pytest.raises(ckpt.BaseModelMismatchError, match="different base model"):
         ckpt.load(tmp_path / "c", base_model=str(b))

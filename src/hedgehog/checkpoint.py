@@ -169,7 +169,7 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hedgehog.assets import resolve_model_path
+    from hedgehog.assets import PLAIN_LOAD, resolve_model_path
     from hedgehog.convert import convert_model
 
     path = Path(path).expanduser()
@@ -184,7 +184,8 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
         raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported "
                          f"(this hedgehog reads {FORMAT_VERSION})")
     base = resolve_model_path(base_model or meta["base_model"])
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa",
+                                                 **PLAIN_LOAD).to(device).eval()
     fp = base_fingerprint(model)
     if fp != meta["base_fingerprint"]:
         diff = {k: (meta["base_fingerprint"].get(k), fp.get(k)) for k in fp if fp.get(k) != meta["base_fingerprint"].get(k)}

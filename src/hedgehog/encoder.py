@@ -150,12 +150,12 @@ def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def load_classifier(model_name: str):
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from hedgehog.assets import resolve_model_path
+    from hedgehog.assets import PLAIN_LOAD, resolve_model_path
 
     path = resolve_model_path(model_name)
     model = BertForSequenceClassification.from_pretrained(
         path, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)},
-        attn_implementation="sdpa", dtype=torch.float32)
+        attn_implementation="sdpa", dtype=torch.float32, **PLAIN_LOAD)
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, path
 

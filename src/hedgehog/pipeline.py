@@ -55,10 +55,11 @@ def _write_json(path: Path, obj) -> None:
 def load_base(model_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hedgehog.assets import resolve_model_path
+    from hedgehog.assets import PLAIN_LOAD, resolve_model_path
 
     path = resolve_model_path(model_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 **PLAIN_LOAD).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok, path
 
