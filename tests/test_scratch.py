@@ -169,7 +169,7 @@ def _job(tmp_path, data, **kw):
 def test_train_lm_learns_reports_and_checkpoints(tiny_assets, tmp_path):
     job = _job(tmp_path, tiny_assets["data"], tokens=12 * 64, lr=3e-3)
     rep = train_lm(job)
-    assert rep["steps"] == 12 and rep["tokens"] == 12 * 64
+    assert rep["steps"] == 12 and rep["tokens"] == 12 * 64 and rep["device"] == "cpu"
     h = rep["history"]
     assert h[-1]["lm_loss"] < h[0]["lm_loss"]  # it learns
     assert all("mimic_loss" in r for r in h)  # Hedgehog trains with the mimicry term
@@ -367,3 +367,53 @@ def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths_and_rows():
         main(["train", "--attention", "taylor", "--taylor-dim", "-2"])
     with pytest.raises(SystemExit, match="mimic_rows must be >= 0"):
         main(["train", "--attention", "hedgehog", "--mimic-rows", "-1"])
+
+
+def test_resolve_device_names_the_problem_and_the_fix(monkeypatch):
+    from hedgehog.scratch import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'.*'auto', 'cpu', 'cuda'"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="runs on 'cpu' or 'cuda'"):
+        resolve_device("meta")
+    # a machine without CUDA (this one, or a GPU one pretending): the message says what to pass instead
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no CUDA device.*--device cpu"):
+        resolve_device("cuda:0")
+
+
+def test_cli_device_is_checked_before_any_work(tmp_path, monkeypatch):
+    from hedgehog.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in (["train", "--out", str(tmp_path / "t")], ["mqar", "--out", str(tmp_path / "m")],
+                ["paired-eval", "--out", str(tmp_path / "p")]):
+        with pytest.raises(SystemExit, match="sees no CUDA device"):
+            main([*cmd, "--device", "cuda"])
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["hedgehog", "taylor", "softmax", "hybrid"])
+def test_train_lm_on_cuda_matches_the_cpu_run_and_resumes_on_the_cpu(tiny_assets, tmp_path, kind):
+    """Same init and data on both devices: the first step's loss agrees to rounding, the run ends near the CPU
+    run, its checkpoint reloads on the CPU with the same test perplexity, and paired-eval runs on CUDA."""
+    from hedgehog.scratch import load_trained, paired_eval
+
+    kw = dict(attention=kind, model=ModelSpec(d_model=32, layers=1, heads=2, max_len=64, window=8, short_conv=4))
+    run = str(tmp_path / "gpu" / kind)
+    cpu = train_lm(_job(tmp_path / "cpu", tiny_assets["data"], device="cpu", **kw))
+    gpu = train_lm(_job(tmp_path, tiny_assets["data"], device="cuda", out=run, **kw))
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    assert gpu["history"][0]["lm_loss"] == pytest.approx(cpu["history"][0]["lm_loss"], rel=1e-3)
+    assert gpu["test_ppl"] == pytest.approx(cpu["test_ppl"], rel=0.05)
+    model, rep = load_trained(run, device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
+    res = paired_eval(str(tmp_path / "gpu"), [kind], [kind], progress=False, device="cuda")
+    assert res["ppl"][kind]["ppl"] == pytest.approx(gpu["test_ppl"], rel=1e-4)
+    # resume the CUDA run's checkpoint on the CPU with a larger budget
+    more = train_lm(_job(tmp_path, tiny_assets["data"], device="cpu", out=run, resume=True, tokens=6 * 64, **kw))
+    assert more["steps"] == 6 and more["device"] == "cpu"

@@ -61,6 +61,11 @@ def _job_from_args(args):
     return job
 
 
+def _add_device(parser, what: str) -> None:
+    parser.add_argument("--device", default="auto",
+                        help=f"'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N': {what}")
+
+
 def _check_maps(names):
     from hedgehog.feature_maps import available_feature_maps
 
@@ -117,7 +122,7 @@ def _eval(args):
 
 def _train(args):
     from hedgehog.scratch import (ModelSpec, TrainJob, format_train_table, mimic_rows_for_step, parse_kinds,
-                                  train_compare, train_lm)
+                                  resolve_device, train_compare, train_lm)
 
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
@@ -126,13 +131,15 @@ def _train(args):
         kinds = parse_kinds(args.attention)
         spec.validate()
         mimic_rows_for_step(args.seq_len, args.mimic_rows, args.seed, 0)
+        resolve_device(args.device)
     except ValueError as e:
         raise SystemExit(str(e))
     _setup_logging()
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    mimic_rows=args.mimic_rows, model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens,
-                   test_tokens=args.test_tokens, resume=args.resume, seed=args.seed, progress=not args.no_progress)
+                   test_tokens=args.test_tokens, resume=args.resume, seed=args.seed, progress=not args.no_progress,
+                   device=args.device)
     if len(kinds) == 1 and args.attention.strip() != "all":
         rep = train_lm(job)
         print(format_train_table([{**rep}]))
@@ -144,18 +151,19 @@ def _train(args):
 
 
 def _paired(args):
-    from hedgehog.scratch import format_paired_table, paired_eval, parse_kinds
+    from hedgehog.scratch import format_paired_table, paired_eval, parse_kinds, resolve_device
 
     try:
         kinds = parse_kinds(args.attention)
         against = parse_kinds(args.against)
+        resolve_device(args.device)
     except ValueError as e:
         raise SystemExit(str(e))
     _setup_logging()
     try:
         result = paired_eval(args.out, kinds, against, split=args.split,
                              max_tokens=None if args.tokens < 0 else args.tokens, block=args.block,
-                             samples=args.samples, progress=not args.no_progress)
+                             samples=args.samples, progress=not args.no_progress, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     print(format_paired_table(result))
@@ -163,10 +171,11 @@ def _paired(args):
 
 
 def _mqar(args):
-    from hedgehog.scratch import MQARConfig, MQARJob, format_mqar_table, mqar_compare, parse_kinds
+    from hedgehog.scratch import MQARConfig, MQARJob, format_mqar_table, mqar_compare, parse_kinds, resolve_device
 
     try:
         kinds = parse_kinds(args.attention)
+        resolve_device(args.device)
         task = MQARConfig(vocab_size=args.vocab_size, num_kv_pairs=args.kv_pairs, seq_len=args.seq_len)
         from hedgehog.scratch import mqar_batch
 
@@ -177,7 +186,7 @@ def _mqar(args):
     job = MQARJob(out=args.out, kinds=kinds, task=task, d_model=args.d_model, layers=args.layers, heads=args.heads,
                   arch=args.arch,
                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, mimic_weight=args.mimic_weight,
-                  eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
+                  eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress, device=args.device)
     result = mqar_compare(job)
     print(format_mqar_table(result["rows"]))
     print(f"wrote {args.out}/mqar.json and {args.out}/mqar.png")
@@ -471,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (and skip finished kinds)")
     t.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(t, "where the models train and evaluate (the init and the data order are the same on every "
+                   "device; the numbers differ by rounding). A checkpoint resumes on any device")
     t.set_defaults(func=_train)
 
     pe = sub.add_parser("paired-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -489,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--block", type=int, default=16, help="consecutive windows per bootstrap block")
     pe.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
     pe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(pe, "where the models score the windows")
     pe.set_defaults(func=_paired)
 
     mq = sub.add_parser("mqar", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -513,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
     mq.add_argument("--seed", type=int, default=0, help="seed")
     mq.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device(mq, "where the models train (the task data is drawn on the CPU, so every device sees the same)")
     mq.set_defaults(func=_mqar)
 
     e = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -20,12 +20,13 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     was_training = model.training
     model.eval()
     out = []
+    dev = next(model.parameters()).device
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-        batch = windows[i:i + batch_size]
+        batch = windows[i:i + batch_size].to(dev)
         logits = model(input_ids=batch, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                               reduction="none").view(batch.shape[0], -1)
-        out.append(nll.double().mean(1))
+        out.append(nll.double().mean(1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 

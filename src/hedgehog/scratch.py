@@ -69,6 +69,33 @@ def parse_kinds(spec: str) -> List[str]:
     return kinds
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> the first CUDA device if there is one, else the CPU; 'cpu', 'cuda', 'cuda:N' as torch reads them.
+
+    A CUDA device on a machine without one (or an index past the last) is a ValueError that names the fix, raised
+    before any data or model is loaded."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r} ({e}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: training runs on 'cpu' or 'cuda' ('auto' picks)")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {name!r}: this PyTorch sees no CUDA device (torch {torch.__version__}); "
+                             "use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {name!r}: only {n} CUDA device(s) here (cuda:0 .. cuda:{n - 1})")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus 256 = end of document; the interface ``tokenize_windows`` uses."""
 
@@ -293,7 +320,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt: Optional[torch.optim.Opti
 
     load_model(model, str(path / "model.safetensors"))
     if opt is not None:
-        opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        # via the CPU: a run resumes on another device (load_state_dict moves the state to the parameters')
+        opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 
@@ -325,6 +353,7 @@ class TrainJob:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'auto' (resolve_device); windows move there per batch
 
 
 def _lm_perplexity(model, windows) -> float:
@@ -344,6 +373,7 @@ def train_lm(job: TrainJob) -> Dict:
     kind = job.attention
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; choose from {', '.join(KINDS)}")
+    dev = resolve_device(job.device)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
@@ -354,7 +384,7 @@ def train_lm(job: TrainJob) -> Dict:
     val = tokenize_windows(corpus.splits["validation"], tok, L, max_tokens=job.val_tokens)
     test = tokenize_windows(corpus.splits["test"], tok, L, max_tokens=job.test_tokens)
     spec = _lm_spec(job.model, L)
-    model = build_model(kind, spec, seed=job.seed)
+    model = build_model(kind, spec, seed=job.seed).to(dev)  # built on the CPU: the same init on every device
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "feature_map" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "feature_map" not in n)]
@@ -377,11 +407,12 @@ def train_lm(job: TrainJob) -> Dict:
             break
         step = state["step"]
         idx = [(step * job.batch_size + j) % len(train) for j in range(job.batch_size)]
-        batch = train[idx]
+        batch = train[idx].to(dev)
         for g in opt.param_groups:
             g["lr"] = job.lr * _lr_factor(step, total, job.warmup_steps)
         if job.mimic_rows:
-            set_mimic_rows(model, mimic_rows_for_step(L, job.mimic_rows, job.seed, step))
+            rows = mimic_rows_for_step(L, job.mimic_rows, job.seed, step)
+            set_mimic_rows(model, None if rows is None else rows.to(dev))
         lm = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss, mimic = _with_mimic(model, lm, job.mimic_weight)
         clipped_step(opt, loss, model.parameters(), job.grad_clip, f"training {kind}, step {step}", job.lr)
@@ -417,7 +448,7 @@ def train_lm(job: TrainJob) -> Dict:
         # features per head (the decode state is feature_dim x head_dim per head); None for softmax
         "feature_dim": maps[0].feature_map_q.feature_dim if maps else None,
         "steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
-        "val_ppl": val_ppl, "test_ppl": test_ppl, "test_bits_per_byte": math.log2(test_ppl),
+        "val_ppl": val_ppl, "test_ppl": test_ppl, "test_bits_per_byte": math.log2(test_ppl), "device": str(dev),
         "final_train_loss": sum(r["lm_loss"] for r in state["history"][-20:]) / max(1, len(state["history"][-20:])),
         "curve": state["curve"], "history": state["history"], "settings": asdict(job),
         "splits": {k: v for k, v in corpus.documents.items() if k != "train"},
@@ -460,8 +491,9 @@ def _write_compare(root: Path, rows: List[Dict]) -> Dict:
     return result
 
 
-def load_trained(run: Path):
-    """A finished ``train_lm`` run (OUT/<kind> with report.json and checkpoint) as an eval-mode model + its report."""
+def load_trained(run: Path, device: str = "cpu"):
+    """A finished ``train_lm`` run (OUT/<kind> with report.json and checkpoint) as an eval-mode model on ``device``
+    (whatever device it trained on) + its report."""
     run = Path(run)
     if not (run / "report.json").exists():
         raise FileNotFoundError(f"{run} has no report.json: not a finished `hedgehog train` run (finish it with --resume)")
@@ -474,13 +506,13 @@ def load_trained(run: Path):
     load_checkpoint(ck, model, None)
     if rep["attention"] != "softmax":
         set_attention_mode(model, "linear")
-    return model.eval(), rep
+    return model.to(resolve_device(device)).eval(), rep
 
 
 @torch.no_grad()
 def paired_eval(root: str, kinds: Sequence[str], against: Sequence[str], split: str = "test",
                 max_tokens: Optional[int] = None, block: int = 16, samples: int = 2000,
-                progress: bool = True) -> Dict:
+                progress: bool = True, device: str = "cpu") -> Dict:
     """Per-window NLL of finished runs ``root/<kind>`` on the same held-out windows, and for each reference in
     ``against`` every other kind's perplexity ratio to it with a paired block-bootstrap 95% interval.
 
@@ -499,7 +531,7 @@ def paired_eval(root: str, kinds: Sequence[str], against: Sequence[str], split: 
     root_p = Path(root)
     nll, reports, setting = {}, {}, None
     for kind in kinds:
-        model, rep = load_trained(root_p / kind)
+        model, rep = load_trained(root_p / kind, device)
         st = rep["settings"]
         key = (st["data"], st["seq_len"], st["val_tokens"], st["test_tokens"])
         if setting is None:
@@ -624,6 +656,7 @@ class MQARJob:
     eval_every: int = 250
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # as TrainJob.device
 
 
 @torch.no_grad()
@@ -631,9 +664,10 @@ def mqar_accuracy(model, ids, targets, batch_size=250) -> float:
     was = model.training
     model.eval()
     right = total = 0
+    dev = model_device(model)
     for i in range(0, len(ids), batch_size):
-        logits = model(input_ids=ids[i:i + batch_size], use_cache=False).logits
-        t = targets[i:i + batch_size]
+        logits = model(input_ids=ids[i:i + batch_size].to(dev), use_cache=False).logits
+        t = targets[i:i + batch_size].to(dev)
         m = t != -100
         right += (logits.argmax(-1)[m] == t[m]).sum().item()
         total += m.sum().item()
@@ -644,7 +678,8 @@ def mqar_accuracy(model, ids, targets, batch_size=250) -> float:
 def train_mqar(kind: str, job: MQARJob) -> Dict:
     spec = ModelSpec(vocab_size=job.task.vocab_size, d_model=job.d_model, layers=job.layers, heads=job.heads,
                      max_len=job.task.seq_len, mlp_mult=2.0, arch=job.arch)
-    model = build_model(kind, spec, seed=job.seed)
+    dev = resolve_device(job.device)
+    model = build_model(kind, spec, seed=job.seed).to(dev)
     g_eval = torch.Generator().manual_seed(10_000 + job.seed)
     eval_ids, eval_t = mqar_batch(job.eval_examples, job.task, g_eval)
     g = torch.Generator().manual_seed(job.seed)
@@ -654,7 +689,8 @@ def train_mqar(kind: str, job: MQARJob) -> Dict:
     curve, t0 = [], time.perf_counter()
     bar = tqdm(range(job.steps), desc=f"MQAR {kind}", disable=not job.progress, unit="step")
     for step in bar:
-        ids, t = mqar_batch(job.batch_size, job.task, g)
+        ids, t = mqar_batch(job.batch_size, job.task, g)  # drawn on the CPU: the same data on every device
+        ids, t = ids.to(dev), t.to(dev)
         for grp in opt.param_groups:
             grp["lr"] = job.lr * _lr_factor(step, job.steps, job.warmup_steps)
         logits = model(input_ids=ids, use_cache=False).logits
