@@ -131,3 +131,27 @@ def test_loss_and_gradients_match_spelled_out_reference(causal, subset):
         grads = torch.autograd.grad(got, [fq.weight, fk.weight, fk.bias])
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_teacher_log_kernel_backward_matches_autograd_including_the_clamped_side():
+    """The hand-written backward of ``sum p log max(phi_q phi_k^T, eps)``: gradcheck in float64, and value and
+    gradients equal to autograd on the spelled-out expression, with entries below eps (flat: zero gradient)."""
+    from hedgehog.losses import _TeacherLogKernel
+
+    g = torch.Generator().manual_seed(0)
+    pq = torch.rand(2, 3, 6, 4, dtype=torch.float64, generator=g)
+    pk = torch.rand(2, 3, 9, 4, dtype=torch.float64, generator=g)
+    pk[0, 0, :3] = 0.0  # a = 0 < eps on those keys; gradcheck's steps (1e-6) stay below eps = 1e-3
+    p = torch.randn(2, 3, 6, 9, dtype=torch.float64, generator=g).softmax(-1)
+    eps = 1e-3
+    pq.requires_grad_(True)
+    pk.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: _TeacherLogKernel.apply(a, b, p, eps), (pq, pk))
+    out = _TeacherLogKernel.apply(pq, pk, p, eps)
+    ref = torch.vdot(p.reshape(-1), (pq @ pk.transpose(-1, -2)).clamp_min(eps).log().reshape(-1))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(out, (pq, pk))
+    want = torch.autograd.grad(ref, (pq, pk))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.all(got[1][0, 0, :3] == 0)  # keys whose every score sits on the flat side get no gradient

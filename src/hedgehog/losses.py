@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
 from hedgehog.ops.hybrid import hybrid_attention, hybrid_weights
-from hedgehog.ops.softmax import causal_drop_mask, softmax_attention_weights
+from hedgehog.ops.softmax import softmax_attention_weights
 
 LOSSES = ("ce", "mse")
 
@@ -41,8 +41,8 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
     """Summed cross-entropy of a set of query rows (absolute positions ``row_pos``) against their keys.
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
-    ``-sum_ij p_ij log w_ij = sum_i log den_i - sum_ij p_ij log a_ij``: two (rows x keys) temporaries
-    instead of a chain of them (this loss dominates stage-1 time).
+    ``-sum_ij p_ij log w_ij = sum_i log den_i - sum_ij p_ij log a_ij``. The first term comes from running key
+    sums; only the second touches (rows x keys) tensors (this loss dominates stage-1 time).
     """
     with torch.no_grad():
         p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos)
@@ -52,12 +52,39 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
         log_den = a.sum(-1).clamp_min(eps).log()
         log_a = torch.where(win, log_win, a.clamp_min(eps).log())
         return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
-    a = pq_blk.to(acc) @ pk_vis.to(acc).transpose(-1, -2)
-    if causal:
-        a = a.masked_fill(causal_drop_mask(a.shape[-2], a.shape[-1], a.device, q_positions=row_pos), 0.0)
-    log_den = a.sum(-1).clamp_min(eps).log()
-    log_a = a.clamp_min(eps).log()
-    return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
+    pq, pk = pq_blk.to(acc), pk_vis.to(acc)
+    # den_i = phi(q_i) . (sum of the phi(k_j) row i sees): a running key sum, O(rows x F), never an N x N pass
+    ksum = pk.cumsum(-2)[:, :, row_pos] if causal else pk.sum(-2, keepdim=True)
+    log_den = (pq * ksum).sum(-1).clamp_min(eps).log()
+    # the teacher's rows are exactly 0 on future keys, so sum_ij p_ij log a_ij needs no causal mask on a
+    return log_den.sum() - _TeacherLogKernel.apply(pq, pk, p, eps)
+
+
+class _TeacherLogKernel(torch.autograd.Function):
+    """``sum_ij p_ij log max(a_ij, eps)`` with ``a = phi_q phi_k^T``; differentiable in phi_q and phi_k.
+
+    Forward and backward written out, so the (rows x keys) work is one matmul and three passes each way
+    (clamp, log, dot; ratio, mask, select): ``d/da_ij = p_ij / a_ij`` where ``a_ij > eps``, else 0 (the
+    clamp's flat side). Autograd's chain keeps more temporaries of that size and makes about twice the
+    passes; this term is most of stage 1's time and of Hedgehog's from-scratch step (the mimic loss).
+    """
+
+    @staticmethod
+    def forward(ctx, pq, pk, p, eps):
+        a = (pq @ pk.transpose(-1, -2)).clamp_min_(eps)
+        out = torch.vdot(p.reshape(-1), a.log().reshape(-1))
+        ctx.save_for_backward(pq, pk, p, a)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        pq, pk, p, a = ctx.saved_tensors
+        grad_a = torch.div(p, a)
+        grad_a.masked_fill_(a <= ctx.eps, 0.0)
+        g = g.to(grad_a.dtype)
+        return ((grad_a @ pk) * g if ctx.needs_input_grad[0] else None,
+                (grad_a.transpose(-1, -2) @ pq) * g if ctx.needs_input_grad[1] else None, None, None)
 
 
 def attention_distillation_loss(

@@ -23,7 +23,7 @@ def softmax_attention_weights(
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    s = (q.to(acc) * scale) @ k.to(acc).transpose(-1, -2)  # scale the (Nq, d) side, not the (Nq, Nk) scores
     if causal:
         s.masked_fill_(causal_drop_mask(s.shape[-2], s.shape[-1], s.device, q_offset, q_positions), float("-inf"))
     return torch.softmax(s, dim=-1)
