@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
 from hedgehog.ops.hybrid import hybrid_attention, hybrid_weights
-from hedgehog.ops.softmax import softmax_attention_weights
+from hedgehog.ops.softmax import causal_drop_mask, softmax_attention_weights
 
 LOSSES = ("ce", "mse")
 
@@ -53,7 +53,14 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
         log_a = torch.where(win, log_win, a.clamp_min(eps).log())
         return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
     pq, pk = pq_blk.to(acc), pk_vis.to(acc)
-    # den_i = phi(q_i) . (sum of the phi(k_j) row i sees): a running key sum, O(rows x F), never an N x N pass
+    if causal and len(row_pos) < 2 * pq.shape[-1]:
+        # Few rows against wide features (stage 1's row subsets: 128 rows, F = 128): running sums over every
+        # key and their backward cost more than masked row sums of the scores (measured: 10% slower stage 1)
+        a = (pq @ pk.transpose(-1, -2)).masked_fill_(
+            causal_drop_mask(p.shape[-2], p.shape[-1], p.device, q_positions=row_pos), 0.0)
+        log_den = a.sum(-1).clamp_min(eps).log()
+        return log_den.sum() - torch.vdot(p.reshape(-1), a.clamp_min(eps).log().reshape(-1))
+    # den_i = phi(q_i) . (sum of the phi(k_j) row i sees): a running key sum, O(keys x F), no rows x keys pass
     ksum = pk.cumsum(-2)[:, :, row_pos] if causal else pk.sum(-2, keepdim=True)
     log_den = (pq * ksum).sum(-1).clamp_min(eps).log()
     # the teacher's rows are exactly 0 on future keys, so sum_ij p_ij log a_ij needs no causal mask on a
