@@ -14,13 +14,18 @@ from hedgehog.metrics import attention_fidelity
 
 
 @torch.no_grad()
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live: evaluation moves each batch there."""
+    return next(model.parameters()).device
+
+
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
                desc: str = "perplexity") -> torch.Tensor:
     """Mean next-token NLL (nats) of each window of ``windows`` (num_windows, seq_len): float64 (num_windows,)."""
     was_training = model.training
     model.eval()
     out = []
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i:i + batch_size].to(dev)
         logits = model(input_ids=batch, use_cache=False).logits

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.distill import _lr_factor, clipped_step
-from hedgehog.evaluate import perplexity
+from hedgehog.evaluate import model_device, perplexity
 from hedgehog.generation import cache_argument
 from hedgehog.pipeline import _write_json
 
@@ -90,10 +90,6 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"device {name!r}: only {n} CUDA device(s) here (cuda:0 .. cuda:{n - 1})")
     return dev
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class ByteTokenizer:
