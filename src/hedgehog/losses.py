@@ -42,7 +42,8 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
     ``-sum_ij p_ij log w_ij = sum_i log den_i - sum_ij p_ij log a_ij``. The first term comes from running key
-    sums; only the second touches (rows x keys) tensors (this loss dominates stage-1 time).
+    sums, except for blocks of few rows against wide features, where masked row sums of the scores are cheaper
+    (this loss dominates stage-1 time).
     """
     with torch.no_grad():
         p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos)
