@@ -13,12 +13,12 @@ from hedgehog.attention import _repeat_heads, hedgehog_layers, set_attention_mod
 from hedgehog.metrics import attention_fidelity
 
 
-@torch.no_grad()
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s parameters live: evaluation moves each batch there."""
     return next(model.parameters()).device
 
 
+@torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
                desc: str = "perplexity") -> torch.Tensor:
     """Mean next-token NLL (nats) of each window of ``windows`` (num_windows, seq_len): float64 (num_windows,)."""
@@ -36,6 +36,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+@torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
                desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) over every predicted token of ``windows`` (num_windows, seq_len)."""
