@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench compare clean
+.PHONY: setup demo test smoke test-slow bench compare clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on this machine that is the local CPU wheel.
 $(STAMP): pyproject.toml
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The main job on the real SmolLM2 at a tiny budget (fetch, convert, both stages, save, reload, report,
+# generate) under a peak-memory bound; about 4 minutes. CI runs it after the unit tests.
+smoke: $(STAMP)
+	$(BIN)/python -m pytest -m smoke -s
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

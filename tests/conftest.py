@@ -41,3 +41,27 @@ def tiny_assets(tmp_path_factory):
         words = [WORDS[j] for j in torch.randint(0, len(WORDS), (400,), generator=g).tolist()]
         (data / f"doc{i:02d}.txt").write_text(" ".join(words))
     return {"model": str(model_dir), "data": str(data)}
+
+
+def user_error(capsys, argv) -> str:
+    """Run the CLI on ``argv``; assert it stopped with the user-error exit code 2 and no traceback, and
+    return what it printed on stderr (the one-paragraph message)."""
+    from hedgehog.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hedgehog: error: " in err and "Traceback" not in err, err[-2000:]
+    return err[err.index("hedgehog: error: "):]  # after any progress bars of the loading
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_assets, tmp_path_factory):
+    """A finished tiny conversion (both stages): its directory, with ``model/`` inside."""
+    from hedgehog.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+                 "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
+                 "--no-progress"]) == 0
+    return out

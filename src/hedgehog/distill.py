@@ -12,9 +12,10 @@ feature maps optionally trainable.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -22,10 +23,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
+from hedgehog.errors import TrainingDivergedError
+from hedgehog.resume import StageCheckpoint, restore_training_state, training_state
 
-
-class TrainingDivergedError(RuntimeError):
-    pass
+log = logging.getLogger("hedgehog")
 
 
 def _check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
@@ -78,7 +79,8 @@ class Stage1Config:
     # compute, which is what these small per-head maps need (the loss costs O(rows x N)).
     steps_per_capture: int = 4
     warmup_steps: int = 10
-    time_budget_s: Optional[float] = None  # stop early when exceeded
+    time_budget_s: Optional[float] = None  # opt-in cap: stop early when exceeded (logged, and in the report)
+    checkpoint_every: int = 8  # captured batches between mid-stage checkpoints (with a checkpoint file)
 
 
 @dataclass
@@ -97,7 +99,8 @@ class Stage2Config:
     loss: str = "ce"
     warmup_steps: int = 5
     grad_clip: float = 1.0
-    time_budget_s: Optional[float] = None
+    time_budget_s: Optional[float] = None  # opt-in cap: stop early when exceeded (logged, and in the report)
+    checkpoint_every: int = 25  # steps between mid-stage checkpoints (with a checkpoint file)
 
 
 @torch.no_grad()
@@ -114,9 +117,22 @@ def capture_qkv(model: nn.Module, input_ids: torch.Tensor) -> List[tuple]:
     return [c[0] for c in caps]
 
 
+def _time_cap_hit(stage: str, cfg, t0: float, tokens: int, planned: int) -> bool:
+    if not cfg.time_budget_s or time.perf_counter() - t0 <= cfg.time_budget_s:
+        return False
+    log.warning("%s: the time cap of %.1f min ended the stage early, after %d of %d planned tokens",
+                stage, cfg.time_budget_s / 60, tokens, planned)
+    return True
+
+
 def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Config,
-                       callback: Optional[Callable[[Dict], None]] = None, progress: bool = True) -> Dict:
-    """Stage 1. ``windows``: (num_windows, seq_len) token ids. Returns the training history."""
+                       callback: Optional[Callable[[Dict], None]] = None, progress: bool = True,
+                       checkpoint: Optional[StageCheckpoint] = None) -> Dict:
+    """Stage 1. ``windows``: (num_windows, seq_len) token ids. Returns the training history.
+
+    With ``checkpoint``, the stage saves its state every ``cfg.checkpoint_every`` batches and at its end, and
+    a saved state is picked up where it stopped (same data position, schedule, optimizer and RNG).
+    """
     layers = hedgehog_layers(model)
     if not layers:
         raise ValueError("model has no Hedgehog attention layers; convert it first")
@@ -130,14 +146,31 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
     opt = torch.optim.Adam(params, lr=cfg.lr)
     seq_len = windows.shape[1]
     spc = 1 if layers[0].hh_config.distill_loss == "mse" else max(1, cfg.steps_per_capture)
-    captures = max(1, cfg.tokens // (cfg.batch_size * seq_len))
+    captures = max(1, cfg.tokens // (cfg.batch_size * seq_len)) if cfg.tokens > 0 else 0
+    planned = captures * cfg.batch_size * seq_len
     total_steps = captures * spc
     gen = torch.Generator().manual_seed(0)
-    history, t0, tokens = [], time.perf_counter(), 0
-    bar = tqdm(total=captures, desc="stage 1 (attention transfer)", disable=not progress, unit="batch")
-    step = n_caps = 0
-    for _, batch in _batches(windows, cfg.batch_size):
-        if n_caps >= captures or (cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s):
+    history, tokens, step, n_caps, seconds = [], 0, 0, 0, 0.0
+    state = checkpoint.load() if checkpoint else None
+    if state:
+        restore_training_state(state, params, opt, checkpoint.path)
+        gen.set_state(state["generator"])
+        history, tokens, step, n_caps, seconds = (state[k] for k in ("history", "tokens", "step", "batch", "seconds"))
+        log.info("stage 1: resuming from %s at batch %d of %d", checkpoint.path, n_caps, captures)
+    t0 = time.perf_counter() - seconds
+    capped = False
+
+    def save():
+        checkpoint.save({**training_state(params, opt, step=step, batch=n_caps, tokens=tokens, history=history,
+                                          seconds=time.perf_counter() - t0), "generator": gen.get_state()})
+
+    bar = tqdm(total=captures, initial=n_caps, desc="stage 1 (attention transfer)", disable=not progress,
+               unit="batch")
+    for _, batch in _batches(windows, cfg.batch_size, start=n_caps * cfg.batch_size):
+        if n_caps >= captures:
+            break
+        if _time_cap_hit("stage 1", cfg, t0, tokens, planned):
+            capped = True
             break
         caps = capture_qkv(model, batch)
         subsets = torch.randperm(seq_len, generator=gen).chunk(spc) if spc > 1 else [None]
@@ -156,19 +189,24 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
             step += 1
         n_caps += 1
         tokens += batch.numel()
-        rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
+        rec = {"step": step, "batch": n_caps, "tokens": tokens, "seconds": time.perf_counter() - t0,
                "loss": sum(per_layer) / len(per_layer), "layer_loss": per_layer}
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if callback:
             callback(rec)
+        if checkpoint and checkpoint.due(n_caps):
+            save()
     bar.close()
+    if checkpoint:
+        save()
     set_attention_mode(model, "linear")
     for p in params:
         p.requires_grad_(False)
-    return {"steps": step, "captures": n_caps, "tokens": tokens, "seconds": time.perf_counter() - t0,
-            "history": history}
+    return {"steps": step, "captures": n_caps, "tokens": tokens, "tokens_planned": planned,
+            "stopped_by_time_cap": capped, "resumed": state is not None,
+            "seconds": time.perf_counter() - t0, "history": history}
 
 
 def add_lora(model: nn.Module, cfg: Stage2Config):
@@ -208,8 +246,12 @@ def _kd_loss(peft_model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Config,
-                  callback: Optional[Callable[[Dict], None]] = None, progress: bool = True) -> Dict:
-    """Stage 2: next-token loss through the linear-attention model; trains LoRA (+ maps if asked)."""
+                  callback: Optional[Callable[[Dict], None]] = None, progress: bool = True,
+                  checkpoint: Optional[StageCheckpoint] = None) -> Dict:
+    """Stage 2: next-token loss through the linear-attention model; trains LoRA (+ maps if asked).
+
+    ``checkpoint`` as in :func:`attention_transfer` (saves every ``cfg.checkpoint_every`` steps).
+    """
     set_attention_mode(peft_model, "linear")
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
@@ -217,11 +259,27 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     seq_len = windows.shape[1]
     total_steps = max(1, cfg.tokens // (cfg.batch_size * seq_len))
+    planned = total_steps * cfg.batch_size * seq_len
+    history, tokens, step, seconds = [], 0, 0, 0.0
+    state = checkpoint.load() if checkpoint else None
+    if state:
+        restore_training_state(state, params, opt, checkpoint.path)
+        history, tokens, step, seconds = (state[k] for k in ("history", "tokens", "step", "seconds"))
+        log.info("stage 2: resuming from %s at step %d of %d", checkpoint.path, step, total_steps)
+    t0 = time.perf_counter() - seconds
+    capped = False
+
+    def save():
+        checkpoint.save(training_state(params, opt, step=step, tokens=tokens, history=history,
+                                       seconds=time.perf_counter() - t0))
+
     peft_model.train()
-    history, t0, tokens, step = [], time.perf_counter(), 0, 0
-    bar = tqdm(total=total_steps, desc="stage 2 (LoRA)", disable=not progress, unit="step")
-    for _, batch in _batches(windows, cfg.batch_size):
-        if step >= total_steps or (cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s):
+    bar = tqdm(total=total_steps, initial=step, desc="stage 2 (LoRA)", disable=not progress, unit="step")
+    for _, batch in _batches(windows, cfg.batch_size, start=step * cfg.batch_size):
+        if step >= total_steps:
+            break
+        if _time_cap_hit("stage 2", cfg, t0, tokens, planned):
+            capped = True
             break
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
@@ -238,6 +296,11 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if callback:
             callback(rec)
+        if checkpoint and checkpoint.due(step):
+            save()
     bar.close()
+    if checkpoint:
+        save()
     peft_model.eval()
-    return {"steps": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "history": history}
+    return {"steps": step, "tokens": tokens, "tokens_planned": planned, "stopped_by_time_cap": capped,
+            "resumed": state is not None, "seconds": time.perf_counter() - t0, "history": history}

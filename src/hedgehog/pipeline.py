@@ -1,7 +1,8 @@
 """The main job: pretrained HF model + text -> convert -> stage 1 -> stage 2 -> save -> evaluate -> report.
 
-Every stage checkpoints into ``OUT/checkpoints`` (atomic writes); ``resume=True`` picks a finished stage
-up from its checkpoint instead of re-running it. The report (``OUT/report.json``) records settings,
+Cheap checks (numbers, output dir, model config, data) run first. Stage 1 and stage 2 checkpoint into
+``OUT/checkpoints/stage{1,2}.pt`` every few steps and at their end (atomic writes); ``resume=True``
+continues an interrupted stage where it stopped, and refuses a checkpoint written with other settings. The report (``OUT/report.json``) records settings,
 perplexities on the held-out test split, per-layer attention KL before/after stage 1, tokens and wall
 seconds per stage, and the validation perplexity curve against tokens.
 """
@@ -47,9 +48,9 @@ class ConvertJob:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    from hedgehog.resume import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def load_base(model_name: str):
@@ -64,14 +65,45 @@ def load_base(model_name: str):
     return model, tok, path
 
 
-def run(job: ConvertJob) -> Dict:
-    from hedgehog import checkpoint as ckpt
-    from hedgehog.convert import convert_model
-    from hedgehog.data import load_corpus, shuffled_windows, tokenize_windows
-    from hedgehog.evaluate import layer_attention_kl, perplexity
+def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:
+    """What a mid-stage checkpoint must share with the job resuming it: everything that shapes training
+    (not the output, evaluation sizes, progress bars, time caps or checkpoint spacing)."""
+    def stage(cfg):
+        return None if cfg is None else {k: v for k, v in asdict(cfg).items()
+                                         if k not in ("time_budget_s", "checkpoint_every")}
 
+    return {"base_fingerprint": fingerprint, "data": job.data, "feature_map": job.feature_map,
+            "attention": job.attention, "window": job.window, "seq_len": job.seq_len, "qk_scale": job.qk_scale,
+            "distill_loss": job.distill_loss, "seed": job.seed, "stage1": stage(job.stage1),
+            "stage2": stage(job.stage2)}
+
+
+def _windows(corpus, split: str, tok, L: int, max_tokens=None) -> torch.Tensor:
+    from hedgehog.data import tokenize_windows
+    from hedgehog.errors import UserError
+
+    try:
+        return tokenize_windows(corpus.splits[split], tok, L, max_tokens=max_tokens)
+    except ValueError as e:
+        raise UserError(f"the {split} split of --data {corpus.name!r} is too short: {e}. Pass a longer text "
+                        f"(each split needs at least one window of --seq-len {L} tokens) or a smaller --seq-len.") from e
+
+
+def run(job: ConvertJob) -> Dict:
+    """The main job (see the module docstring). Every cheap check runs before any heavy work."""
+    from hedgehog import checkpoint as ckpt
+    from hedgehog.assets import portable_model_ref
+    from hedgehog.checks import check_convert_job, check_model, check_out_dir, check_text_source
+    from hedgehog.convert import convert_model
+    from hedgehog.data import load_corpus, shuffled_windows
+    from hedgehog.evaluate import layer_attention_kl, perplexity
+    from hedgehog.resume import StageCheckpoint
+
+    check_convert_job(job)
+    out = check_out_dir(job.out)
+    check_text_source(job.data)
+    check_model(job.model, job.seq_len)
     torch.manual_seed(job.seed)
-    out = Path(job.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -80,11 +112,25 @@ def run(job: ConvertJob) -> Dict:
     model, tok, base_path = load_base(job.model)
     corpus = load_corpus(job.data)
     L = job.seq_len
-    train = shuffled_windows(tokenize_windows(corpus.splits["train"], tok, L), job.seed)
-    val = tokenize_windows(corpus.splits["validation"], tok, L, max_tokens=job.val_tokens)
-    test = tokenize_windows(corpus.splits["test"], tok, L, max_tokens=job.eval_tokens)
+    train = shuffled_windows(_windows(corpus, "train", tok, L), job.seed)
+    val = _windows(corpus, "validation", tok, L, max_tokens=job.val_tokens)
+    test = _windows(corpus, "test", tok, L, max_tokens=job.eval_tokens)
     timings["load_s"] = time.perf_counter() - t
     log.info("data: %d train / %d val / %d test windows of %d tokens", len(train), len(val), len(test), L)
+    settings = resume_settings(job, ckpt.base_fingerprint(model))
+    model_ref = portable_model_ref(job.model)
+    curve: List[Dict] = []
+    extra = {"curve": curve}
+    s1_settings = {k: v for k, v in settings.items() if k != "stage2"}  # stage 1 does not depend on stage 2's
+    s1_ckpt = StageCheckpoint(out / "checkpoints" / "stage1.pt", job.stage1.checkpoint_every, s1_settings, extra)
+    s2_ckpt = (StageCheckpoint(out / "checkpoints" / "stage2.pt", job.stage2.checkpoint_every, settings, extra)
+               if job.stage2 is not None else None)
+    if not job.resume:  # a fresh run: earlier checkpoints in this --out are stale
+        for c in (s1_ckpt, s2_ckpt):
+            if c is not None:
+                c.path.unlink(missing_ok=True)
+    elif s1_ckpt.path.exists():
+        s1_ckpt.load()  # refuse mismatched settings or a corrupt file now, before the teacher evaluation
 
     t = time.perf_counter()
     teacher_ppl = perplexity(model, test, progress=job.progress, desc="teacher ppl (test)")
@@ -94,7 +140,6 @@ def run(job: ConvertJob) -> Dict:
     hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss,
                         attention=job.attention, window=job.window)
     convert_model(model, hh)
-    curve: List[Dict] = []
 
     def val_point(stage, tokens, m):
         ppl = perplexity(m, val, progress=False)
@@ -108,27 +153,17 @@ def run(job: ConvertJob) -> Dict:
     timings["kl_before_s"] = time.perf_counter() - t
 
     # ---- stage 1 -------------------------------------------------------------------------------
-    s1_ckpt = out / "checkpoints" / "stage1"
-    s1_report: Dict
-    if job.resume and ckpt.is_converted_dir(s1_ckpt):
-        from safetensors.torch import load_file
+    every = max(1, (job.stage1.tokens // (job.stage1.batch_size * L)) // max(1, job.curve_points))
 
-        ckpt.load_feature_map_state(model, load_file(str(s1_ckpt / ckpt.FEATURES_NAME)))
-        s1_report = json.loads((s1_ckpt / ckpt.CONFIG_NAME).read_text()).get("stage1_report", {})
-        s1_report["resumed"] = True
-        log.info("stage 1: resumed from %s", s1_ckpt)
-    else:
-        every = max(1, (job.stage1.tokens // (job.stage1.batch_size * L)) // max(1, job.curve_points))
-        curve_s1 = []
+    def cb1(rec):
+        if rec["batch"] % every == 0:
+            set_attention_mode(model, "linear")
+            val_point("stage1", rec["tokens"], model)
 
-        def cb1(rec):
-            if len(curve_s1) % every == every - 1:
-                set_attention_mode(model, "linear")
-                val_point("stage1", rec["tokens"], model)
-            curve_s1.append(rec["step"])
-
-        s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress)
-        ckpt.save_converted(model, s1_ckpt, base_model=job.model, extra={"stage1_report": _slim(s1_report)})
+    s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress,
+                                   checkpoint=s1_ckpt)
+    ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
+                        extra={"stage1_report": _slim(s1_report)})
     set_attention_mode(model, "linear")
     t = time.perf_counter()
     kl_after = layer_attention_kl(model, kl_windows)
@@ -149,7 +184,8 @@ def run(job: ConvertJob) -> Dict:
             if rec["step"] % every2 == 0:
                 val_point("stage2", s1_tokens + rec["tokens"], pm)
 
-        s2_report = lora_finetune(pm, train2, job.stage2, callback=cb2, progress=job.progress)
+        s2_report = lora_finetune(pm, train2, job.stage2, callback=cb2, progress=job.progress,
+                                  checkpoint=s2_ckpt)
         final = pm
 
     t = time.perf_counter()
@@ -159,7 +195,7 @@ def run(job: ConvertJob) -> Dict:
     # ---- save + reload check ---------------------------------------------------------------------
     t = time.perf_counter()
     model_dir = out / "model"
-    ckpt.save_converted(final, model_dir, base_model=job.model, tokenizer=tok, merge_lora=job.merge_lora,
+    ckpt.save_converted(final, model_dir, base_model=model_ref, tokenizer=tok, merge_lora=job.merge_lora,
                         extra={"data": job.data, "seq_len": L})
     reloaded, _ = ckpt.load(model_dir, merge_lora=False)  # unmerged: exactly the saved computation
     with torch.no_grad():

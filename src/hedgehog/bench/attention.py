@@ -26,6 +26,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from hedgehog.errors import UserError
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.ops import cpu_kernel, feature_hybrid_attention, feature_linear_attention
 
@@ -324,7 +325,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> Dict:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or min(lengths) < 1:
-        raise SystemExit(f"--lengths must be positive integers, got {args.lengths!r}")
+        raise UserError(f"--lengths must be positive integers, got {args.lengths!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)

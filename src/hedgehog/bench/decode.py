@@ -26,6 +26,7 @@ from typing import Dict, List
 import torch
 
 from hedgehog.bench.attention import _vm_kb, reset_peak_rss
+from hedgehog.errors import UserError
 from hedgehog.generation import cache_kwargs
 
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
@@ -191,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> Dict:
     contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
     if not contexts or min(contexts) < 2:
-        raise SystemExit(f"--contexts must be integers >= 2, got {args.contexts!r}")
+        raise UserError(f"--contexts must be integers >= 2, got {args.contexts!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)

@@ -18,6 +18,8 @@ from typing import Dict, List
 
 import torch
 
+from hedgehog.errors import UserError
+
 DEFAULT_LENGTHS = (1024, 4096, 16384)
 
 
@@ -67,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> Dict:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or min(lengths) < 1 or args.repeats < 1:
-        raise SystemExit(f"--lengths must be positive integers and --repeats >= 1, got {args.lengths!r}, {args.repeats}")
+        raise UserError(f"--lengths must be positive integers and --repeats >= 1, got {args.lengths!r}, {args.repeats}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")

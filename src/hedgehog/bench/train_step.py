@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from hedgehog.errors import UserError
+
 DEFAULT_LENGTHS = (256, 1024, 4096)
 
 
@@ -84,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> Dict:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or min(lengths) < 2 or args.repeats < 1 or args.tokens < 1 or args.mimic_rows < 1:
-        raise SystemExit(f"--lengths must be integers >= 2, --tokens, --mimic-rows and --repeats >= 1; got "
+        raise UserError(f"--lengths must be integers >= 2, --tokens, --mimic-rows and --repeats >= 1; got "
                          f"{args.lengths!r}, {args.tokens}, {args.mimic_rows}, {args.repeats}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
