@@ -40,7 +40,12 @@ def tiny_assets(tmp_path_factory):
     for i in range(10):
         words = [WORDS[j] for j in torch.randint(0, len(WORDS), (400,), generator=g).tolist()]
         (data / f"doc{i:02d}.txt").write_text(" ".join(words))
-    return {"model": str(model_dir), "data": str(data)}
+    heldout = root / "heldout"  # an evaluation text the tiny conversions never train on
+    heldout.mkdir()
+    for i in range(2):
+        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (300,), generator=g).tolist()]
+        (heldout / f"other{i}.txt").write_text(" ".join(words))
+    return {"model": str(model_dir), "data": str(data), "heldout": str(heldout)}
 
 
 def user_error(capsys, argv) -> str:
@@ -61,7 +66,7 @@ def tiny_run(tiny_assets, tmp_path_factory):
     from hedgehog.cli import main
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
                  "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
                  "--no-progress"]) == 0
     return out

@@ -11,7 +11,7 @@ from hedgehog.cli import main
 
 def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
           "--seq-len", "32", "--stage1-tokens", "256", "--stage1-batch", "2", "--stage2-tokens", "128",
           "--eval-tokens", "128", "--no-progress"])
     report = json.loads((out / "report.json").read_text())
@@ -22,22 +22,34 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     assert report["reload_max_abs_logit_diff"] < 1e-5
     assert len(report["attention_kl_after"]) == 2
     printed = capsys.readouterr().out
-    assert "teacher ppl" in printed and "student ppl (final)" in printed
+    assert "fidelity to the teacher" in printed and "mean of the held-out texts" in printed
+    assert "heldout (held out)" in printed and set(report["fidelity"]["final"]) == {
+        "texts (test split)", "heldout (held out)"}
+    for stage in ("stage1", "final"):
+        f = report["fidelity"][stage]["heldout (held out)"]
+        assert f["teacher_ppl"] > 1 and f["student_ppl"] > 1 and 0 <= f["top1_agreement"] <= 1
+        assert f["ppl_ratio"] == pytest.approx(f["student_ppl"] / f["teacher_ppl"])
+        assert report["held_out"][stage]["ppl_ratio"] == pytest.approx(f["ppl_ratio"])
     # resume reuses stage 1
-    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
-          "--seq-len", "32", "--stage1-tokens", "256", "--stage2-tokens", "0", "--eval-tokens", "128",
-          "--no-progress", "--resume"])
+    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data",
+          tiny_assets["heldout"], "--out", str(out), "--seq-len", "32", "--stage1-tokens", "256", "--stage2-tokens",
+          "0", "--eval-tokens", "128", "--no-progress", "--resume"])
     assert json.loads((out / "report.json").read_text())["stage1"].get("resumed") is True
-    main(["eval", "--model", str(out / "model"), "--data", tiny_assets["data"], "--seq-len", "32", "--tokens", "128",
+    main(["eval", "--model", str(out / "model"), "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"],
+          "--seq-len", "32", "--tokens", "128", "--no-progress", "--json", str(tmp_path / "eval.json")])
+    printed = capsys.readouterr().out
+    assert "fidelity to the teacher" in printed and "heldout (held out)" in printed
+    assert set(json.loads((tmp_path / "eval.json").read_text())) == {"texts (test)", "heldout (held out)"}
+    main(["eval", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--seq-len", "32", "--tokens", "128",
           "--no-progress"])
-    assert "perplexity" in capsys.readouterr().out
+    assert "softmax model" in capsys.readouterr().out
     main(["generate", "--model", str(out / "model"), "--prompt", "the king", "--max-new-tokens", "5"])
     assert "recurrent state" in capsys.readouterr().out
 
 
 def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsys):
     out = tmp_path / "cmp"
-    main(["compare", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--out", str(out),
+    main(["compare", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
           "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
           "--window", "8", "--no-progress", "--feature-maps", "hedgehog,elu,hybrid"])
     res = json.loads((out / "compare.json").read_text())

@@ -15,8 +15,8 @@ import pytest
 pytestmark = pytest.mark.smoke
 
 PEAK_RSS_GB = 4.0
-SMOKE_ARGS = ["--stage1-tokens", "2048", "--stage2-tokens", "2048", "--eval-tokens", "1024", "--seq-len", "256",
-              "--stage2-checkpoint-every", "2", "--no-progress"]
+SMOKE_ARGS = ["--stage1-tokens", "2048", "--stage2-tokens", "2048", "--eval-tokens", "1024", "--fidelity-tokens",
+              "1024", "--seq-len", "256", "--stage2-checkpoint-every", "2", "--no-progress"]
 
 
 def test_real_smollm2_main_job_smoke(tmp_path):
@@ -30,14 +30,21 @@ def test_real_smollm2_main_job_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert peak_gb < PEAK_RSS_GB, f"the main job peaked at {peak_gb:.2f} GB resident (bound {PEAK_RSS_GB} GB)"
     r = json.loads((out / "report.json").read_text())
-    assert 20 < r["teacher_ppl"] < 80  # SmolLM2-135M-Instruct on held-out Shakespeare: ~37-43
-    assert 1.0 < r["ppl_ratio"] < 50 and r["student_ppl"] < r["student_ppl_stage1"] * 1.5
+    fid = r["fidelity"]["final"]
+    assert set(fid) == {"general (test split)", "git-docs (held out)", "debian-devref (held out)",
+                        "shakespeare (held out)"}
+    assert 20 < fid["shakespeare (held out)"]["teacher_ppl"] < 80  # SmolLM2-135M-Instruct: ~37-43
+    for name, f in fid.items():
+        assert 1.0 < f["teacher_ppl"] < 100, (name, f)  # the real teacher on real text
+        assert 1.0 < f["ppl_ratio"] < 100 and 0.0 < f["top1_agreement"] < 1.0 and f["kl_per_token"] > 0, (name, f)
+    assert 0.0 < r["held_out"]["final"]["top1_agreement"] < 1.0
+    assert r["student_ppl"] < r["student_ppl_stage1"] * 1.5
     assert r["mean_kl_after"] < r["mean_kl_before"]
     assert len(r["attention_kl_before"]) == 30
     assert r["stage1"]["tokens"] == r["stage1"]["tokens_planned"] == 2048 and not r["stage1"]["stopped_by_time_cap"]
     assert r["stage2"]["tokens"] == r["stage2"]["tokens_planned"] == 2048
     assert r["reload_max_abs_logit_diff"] < 1e-4
-    assert "student ppl (final)" in proc.stdout
+    assert "fidelity to the teacher" in proc.stdout and "mean of the held-out texts" in proc.stdout
     gen = subprocess.run([sys.executable, "-m", "hedgehog", "generate", "--model", str(out / "model"), "--prompt",
                           "To be, or not to be", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0, gen.stderr[-2000:]

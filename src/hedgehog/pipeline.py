@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,16 +28,22 @@ log = logging.getLogger("hedgehog")
 class ConvertJob:
     out: str = "runs/smollm2-hedgehog"
     model: str = "smollm2"
-    data: str = "shakespeare"
+    data: str = "general"
+    # Held-out texts never trained on, each scored against the teacher after stage 1 and at the end
+    # (None: git-docs, debian-devref and Shakespeare's test plays, less any the job trains on).
+    eval_data: Optional[Tuple[str, ...]] = None
     feature_map: str = "hedgehog"
-    attention: str = "linear"  # or "hybrid": sliding-window softmax + linear attention (LoLCATs)
+    # "hybrid" (LoLCATs): sliding-window softmax + linear attention; "linear": pure Hedgehog (the paper's).
+    # The hybrid is the default because it keeps the teacher's quality on held-out text (docs/results.md).
+    attention: str = "hybrid"
     window: int = 64
     seq_len: int = 512
     qk_scale: float = 1.0
     distill_loss: str = "ce"
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Optional[Stage2Config] = field(default_factory=Stage2Config)
-    eval_tokens: int = 16384
+    eval_tokens: int = 16384  # the training data's own test split
+    fidelity_tokens: int = 4096  # per held-out text
     val_tokens: int = 2048
     kl_windows: int = 2
     curve_points: int = 4
@@ -78,12 +84,24 @@ def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:
             "stage2": stage(job.stage2)}
 
 
-def _windows(corpus, split: str, tok, L: int, max_tokens=None) -> torch.Tensor:
-    from hedgehog.data import tokenize_windows
+def eval_names(job: ConvertJob) -> List[str]:
+    from hedgehog.data import HELD_OUT_TEXTS, training_sources
+
+    if job.eval_data is not None:
+        return list(job.eval_data)
+    own = training_sources(job.data)
+    return [n for n in (*HELD_OUT_TEXTS, "shakespeare") if n not in own]
+
+
+def _windows(corpus, split: str, tok, L: int, max_tokens=None, shuffle_seed=None) -> torch.Tensor:
+    from hedgehog.data import shuffled_documents, tokenize_windows
     from hedgehog.errors import UserError
 
+    docs = corpus.splits[split]
+    if shuffle_seed is not None:
+        docs = shuffled_documents(docs, shuffle_seed)
     try:
-        return tokenize_windows(corpus.splits[split], tok, L, max_tokens=max_tokens)
+        return tokenize_windows(docs, tok, L, max_tokens=max_tokens)
     except ValueError as e:
         raise UserError(f"the {split} split of --data {corpus.name!r} is too short: {e}. Pass a longer text "
                         f"(each split needs at least one window of --seq-len {L} tokens) or a smaller --seq-len.") from e
@@ -95,13 +113,14 @@ def run(job: ConvertJob) -> Dict:
     from hedgehog.assets import portable_model_ref
     from hedgehog.checks import check_convert_job, check_model, check_out_dir, check_text_source
     from hedgehog.convert import convert_model
-    from hedgehog.data import load_corpus, shuffled_windows
-    from hedgehog.evaluate import layer_attention_kl, perplexity
+    from hedgehog.data import eval_documents, load_corpus, shuffled_windows, text_label
+    from hedgehog.evaluate import fidelity, layer_attention_kl, perplexity
     from hedgehog.resume import StageCheckpoint
 
     check_convert_job(job)
     out = check_out_dir(job.out)
-    check_text_source(job.data)
+    for source in (job.data, *(job.eval_data or ())):
+        check_text_source(source)
     check_model(job.model, job.seq_len)
     torch.manual_seed(job.seed)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -111,12 +130,21 @@ def run(job: ConvertJob) -> Dict:
     t = time.perf_counter()
     model, tok, base_path = load_base(job.model)
     corpus = load_corpus(job.data)
+    held_out = {name: eval_documents(name, job.data) for name in eval_names(job)}
     L = job.seq_len
-    train = shuffled_windows(_windows(corpus, "train", tok, L), job.seed)
+    # Tokenise only what the stages use (documents in a seeded order, so the cap samples the whole corpus).
+    budget = job.stage1.tokens + (job.stage2.tokens if job.stage2 else 0) + L
+    train = shuffled_windows(_windows(corpus, "train", tok, L, max_tokens=budget, shuffle_seed=job.seed), job.seed)
     val = _windows(corpus, "validation", tok, L, max_tokens=job.val_tokens)
     test = _windows(corpus, "test", tok, L, max_tokens=job.eval_tokens)
+    in_domain = f"{text_label(job.data)} (test split)"
+    eval_sets = {in_domain: test}
+    for name, c in held_out.items():
+        eval_sets[f"{text_label(name)} (held out)"] = _windows(c, "test", tok, L, max_tokens=job.fidelity_tokens,
+                                                               shuffle_seed=0)
     timings["load_s"] = time.perf_counter() - t
-    log.info("data: %d train / %d val / %d test windows of %d tokens", len(train), len(val), len(test), L)
+    log.info("data: %d train / %d val windows of %d tokens; evaluation: %s", len(train), len(val), L,
+             ", ".join(f"{k} {v.numel()} tokens" for k, v in eval_sets.items()))
     settings = resume_settings(job, ckpt.base_fingerprint(model))
     model_ref = portable_model_ref(job.model)
     curve: List[Dict] = []
@@ -133,8 +161,7 @@ def run(job: ConvertJob) -> Dict:
         s1_ckpt.load()  # refuse mismatched settings or a corrupt file now, before the teacher evaluation
 
     t = time.perf_counter()
-    teacher_ppl = perplexity(model, test, progress=job.progress, desc="teacher ppl (test)")
-    teacher_val_ppl = perplexity(model, val, progress=False)
+    teacher_val_ppl = perplexity(model, val, progress=job.progress, desc="teacher ppl (validation)")
     timings["teacher_eval_s"] = time.perf_counter() - t
 
     hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss,
@@ -165,9 +192,18 @@ def run(job: ConvertJob) -> Dict:
     ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
                         extra={"stage1_report": _slim(s1_report)})
     set_attention_mode(model, "linear")
+
+    def score(stage, m):
+        res = {}
+        for name, w in eval_sets.items():
+            res[name] = f = fidelity(m, w, progress=job.progress, desc=f"{stage}: {name}")
+            log.info("%s, %s: ppl %.2f vs teacher %.2f (%.3fx), top-1 agreement %.3f, KL %.3f/token", stage, name,
+                     f["student_ppl"], f["teacher_ppl"], f["ppl_ratio"], f["top1_agreement"], f["kl_per_token"])
+        return res
+
     t = time.perf_counter()
     kl_after = layer_attention_kl(model, kl_windows)
-    stage1_ppl = perplexity(model, test, progress=job.progress, desc="student ppl after stage 1 (test)")
+    fid_stage1 = score("after stage 1", model)
     timings["stage1_eval_s"] = time.perf_counter() - t
 
     # ---- stage 2 -------------------------------------------------------------------------------
@@ -189,7 +225,7 @@ def run(job: ConvertJob) -> Dict:
         final = pm
 
     t = time.perf_counter()
-    student_ppl = perplexity(final, test, progress=job.progress, desc="student ppl (test)")
+    fid_final = score("final", final) if final is not model else fid_stage1
     timings["final_eval_s"] = time.perf_counter() - t
 
     # ---- save + reload check ---------------------------------------------------------------------
@@ -206,17 +242,25 @@ def run(job: ConvertJob) -> Dict:
         reload_max_abs_diff = (ref_logits - new_logits).abs().max().item()
     timings["save_reload_s"] = time.perf_counter() - t
 
+    held = [k for k in eval_sets if k != in_domain]
     report = {
         "model": job.model,
         "model_path": str(base_path),
         "data": job.data,
         "splits": {k: v for k, v in corpus.documents.items() if k != "train"},
-        "teacher_ppl": teacher_ppl,
-        "student_ppl_stage1": stage1_ppl,
-        "student_ppl": student_ppl,
-        "ppl_ratio": student_ppl / teacher_ppl,
-        "ppl_ratio_stage1": stage1_ppl / teacher_ppl,
+        "teacher_ppl": fid_final[in_domain]["teacher_ppl"],
+        "student_ppl_stage1": fid_stage1[in_domain]["student_ppl"],
+        "student_ppl": fid_final[in_domain]["student_ppl"],
+        "ppl_ratio": fid_final[in_domain]["ppl_ratio"],
+        "ppl_ratio_stage1": fid_stage1[in_domain]["ppl_ratio"],
         "test_tokens": int(test.numel()),
+        "fidelity": {"stage1": fid_stage1, "final": fid_final},
+        # the headline: the mean over the held-out texts the job never trained on
+        "held_out": {stage: _mean_fidelity([f[k] for k in held]) for stage, f in
+                     (("stage1", fid_stage1), ("final", fid_final))} if held else None,
+        "eval_texts": {name: {"documents": len(c.documents["test"]),
+                              "tokens": int(eval_sets[f"{text_label(name)} (held out)"].numel())}
+                       for name, c in held_out.items()},
         "attention_kl_before": kl_before,
         "attention_kl_after": kl_after,
         "mean_kl_before": sum(d["kl"] for d in kl_before) / len(kl_before),
@@ -234,6 +278,11 @@ def run(job: ConvertJob) -> Dict:
     return report
 
 
+def _mean_fidelity(rows: List[Dict]) -> Dict[str, float]:
+    keys = ("ppl_ratio", "top1_agreement", "kl_per_token")
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
 def _slim(rep: Optional[Dict]) -> Optional[Dict]:
     if rep is None:
         return None
@@ -249,22 +298,49 @@ def _slim(rep: Optional[Dict]) -> Optional[Dict]:
 def format_report(r: Dict) -> str:
     lines = [
         f"{'model':<28} {r['model']}",
-        f"{'data (test plays)':<28} {r['data']} {', '.join(r['splits'].get('test', []))}",
-        f"{'teacher ppl (test)':<28} {r['teacher_ppl']:.2f}",
-        f"{'student ppl after stage 1':<28} {r['student_ppl_stage1']:.2f}  ({r['ppl_ratio_stage1']:.2f}x)",
-        f"{'student ppl (final)':<28} {r['student_ppl']:.2f}  ({r['ppl_ratio']:.3f}x teacher)",
+        f"{'training data':<28} {r['data']}",
         f"{'attention KL / layer':<28} {r['mean_kl_before']:.3f} -> {r['mean_kl_after']:.3f}",
     ]
     for name in ("stage1", "stage2"):
         s = r.get(name)
         if s:
-            lines.append(f"{name + ' tokens / seconds':<28} {s.get('tokens', 0)} / {s.get('seconds', 0):.0f}"
-                         + (f"  (loss {s['loss_first']:.3f} -> {s['loss_last']:.3f})" if "loss_first" in s else ""))
+            capped = "  (ended by the time cap)" if s.get("stopped_by_time_cap") else ""
+            lines.append(f"{name + ' tokens / seconds':<28} {s.get('tokens', 0)} of {s.get('tokens_planned', 0)} / "
+                         f"{s.get('seconds', 0):.0f}"
+                         + (f"  (loss {s['loss_first']:.3f} -> {s['loss_last']:.3f})" if "loss_first" in s else "")
+                         + capped)
     lines.append(f"{'reload max |logit diff|':<28} {r['reload_max_abs_logit_diff']:.2e}")
     lines.append(f"{'wall seconds':<28} {r['wall_s']:.0f}")
     if r.get("curve"):
         lines.append("curve (stage, tokens, val ppl ratio): " + ", ".join(
             f"{c['stage']}@{c['tokens']}:{c['val_ppl_ratio']:.2f}x" for c in r["curve"]))
+    held = r.get("held_out")
+    lines += ["", format_fidelity({"stage 1": r["fidelity"]["stage1"], "final": r["fidelity"]["final"]},
+                                  {"stage 1": held["stage1"], "final": held["final"]} if held else None)]
+    return "\n".join(lines)
+
+
+def format_fidelity(stages: Dict[str, Dict[str, Dict]], held_out: Optional[Dict[str, Dict]] = None) -> str:
+    """The fidelity table. ``stages``: label -> text -> :func:`hedgehog.evaluate.fidelity` result (one
+    column per label, shown as ``a -> b``); ``held_out``: label -> the mean over the held-out texts."""
+    labels = list(stages)
+    names = list(stages[labels[-1]])
+    arrow = " -> ".join(labels)
+
+    def cell(vals, fmt):
+        return " -> ".join(fmt.format(v) for v in vals)
+
+    width = max(16, len(arrow))
+    lines = [f"{'fidelity to the teacher':<30} {'teacher ppl':>11}  {'ppl ratio':>{width}}  {'top-1 agreement':>{width}}"
+             f"  {'KL / token':>{width}}",
+             f"{'':<30} {'':>11}  {arrow:>{width}}  {arrow:>{width}}  {arrow:>{width}}"]
+    rows = [(n, f"{stages[labels[-1]][n]['teacher_ppl']:.2f}", [stages[lb][n] for lb in labels]) for n in names]
+    if held_out:
+        rows.append(("mean of the held-out texts", "", [held_out[lb] for lb in labels]))
+    for name, tp, fs in rows:
+        lines.append(f"{name:<30} {tp:>11}  {cell([f['ppl_ratio'] for f in fs], '{:.2f}x'):>{width}}  "
+                     f"{cell([f['top1_agreement'] for f in fs], '{:.3f}'):>{width}}  "
+                     f"{cell([f['kl_per_token'] for f in fs], '{:.2f}'):>{width}}")
     return "\n".join(lines)
 
 
@@ -288,7 +364,8 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
                      "student_ppl": r["student_ppl"], "ppl_ratio": r["ppl_ratio"], "ppl_ratio_stage1": r["ppl_ratio_stage1"],
                      "mean_kl_before": r["mean_kl_before"], "mean_kl_after": r["mean_kl_after"],
                      "stage1_tokens": (r["stage1"] or {}).get("tokens", 0),
-                     "stage2_tokens": (r["stage2"] or {}).get("tokens", 0), "wall_s": r["wall_s"]})
+                     "stage2_tokens": (r["stage2"] or {}).get("tokens", 0), "wall_s": r["wall_s"],
+                     "held_out": (r["held_out"] or {}).get("final")})
         result = {"rows": rows, "settings": asdict(base_job)}
         _write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
     _plot_compare(rows, root / "compare.png")
@@ -303,11 +380,14 @@ def parse_compare_entry(name: str):
 
 
 def format_compare(rows: List[Dict]) -> str:
-    head = f"{'feature map':<14} {'KL before':>9} {'KL after':>9} {'ppl stage1':>11} {'ppl final':>10} {'ratio':>7}"
+    head = (f"{'feature map':<14} {'KL before':>9} {'KL after':>9} {'ppl stage1':>11} {'ppl final':>10} {'ratio':>7}"
+            f" {'held-out ratio':>14} {'agreement':>9} {'KL/token':>8}")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: r["ppl_ratio"]):
+        h = r.get("held_out") or {}
+        tail = (f" {h['ppl_ratio']:>13.2f}x {h['top1_agreement']:>9.3f} {h['kl_per_token']:>8.2f}" if h else "")
         lines.append(f"{r['feature_map']:<14} {r['mean_kl_before']:>9.3f} {r['mean_kl_after']:>9.3f} "
-                     f"{r['student_ppl_stage1']:>11.1f} {r['student_ppl']:>10.2f} {r['ppl_ratio']:>6.2f}x")
+                     f"{r['student_ppl_stage1']:>11.1f} {r['student_ppl']:>10.2f} {r['ppl_ratio']:>6.2f}x" + tail)
     if rows:
         lines.append(f"teacher ppl {rows[0]['teacher_ppl']:.2f}")
     return "\n".join(lines)
