@@ -80,8 +80,9 @@ def test_gguf_without_the_gguf_package(capsys, tiny_assets, tmp_path, monkeypatc
     ("empty.txt", b"  \n", "is empty"),
     ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "looks binary"),
     ("short.txt", b"the king and the queen", "too short"),
-    ("records.jsonl", b'{"text": "the king"}\n{"text": "the queen"}\n', "is a .jsonl file"),
-    ("table.parquet", b"PAR1\x00\x00PAR1", "is a .parquet file"),
+    ("records.jsonl", b'{"body": "the king"}\n{"body": "the queen"}\n', "has the fields ['body']"),
+    ("table.parquet", b"PAR1\x00\x00PAR1", "cannot read"),
+    ("table.tsv", b"a\tb\n1\t2\n", "is a .tsv file: not plain text"),
 ])
 def test_bad_corpora(name, content, says, capsys, tiny_assets, tmp_path, no_heavy_work):
     f = tmp_path / name

@@ -140,3 +140,20 @@ def test_stage_checkpoint_round_trip_and_settings_diff(tmp_path):
         StageCheckpoint(tmp_path / "s.pt", 2, {"a": 1, "stage": {"lr": 0.2}}).load()
     assert settings_diff({"x": {"y": 1}}, {"x": {"y": 1}}) == []
     assert settings_diff({"x": 1}, {"z": 2}) == ["x: checkpoint 1, now None", "z: checkpoint None, now 2"]
+
+
+def test_resume_onto_another_base_model_is_refused(tiny_assets, tmp_path, capsys):
+    from conftest import user_error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    convert(tiny_assets, out, "--stage2-tokens", "0")
+    other = tmp_path / "other"
+    m = AutoModelForCausalLM.from_pretrained(tiny_assets["model"])
+    with torch.no_grad():
+        m.get_input_embeddings().weight.mul_(1.5)
+    m.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_assets["model"]).save_pretrained(other)
+    err = user_error(capsys, ["convert", "--model", str(other), "--data", tiny_assets["data"], "--eval-data",
+                              tiny_assets["heldout"], "--out", str(out), *ARGS, "--stage2-tokens", "0", "--resume"])
+    assert "other settings" in err and "base_fingerprint.embedding_sha1" in err

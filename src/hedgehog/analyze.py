@@ -66,7 +66,7 @@ def _layer_means(x):
 @torch.no_grad()
 def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: str = "shakespeare",
         windows: int = 2, seq_len: int = 256, layer: Optional[int] = None, head: int = 0, span: int = 32) -> Dict:
-    from hedgehog.checkpoint import is_converted_dir, load
+    from hedgehog.checkpoint import is_converted_dir, load, read_meta
     from hedgehog.convert import convert_model
     from hedgehog.data import load_corpus, tokenize_windows
     from hedgehog.distill import capture_qkv
@@ -78,7 +78,7 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     trained = None
     if is_converted_dir(model):
         conv, tok = load(model)
-        base_name = json.loads((Path(model) / "hedgehog_config.json").read_text())["base_model"]
+        base_name = read_meta(model)["base_model"]
         trained = conv
         teacher = conv
     else:

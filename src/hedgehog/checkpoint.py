@@ -170,6 +170,23 @@ def is_converted_dir(path) -> bool:
     return (Path(path) / CONFIG_NAME).exists()
 
 
+def read_meta(path) -> Dict:
+    """The ``hedgehog_config.json`` of a converted directory (base model, fingerprint, settings), checked."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingPathError(f"{path} does not exist; pass the model directory that `hedgehog convert` wrote "
+                               "(OUT/model)")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.exists():
+        raise MissingPathError(f"{path} is not a converted hedgehog model (no {CONFIG_NAME}); "
+                               "create one with `hedgehog convert --out DIR`")
+    meta = _read(cfg_file, lambda p: json.loads(p.read_text()))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
+                              f"(this hedgehog reads {FORMAT_VERSION})")
+    return meta
+
+
 def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cpu", merge_lora: bool = True):
     """Load a converted model saved by :func:`save_converted` -> ``(model, tokenizer)``.
 
@@ -184,17 +201,7 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
     from hedgehog.convert import convert_model
 
     path = Path(path).expanduser()
-    if not path.exists():
-        raise MissingPathError(f"{path} does not exist; pass the model directory that `hedgehog convert` wrote "
-                              "(OUT/model)")
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.exists():
-        raise MissingPathError(f"{path} is not a converted hedgehog model (no {CONFIG_NAME}); "
-                                "create one with `hedgehog convert --out DIR`")
-    meta = _read(cfg_file, lambda p: json.loads(p.read_text()))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
-                         f"(this hedgehog reads {FORMAT_VERSION})")
+    meta = read_meta(path)
     base = resolve_model_path(base_model or meta["base_model"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa",
                                                  **PLAIN_LOAD).to(device).eval()

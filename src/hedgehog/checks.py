@@ -11,8 +11,8 @@ from typing import Iterable, Tuple
 
 from hedgehog.errors import UserError
 
-# Files that hold records, not prose: reading them as text would train on JSON syntax.
-STRUCTURED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow")
+# Record files that `datasets` is not asked to read: reading them as prose would train on their syntax.
+STRUCTURED_SUFFIXES = (".tsv", ".xml", ".sqlite", ".db", ".npy", ".pt", ".safetensors")
 _SNIFF_BYTES = 8192
 
 
@@ -97,11 +97,19 @@ def check_model(name: str, seq_len: int, causal: bool = True):
     return path, config
 
 
-def check_text_source(source: str) -> None:
-    """``--data``/``--eval-data`` name a registry text or readable plain text (a file, or a folder of .txt files)."""
+def check_text_source(source: str, text_field=None, data_format: str = "auto") -> None:
+    """``--data``/``--eval-data`` name a registry text, record data whose fields fit (read with `datasets`), or
+    readable plain text (a file, or a folder of .txt files)."""
     from hedgehog.data import registry_text_names
+    from hedgehog.records import detect_format, is_record_source, load_records
 
     if source in ("shakespeare", "general") or source in registry_text_names():
+        return
+    if is_record_source(source):
+        ds = load_records(source)
+        if len(ds) == 0:
+            raise UserError(f"--data {source!r} has no records. Pass a file with at least a few documents.")
+        detect_format(ds.column_names, text_field, data_format, source)
         return
     p = Path(source).expanduser()
     if not p.exists():
@@ -113,9 +121,9 @@ def check_text_source(source: str) -> None:
                         "there, or pass one text file.")
     for f in files:
         if f.suffix.lower() in STRUCTURED_SUFFIXES:
-            raise UserError(f"--data {source!r} is a {f.suffix} file: records, not plain text, and reading it as "
-                            "prose would train on its syntax. Extract the text field into a .txt file (one "
-                            "document per paragraph) and pass that.")
+            raise UserError(f"--data {source!r} is a {f.suffix} file: not plain text, and reading it as prose would "
+                            "train on its syntax. Pass a .txt file, or records as .jsonl/.json/.csv/.parquet/.arrow "
+                            "(with --text-field for plain text).")
         head = f.read_bytes()[:_SNIFF_BYTES]
         if b"\x00" in head:
             raise UserError(f"{f} looks binary (it has NUL bytes), not text. Pass UTF-8 plain-text files.")

@@ -62,6 +62,7 @@ def _job_from_args(args):
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
+                     text_field=args.text_field, data_format=args.data_format,
                      eval_tokens=args.eval_tokens, eval_data=_names(args.eval_data),
                      fidelity_tokens=args.fidelity_tokens, merge_lora=args.merge_lora, resume=args.resume,
                      seed=args.seed, progress=not args.no_progress)
@@ -70,6 +71,15 @@ def _job_from_args(args):
 
 def _names(arg):
     return None if arg is None else tuple(n.strip() for n in arg.split(",") if n.strip())
+
+
+def _add_record_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default=None,
+                   help="record data (.jsonl/.json/.csv/.parquet/.arrow or a saved dataset): the column with plain "
+                        "text (default: 'text', or the format detected from the columns)")
+    p.add_argument("--data-format", choices=["auto", "plain", "instruction", "chat"], default="auto",
+                   help="record data: plain text, Alpaca instruction/input/output, or chat 'messages' (the last "
+                        "two through the tokenizer's chat template); auto detects it from the columns")
 
 
 def _add_device(parser, what: str) -> None:
@@ -116,10 +126,13 @@ def _eval(args):
 
     _setup_logging()
     names = _names(args.eval_data)
-    for source in (args.data, *(names or ())):
+    check_text_source(args.data, args.text_field, args.data_format)
+    for source in names or ():
         check_text_source(source)
+    if args.tasks:
+        return _eval_tasks(args)
     model, tok, kind = _load_any(args.model, args.base_model)
-    corpus = load_corpus(args.data)
+    corpus = load_corpus(args.data, tok, args.text_field, args.data_format)
     windows = tokenize_windows(corpus.splits[args.split], tok, args.seq_len, max_tokens=args.tokens)
     if kind == "softmax":
         ppl = perplexity(model, windows, progress=not args.no_progress)
@@ -129,8 +142,9 @@ def _eval(args):
     sets = {f"{text_label(args.data)} ({args.split})": windows}
     for name in names if names is not None else [n for n in (*HELD_OUT_TEXTS, "shakespeare") if n != args.data]:
         if name != args.data:
-            sets[f"{text_label(name)} (held out)"] = _windows(eval_documents(name, args.data), "test", tok, args.seq_len,
-                                                  max_tokens=args.fidelity_tokens, shuffle_seed=0)
+            docs = eval_documents(name, args.data, tok)
+            sets[f"{text_label(name)} (held out)"] = _windows(docs, "test", tok, args.seq_len,
+                                                              max_tokens=args.fidelity_tokens, shuffle_seed=0)
     res = {k: fidelity(model, w, progress=not args.no_progress, desc=k) for k, w in sets.items()}
     print(format_fidelity({"this model": res}))
     if args.json:
@@ -141,6 +155,44 @@ def _eval(args):
         _write_json(Path(args.json), res)
         print(f"wrote {args.json}")
     return res
+
+
+def _eval_tasks(args):
+    """``hedgehog eval --tasks``: lm-eval tasks, teacher vs converted model, one table (JSON + Markdown)."""
+    from pathlib import Path
+
+    from hedgehog import lmeval
+    from hedgehog.checkpoint import is_converted_dir, read_meta
+    from hedgehog.pipeline import _write_json
+
+    if not is_converted_dir(args.model):
+        raise UserError(f"--tasks compares a converted model with its teacher; {args.model!r} is not a directory "
+                        "saved by `hedgehog convert` (OUT/model). Use `hedgehog lm-eval --model hf ...` for a plain "
+                        "model.")
+    read_meta(args.model)  # refuse a broken directory before lm-eval starts
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    include = args.include_path
+    if "heldout_cloze" in tasks and include is None:  # the built-in offline task, from a held-out text
+        from hedgehog.data import eval_documents
+
+        docs = eval_documents(args.cloze_text, "general").splits["test"]
+        include = str(lmeval.write_cloze_task(docs, Path(args.out) / "tasks", n=args.cloze_items))
+    res = lmeval.compare_tasks(args.model, tasks, include_path=include, limit=args.limit or None,
+                               batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    table = lmeval.format_table(res)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "lm_eval.json", res)
+    (out / "lm_eval.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out}/lm_eval.json and {out}/lm_eval.md")
+    return res
+
+
+def _lm_eval_cli(args):
+    from hedgehog import lmeval
+
+    lmeval.run_cli(args.lm_eval_args)
 
 
 def _train(args):
@@ -158,7 +210,8 @@ def _train(args):
     except ValueError as e:
         raise UserError(str(e))
     _setup_logging()
-    job = TrainJob(out=args.out, attention=kinds[0], data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+    job = TrainJob(out=args.out, attention=kinds[0], data=args.data, text_field=args.text_field,
+                   data_format=args.data_format, seq_len=args.seq_len, batch_size=args.batch_size,
                    tokens=args.tokens, minutes=args.minutes or None, lr=args.lr, mimic_weight=args.mimic_weight,
                    mimic_rows=args.mimic_rows, model=spec, eval_points=args.eval_points, val_tokens=args.val_tokens,
                    test_tokens=args.test_tokens, resume=args.resume, seed=args.seed, progress=not args.no_progress,
@@ -246,7 +299,9 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--data", default=job.data,
                    help="training text: 'general' (modern English manuals from Debian packages: the Python docs and "
                         "the Debian Administrator's Handbook), 'shakespeare' (split by play), a registry text name "
-                        "(python-docs, debian-handbook, git-docs, debian-devref), or a .txt file/folder")
+                        "(python-docs, debian-handbook, git-docs, debian-devref), a .txt file/folder, or records: a "
+                        ".jsonl/.json/.csv/.parquet/.arrow file or a saved `datasets` directory")
+    _add_record_options(c)
     c.add_argument("--eval-data", default=None,
                    help="comma-separated held-out texts scored against the teacher after each stage (registry "
                         "names or .txt files/folders, never trained on); default: git-docs, debian-devref and "
@@ -493,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "continues an interrupted run.")
     t.add_argument("--attention", default="hedgehog", help=kinds_help)
     t.add_argument("--out", default="runs/scratch", help="run directory")
-    t.add_argument("--data", default="shakespeare", help="'shakespeare' (split by play) or a .txt file/folder")
+    t.add_argument("--data", default="shakespeare", help="'shakespeare' (split by play), a registry text, a .txt "
+                   "file/folder, or record data (.jsonl/.json/.csv/.parquet/.arrow, a saved dataset)")
+    _add_record_options(t)
     t.add_argument("--tokens", type=int, default=1_048_576, help="training tokens (bytes) per kind")
     t.add_argument("--minutes", type=float, default=0, help="wall-clock cap per kind (0: none; budgets then differ)")
     t.add_argument("--seq-len", type=int, default=256, help="bytes per training window")
@@ -587,7 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "('smollm2', a directory or hub id): its perplexity.")
     e.add_argument("--model", required=True, help="converted model dir, 'smollm2', a model dir or hub id")
     e.add_argument("--base-model", default=None, help="override the base model recorded in a converted dir")
-    e.add_argument("--data", default="general", help="'general', 'shakespeare', a registry text or a .txt file/folder")
+    e.add_argument("--data", default="general", help="'general', 'shakespeare', a registry text, a .txt file/folder "
+                   "or record data")
+    _add_record_options(e)
     e.add_argument("--split", choices=["train", "validation", "test"], default="test", help="which split")
     e.add_argument("--eval-data", default=None, help="comma-separated held-out texts (default: git-docs, "
                    "debian-devref, shakespeare, less --data)")
@@ -595,13 +654,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=16384, help="max tokens evaluated on --data's split")
     e.add_argument("--fidelity-tokens", type=int, default=4096, help="tokens per held-out text")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks: score the converted model and its teacher side by side "
+                        "(needs `pip install 'hedgehog[eval]'`); 'heldout_cloze' is a built-in offline task "
+                        "(continuations of a held-out text); hub tasks such as hellaswag,piqa,arc_easy need a hub")
+    e.add_argument("--include-path", default=None, help="folder of local lm-eval task YAML files")
+    e.add_argument("--limit", type=float, default=0, help="lm-eval: examples per task (0: all)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    e.add_argument("--batch-size", type=int, default=4, help="lm-eval batch size")
+    e.add_argument("--cloze-text", default="git-docs", help="held-out text for the heldout_cloze task")
+    e.add_argument("--cloze-items", type=int, default=200, help="items of the heldout_cloze task")
+    e.add_argument("--out", default="runs/eval", help="where --tasks writes lm_eval.json and lm_eval.md")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
+
+    le = sub.add_parser("lm-eval", add_help=False,
+                        help="lm-eval-harness's own command line with the `hedgehog` model type registered",
+                        description="Everything after `lm-eval` goes to lm-eval, e.g. `hedgehog lm-eval --model "
+                                    "hedgehog --model_args pretrained=runs/x/model[,teacher=True] --tasks hellaswag`.")
+    le.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    le.set_defaults(func=_lm_eval_cli)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"] and argv[1:2] not in (["-h"], ["--help"]):
+        # everything after `lm-eval` is lm-eval's (argparse's REMAINDER cannot start with an option)
+        args = argparse.Namespace(func=_lm_eval_cli, lm_eval_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     from hedgehog.runtime import keep_freed_memory
 
     keep_freed_memory()  # CPU kernels reuse freed blocks instead of page-faulting (HEDGEHOG_MALLOC_TUNING=0: off)

@@ -16,9 +16,10 @@ position: first 90% train, next 5% validation, last 5% test.
 """
 from __future__ import annotations
 
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -34,8 +35,45 @@ SPLITS = ("train", "validation", "test")
 @dataclass
 class Corpus:
     name: str
-    splits: Dict[str, List[str]]  # split -> list of document texts
+    splits: Dict[str, Sequence[str]]  # split -> document texts (a lazy sequence for record data)
     documents: Dict[str, List[str]]  # split -> document names (for the report)
+    rule: str = ""  # how the splits were made (for the report)
+
+
+class LazyView(abc.Sequence):
+    """``base`` in the order ``order``, without reading any element until it is indexed."""
+
+    def __init__(self, base: Sequence[str], order: Sequence[int]):
+        self.base, self.order = base, list(order)
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.base[self.order[i]]
+
+
+class Chain(abc.Sequence):
+    """Several sequences as one, lazily."""
+
+    def __init__(self, parts: Sequence[Sequence[str]]):
+        self.parts = list(parts)
+
+    def __len__(self):
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        for p in self.parts:
+            if i < len(p):
+                return p[i]
+            i -= len(p)
+        raise IndexError(i)
 
 
 def _play_name(path: Path) -> str:
@@ -56,7 +94,8 @@ def shakespeare_corpus(texts_dir: Path) -> Corpus:
     missing = (set(SHAKESPEARE_TEST) | set(SHAKESPEARE_VALIDATION)) - set(names["test"]) - set(names["validation"])
     if missing:
         raise RuntimeError(f"held-out plays missing from {texts_dir}: {sorted(missing)}")
-    return Corpus("shakespeare", splits, names)
+    return Corpus("shakespeare", splits, names, f"by play: test = {', '.join(SHAKESPEARE_TEST)}; validation = "
+                                                f"{', '.join(SHAKESPEARE_VALIDATION)}; the other plays train")
 
 
 def _positional_split(name: str, text: str) -> Corpus:
@@ -64,7 +103,7 @@ def _positional_split(name: str, text: str) -> Corpus:
     n = len(text)
     a, b = int(0.9 * n), int(0.95 * n)
     return Corpus(name, {"train": [text[:a]], "validation": [text[a:b]], "test": [text[b:]]},
-                  {s: [f"{name}[{s}]"] for s in SPLITS})
+                  {s: [f"{name}[{s}]"] for s in SPLITS}, "by position: first 90% train, next 5% validation, last 5% test")
 
 
 def file_corpus(path: Path) -> Corpus:
@@ -90,12 +129,13 @@ def file_corpus(path: Path) -> Corpus:
         if not splits[s]:
             splits[s].append(splits["train"].pop())
             names[s].append(names["train"].pop())
-    return Corpus(path.name, splits, names)
+    return Corpus(path.name, splits, names, "by file (sorted): every 10th file validation, the next test, the rest train")
 
 
 def _merge(name: str, parts: Sequence[Corpus]) -> Corpus:
-    return Corpus(name, {s: [t for c in parts for t in c.splits[s]] for s in SPLITS},
-                  {s: [f"{c.name}/{d}" for c in parts for d in c.documents[s]] for s in SPLITS})
+    return Corpus(name, {s: Chain([c.splits[s] for c in parts]) for s in SPLITS},
+                  {s: [f"{c.name}/{d}" for c in parts for d in c.documents[s]] for s in SPLITS},
+                  "; ".join(f"{c.name}: {c.rule}" for c in parts))
 
 
 def registry_text_names() -> List[str]:
@@ -104,9 +144,24 @@ def registry_text_names() -> List[str]:
     return sorted(DEBIAN_TEXTS)
 
 
-def load_corpus(source: str) -> Corpus:
-    """``'shakespeare'``, ``'general'``, a registry text name (fetched and cached), or a local file/folder."""
+def record_corpus(source: str, tokenizer=None, text_field: Optional[str] = None, data_format: str = "auto") -> Corpus:
+    """A JSON/JSONL/CSV/Parquet/Arrow file or saved dataset, one document per record (:mod:`hedgehog.records`)."""
+    from hedgehog import records
+
+    ds = records.load_records(source)
+    fmt = records.detect_format(ds.column_names, text_field, data_format, source)
+    render = records.renderer(fmt, tokenizer, text_field)
+    idx = records.split_indices(len(ds))
+    name = Path(source).expanduser().name
+    return Corpus(name, {s: records.RenderedSplit(ds, idx[s], render) for s in SPLITS},
+                  {s: [f"{len(idx[s])} {fmt} records"] for s in SPLITS}, f"{fmt} records; {records.HELD_OUT_RULE}")
+
+
+def load_corpus(source: str, tokenizer=None, text_field: Optional[str] = None, data_format: str = "auto") -> Corpus:
+    """``'shakespeare'``, ``'general'``, a registry text name (fetched and cached), a record file or saved
+    dataset (rendered with ``tokenizer``'s chat template where the format needs one), or a .txt file/folder."""
     from hedgehog import assets
+    from hedgehog.records import is_record_source
 
     if source == "shakespeare":
         return shakespeare_corpus(assets.shakespeare_texts_dir())
@@ -114,7 +169,9 @@ def load_corpus(source: str) -> Corpus:
         return _merge("general", [load_corpus(n) for n in GENERAL_SOURCES])
     if source in assets.DEBIAN_TEXTS:
         c = file_corpus(assets.debian_text_dir(source))
-        return Corpus(source, c.splits, c.documents)
+        return Corpus(source, c.splits, c.documents, c.rule)
+    if is_record_source(source):
+        return record_corpus(source, tokenizer, text_field, data_format)
     return file_corpus(Path(source))
 
 
@@ -127,7 +184,7 @@ def training_sources(source: str) -> set:
     return {str(Path(source).expanduser().resolve())}
 
 
-def eval_documents(name: str, train_source: str) -> Corpus:
+def eval_documents(name: str, train_source: str, tokenizer=None) -> Corpus:
     """A held-out evaluation text as a one-split corpus (``splits["test"]``): Shakespeare's test plays, a
     whole registry text, or a whole local file/folder. A text the job trains on is refused."""
     from hedgehog.errors import UserError
@@ -139,10 +196,10 @@ def eval_documents(name: str, train_source: str) -> Corpus:
                         "test split is reported already. Pass evaluation texts the job does not train on.")
     if name == "shakespeare":
         c = load_corpus("shakespeare")
-        return Corpus(name, {"test": c.splits["test"]}, {"test": c.documents["test"]})
-    c = load_corpus(name)
-    return Corpus(c.name, {"test": [t for s in SPLITS for t in c.splits[s]]},
-                  {"test": [d for s in SPLITS for d in c.documents[s]]})
+        return Corpus(name, {"test": c.splits["test"]}, {"test": c.documents["test"]}, "the test plays")
+    c = load_corpus(name, tokenizer)
+    return Corpus(c.name, {"test": Chain([c.splits[s] for s in SPLITS])},
+                  {"test": [d for s in SPLITS for d in c.documents[s]]}, "the whole text")
 
 
 def text_label(source: str) -> str:
@@ -152,10 +209,11 @@ def text_label(source: str) -> str:
     return Path(source).expanduser().name or source
 
 
-def shuffled_documents(texts: Sequence[str], seed: int) -> List[str]:
-    """The documents in a fixed random order, so a token cap samples every part of a corpus."""
+def shuffled_documents(texts: Sequence[str], seed: int) -> Sequence[str]:
+    """The documents in a fixed random order, so a token cap samples every part of a corpus (lazily: a
+    document is read only when the tokeniser reaches it)."""
     g = torch.Generator().manual_seed(seed)
-    return [texts[i] for i in torch.randperm(len(texts), generator=g).tolist()]
+    return LazyView(texts, torch.randperm(len(texts), generator=g).tolist())
 
 
 def tokenize_windows(texts: Sequence[str], tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:

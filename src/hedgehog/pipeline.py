@@ -29,6 +29,8 @@ class ConvertJob:
     out: str = "runs/smollm2-hedgehog"
     model: str = "smollm2"
     data: str = "general"
+    text_field: Optional[str] = None  # record data (.jsonl, .parquet, ...): the column holding plain text
+    data_format: str = "auto"  # record data: "auto", "plain", "instruction" (Alpaca) or "chat" (messages)
     # Held-out texts never trained on, each scored against the teacher after stage 1 and at the end
     # (None: git-docs, debian-devref and Shakespeare's test plays, less any the job trains on).
     eval_data: Optional[Tuple[str, ...]] = None
@@ -119,7 +121,8 @@ def run(job: ConvertJob) -> Dict:
 
     check_convert_job(job)
     out = check_out_dir(job.out)
-    for source in (job.data, *(job.eval_data or ())):
+    check_text_source(job.data, job.text_field, job.data_format)
+    for source in job.eval_data or ():
         check_text_source(source)
     check_model(job.model, job.seq_len)
     torch.manual_seed(job.seed)
@@ -129,8 +132,8 @@ def run(job: ConvertJob) -> Dict:
 
     t = time.perf_counter()
     model, tok, base_path = load_base(job.model)
-    corpus = load_corpus(job.data)
-    held_out = {name: eval_documents(name, job.data) for name in eval_names(job)}
+    corpus = load_corpus(job.data, tok, job.text_field, job.data_format)
+    held_out = {name: eval_documents(name, job.data, tok) for name in eval_names(job)}
     L = job.seq_len
     # Tokenise only what the stages use (documents in a seeded order, so the cap samples the whole corpus).
     budget = job.stage1.tokens + (job.stage2.tokens if job.stage2 else 0) + L
@@ -258,7 +261,8 @@ def run(job: ConvertJob) -> Dict:
         # the headline: the mean over the held-out texts the job never trained on
         "held_out": {stage: _mean_fidelity([f[k] for k in held]) for stage, f in
                      (("stage1", fid_stage1), ("final", fid_final))} if held else None,
-        "eval_texts": {name: {"documents": len(c.documents["test"]),
+        "held_out_rule": corpus.rule,
+        "eval_texts": {name: {"documents": len(c.splits["test"]),
                               "tokens": int(eval_sets[f"{text_label(name)} (held out)"].numel())}
                        for name, c in held_out.items()},
         "attention_kl_before": kl_before,

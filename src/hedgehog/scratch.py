@@ -329,6 +329,8 @@ class TrainJob:
     out: str = "runs/scratch/hedgehog"
     attention: str = "hedgehog"
     data: str = "shakespeare"
+    text_field: Optional[str] = None  # record data: as ConvertJob.text_field
+    data_format: str = "auto"
     seq_len: int = 256
     batch_size: int = 16
     tokens: int = 1_048_576  # training budget (equal across kinds in a comparison)
@@ -373,7 +375,7 @@ def train_lm(job: TrainJob) -> Dict:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
-    corpus = load_corpus(job.data)
+    corpus = load_corpus(job.data, text_field=job.text_field, data_format=job.data_format)
     L = job.seq_len
     mimic_rows_for_step(L, job.mimic_rows, job.seed, 0)  # a bad setting stops here, before any work
     train = shuffled_windows(tokenize_windows(corpus.splits["train"], tok, L), job.seed)
@@ -532,7 +534,7 @@ def paired_eval(root: str, kinds: Sequence[str], against: Sequence[str], split: 
         key = (st["data"], st["seq_len"], st["val_tokens"], st["test_tokens"])
         if setting is None:
             setting = key
-            corpus = load_corpus(st["data"])
+            corpus = load_corpus(st["data"], text_field=st.get("text_field"), data_format=st.get("data_format", "auto"))
             cap = st["test_tokens" if split == "test" else "val_tokens"] if max_tokens is None else (max_tokens or None)
             windows = tokenize_windows(corpus.splits[split], ByteTokenizer(), st["seq_len"], max_tokens=cap)
         elif key != setting:

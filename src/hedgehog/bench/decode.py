@@ -98,13 +98,12 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
 def load_pair(model_name: str):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
-    from hedgehog.checkpoint import is_converted_dir, load
+    from hedgehog.checkpoint import is_converted_dir, load, read_meta
     from hedgehog.convert import convert_model
     from hedgehog.pipeline import load_base
 
     torch.manual_seed(0)
-    softmax, tok, _ = load_base(model_name if not is_converted_dir(model_name) else
-                                json.loads((Path(model_name) / "hedgehog_config.json").read_text())["base_model"])
+    softmax, tok, _ = load_base(read_meta(model_name)["base_model"] if is_converted_dir(model_name) else model_name)
     if is_converted_dir(model_name):
         hedgehog, _ = load(model_name)
         return hedgehog, softmax, tok, f"converted model {model_name}"
