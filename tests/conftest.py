@@ -66,7 +66,21 @@ def tiny_run(tiny_assets, tmp_path_factory):
     from hedgehog.cli import main
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
+    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+                 "--eval-data", tiny_assets["heldout"],
+                 "--out", str(out),
                  "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
                  "--no-progress"]) == 0
     return out
+
+
+def other_base_model(model_dir, out_dir) -> str:
+    """A copy of the model at ``model_dir`` with shifted embeddings (another base for the fingerprint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        m.get_input_embeddings().weight.add_(0.01)
+    m.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return str(out_dir)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import user_error
+from conftest import other_base_model, user_error
 
 
 @pytest.fixture
@@ -95,22 +95,18 @@ def test_bad_corpora(name, content, says, capsys, tiny_assets, tmp_path, no_heav
 def test_unwritable_output(capsys, tiny_assets, tmp_path, no_heavy_work):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")  # a directory cannot be made under a file, even as root
-    err = user_error(capsys, ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"],
+    err = user_error(capsys, ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+                              "--eval-data", tiny_assets["heldout"],
+                              
                               "--out", str(blocker / "run"), "--no-progress"])
     assert "cannot write to the output directory" in err and "--out" in err
 
 
 def test_loading_a_run_onto_another_base_model(capsys, tiny_run, tmp_path, tiny_assets):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    other = tmp_path / "other"
-    m = AutoModelForCausalLM.from_pretrained(tiny_assets["model"])
-    with torch.no_grad():
-        m.get_input_embeddings().weight.add_(0.01)
-    m.save_pretrained(other)
-    AutoTokenizer.from_pretrained(tiny_assets["model"]).save_pretrained(other)
-    err = user_error(capsys, ["eval", "--model", str(tiny_run / "model"), "--base-model", str(other),
-                              "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--seq-len", "32", "--tokens", "64", "--no-progress"])
+    other = other_base_model(tiny_assets["model"], tmp_path / "other")
+    err = user_error(capsys, ["eval", "--model", str(tiny_run / "model"), "--base-model", other, "--data",
+                              tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--seq-len", "32",
+                              "--tokens", "64", "--no-progress"])
     assert "different base model" in err and "embedding_sha1" in err
 
 
@@ -120,7 +116,9 @@ def test_truncated_model_files(victim, capsys, tiny_run, tmp_path, tiny_assets):
     shutil.copytree(tiny_run / "model", broken)
     f = broken / victim
     f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
-    err = user_error(capsys, ["eval", "--model", str(broken), "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--seq-len", "32",
+    err = user_error(capsys, ["eval", "--model", str(broken), "--data", tiny_assets["data"],
+                              "--eval-data", tiny_assets["heldout"],
+                              "--seq-len", "32",
                               "--tokens", "64", "--no-progress"])
     assert "cannot be read" in err and victim in err
 

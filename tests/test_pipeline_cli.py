@@ -11,7 +11,9 @@ from hedgehog.cli import main
 
 def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
+    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+          "--eval-data", tiny_assets["heldout"],
+          "--out", str(out),
           "--seq-len", "32", "--stage1-tokens", "256", "--stage1-batch", "2", "--stage2-tokens", "128",
           "--eval-tokens", "128", "--no-progress"])
     report = json.loads((out / "report.json").read_text())
@@ -49,7 +51,9 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
 
 def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsys):
     out = tmp_path / "cmp"
-    main(["compare", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
+    main(["compare", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+          "--eval-data", tiny_assets["heldout"],
+          "--out", str(out),
           "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
           "--window", "8", "--no-progress", "--feature-maps", "hedgehog,elu,hybrid"])
     res = json.loads((out / "compare.json").read_text())

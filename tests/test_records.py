@@ -158,3 +158,15 @@ def test_train_and_eval_read_records(tiny_assets, tiny_run, tmp_path, capsys):
     main(["eval", "--model", str(tiny_run / "model"), "--data", data, "--eval-data", tiny_assets["heldout"],
           "--seq-len", "16", "--tokens", "64", "--fidelity-tokens", "64", "--no-progress"])
     assert "chat.jsonl (test)" in capsys.readouterr().out
+
+
+def test_a_hub_dataset_id_is_tried_and_fails_clearly_offline(monkeypatch):
+    from hedgehog.errors import UserError
+    from hedgehog.records import is_hub_id, is_record_source, load_records
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert is_hub_id("yahma/alpaca-cleaned") and is_record_source("yahma/alpaca-cleaned")
+    assert not is_hub_id("./data/x.txt") and not is_hub_id("a/b/c")
+    with pytest.raises(UserError, match="hub dataset"):
+        load_records("nobody-here/no-such-dataset")

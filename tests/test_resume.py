@@ -38,7 +38,9 @@ KILLER = textwrap.dedent("""
 def convert(tiny_assets, out, *extra):
     from hedgehog.cli import main
 
-    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(out),
+    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+                 "--eval-data", tiny_assets["heldout"],
+                 "--out", str(out),
                  *ARGS, *extra]) == 0
     return json.loads((out / "report.json").read_text())
 
@@ -46,7 +48,9 @@ def convert(tiny_assets, out, *extra):
 def test_kill_in_stage_2_then_resume_equals_uninterrupted(tiny_assets, tmp_path):
     ref = convert(tiny_assets, tmp_path / "ref")
     killed = tmp_path / "killed"
-    argv = ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out", str(killed), *ARGS]
+    argv = ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+            "--eval-data", tiny_assets["heldout"],
+            "--out", str(killed), *ARGS]
     proc = subprocess.run([sys.executable, "-c", KILLER, "5", *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (killed / "report.json").exists()
@@ -94,7 +98,9 @@ def test_resume_with_other_settings_is_refused_with_their_names(tiny_assets, tmp
 
     out = tmp_path / "run"
     convert(tiny_assets, out, "--stage2-tokens", "0")
-    err = user_error(capsys, ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out",
+    err = user_error(capsys, ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+                              "--eval-data", tiny_assets["heldout"],
+                              "--out",
                               str(out), *ARGS, "--stage2-tokens", "0", "--stage1-lr", "0.02", "--resume"])
     assert "other settings" in err and "stage1.lr: checkpoint 0.01, now 0.02" in err
     # stage 1's checkpoint does not depend on stage 2's settings: a new stage 2 may follow a finished stage 1
@@ -109,7 +115,9 @@ def test_truncated_stage_checkpoint_is_refused(tiny_assets, tmp_path, capsys):
     convert(tiny_assets, out, "--stage2-tokens", "0")
     ck = out / "checkpoints" / "stage1.pt"
     ck.write_bytes(ck.read_bytes()[:100])
-    err = user_error(capsys, ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"], "--out",
+    err = user_error(capsys, ["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+                              "--eval-data", tiny_assets["heldout"],
+                              "--out",
                               str(out), *ARGS, "--stage2-tokens", "0", "--resume"])
     assert "stage1.pt cannot be read" in err and "truncated or corrupt" in err
 
@@ -143,17 +151,11 @@ def test_stage_checkpoint_round_trip_and_settings_diff(tmp_path):
 
 
 def test_resume_onto_another_base_model_is_refused(tiny_assets, tmp_path, capsys):
-    from conftest import user_error
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import other_base_model, user_error
 
     out = tmp_path / "run"
     convert(tiny_assets, out, "--stage2-tokens", "0")
-    other = tmp_path / "other"
-    m = AutoModelForCausalLM.from_pretrained(tiny_assets["model"])
-    with torch.no_grad():
-        m.get_input_embeddings().weight.mul_(1.5)
-    m.save_pretrained(other)
-    AutoTokenizer.from_pretrained(tiny_assets["model"]).save_pretrained(other)
-    err = user_error(capsys, ["convert", "--model", str(other), "--data", tiny_assets["data"], "--eval-data",
+    other = other_base_model(tiny_assets["model"], tmp_path / "other")
+    err = user_error(capsys, ["convert", "--model", other, "--data", tiny_assets["data"], "--eval-data",
                               tiny_assets["heldout"], "--out", str(out), *ARGS, "--stage2-tokens", "0", "--resume"])
     assert "other settings" in err and "base_fingerprint.embedding_sha1" in err

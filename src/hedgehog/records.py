@@ -1,4 +1,5 @@
-"""Record data through the `datasets` library: JSON/JSONL/CSV/Parquet/Arrow files and saved datasets.
+"""Record data through the `datasets` library: JSON/JSONL/CSV/Parquet/Arrow files, saved datasets, and hub
+dataset ids (``owner/name``, where a hub is reachable).
 
 Each record becomes one document, rendered by its format:
 
@@ -18,6 +19,7 @@ budget, so a large corpus is never read whole.
 from __future__ import annotations
 
 import logging
+import re
 from collections import abc
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -29,11 +31,18 @@ FORMATS = ("auto", "plain", "instruction", "chat")
 HELD_OUT_RULE = "record i: validation if i % 20 == 18, test if i % 20 == 19, else train"
 
 
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` that is no local path: a dataset on the Hugging Face hub (where one is reachable)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not Path(source).expanduser().exists()
+
+
 def is_record_source(source: str) -> bool:
-    """A file ``datasets`` reads (by suffix) or a directory written by ``Dataset.save_to_disk``."""
+    """A file ``datasets`` reads (by suffix), a directory written by ``Dataset.save_to_disk``, or a hub id."""
     p = Path(source).expanduser()
     if p.is_file():
         return p.suffix.lower() in RECORD_SUFFIXES
+    if is_hub_id(source):
+        return True
     return p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists())
 
 
@@ -50,6 +59,8 @@ def load_records(source: str):
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
+        if is_hub_id(source):
+            return datasets.load_dataset(source, split="train")
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
@@ -57,8 +68,10 @@ def load_records(source: str):
             return ds
         return datasets.load_dataset(RECORD_SUFFIXES[p.suffix.lower()], data_files=str(p), split="train")
     except Exception as e:  # a malformed file: say which and what was wrong
-        raise UserError(f"cannot read {source!r} as {RECORD_SUFFIXES.get(p.suffix.lower(), 'a saved dataset')} "
-                        f"records ({type(e).__name__}: {str(e)[:300]}). Check the file, or pass plain text.") from e
+        what = ("a hub dataset (is a hub reachable from here?)" if is_hub_id(source)
+                else RECORD_SUFFIXES.get(p.suffix.lower(), "a saved dataset") + " records")
+        raise UserError(f"cannot read {source!r} as {what} ({type(e).__name__}: {str(e)[:300]}). Check the name or "
+                        "file, or pass local text.") from e
     finally:
         quiet.setLevel(level)
 
