@@ -108,3 +108,8 @@ def test_lm_eval_command_line_sees_the_hedgehog_model_type(tiny_run, local_tasks
     printed = capsys.readouterr().out
     assert "heldout_cloze" in printed and "acc" in printed
     assert list(out.rglob("results*.json"))
+
+
+def test_metrics_keep_scores_and_drop_bookkeeping():
+    res = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 60, "acc_norm,none": 0.75}}
+    assert lmeval._metrics(res) == {"t": {"acc": 0.5, "acc_norm": 0.75}}

@@ -103,13 +103,13 @@ def evaluate(model_dir: str, tasks: List[str], teacher: bool, include_path: Opti
 
 
 def _metrics(results: Dict) -> Dict[str, Dict[str, float]]:
-    """task -> metric -> value, numbers only (lm-eval's ``"acc,none"`` keys become ``acc``)."""
+    """task -> metric -> value (lm-eval's ``"acc,none"`` keys become ``acc``; stderr and bookkeeping such as
+    ``sample_len``, whose keys carry no filter suffix, are left out)."""
     out: Dict[str, Dict[str, float]] = {}
     for task, res in results.items():
         for key, val in res.items():
-            name = key.split(",")[0]
-            if isinstance(val, (int, float)) and not isinstance(val, bool) and not name.endswith("_stderr") \
-                    and name != "samples":
+            name, sep, _ = key.partition(",")
+            if sep and isinstance(val, (int, float)) and not isinstance(val, bool) and not name.endswith("_stderr"):
                 out.setdefault(task, {})[name] = float(val)
     return out
 
