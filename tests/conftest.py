@@ -74,6 +74,19 @@ def tiny_run(tiny_assets, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_light_run(tiny_assets, tmp_path_factory):
+    """The same tiny conversion saved in the light format (feature maps + LoRA adapter on the base)."""
+    from hedgehog.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_light_run") / "run"
+    assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
+                 "--eval-data", tiny_assets["heldout"], "--out", str(out), "--save-format", "light",
+                 "--seq-len", "32", "--stage1-tokens", "128", "--stage2-tokens", "64", "--eval-tokens", "64",
+                 "--no-progress"]) == 0
+    return out
+
+
 def other_base_model(model_dir, out_dir) -> str:
     """A copy of the model at ``model_dir`` with shifted embeddings (another base for the fingerprint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

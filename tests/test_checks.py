@@ -48,12 +48,12 @@ def test_bad_model_paths(capsys, tiny_assets, tmp_path, no_heavy_work):
 
 
 def test_unsupported_architecture_is_refused_from_its_config(capsys, tiny_assets, tmp_path, no_heavy_work):
-    from transformers import GPTNeoXConfig
+    from transformers import FalconConfig
 
-    d = tmp_path / "neox"
-    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(d)
+    d = tmp_path / "falcon"  # Falcon's attention does not go through the attention interface
+    FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(d)
     err = convert_error(capsys, tiny_assets, tmp_path, model=str(d))
-    assert "'gpt_neox' is not supported" in err and "llama" in err
+    assert "'falcon' is not supported" in err and "attention interface" in err and "llama" in err
     assert "adding their model_type" not in err  # no advice that would silently corrupt the conversion
 
 
@@ -110,10 +110,12 @@ def test_loading_a_run_onto_another_base_model(capsys, tiny_run, tmp_path, tiny_
     assert "different base model" in err and "embedding_sha1" in err
 
 
-@pytest.mark.parametrize("victim", ["feature_maps.safetensors", "hedgehog_config.json", "adapter_model.safetensors"])
-def test_truncated_model_files(victim, capsys, tiny_run, tmp_path, tiny_assets):
+@pytest.mark.parametrize("fmt, victim", [("light", "feature_maps.safetensors"), ("light", "hedgehog_config.json"),
+                                         ("light", "adapter_model.safetensors"), ("hf", "model.safetensors"),
+                                         ("hf", "config.json")])
+def test_truncated_model_files(fmt, victim, capsys, tiny_run, tiny_light_run, tmp_path, tiny_assets):
     broken = tmp_path / "model"
-    shutil.copytree(tiny_run / "model", broken)
+    shutil.copytree((tiny_run if fmt == "hf" else tiny_light_run) / "model", broken)
     f = broken / victim
     f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
     err = user_error(capsys, ["eval", "--model", str(broken), "--data", tiny_assets["data"],
@@ -153,3 +155,35 @@ def test_window_and_chunk_below_one_are_refused_by_the_config_and_the_ops():
     x = torch.rand(1, 1, 4, 2)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         linear_attention(x, x, x, chunk_size=0)
+
+
+def test_revision_and_remote_code_reach_transformers(tiny_assets, monkeypatch):
+    """`--revision`/`--trust-remote-code` go to every from_pretrained of the base (config, weights, tokenizer)."""
+    import transformers
+
+    from hedgehog.checks import check_model
+    from hedgehog.pipeline import load_base
+
+    seen, depth = [], [0]
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        orig = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _orig=orig, **kw):
+            if depth[0] == 0:  # the library's own calls, not transformers' nested ones
+                seen.append((klass.__name__, kw.get("revision"), kw.get("trust_remote_code")))
+            kw.pop("revision", None)  # a local directory has no revisions to pick from
+            depth[0] += 1
+            try:
+                return _orig(klass, *a, **kw)
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    check_model(tiny_assets["model"], 32, revision="v1.2", trust_remote_code=True)
+    load_base(tiny_assets["model"], revision="v1.2", trust_remote_code=True)
+    names = {n for n, _, _ in seen}
+    assert {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"} <= names
+    assert all(r == "v1.2" and t is True for n, r, t in seen if n.startswith("Auto")), seen
+    seen.clear()
+    load_base(tiny_assets["model"])
+    assert all(r is None and t is None for _, r, t in seen)  # nothing set: nothing passed

@@ -25,20 +25,46 @@ V = 97
 
 
 def tiny(family):
+    """A tiny random model of ``family``, with the family's distinguishing features switched on: sliding windows
+    (4 keys, shorter than the test sequences), soft-capping, q/k norms, fused qkv, partial rotary."""
+    import transformers as tr
+
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
+    gemma = dict(head_dim=8, query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))
-    if family == "mistral":
-        return MistralForCausalLM(MistralConfig(**common, sliding_window=None))
-    if family == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common))
+    if family == "mistral":  # every layer slides
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=4))
+    if family == "qwen2":  # per-layer windows: layer 0 full, layer 1 sliding
+        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    if family == "qwen3":  # q/k RMS norms
+        return tr.Qwen3ForCausalLM(tr.Qwen3Config(**common, head_dim=8))
+    if family == "gemma":
+        return tr.GemmaForCausalLM(tr.GemmaConfig(**common, **{k: v for k, v in gemma.items() if k != "query_pre_attn_scalar"}))
+    if family == "gemma2":  # alternating sliding / global layers, logit soft-capping, eager teacher
+        return tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, **gemma, sliding_window=4, attn_logit_softcapping=5.0,
+                                                    final_logit_softcapping=30.0))
+    if family == "gemma3_text":  # q/k norms, sliding + global layers
+        return tr.Gemma3ForCausalLM(tr.Gemma3TextConfig(**common, **gemma, sliding_window=4,
+                                                        layer_types=["sliding_attention", "full_attention"]))
+    if family == "phi3":  # fused qkv_proj, partial rotary
+        return tr.Phi3ForCausalLM(tr.Phi3Config(**common, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
+                                                eos_token_id=2))
+    if family == "gpt_neox":  # fused interleaved query_key_value, partial rotary
+        return tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      max_position_embeddings=128, rotary_pct=0.5, bos_token_id=1,
+                                                      eos_token_id=2))
+    if family == "olmo2":  # q/k norms over the whole projection
+        return tr.Olmo2ForCausalLM(tr.Olmo2Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     if family == "gpt2":
         return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128))
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2",
+            "gpt2"]
 
 
 def _perturb_maps(model, scale=0.3):
@@ -83,7 +109,7 @@ def test_swap_teacher_exact_and_linear_matches_reference(family):
         assert (got.double() - want).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_left_padding_matches_unpadded(family):
     torch.manual_seed(0)
     model = convert_model(tiny(family).eval())
@@ -102,7 +128,7 @@ def test_left_padding_matches_unpadded(family):
     torch.testing.assert_close(both[1, 4:], lb[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_works_in_linear_mode(family):
     torch.manual_seed(0)
     model = convert_model(tiny(family).eval())
@@ -118,18 +144,34 @@ def test_generate_works_in_linear_mode(family):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_stage1_decreases_distillation_loss(family, loss):
+    from hedgehog.distill import capture_qkv
+
     torch.manual_seed(0)
     model = convert_model(tiny(family).eval(), HedgehogConfig(distill_loss=loss))
+    layers = hedgehog_layers(model)
+    with torch.no_grad():  # a spiky teacher (random tiny models attend almost uniformly: nothing to learn)
+        for layer in layers:
+            for name, p in layer.named_parameters():
+                if p.dim() == 2 and not name.startswith(("feature_map", "_grouped")):  # Linear and GPT-2's Conv1D
+                    p.mul_(6.0)
     windows = torch.randint(0, V, (8, 32))
+
+    def loss_on(batch):
+        with torch.no_grad():
+            caps = capture_qkv(model, batch)
+            return sum(layer.layer_distill_loss(q, k, v).item() for layer, (q, k, v) in zip(layers, caps))
+
+    before = loss_on(windows[:2])
     rep = attention_transfer(model, windows, Stage1Config(tokens=8 * 32 * 4, lr=3e-2, batch_size=2, warmup_steps=1),
                              progress=False)
-    losses = [h["loss"] for h in rep["history"]]
-    assert rep["captures"] == 16 and rep["steps"] == (16 if loss == "mse" else 64) and losses[-1] < losses[0]
+    assert all(layer.mode == "linear" for layer in layers)
+    after = loss_on(windows[:2])
+    assert rep["captures"] == 16 and rep["steps"] == (16 if loss == "mse" else 64)
+    assert after < 0.995 * before, (before, after)
     assert all(not p.requires_grad for p in model.parameters())
-    assert all(layer.mode == "linear" for layer in hedgehog_layers(model))
 
 
 def test_stage1_nan_raises_clear_error():
@@ -143,7 +185,7 @@ def test_stage1_nan_raises_clear_error():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
-def test_save_load_round_trip_with_lora(tmp_path, family, merge):
+def test_light_format_round_trip_with_lora(tmp_path, family, merge):
     torch.manual_seed(0)
     base_dir = tmp_path / "base"
     tiny(family).save_pretrained(base_dir)
@@ -156,7 +198,7 @@ def test_save_load_round_trip_with_lora(tmp_path, family, merge):
     ids = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         want = pm(input_ids=ids).logits
-    out = ckpt.save_converted(pm, tmp_path / "conv", base_model=str(base_dir), merge_lora=merge)
+    out = ckpt.save_converted(pm, tmp_path / "conv", base_model=str(base_dir), merge_lora=merge, format="light")
     meta = json.loads((out / ckpt.CONFIG_NAME).read_text())
     assert meta["lora"]["r"] == 4 and meta["hedgehog"]["feature_map"] == "hedgehog"
     loaded, _tok = ckpt.load(out, merge_lora=False) if not merge else ckpt.load(out)
@@ -181,7 +223,7 @@ def test_save_load_without_lora_is_exact_and_partial_layers(tmp_path):
     ids = torch.randint(0, V, (1, 12))
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    ckpt.save_converted(model, tmp_path / "c", base_model=str(base_dir))
+    ckpt.save_converted(model, tmp_path / "c", base_model=str(base_dir), format="light")
     loaded, _ = ckpt.load(tmp_path / "c")
     assert [m.layer_idx for m in hedgehog_layers(loaded)] == [1]
     with torch.no_grad():
@@ -197,7 +239,7 @@ def test_loading_onto_a_different_base_is_refused(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(a, **PLAIN_LOAD))
-    ckpt.save_converted(model, tmp_path / "c", base_model=str(a))
+    ckpt.save_converted(model, tmp_path / "c", base_model=str(a), format="light")
     with pytest.raises(ckpt.BaseModelMismatchError, match="different base model"):
         ckpt.load(tmp_path / "c", base_model=str(b))
 
@@ -208,8 +250,10 @@ def test_unsupported_architecture_and_bad_paths():
     other = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
     with pytest.raises(UnsupportedArchitectureError) as e:
         convert_model(other)
-    assert "distilbert" in str(e.value) and "llama" in str(e.value) and "gpt2" in str(e.value)
-    assert "bert" in str(e.value).split("supported model types:")[1]
+    msg = str(e.value)
+    assert "distilbert" in msg and "takes no cache argument" in msg
+    assert all(t in msg for t in ("llama", "gpt2", "qwen3", "gemma2", "phi3", "gpt_neox", "bert"))
+    assert "model_types" not in msg  # no advice to edit an adapter's list (that silently skips q/k norms)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.load("/nonexistent/run/model")
     with pytest.raises(ValueError, match="already converted"):

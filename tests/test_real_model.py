@@ -49,3 +49,20 @@ def test_real_smollm2_main_job_smoke(tmp_path):
                           "To be, or not to be", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert "recurrent state" in gen.stdout
+    # the saved directory is a Hugging Face model: `import hedgehog` + AutoModelForCausalLM, no base model read
+    load = ("import sys, torch, hedgehog\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "d = sys.argv[1]\n"
+            "auto = AutoModelForCausalLM.from_pretrained(d)\n"
+            "ref, tok = hedgehog.load(d)\n"
+            "ids = tok('To be, or not to be, that is the question', return_tensors='pt').input_ids\n"
+            "with torch.no_grad():\n"
+            "    diff = (auto(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()\n"
+            "print(type(auto).__name__, len(hedgehog.attention.hedgehog_layers(auto)), diff)\n")
+    auto = subprocess.run([sys.executable, "-c", load, str(out / "model")], capture_output=True, text=True,
+                          timeout=600)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    name, layers, diff = auto.stdout.split()[-3:]
+    assert name == "HedgehogLlamaForCausalLM" and int(layers) == 30 and float(diff) <= 1e-5
+    assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "hedgehog"
+    assert "Fidelity to the teacher" in (out / "model" / "README.md").read_text()

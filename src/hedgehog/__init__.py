@@ -6,6 +6,10 @@ from hedgehog.feature_maps import available_feature_maps, get_feature_map, regis
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import linear_attention, quadratic_linear_attention, recurrent_step
 
+from hedgehog.hf import register as _register
+
+_register()  # AutoConfig / AutoModelForCausalLM / AutoModel know the "hedgehog" model type
+
 __version__ = "0.1.0"
 
 __all__ = [

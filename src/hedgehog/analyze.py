@@ -31,10 +31,12 @@ def _fresh_maps(name: str, d: int, hq: int, hkv: int, max_len: int, layer_idx: i
 
 
 @torch.no_grad()
-def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: Dict[str, List[tuple]]) -> Dict:
+def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: Dict[str, List[tuple]],
+                     teachers: Optional[List[Dict]] = None) -> Dict:
     """caps: per layer [(q (1,Hq,N,d), k (1,Hkv,N,d)) per window]; maps: label -> per layer (fq, fk, qk_scale[,
     hybrid kwargs {window, gamma}]).
 
+    ``teachers``: per layer, the teacher's own sliding window / soft-cap (``HedgehogAttention.teacher_kwargs``).
     Returns {label: {metric: [[per head] per layer]}} with every metric averaged over rows and windows.
     """
     out: Dict[str, Dict[str, list]] = {}
@@ -46,7 +48,8 @@ def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: D
             acc = None
             for q, k in windows:
                 kr = _repeat_heads(k, n_rep)
-                f = attention_fidelity(q, kr, fq(q * s), _repeat_heads(fk(k * s), n_rep), scale=scales[li], **hyb)
+                f = attention_fidelity(q, kr, fq(q * s), _repeat_heads(fk(k * s), n_rep), scale=scales[li], **hyb,
+                                       **(teachers[li] if teachers else {}))
                 acc = f if acc is None else {m: acc[m] + f[m] for m in f}
             for m in METRICS:
                 res[m].append((acc[m] / len(windows)).tolist())
@@ -66,7 +69,7 @@ def _layer_means(x):
 @torch.no_grad()
 def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: str = "shakespeare",
         windows: int = 2, seq_len: int = 256, layer: Optional[int] = None, head: int = 0, span: int = 32) -> Dict:
-    from hedgehog.checkpoint import is_converted_dir, load, read_meta
+    from hedgehog.checkpoint import is_converted_dir, load, load_teacher, needs_separate_teacher, read_meta
     from hedgehog.convert import convert_model
     from hedgehog.data import load_corpus, tokenize_windows
     from hedgehog.distill import capture_qkv
@@ -81,6 +84,8 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         base_name = read_meta(model)["base_model"]
         trained = conv
         teacher = conv
+        if needs_separate_teacher(model):  # LoRA is in the weights: softmax mode would not be the teacher
+            teacher = convert_model(load_teacher(model))
     else:
         teacher, tok, _ = load_base(model)
         convert_model(teacher)  # identity maps; only used in softmax (capture) mode here
@@ -99,12 +104,13 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     for name in feature_maps:
         maps[name] = [(*_fresh_maps(name, d, hq, hkv, seq_len, lay.layer_idx), 1.0) for lay in layers]
     if trained is not None:
-        tname = layers[0].hh_config.feature_map
-        if layers[0].hybrid:
-            tname = f"hybrid w={layers[0].hh_config.window} + {tname}"
+        tl = hedgehog_layers(trained)
+        tname = tl[0].hh_config.feature_map
+        if tl[0].hybrid:
+            tname = f"hybrid w={tl[0].hh_config.window} + {tname}"
         maps[f"{tname} (trained)"] = [(lay.feature_map_q, lay.feature_map_k, lay.hh_config.qk_scale,
-                                       lay.hybrid_kwargs()) for lay in layers]
-    results = analyze_captures(caps, scales, n_rep, maps)
+                                       lay.hybrid_kwargs()) for lay in tl]
+    results = analyze_captures(caps, scales, n_rep, maps, [lay.teacher_kwargs() for lay in layers])
 
     # one layer/head, one span of text: the pictures
     li = layer if layer is not None else len(layers) // 2
@@ -112,7 +118,7 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     n = min(span, q.shape[2])
     tokens = [tok.decode([t]) for t in win[0, :n].tolist()]
     qs, ks = q[:, head:head + 1, :n], _repeat_heads(k, n_rep)[:, head:head + 1, :n]
-    pictures = {"softmax": softmax_attention_weights(qs, ks, scale=scales[li])[0, 0]}
+    pictures = {"softmax": softmax_attention_weights(qs, ks, scale=scales[li], **layers[li].teacher_kwargs())[0, 0]}
     scores = (qs @ ks.transpose(-1, -2))[0, 0] * scales[li]
     for label, per_layer in maps.items():
         fq, fk, s = per_layer[li][:3]

@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 from hedgehog.errors import MissingPathError, UserError
 
@@ -203,6 +203,16 @@ def minilm_path() -> Path:
             for p in cfgs[0].parent.iterdir():
                 os.replace(p, tmp / p.name)
     return final
+
+
+def hub_kwargs(revision: Optional[str] = None, trust_remote_code: bool = False) -> dict:
+    """``from_pretrained`` options for a hub model: only the ones set, so local loads stay as they were."""
+    out = {}
+    if revision:
+        out["revision"] = revision
+    if trust_remote_code:
+        out["trust_remote_code"] = True
+    return out
 
 
 def portable_model_ref(name_or_path: str) -> str:

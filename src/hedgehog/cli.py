@@ -64,7 +64,8 @@ def _job_from_args(args):
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
                      text_field=args.text_field, data_format=args.data_format,
                      eval_tokens=args.eval_tokens, eval_data=_names(args.eval_data),
-                     fidelity_tokens=args.fidelity_tokens, merge_lora=args.merge_lora, resume=args.resume,
+                     fidelity_tokens=args.fidelity_tokens, revision=args.revision,
+                     trust_remote_code=args.trust_remote_code, save_format=args.save_format, merge_lora=args.merge_lora, resume=args.resume,
                      seed=args.seed, progress=not args.no_progress)
     return job
 
@@ -132,6 +133,13 @@ def _eval(args):
     if args.tasks:
         return _eval_tasks(args)
     model, tok, kind = _load_any(args.model, args.base_model)
+    teacher = None
+    if kind == "hedgehog":
+        from hedgehog.checkpoint import load_teacher, needs_separate_teacher
+
+        # LoRA merged into the weights: the teacher is the recorded base, not this model in softmax mode
+        if needs_separate_teacher(args.model) or args.base_model:
+            teacher = load_teacher(args.model, args.base_model)
     corpus = load_corpus(args.data, tok, args.text_field, args.data_format)
     windows = tokenize_windows(corpus.splits[args.split], tok, args.seq_len, max_tokens=args.tokens)
     if kind == "softmax":
@@ -145,7 +153,7 @@ def _eval(args):
             docs = eval_documents(name, args.data, tok)
             sets[f"{text_label(name)} (held out)"] = _windows(docs, "test", tok, args.seq_len,
                                                               max_tokens=args.fidelity_tokens, shuffle_seed=0)
-    res = {k: fidelity(model, w, progress=not args.no_progress, desc=k) for k, w in sets.items()}
+    res = {k: fidelity(model, w, progress=not args.no_progress, desc=k, teacher=teacher) for k, w in sets.items()}
     print(format_fidelity({"this model": res}))
     if args.json:
         from pathlib import Path
@@ -339,7 +347,16 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="LoRA on the attention projections, or on attention + MLP projections")
     c.add_argument("--freeze-feature-maps", action="store_true",
                    help="keep the feature maps fixed in stage 2 (default: they train with LoRA)")
-    c.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights instead of as an adapter")
+    c.add_argument("--revision", default=None,
+                   help="with a hub id as --model: the branch, tag or commit to convert (recorded with the model)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="with a hub id as --model: allow its own modelling code (only for models you trust)")
+    c.add_argument("--save-format", choices=["hf", "light"], default=job.save_format,
+                   help="hf: a self-contained Hugging Face directory (config.json, model.safetensors with LoRA "
+                        "merged, tokenizer, model card) that `import hedgehog` + AutoModelForCausalLM loads; light: "
+                        "only the feature maps and LoRA, on top of the base model it names")
+    c.add_argument("--merge-lora", action="store_true",
+                   help="light format: save LoRA merged into the weights instead of as an adapter")
     c.add_argument("--eval-tokens", type=int, default=job.eval_tokens, help="held-out test tokens for perplexity")
     c.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints: finished stages are reused and an interrupted stage goes on "

@@ -1,16 +1,21 @@
-"""Swap the self-attention of a Hugging Face model for ``HedgehogAttention``, one adapter per family.
+"""Swap the self-attention of a Hugging Face model for ``HedgehogAttention``.
 
-An adapter knows, for one architecture family, where the attention modules live, how to get
-post-RoPE q/k/v out of them, how to run the original softmax attention, and how to project the
-output back. Everything else (feature maps, modes, caching) is shared in ``HedgehogAttention``.
-
-Supported: Llama-family (llama, mistral, qwen2; SmolLM/SmolLM2 are llama) and GPT-2 (causal), and
-BERT encoders (non-causal: every token attends to every other, so no decoding state).
+An adapter knows, for an architecture, where the attention modules live and how to get post-RoPE q/k/v out
+of them. One generic adapter (:class:`InterfaceAdapter`) serves every decoder family whose attention goes
+through transformers' attention interface: the module's own forward runs (projections, fused qkv splits,
+q/k norms, partial rotary, its cache update), and the attention function it calls is ours, so the teacher is
+exactly the model's own attention (its sliding window, soft-cap and scaling included). Two small adapters
+remain where that does not hold: GPT-2 (kept for its tested path) and BERT/RoBERTa encoders (non-causal: every
+token attends to every other, so no decoding state).
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 import sys
-from typing import Dict, List, Tuple
+from functools import lru_cache
+from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -77,45 +82,9 @@ class Adapter:
     def output(self, m, y):
         raise NotImplementedError
 
-
-class LlamaFamilyAdapter(Adapter):
-    """LlamaAttention and its copies (Mistral, Qwen2): q/k/v/o_proj, RoPE, GQA."""
-
-    family = "llama"
-    model_types = ("llama", "mistral", "qwen2")
-    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    lora_targets_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    call_args = ("position_embeddings", "attention_mask", "cache")
-
-    def attention_slots(self, model):
-        base = getattr(model, "model", model)
-        layers = getattr(base, "layers", None)
-        if layers is None:
-            raise UnsupportedArchitectureError(f"{type(model).__name__} has no .model.layers")
-        return [(layer, "self_attn") for layer in layers]
-
-    def num_heads(self, m):
-        return m.config.num_attention_heads
-
-    def num_kv_heads(self, m):
-        return getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
-
-    def qkv(self, m, hidden_states, call):
-        shape = (*hidden_states.shape[:-1], -1, m.head_dim)
-        q = m.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = m.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = m.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = call["position_embeddings"]
-        rope = sys.modules[m._base_forward.__module__].apply_rotary_pos_emb
-        return (*rope(q, k, cos, sin), v)
-
-    def softmax_kwargs(self, m):
-        if getattr(m.config, "sliding_window", None) is not None and getattr(m.config, "use_sliding_window", True):
-            return {"sliding_window": m.config.sliding_window}
-        return {}
-
-    def output(self, m, y):
-        return m.o_proj(y.reshape(*y.shape[:2], -1).contiguous())
+    def lora_target_modules(self, model, which: str):
+        """peft ``target_modules`` for ``which`` = "attention" (the attention projections) or "all" (+ MLP)."""
+        return self.lora_targets if which == "attention" else self.lora_targets_all
 
 
 class GPT2Adapter(Adapter):
@@ -148,14 +117,14 @@ class BertAdapter(Adapter):
     bidirectional attention; the output projection lives outside the module (BertSelfOutput)."""
 
     family = "bert"
-    model_types = ("bert",)
+    model_types = ("bert", "roberta")  # RobertaSelfAttention is BertSelfAttention's copy
     causal = False
     lora_targets = ["query", "key", "value"]
     lora_targets_all = ["query", "key", "value", "dense"]
     call_args = ("attention_mask", "cache")
 
     def attention_slots(self, model):
-        base = getattr(model, "bert", model)
+        base = getattr(model, getattr(model, "base_model_prefix", "") or "bert", model)
         enc = getattr(base, "encoder", None)
         if enc is None:
             raise UnsupportedArchitectureError(f"{type(model).__name__} has no .encoder")
@@ -175,11 +144,133 @@ class BertAdapter(Adapter):
         return y.reshape(*y.shape[:2], -1).contiguous()
 
 
-ADAPTERS = [LlamaFamilyAdapter(), GPT2Adapter(), BertAdapter()]
+# What a family's attention module may pass to the attention function besides q, k, v and the mask: we
+# understand these (the teacher gets them all; the student reads the window and the soft-cap).
+INTERFACE_KWARGS = {"dropout", "scaling", "sliding_window", "softcap", "position_ids", "is_causal"}
+CACHE_PARAMS = ("cache", "past_key_values", "layer_past", "past_key_value")
+
+
+def _interface_call_kwargs(cls) -> Optional[set]:
+    """The keyword names ``cls.forward`` passes to ``attention_interface(...)``, or None if it never calls one
+    after a cache update (then it is not an attention module of the generic kind)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    i = src.find("attention_interface(")
+    if i < 0 or "ALL_ATTENTION_FUNCTIONS" not in src:
+        return None
+    depth, j = 0, i + len("attention_interface")
+    for j in range(j, len(src)):
+        depth += {"(": 1, ")": -1}.get(src[j], 0)
+        if depth == 0:
+            break
+    return set(re.findall(r"(\w+)\s*=(?!=)", src[i:j]))
+
+
+@lru_cache(maxsize=None)
+def interface_attention_class(cls) -> Tuple[bool, str]:
+    """(is it an attention module the generic adapter converts, why not)."""
+    kw = _interface_call_kwargs(cls)
+    if kw is None:
+        return False, "its forward does not call transformers' attention interface"
+    params = inspect.signature(cls.forward).parameters
+    if not any(p in params for p in CACHE_PARAMS):
+        return False, "its forward takes no cache argument"
+    unknown = sorted(kw - INTERFACE_KWARGS)
+    if unknown:
+        return False, (f"it passes {', '.join(unknown)} to the attention function (e.g. attention sinks or a "
+                       "position bias), which linear attention does not reproduce")
+    return True, ""
+
+
+def _modeling_module(model_type: str):
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    name = model_type_to_module_name(model_type)
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        return None
+
+
+class InterfaceAdapter(Adapter):
+    """Every causal family whose attention module computes q/k/v, updates the cache and calls transformers'
+    attention interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-NeoX/Pythia, OLMo2, ...). The module's
+    own forward runs under :class:`hedgehog.attention.HedgehogAttention`, which supplies the attention function,
+    so fused qkv, q/k norms, partial rotary and per-layer sliding windows need no code here."""
+
+    family = "generic"
+    generic = True
+    causal = True
+
+    def __init__(self, model_type: str = ""):
+        self.model_types = (model_type,) if model_type else ()
+
+    @staticmethod
+    def _is_slot(m) -> bool:
+        return isinstance(m, nn.Module) and hasattr(m, "layer_idx") and interface_attention_class(type(m))[0]
+
+    def attention_slots(self, model):
+        slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+                 if self._is_slot(child) or getattr(child, "_hedgehog_generic", False)]
+        if not slots:
+            raise UnsupportedArchitectureError(f"{type(model).__name__} has no attention module that calls "
+                                               "transformers' attention interface")
+        return sorted(slots, key=lambda s: getattr(s[0], s[1]).layer_idx)
+
+    def num_heads(self, m):
+        return m.config.num_attention_heads
+
+    def num_kv_heads(self, m):
+        return getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
+
+    def head_dim(self, m):
+        d = getattr(m, "head_dim", None) or getattr(m, "head_size", None)
+        return d or m.config.hidden_size // m.config.num_attention_heads
+
+    def cache_param(self, cls) -> str:
+        params = inspect.signature(cls.forward).parameters
+        return next(p for p in CACHE_PARAMS if p in params)
+
+    def lora_target_modules(self, model, which: str):
+        slots = self.attention_slots(model)
+        parent, attr = slots[0]
+        attn = getattr(parent, attr)
+        own = ("feature_map_q", "feature_map_k", "_grouped_k")  # hedgehog's maps are not LoRA targets
+        attn_names = sorted({n for n, c in attn.named_modules() if isinstance(c, nn.Linear) and n
+                             and not n.startswith(own)})
+        if which == "attention":
+            return rf".*\.{re.escape(attr)}\.({'|'.join(map(re.escape, attn_names))})"
+        mlp = sorted({n.rsplit(".", 1)[-1] for n, c in parent.named_modules()
+                      if isinstance(c, nn.Linear) and n and not n.startswith(attr + ".")})
+        return sorted(set(attn_names) | set(mlp))
+
+
+ADAPTERS = [GPT2Adapter(), BertAdapter()]
+# the families the tests check, one tiny random config each (any other interface family converts too)
+CHECKED_GENERIC_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                         "gpt_neox", "olmo2")
 
 
 def supported_model_types() -> List[str]:
-    return sorted(t for a in ADAPTERS for t in a.model_types)
+    return sorted({t for a in ADAPTERS for t in a.model_types} | set(CHECKED_GENERIC_TYPES))
+
+
+def _generic_support(model_type: str) -> Tuple[bool, str]:
+    """Whether ``model_type``'s modeling code has an attention module the generic adapter converts (no weights)."""
+    mod = _modeling_module(model_type)
+    if mod is None:
+        return False, "transformers has no modeling code for it"
+    reasons = []
+    for name, cls in vars(mod).items():
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and name.endswith("Attention") \
+                and cls.__module__ == mod.__name__:
+            ok, why = interface_attention_class(cls)
+            if ok:
+                return True, ""
+            reasons.append(f"{name}: {why}")
+    return False, "; ".join(reasons) or "it has no attention module"
 
 
 def get_adapter(model_or_type):
@@ -188,11 +279,29 @@ def get_adapter(model_or_type):
     for a in ADAPTERS:
         if mt in a.model_types:
             return a
+    if mt:
+        ok, why = _generic_support(mt)
+        if ok:
+            return InterfaceAdapter(mt)
+    else:
+        why = "the model has no config.model_type"
     raise UnsupportedArchitectureError(
-        f"architecture {mt!r} is not supported for conversion; supported model types: "
-        f"{', '.join(supported_model_types())}. Families that differ from Llama (q/k norms, fused qkv, "
-        "soft-capping) need their own adapter, so do not add the type to an existing adapter's list."
+        f"architecture {mt!r} is not supported for conversion: {why}. hedgehog converts every family whose "
+        "attention module calls transformers' attention interface after its cache update (checked: "
+        f"{', '.join(supported_model_types())}); a model outside that needs an adapter in hedgehog.convert."
     )
+
+
+def teacher_attn_implementation(config_or_path, **hub) -> str:
+    """The attention implementation to load a base with so that it is its own exact teacher: ``sdpa``, or
+    ``eager`` where the family needs what sdpa does not do (Gemma2's logit soft-capping)."""
+    config = config_or_path
+    if isinstance(config_or_path, (str, bytes)) or hasattr(config_or_path, "__fspath__"):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config_or_path, **hub)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return "eager" if getattr(config, "attn_logit_softcapping", None) is not None else "sdpa"
 
 
 def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.Module:
@@ -224,6 +333,9 @@ def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.
         new.train(base.training)
         setattr(parent, attr, new)
     model.config.hedgehog = config.to_dict()
+    from hedgehog.hf import mark_converted
+
+    mark_converted(model)  # save_pretrained writes the hedgehog format
     if adapter.causal:
         from hedgehog.generation import install_generation_cache
 

@@ -218,7 +218,7 @@ def add_lora(model: nn.Module, cfg: Stage2Config):
     adapter = get_adapter(model)
     if cfg.lora_targets not in ("attention", "all"):
         raise ValueError(f"lora_targets must be 'attention' or 'all', got {cfg.lora_targets!r}")
-    targets = adapter.lora_targets if cfg.lora_targets == "attention" else adapter.lora_targets_all
+    targets = adapter.lora_target_modules(model, cfg.lora_targets)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=targets)
     pm = get_peft_model(model, lcfg)

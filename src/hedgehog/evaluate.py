@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -61,8 +61,9 @@ def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progress: bool = True,
-             desc: str = "fidelity") -> Dict[str, float]:
-    """The converted ``model`` against its own softmax teacher on ``windows`` (num_windows, seq_len).
+             desc: str = "fidelity", teacher: Optional[nn.Module] = None) -> Dict[str, float]:
+    """The converted ``model`` against its softmax teacher on ``windows`` (num_windows, seq_len): ``teacher`` when
+    given (needed once LoRA is merged into the weights), else ``model`` itself in :func:`teacher_mode`.
 
     Returns teacher and student perplexity, their ratio, the fraction of next-token argmaxes that agree,
     and the mean KL(teacher || student) per predicted token (nats).
@@ -74,8 +75,12 @@ def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progr
     n = 0
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i:i + batch_size].to(dev)
-        with teacher_mode(model):
-            t = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
+        if teacher is not None:
+            t = F.log_softmax(teacher(input_ids=batch.to(model_device(teacher)), use_cache=False).logits[:, :-1]
+                              .float().to(dev), -1)
+        else:
+            with teacher_mode(model):
+                t = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
         s = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
         target = batch[:, 1:].unsqueeze(-1)
         nll_t -= t.gather(-1, target).double().sum().item()
@@ -104,7 +109,7 @@ def layer_attention_kl(model: nn.Module, windows: torch.Tensor) -> List[Dict[str
         for i, (layer, (q, k, _)) in enumerate(zip(layers, caps)):
             phi_q, phi_k = layer.features(q, k)
             f = attention_fidelity(q, _repeat_heads(k, layer.n_rep), phi_q, phi_k, causal=layer.causal,
-                                   scale=layer.teacher_scale(), **layer.hybrid_kwargs())
+                                   scale=layer.teacher_scale(), **layer.hybrid_kwargs(), **layer.teacher_kwargs())
             for key, val in f.items():
                 sums[i][key] = sums[i].get(key, 0.0) + val.mean().item() / len(windows)
     set_attention_mode(model, "linear")

@@ -37,7 +37,7 @@ def _check_qk(q, k, phi_q, phi_k):
 
 
 def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float, eps: float, window=None,
-              gamma=None):
+              gamma=None, teacher=None):
     """Summed cross-entropy of a set of query rows (absolute positions ``row_pos``) against their keys.
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
@@ -46,7 +46,7 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
     (this loss dominates stage-1 time).
     """
     with torch.no_grad():
-        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos)
+        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos, **(teacher or {}))
     acc = p.dtype
     if window is not None:  # hybrid student: exact logs on the window part
         a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, window, gamma, scale, q_positions=row_pos)
@@ -107,6 +107,8 @@ def attention_distillation_loss(
     query_index: Optional[torch.Tensor] = None,
     window: Optional[int] = None,
     gamma=None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Hedgehog's attention-distillation cross-entropy, mean over (batch, heads, query rows).
 
@@ -121,6 +123,8 @@ def attention_distillation_loss(
         window, gamma: score a *hybrid* student instead (:mod:`hedgehog.ops.hybrid`): exact softmax
             over the last ``window`` keys scaled by ``gamma`` (scalar or (H,), differentiable), the
             features for older keys (causal only).
+        sliding_window, softcap: the *teacher's* own sliding window and logit soft-cap (its rows are then the
+            model's real attention; see :func:`hedgehog.ops.softmax.softmax_attention_weights`).
     Returns: a scalar; its minimum over students is the teacher's mean row entropy (KL = 0).
     """
     _check_qk(q, k, phi_q, phi_k)
@@ -131,6 +135,7 @@ def attention_distillation_loss(
     rows = torch.arange(N, device=q.device) if query_index is None else query_index.to(q.device).sort().values
     total = q.new_zeros((), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     track = torch.is_grad_enabled() and (phi_q.requires_grad or phi_k.requires_grad)
+    teacher = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap)) if v is not None}
     for s in range(0, len(rows), query_block):
         pos = rows[s:s + query_block]
         contiguous = query_index is None
@@ -138,9 +143,9 @@ def attention_distillation_loss(
         sel = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         args = (q[:, :, sel], k[:, :, :kend], phi_q[:, :, sel], phi_k[:, :, :kend], pos)
         if track and query_block < len(rows):  # several blocks: recompute each in backward to bound memory
-            part = checkpoint(_block_ce, *args, causal, scale, eps, window, gamma, use_reentrant=False)
+            part = checkpoint(_block_ce, *args, causal, scale, eps, window, gamma, teacher, use_reentrant=False)
         else:
-            part = _block_ce(*args, causal, scale, eps, window, gamma)
+            part = _block_ce(*args, causal, scale, eps, window, gamma, teacher)
         total = total + part
     return total / (B * H * len(rows))
 
@@ -156,13 +161,16 @@ def attention_output_mse_loss(
     chunk_size: int = 64,
     window: Optional[int] = None,
     gamma=None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """LoLCATs' attention-output MSE: ``mean((softmax_attn(q,k,v) - linear_attn(phi_q,phi_k,v))^2)``
-    (the hybrid student's output with ``window``/``gamma``)."""
+    (the hybrid student's output with ``window``/``gamma``; the teacher's own ``sliding_window``/``softcap``)."""
     _check_qk(q, k, phi_q, phi_k)
     with torch.no_grad():
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        y_t = softmax_attention(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale)
+        y_t = softmax_attention(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale,
+                                sliding_window=sliding_window, softcap=softcap)
     if window is not None:
         y_s = hybrid_attention(q, k, v.to(acc), phi_q, phi_k, window=window, gamma=gamma, scale=scale,
                                chunk_size=chunk_size)

@@ -78,6 +78,8 @@ def attention_fidelity(
     scale: Optional[float] = None,
     window: Optional[int] = None,
     gamma=None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-head fidelity of linear attention to the softmax teacher, averaged over batch and rows.
 
@@ -85,11 +87,13 @@ def attention_fidelity(
     Returns dict of (H,) float64 tensors: ``kl`` KL(softmax || linear), ``entropy_softmax``,
     ``entropy_linear``, ``spearman_linear`` (rank correlation of q.k vs linear weight per row;
     rows with < 2 keys are skipped) and ``spearman_softmax`` (1 by construction; a sanity check).
-    With ``window``/``gamma`` the student is the hybrid layer (exact softmax on the last ``window`` keys).
+    With ``window``/``gamma`` the student is the hybrid layer (exact softmax on the last ``window`` keys);
+    ``sliding_window``/``softcap`` are the teacher's own (its rows are the model's real attention).
     """
     with torch.no_grad():
         scale_ = q.shape[-1] ** -0.5 if scale is None else scale
-        p = softmax_attention_weights(q, k, causal=causal, scale=scale_).to(torch.float64)
+        p = softmax_attention_weights(q, k, causal=causal, scale=scale_, sliding_window=sliding_window,
+                                      softcap=softcap).to(torch.float64)
         v_dummy = phi_k.new_zeros(phi_k.shape[:-1] + (1,), dtype=torch.float64)
         if window is not None:
             from hedgehog.ops.hybrid import quadratic_hybrid_attention

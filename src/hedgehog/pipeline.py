@@ -49,7 +49,10 @@ class ConvertJob:
     val_tokens: int = 2048
     kl_windows: int = 2
     curve_points: int = 4
-    merge_lora: bool = False
+    revision: Optional[str] = None  # of a hub --model: a branch, tag or commit
+    trust_remote_code: bool = False  # let a hub --model run its own modelling code
+    save_format: str = "hf"  # "hf": self-contained HF directory (LoRA merged); "light": maps + LoRA on the base
+    merge_lora: bool = False  # light format only: LoRA merged into the attention weights instead of an adapter
     resume: bool = False
     seed: int = 0
     progress: bool = True
@@ -61,15 +64,20 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
-def load_base(model_name: str):
+def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """The softmax model ``--model`` names (alias, directory, .gguf or hub id at ``revision``) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hedgehog.assets import PLAIN_LOAD, resolve_model_path
+    from hedgehog.assets import PLAIN_LOAD, hub_kwargs, resolve_model_path
+
+    from hedgehog.convert import teacher_attn_implementation
 
     path = resolve_model_path(model_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
-                                                 **PLAIN_LOAD).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    hub = hub_kwargs(revision, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation=teacher_attn_implementation(path, **hub),
+                                                 **PLAIN_LOAD, **hub).eval()
+    tok = AutoTokenizer.from_pretrained(path, **hub)
     return model, tok, path
 
 
@@ -124,14 +132,14 @@ def run(job: ConvertJob) -> Dict:
     check_text_source(job.data, job.text_field, job.data_format)
     for source in job.eval_data or ():
         check_text_source(source)
-    check_model(job.model, job.seq_len)
+    check_model(job.model, job.seq_len, revision=job.revision, trust_remote_code=job.trust_remote_code)
     torch.manual_seed(job.seed)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
 
     t = time.perf_counter()
-    model, tok, base_path = load_base(job.model)
+    model, tok, base_path = load_base(job.model, job.revision, job.trust_remote_code)
     corpus = load_corpus(job.data, tok, job.text_field, job.data_format)
     held_out = {name: eval_documents(name, job.data, tok) for name in eval_names(job)}
     L = job.seq_len
@@ -193,7 +201,7 @@ def run(job: ConvertJob) -> Dict:
     s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress,
                                    checkpoint=s1_ckpt)
     ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
-                        extra={"stage1_report": _slim(s1_report)})
+                        extra={"stage1_report": _slim(s1_report)}, format="light")
     set_attention_mode(model, "linear")
 
     def score(stage, m):
@@ -234,8 +242,12 @@ def run(job: ConvertJob) -> Dict:
     # ---- save + reload check ---------------------------------------------------------------------
     t = time.perf_counter()
     model_dir = out / "model"
+    if job.save_format == "hf" and final is not model:
+        final = final.merge_and_unload()  # what the hf format holds, so the reload check compares like with like
     ckpt.save_converted(final, model_dir, base_model=model_ref, tokenizer=tok, merge_lora=job.merge_lora,
-                        extra={"data": job.data, "seq_len": L})
+                        extra={"data": job.data, "seq_len": L, "base_revision": job.revision, "stage1_tokens": job.stage1.tokens,
+                               "stage2_tokens": job.stage2.tokens if job.stage2 else 0},
+                        format=job.save_format)
     reloaded, _ = ckpt.load(model_dir, merge_lora=False)  # unmerged: exactly the saved computation
     with torch.no_grad():
         probe = test[:1, :128]
@@ -279,6 +291,10 @@ def run(job: ConvertJob) -> Dict:
         "model_dir": str(model_dir),
     }
     _write_json(out / "report.json", report)
+    if job.save_format == "hf":
+        from hedgehog.modelcard import write_model_card
+
+        write_model_card(model_dir, json.loads((model_dir / "config.json").read_text()), report)
     return report
 
 
