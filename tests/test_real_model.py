@@ -14,7 +14,10 @@ import pytest
 
 pytestmark = pytest.mark.smoke
 
-PEAK_RSS_GB = 4.0
+# The job held 3.2-3.7 GB; saving the self-contained format adds one serialised copy of the weights (~0.5 GB
+# for SmolLM2, as any transformers save_pretrained does), measured 3.99 GB. The regression this guards against
+# (autograd graphs kept by evaluation) reached 24 GB.
+PEAK_RSS_GB = 4.5
 SMOKE_ARGS = ["--stage1-tokens", "2048", "--stage2-tokens", "2048", "--eval-tokens", "1024", "--fidelity-tokens",
               "1024", "--seq-len", "256", "--stage2-checkpoint-every", "2", "--no-progress"]
 
