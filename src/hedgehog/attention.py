@@ -39,6 +39,7 @@ from hedgehog.ops import (feature_linear_attention, kernel_linear_attention, lin
 from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights, ring_hybrid_step
 from hedgehog.ops.linear_attention import DEFAULT_EPS
+from hedgehog.state import HedgehogStateLayer, HybridStateLayer
 
 MODES = ("softmax", "linear", "distill", "mimic")
 ATTENTIONS = ("linear", "hybrid")
@@ -400,8 +401,6 @@ class HedgehogAttention(nn.Module):
         """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d) causal linear attention."""
         n = q.shape[2]
         if cache is not None:
-            from hedgehog.generation import HedgehogStateLayer, HybridStateLayer
-
             idx = self.adapter.cache_index(self)
             layer = cache.layers[idx] if idx < len(cache.layers) else None
             if isinstance(layer, HybridStateLayer) and self.hybrid:

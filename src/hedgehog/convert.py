@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from hedgehog.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers
+from hedgehog.generation import install_generation_cache
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -337,7 +338,5 @@ def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.
 
     mark_converted(model)  # save_pretrained writes the hedgehog format
     if adapter.causal:
-        from hedgehog.generation import install_generation_cache
-
         install_generation_cache(model)
     return model

@@ -17,140 +17,25 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from hedgehog.attention import hedgehog_layers
+from hedgehog.state import HedgehogStateLayer, HybridStateLayer
 
-class HedgehogStateLayer(CacheLayerMixin):
-    """One converted layer's recurrent state, plus a token count.
-
-    Stored packed as ``Sz = [S, z]``: (B, Hkv, F, D + 1) in fp32, ``S = Sz[..., :D]`` (B, Hkv, F, D) and
-    ``z = Sz[..., D]`` (B, Hkv, F) are views of it. One tensor lets a decode step update both with one
-    rank-1 product against ``[v, 1]`` and read both with one matmul (``packed_recurrent_step``).
-    """
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self):
-        super().__init__()
-        self.Sz: Optional[torch.Tensor] = None
-        self.seen = 0
-
-    @property
-    def S(self) -> Optional[torch.Tensor]:
-        return None if self.Sz is None else self.Sz[..., :-1]
-
-    @property
-    def z(self) -> Optional[torch.Tensor]:
-        return None if self.Sz is None else self.Sz[..., -1]
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # states are set by the attention layer
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a Hedgehog layer keeps a recurrent state, not keys/values; use its attention module")
-
-    def set_state(self, S: torch.Tensor, z: torch.Tensor, n_new: int) -> None:
-        """Replace the state by ``(S (B, Hkv, F, D), z (B, Hkv, F))`` and count ``n_new`` more tokens."""
-        self.Sz = torch.cat([S, z.unsqueeze(-1).to(S.dtype)], -1)
-        self.seen += n_new
-        self.is_initialized = True
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int):
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.Sz = None
-        self.seen = 0
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise RuntimeError("a recurrent state cannot be cropped (tokens are summed into it)")
-
-    _tensors = ("Sz",)  # what batch reordering/selection applies to
-
-    def _map_tensors(self, fn) -> None:
-        for name in self._tensors:
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_tensors(lambda t: t[indices])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in map(self.__getattribute__, self._tensors) if t is not None)
-
-
-class HybridStateLayer(HedgehogStateLayer):
-    """A hybrid layer's cache: the last ``w`` keys/values (per KV head) plus the linear state of every
-    older key. Constant size: ``w`` slots from the start.
-
-    The window is a ring buffer: token ``t`` sits in slot ``t % w`` (``k_win`` (B, Hk, w, d),
-    ``v_win`` (B, Hk, w, D + 1) holding ``[v, 1]``), ``valid`` (B, w) is False for empty slots and
-    padding. A decode step overwrites one slot in place, folding the token that leaves the window
-    into the packed state first (no concatenation or shifting per token). The window softmax is a
-    sum over its slots, so their order does not matter.
-    """
-
-    _tensors = ("Sz", "k_win", "v_win", "valid")
-
-    def __init__(self):
-        super().__init__()
-        self.k_win: Optional[torch.Tensor] = None
-        self.v_win: Optional[torch.Tensor] = None
-        self.valid: Optional[torch.Tensor] = None
-
-    def set_window(self, S, z, k_tail, v_tail, valid_tail, n_new: int, window: Optional[int] = None) -> None:
-        """State ``(S, z)`` of the older keys plus the last ``m`` keys/values in order (``k_tail``
-        (B, Hk, m, d), ``v_tail`` (B, Hk, m, D), ``valid_tail`` (B, m)), after ``n_new`` more tokens;
-        ``window`` is the ring's size (default ``m``)."""
-        B, Hk, m, d = k_tail.shape
-        w = window or m
-        if m > w:
-            raise ValueError(f"{m} window keys do not fit a window of {w}")
-        total = self.seen + n_new
-        idx = torch.arange(total - m, total, device=k_tail.device) % w
-        self.k_win = k_tail.new_zeros(B, Hk, w, d)
-        self.v_win = v_tail.new_zeros(B, Hk, w, v_tail.shape[-1] + 1)
-        self.valid = torch.zeros(B, w, dtype=torch.bool, device=k_tail.device)
-        self.k_win[:, :, idx] = k_tail
-        self.v_win[:, :, idx, :-1] = v_tail
-        self.v_win[:, :, idx, -1] = 1.0
-        self.valid[:, idx] = valid_tail.to(self.valid.device)
-        self.set_state(S, z, n_new)
-
-    def reset(self) -> None:
-        super().reset()
-        self.k_win = self.v_win = self.valid = None
+__all__ = ["HedgehogCache", "HedgehogStateLayer", "HybridStateLayer", "cache_argument", "cache_kwargs",
+           "install_generation_cache", "output_cache"]
 
 
 class HedgehogCache(Cache):
     """Cache for a converted model: a state layer per converted attention layer, KV layers elsewhere."""
 
     def __init__(self, model):
-        from hedgehog.attention import hedgehog_layers
-        from hedgehog.convert import get_adapter
-
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        n_slots = len(get_adapter(inner).attention_slots(inner))
         converted = {m.layer_idx: m.hybrid for m in hedgehog_layers(inner)}
+        cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+        n_slots = max(getattr(cfg, "num_hidden_layers", 0) or 0, max(converted, default=-1) + 1)
         layers = [DynamicLayer() if i not in converted else HybridStateLayer() if converted[i] else HedgehogStateLayer()
                   for i in range(n_slots)]
         super().__init__(layers=layers)
