@@ -42,6 +42,8 @@ from hedgehog.ops.linear_attention import DEFAULT_EPS
 from hedgehog.state import HedgehogStateLayer, HybridStateLayer
 
 MODES = ("softmax", "linear", "distill", "mimic")
+# what attention modules call their cache argument: transformers 5.24's name first, then older ones
+CACHE_PARAMS = ("cache", "past_key_values", "layer_past", "past_key_value")
 ATTENTIONS = ("linear", "hybrid")
 
 
@@ -357,7 +359,7 @@ class HedgehogAttention(nn.Module):
             params = dict(kwargs)
         # the forward's own name for its cache, or an older alias its deprecation shim still accepts
         key = self._cache_param if self._cache_param in params else \
-            next((n for n in ("cache", "past_key_values", "layer_past", "past_key_value") if n in params), None)
+            next((n for n in CACHE_PARAMS if n in params), None)
         cache = params.get(key) if key else None
         if cache is not None and self.mode != "softmax":
             params[key] = _PassThroughCache(cache)
@@ -370,7 +372,6 @@ class HedgehogAttention(nn.Module):
 
     def _attend_generic(self, view, q, k, v, attention_mask, kwargs):
         """Called by the family's forward through the attention interface -> ((B, N, Hq, d), None)."""
-        kwargs = dict(kwargs)
         self.teacher_window = kwargs.get("sliding_window")
         self.teacher_softcap = kwargs.get("softcap")
         self._teacher_scaling = kwargs.get("scaling")

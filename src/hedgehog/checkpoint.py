@@ -179,7 +179,6 @@ def export_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     inner = _unwrap(model)
     merged = _merged_attention_state(model) if hasattr(model, "get_base_model") else {}
     aliases = {f"{name}._grouped_k." for name, m in inner.named_modules() if isinstance(m, HedgehogAttention)}
-    aliases = {a[1:] if a.startswith(".") else a for a in aliases}
     state = {}
     for key, t in inner.state_dict().items():
         if any(key.startswith(a) for a in aliases) or ".lora_" in key:
@@ -233,15 +232,20 @@ def save_hf(model: nn.Module, out_dir, tokenizer=None, base_model: Optional[str]
     return out_dir
 
 
-def _check_weight_files(path: Path) -> None:
-    """Every ``model*.safetensors`` of an hf-format directory has a whole header and body (cheap: no tensor read)."""
-    from safetensors import safe_open
-
+def _weight_files(path) -> list:
+    """The ``model*.safetensors`` of an hf-format directory (one, or the shards); none is an error."""
     files = sorted(Path(path).glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no model.safetensors: the converted model is incomplete. Copy it again, "
                               "or re-create it with `hedgehog convert`.")
-    for f in files:
+    return files
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every weight file of an hf-format directory has a whole header and body (cheap: no tensor read)."""
+    from safetensors import safe_open
+
+    for f in _weight_files(path):
         def probe(p):
             with safe_open(str(p), framework="pt") as fh:
                 keys = list(fh.keys())
@@ -257,10 +261,7 @@ def load_hf_weights(model: nn.Module, path) -> None:
 
     from hedgehog.hf import _FEATURE_KEYS
 
-    path = Path(path)
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} has no model.safetensors: the converted model is incomplete")
+    files = _weight_files(path)
     want = {k for k in model.state_dict() if any(f in k for f in _FEATURE_KEYS) and "._grouped_k." not in k}
     prefix = getattr(model, "base_model_prefix", "") or ""
     # a bare model loaded from a saved head model (or the reverse) sees the keys with/without the base prefix
@@ -343,29 +344,24 @@ def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cp
     ``base_model`` overrides the recorded base (e.g. a local copy of it); a base whose fingerprint
     differs from the recorded one is refused. A LoRA adapter is merged into the weights by default
     (faster; changes fp32 rounding, ~1e-4 relative on logits); ``merge_lora=False`` keeps the peft
-    wrapper, which reproduces the saved model's logits exactly.
+    wrapper, which reproduces the saved model's logits exactly. An hf-format directory stands alone: it loads
+    through ``AutoModelForCausalLM`` (LoRA is merged in it) and ``base_model``/``merge_lora`` do not apply.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from hedgehog.assets import PLAIN_LOAD, resolve_model_path
+    from hedgehog.assets import PLAIN_LOAD
     from hedgehog.convert import convert_model
 
     path = Path(path).expanduser()
     meta = read_meta(path)
     if meta["format"] == "hf":
-        from transformers import AutoModelForCausalLM as Auto
-
         import hedgehog.hf  # noqa: F401  (registers the Auto classes)
 
         _check_weight_files(path)
-        model = _read(path, lambda _: Auto.from_pretrained(str(path), dtype=dtype, **PLAIN_LOAD))
+        model = _read(path, lambda _: AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **PLAIN_LOAD))
         model.to(device).eval()
         return model, _tokenizer(path, meta.get("base_model"))
-    base = resolve_model_path(base_model or meta["base_model"])
-    hub = _base_hub(meta, base_model)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=_teacher_impl(base, hub),
-                                                 **PLAIN_LOAD, **hub).to(device).eval()
-    _check_fingerprint(path, meta, model, base)
+    model, base = _load_base_checked(path, meta, base_model, dtype, device)
     hh = HedgehogConfig.from_dict(meta["hedgehog"])
     hh.layers = meta.get("converted_layers", hh.layers)
     convert_model(model, hh)
@@ -403,32 +399,25 @@ def _check_fingerprint(path, meta: Dict, model: nn.Module, base: str) -> None:
 def load_teacher(path, base_model: Optional[str] = None, dtype=torch.float32, device="cpu"):
     """The softmax base a converted directory was made from (its teacher), checked against the recorded
     fingerprint. ``base_model`` overrides the recorded location (a local copy of the same weights)."""
+    return _load_base_checked(path, read_meta(path), base_model, dtype, device)[0]
+
+
+def _load_base_checked(path, meta: Dict, base_model: Optional[str], dtype, device):
+    """``(model, resolved base)``: the recorded base (or ``base_model``) at its recorded revision, loaded with the
+    attention implementation that makes it its own exact teacher, refused when its fingerprint differs."""
     from transformers import AutoModelForCausalLM
 
-    from hedgehog.assets import PLAIN_LOAD, resolve_model_path
+    from hedgehog.assets import PLAIN_LOAD, hub_kwargs, resolve_model_path
+    from hedgehog.convert import teacher_attn_implementation
 
-    meta = read_meta(path)
     if not (base_model or meta.get("base_model")):
         raise CheckpointError(f"{path} does not record its base model; pass it with base_model=/--base-model")
     base = resolve_model_path(base_model or meta["base_model"])
-    hub = _base_hub(meta, base_model)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=_teacher_impl(base, hub),
-                                                 **PLAIN_LOAD, **hub).to(device).eval()
+    hub = {} if base_model else hub_kwargs(meta.get("base_revision"))  # another base: not the recorded revision
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=teacher_attn_implementation(
+        base, **hub), **PLAIN_LOAD, **hub).to(device).eval()
     _check_fingerprint(path, meta, model, base)
-    return model
-
-
-def _teacher_impl(base, hub) -> str:
-    from hedgehog.convert import teacher_attn_implementation
-
-    return teacher_attn_implementation(base, **hub)
-
-
-def _base_hub(meta: Dict, override: Optional[str]) -> Dict:
-    """The recorded hub revision of the base, unless the caller names another base."""
-    from hedgehog.assets import hub_kwargs
-
-    return {} if override else hub_kwargs(meta.get("base_revision"))
+    return model, base
 
 
 def needs_separate_teacher(path) -> bool:

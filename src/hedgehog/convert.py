@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from hedgehog.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers
+from hedgehog.attention import CACHE_PARAMS, HedgehogAttention, HedgehogConfig, hedgehog_layers
 from hedgehog.generation import install_generation_cache
 
 
@@ -68,16 +68,13 @@ class Adapter:
         """Post-RoPE q (B, Hq, N, d), k and v (B, Hkv, N, d)."""
         raise NotImplementedError
 
-    def softmax_kwargs(self, m) -> Dict:
-        return {}
-
     def softmax_attention(self, m, q, k, v, call):
         """The model's own attention function (its configured implementation) -> (B, N, H, d)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         eager = sys.modules[m._base_forward.__module__].eager_attention_forward
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, eager)
-        y, _ = fn(m, q, k, v, call.get("attention_mask"), dropout=0.0, scaling=m.scaling, **self.softmax_kwargs(m))
+        y, _ = fn(m, q, k, v, call.get("attention_mask"), dropout=0.0, scaling=m.scaling)
         return y
 
     def output(self, m, y):
@@ -148,7 +145,6 @@ class BertAdapter(Adapter):
 # What a family's attention module may pass to the attention function besides q, k, v and the mask: we
 # understand these (the teacher gets them all; the student reads the window and the soft-cap).
 INTERFACE_KWARGS = {"dropout", "scaling", "sliding_window", "softcap", "position_ids", "is_causal"}
-CACHE_PARAMS = ("cache", "past_key_values", "layer_past", "past_key_value")
 
 
 def _interface_call_kwargs(cls) -> Optional[set]:

@@ -20,14 +20,13 @@ A converted model is an instance of its base class (``LlamaForCausalLM``, ...) w
 from __future__ import annotations
 
 import sys
-from typing import Dict, Optional, Type
+from typing import Dict, Optional
 
 import torch.nn as nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel)
 
 MODEL_TYPE = "hedgehog"
-FORMAT = "hf"
 
 
 class HedgehogModelConfig(PretrainedConfig):
@@ -126,9 +125,9 @@ def mark_converted(model: nn.Module) -> None:
 
 
 def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwargs):
-    from hedgehog.checkpoint import load_hf_weights
-    from hedgehog.convert import convert_model
     from hedgehog.attention import HedgehogConfig, hedgehog_layers
+    from hedgehog.checkpoint import load_hf_weights
+    from hedgehog.convert import convert_model, teacher_attn_implementation
 
     if args:
         raise TypeError("positional model arguments are not supported for hedgehog models")
@@ -139,8 +138,6 @@ def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwarg
         raise ValueError(f"{auto_cls.__name__} has no class for the base model type {base_cfg.model_type!r} "
                          f"of {path}") from None
     kwargs.setdefault("use_kernels", False)
-    from hedgehog.convert import teacher_attn_implementation
-
     kwargs.setdefault("attn_implementation", teacher_attn_implementation(base_cfg))
     model = hedgehog_class(base_cls).from_pretrained(path, *args, config=base_cfg, **kwargs)
     convert_model(model, HedgehogConfig.from_dict(config.hedgehog))

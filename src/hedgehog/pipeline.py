@@ -248,7 +248,7 @@ def run(job: ConvertJob) -> Dict:
                         extra={"data": job.data, "seq_len": L, "base_revision": job.revision, "stage1_tokens": job.stage1.tokens,
                                "stage2_tokens": job.stage2.tokens if job.stage2 else 0},
                         format=job.save_format)
-    reloaded, _ = ckpt.load(model_dir, merge_lora=False)  # unmerged: exactly the saved computation
+    reloaded, _ = ckpt.load(model_dir, merge_lora=False)  # light format: unmerged, exactly the saved computation
     with torch.no_grad():
         probe = test[:1, :128]
         final.eval()
