@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from hedgehog.feature_maps import HedgehogFeatureMap, get_feature_map, hedgehog_pair_features
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
+from hedgehog.ops import backends
 from hedgehog.ops import (feature_linear_attention, kernel_linear_attention, linear_attention, packed_recurrent_step,
                           quadratic_linear_attention)
 from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_attention
@@ -237,6 +238,7 @@ class HedgehogAttention(nn.Module):
         self.feature_map_k = get_feature_map(config.feature_map, self.hh_head_dim, self.num_kv_heads, **kw)
         self._grouped_k = _GroupedKeyMap(self.feature_map_k, self.n_rep)
         self._pair_maps = all(type(fm) is HedgehogFeatureMap for fm in (self.feature_map_q, self.feature_map_k))
+        self.kernels = backends.bind("auto")  # the causal kernel for CUDA tensors, chosen once here
         self.window_gate = None
         if config.attention == "hybrid":  # per query head; gamma = sigmoid(gate)
             self.window_gate = nn.Parameter(torch.full((self.num_q_heads,), float(config.window_gate_init)))
@@ -434,7 +436,8 @@ class HedgehogAttention(nn.Module):
             if valid is not None:
                 phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
             if nk == n:
-                return linear_attention(phi_q, phi_k, v_rep, chunk_size=self.hh_config.chunk_size)
+                return linear_attention(phi_q, phi_k, v_rep, chunk_size=self.hh_config.chunk_size,
+                                        backend=self.kernels)
             return quadratic_linear_attention(phi_q, phi_k, v_rep, causal=True)
         if self._kernel_form(n):  # e.g. Taylor on short sequences: O(N^2 d) beats O(N F d)
             return self._kernel_attention(q, k, v_rep, causal=True)
@@ -443,7 +446,7 @@ class HedgehogAttention(nn.Module):
             return fused[0]
         return feature_linear_attention(
             q * s, k * s, v_rep, self.feature_map_q, self._grouped_k, positions=pos_q,
-            chunk_size=self.hh_config.chunk_size,
+            chunk_size=self.hh_config.chunk_size, backend=self.kernels,
         )
 
     def _kernel_form(self, n: int) -> bool:
@@ -496,7 +499,8 @@ class HedgehogAttention(nn.Module):
         if layer.S is not None:  # several new tokens on top of a state: expand it to the query heads
             init = (_repeat_heads(layer.S, self.n_rep), _repeat_heads(layer.z.unsqueeze(-1), self.n_rep).squeeze(-1))
         y, (S, z) = linear_attention(phi_q, _repeat_heads(phi_k, self.n_rep), _repeat_heads(v, self.n_rep),
-                                     chunk_size=self.hh_config.chunk_size, initial_state=init, return_state=True)
+                                     chunk_size=self.hh_config.chunk_size, initial_state=init, return_state=True,
+                                     backend=self.kernels)
         # every query head of a group holds the same state: keep one per KV head
         S = S.view(b, self.num_kv_heads, self.n_rep, *S.shape[2:])[:, :, 0].contiguous()
         z = z.view(b, self.num_kv_heads, self.n_rep, -1)[:, :, 0].contiguous()

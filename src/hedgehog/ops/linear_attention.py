@@ -268,7 +268,7 @@ def linear_attention(
     initial_state: Optional[State] = None,
     return_state: bool = False,
     eps: float = DEFAULT_EPS,
-    backend: str = "auto",
+    backend="auto",
     block_size: Optional[int] = None,
 ):
     """Normalised linear attention without an N x N tensor.
@@ -281,7 +281,8 @@ def linear_attention(
             previous call with ``return_state=True``.
         return_state: also return the state after the last token, to continue with
             :func:`recurrent_step` or another call.
-        backend: ``"auto"`` (fla kernels on CUDA when installed, else torch), ``"torch"``, ``"fla"``.
+        backend: ``"auto"`` (fla kernels on CUDA when installed, else torch), ``"torch"``, ``"fla"``, or a
+            :class:`~hedgehog.ops.backends.Backend` bound once by the caller (as the attention layer does).
         block_size: tokens per block of the causal form (a multiple of chunk_size); default sizes
             blocks so their temporaries stay ~ a few MB.
     Returns:
@@ -302,7 +303,7 @@ def linear_attention(
     if causal:
         from hedgehog.ops import backends
 
-        fast = backends.select(phi_q, backend)
+        fast = backends.resolve(backend).causal(phi_q)
         if fast is not None:
             out = fast(phi_q, phi_k, v, initial_state, eps)
             if out is not None:
@@ -429,7 +430,7 @@ def feature_linear_attention(
     return_state: bool = False,
     eps: float = DEFAULT_EPS,
     block_size: Optional[int] = None,
-    backend: str = "auto",
+    backend="auto",
 ):
     """Linear attention of raw q/k, applying the feature maps block by block (causal, torch path).
 
@@ -463,7 +464,7 @@ def feature_linear_attention(
         if out is not None:
             return out if return_state else out[0]
     blockwise = all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k))
-    if not causal or not blockwise or (q.is_cuda and backends.select(q, backend) is not None):
+    if not causal or not blockwise or (q.is_cuda and backends.resolve(backend).causal(q) is not None):
         return linear_attention(feature_map_q(q, positions), feature_map_k(k, positions), v, causal=causal,
                                 chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
                                 eps=eps, backend=backend, block_size=block_size)
