@@ -209,7 +209,7 @@ def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path,
 
 def test_train_lm_stops_on_nan(tiny_assets, tmp_path, monkeypatch):
     from hedgehog import scratch
-    from hedgehog.distill import TrainingDivergedError
+    from hedgehog.errors import TrainingDivergedError
 
     monkeypatch.setattr(scratch, "_mimic_loss", lambda m: torch.tensor(float("nan")))
     with pytest.raises(TrainingDivergedError, match="not finite.*Lower the learning rate"):
@@ -370,7 +370,7 @@ def test_train_cli_rejects_no_rope_on_gpt2_and_negative_widths_and_rows(capsys):
 
 
 def test_resolve_device_names_the_problem_and_the_fix(monkeypatch):
-    from hedgehog.scratch import resolve_device
+    from hedgehog.train import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

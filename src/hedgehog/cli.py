@@ -58,7 +58,8 @@ def _job_from_args(args):
         s2 = Stage2Config(tokens=args.stage2_tokens, lr=args.stage2_lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           train_feature_maps=not args.freeze_feature_maps, loss=args.stage2_loss,
                           lora_targets=args.lora_targets, time_budget_s=_minutes(args.stage2_minutes),
-                          checkpoint_every=args.stage2_checkpoint_every)
+                          checkpoint_every=args.stage2_checkpoint_every, batch_size=args.stage2_batch,
+                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
@@ -66,7 +67,7 @@ def _job_from_args(args):
                      eval_tokens=args.eval_tokens, eval_data=_names(args.eval_data),
                      fidelity_tokens=args.fidelity_tokens, revision=args.revision,
                      trust_remote_code=args.trust_remote_code, save_format=args.save_format, merge_lora=args.merge_lora, resume=args.resume,
-                     seed=args.seed, progress=not args.no_progress)
+                     seed=args.seed, progress=not args.no_progress, device=args.device, dtype=args.dtype)
     return job
 
 
@@ -88,6 +89,12 @@ def _add_device(parser, what: str) -> None:
                         help=f"'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N': {what}")
 
 
+def _add_dtype(parser, default: str = "fp32") -> None:
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=default,
+                        help="the model's weights: fp32, or bf16/fp16 for half the memory and faster matmuls on "
+                             "hardware with half-precision units (feature maps and LoRA stay fp32)")
+
+
 def _check_maps(names):
     from hedgehog.feature_maps import available_feature_maps
 
@@ -102,6 +109,8 @@ def _convert(args):
     _check_maps([args.feature_map])
     _setup_logging()
     report = run(_job_from_args(args))
+    if "rank" in report:  # a worker process of a multi-process run: the main process reports
+        return
     print(format_report(report))
     print(f"wrote {args.out}/report.json and {report['model_dir']}")
 
@@ -115,6 +124,8 @@ def _compare(args):
     _check_maps([parse_compare_entry(m)[1] for m in maps])
     _setup_logging()
     result = compare(maps, _job_from_args(args), args.out)
+    if "rank" in result:  # a worker process of a multi-process run: the main process reports
+        return
     print(format_compare(result["rows"]))
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
 
@@ -205,7 +216,8 @@ def _lm_eval_cli(args):
 
 def _train(args):
     from hedgehog.scratch import (ModelSpec, TrainJob, format_train_table, mimic_rows_for_step, parse_kinds,
-                                  resolve_device, train_compare, train_lm)
+                                  train_compare, train_lm)
+    from hedgehog.train import resolve_device
 
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
@@ -226,16 +238,21 @@ def _train(args):
                    device=args.device)
     if len(kinds) == 1 and args.attention.strip() != "all":
         rep = train_lm(job)
+        if "rank" in rep:  # a worker process of a multi-process run: the main process reports
+            return
         print(format_train_table([{**rep}]))
         print(f"wrote {args.out}/report.json and {args.out}/checkpoint")
         return
     result = train_compare(kinds, job, args.out)
+    if "rank" in result:
+        return
     print(format_train_table(result["rows"]))
     print(f"wrote {args.out}/train_compare.json and {args.out}/train_compare.png")
 
 
 def _paired(args):
-    from hedgehog.scratch import format_paired_table, paired_eval, parse_kinds, resolve_device
+    from hedgehog.scratch import format_paired_table, paired_eval, parse_kinds
+    from hedgehog.train import resolve_device
 
     try:
         kinds = parse_kinds(args.attention)
@@ -255,7 +272,8 @@ def _paired(args):
 
 
 def _mqar(args):
-    from hedgehog.scratch import MQARConfig, MQARJob, format_mqar_table, mqar_compare, parse_kinds, resolve_device
+    from hedgehog.scratch import MQARConfig, MQARJob, format_mqar_table, mqar_compare, parse_kinds
+    from hedgehog.train import resolve_device
 
     try:
         kinds = parse_kinds(args.attention)
@@ -335,6 +353,12 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="captured batches between stage 1 checkpoints (for --resume)")
     c.add_argument("--stage2-tokens", type=int, default=s2.tokens, help="stage 2 (LoRA) token budget; 0 skips stage 2")
     c.add_argument("--stage2-lr", type=float, default=s2.lr, help="stage 2 learning rate (AdamW, cosine)")
+    c.add_argument("--stage2-batch", type=int, default=s2.batch_size,
+                   help="windows per stage 2 optimizer step, over all processes")
+    c.add_argument("--grad-accum", type=int, default=s2.grad_accum,
+                   help="stage 2: split each batch into this many micro-batches (same result, less memory)")
+    c.add_argument("--gradient-checkpointing", action="store_true",
+                   help="stage 2: recompute each decoder layer in the backward pass (less memory, ~30%% slower)")
     c.add_argument("--stage2-minutes", type=float, default=0,
                    help="opt-in cap: end stage 2 after this many minutes (0: none)")
     c.add_argument("--stage2-checkpoint-every", type=int, default=s2.checkpoint_every,
@@ -362,6 +386,8 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="continue from OUT/checkpoints: finished stages are reused and an interrupted stage goes on "
                         "where it stopped (refused if the checkpoint's settings differ)")
     c.add_argument("--seed", type=int, default=job.seed, help="data order seed")
+    _add_device(c, "where the model converts; under torchrun / accelerate launch each process takes its own")
+    _add_dtype(c, job.dtype)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

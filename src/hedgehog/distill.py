@@ -20,30 +20,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
-from hedgehog.errors import TrainingDivergedError
 from hedgehog.resume import StageCheckpoint, restore_training_state, training_state
+from hedgehog.train.engine import Engine, cycle_batches
 
 log = logging.getLogger("hedgehog")
-
-
-def _check_finite(loss: torch.Tensor, where: str, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingDivergedError(
-            f"{where}: loss became {loss.item()} (not finite). Lower the learning rate (now {lr:g}) or "
-            "check the inputs; the last good checkpoint is kept."
-        )
-
-
-def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float, where: str, lr: float) -> None:
-    """One optimizer update: refuse a non-finite loss, backward, clip the gradient norm of ``params``, step."""
-    _check_finite(loss, where, lr)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def feature_map_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -54,19 +36,12 @@ def feature_map_parameters(model: nn.Module) -> List[nn.Parameter]:
     return params
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _batches(windows: torch.Tensor, batch_size: int, start: int = 0):
-    i = start
-    while True:
-        idx = [(i + j) % windows.shape[0] for j in range(batch_size)]
-        yield i, windows[idx]
-        i += batch_size
+def _engine_for(model: nn.Module, engine: Optional[Engine], progress: bool) -> Engine:
+    """The caller's engine, or a one-process one on the device the model is on."""
+    if engine is not None:
+        return engine
+    p = next(model.parameters(), None)
+    return Engine(str(p.device) if p is not None else "cpu", progress=progress)
 
 
 @dataclass
@@ -99,6 +74,8 @@ class Stage2Config:
     loss: str = "kd"
     warmup_steps: int = 5
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (the batch is split; same result, less memory)
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory, slower)
     time_budget_s: Optional[float] = None  # opt-in cap: stop early when exceeded (logged, and in the report)
     checkpoint_every: int = 25  # steps between mid-stage checkpoints (with a checkpoint file)
 
@@ -127,12 +104,16 @@ def _time_cap_hit(stage: str, cfg, t0: float, tokens: int, planned: int) -> bool
 
 def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Config,
                        callback: Optional[Callable[[Dict], None]] = None, progress: bool = True,
-                       checkpoint: Optional[StageCheckpoint] = None) -> Dict:
+                       checkpoint: Optional[StageCheckpoint] = None, engine: Optional[Engine] = None) -> Dict:
     """Stage 1. ``windows``: (num_windows, seq_len) token ids. Returns the training history.
 
     With ``checkpoint``, the stage saves its state every ``cfg.checkpoint_every`` batches and at its end, and
     a saved state is picked up where it stopped (same data position, schedule, optimizer and RNG).
+    ``engine``: where and on how many processes (default: one process on the model's device); each rank
+    captures its share of every batch, and the feature maps' gradients are averaged over the ranks.
     """
+    engine = _engine_for(model, engine, progress)
+    engine.check_batch(cfg.batch_size, "the stage 1 batch (--stage1-batch)")
     layers = hedgehog_layers(model)
     if not layers:
         raise ValueError("model has no Hedgehog attention layers; convert it first")
@@ -161,32 +142,31 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
     capped = False
 
     def save():
-        checkpoint.save({**training_state(params, opt, step=step, batch=n_caps, tokens=tokens, history=history,
-                                          seconds=time.perf_counter() - t0), "generator": gen.get_state()})
+        engine.save(checkpoint, {**training_state(params, opt, step=step, batch=n_caps, tokens=tokens,
+                                                  history=history, seconds=time.perf_counter() - t0),
+                                 "generator": gen.get_state()})
 
-    bar = tqdm(total=captures, initial=n_caps, desc="stage 1 (attention transfer)", disable=not progress,
-               unit="batch")
-    for _, batch in _batches(windows, cfg.batch_size, start=n_caps * cfg.batch_size):
+    bar = engine.bar(total=captures, initial=n_caps, desc="stage 1 (attention transfer)", unit="batch")
+    for _, batch in cycle_batches(windows, cfg.batch_size, start=n_caps * cfg.batch_size):
         if n_caps >= captures:
             break
-        if _time_cap_hit("stage 1", cfg, t0, tokens, planned):
+        if cfg.time_budget_s and engine.any(_time_cap_hit("stage 1", cfg, t0, tokens, planned)):
             capped = True
             break
-        caps = capture_qkv(model, batch)
+        (mine,) = engine.local(batch)
+        caps = capture_qkv(model, mine)
         subsets = torch.randperm(seq_len, generator=gen).chunk(spc) if spc > 1 else [None]
         per_layer = [0.0] * len(layers)  # mean over the subsets: an estimate of the full loss
         for rows in subsets:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
+            engine.set_lr(opt, cfg.lr, step, total_steps, cfg.warmup_steps)
             for i, (layer, (q, k, v)) in enumerate(zip(layers, caps)):
-                with torch.enable_grad():
+                with torch.enable_grad(), engine.autocast():
                     loss = layer.layer_distill_loss(q, k, v, query_index=rows)
-                _check_finite(loss, f"stage 1, layer {layer.layer_idx}, step {step}", cfg.lr)
-                loss.backward()
-                per_layer[i] += loss.item() / len(subsets)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                # each layer's graph is freed by its own backward: one layer's graph alive at a time
+                per_layer[i] += engine.backward(loss, f"stage 1, layer {layer.layer_idx}, step {step}") / len(subsets)
+            engine.step(opt, params, lr=cfg.lr, sync=True)
             step += 1
+        per_layer = engine.means(per_layer)
         n_caps += 1
         tokens += batch.numel()
         rec = {"step": step, "batch": n_caps, "tokens": tokens, "seconds": time.perf_counter() - t0,
@@ -230,8 +210,10 @@ def add_lora(model: nn.Module, cfg: Stage2Config):
     return pm
 
 
-def _kd_loss(peft_model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions."""
+def _kd_loss(model: nn.Module, peft_model, batch: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions. ``model``: what the
+    student forward runs through (``peft_model`` itself, or its DDP/FSDP wrapper); the teacher is
+    ``peft_model`` with the adapter off and softmax attention."""
     import torch.nn.functional as F
 
     with torch.no_grad(), peft_model.disable_adapter():
@@ -240,22 +222,28 @@ def _kd_loss(peft_model, batch: torch.Tensor) -> torch.Tensor:
             t_logp = F.log_softmax(peft_model(input_ids=batch, use_cache=False).logits.float(), -1)
         finally:
             set_attention_mode(peft_model, "linear")
-    s_logp = F.log_softmax(peft_model(input_ids=batch, use_cache=False).logits.float(), -1)
+    s_logp = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1)
     return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="sum") / (
         batch.shape[0] * batch.shape[1])
 
 
 def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Config,
                   callback: Optional[Callable[[Dict], None]] = None, progress: bool = True,
-                  checkpoint: Optional[StageCheckpoint] = None) -> Dict:
+                  checkpoint: Optional[StageCheckpoint] = None, engine: Optional[Engine] = None) -> Dict:
     """Stage 2: next-token loss through the linear-attention model; trains LoRA (+ maps if asked).
 
-    ``checkpoint`` as in :func:`attention_transfer` (saves every ``cfg.checkpoint_every`` steps).
+    ``checkpoint`` as in :func:`attention_transfer` (saves every ``cfg.checkpoint_every`` steps); ``engine``
+    as there (under several processes the model is wrapped as the accelerate config says: DDP, FSDP or
+    DeepSpeed). ``peft_model`` itself is trained in place and stays unwrapped.
     """
+    engine = _engine_for(peft_model, engine, progress)
+    engine.check_batch(cfg.batch_size, "the stage 2 batch (--stage2-batch)", cfg.grad_accum)
     set_attention_mode(peft_model, "linear")
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: wrap the model with add_lora first")
+    if cfg.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     seq_len = windows.shape[1]
     total_steps = max(1, cfg.tokens // (cfg.batch_size * seq_len))
@@ -266,39 +254,49 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
         restore_training_state(state, params, opt, checkpoint.path)
         history, tokens, step, seconds = (state[k] for k in ("history", "tokens", "step", "seconds"))
         log.info("stage 2: resuming from %s at step %d of %d", checkpoint.path, step, total_steps)
+    model, opt = engine.prepare(peft_model, opt)
     t0 = time.perf_counter() - seconds
     capped = False
 
     def save():
-        checkpoint.save(training_state(params, opt, step=step, tokens=tokens, history=history,
-                                       seconds=time.perf_counter() - t0))
+        engine.save(checkpoint, training_state(params, opt, step=step, tokens=tokens, history=history,
+                                               seconds=time.perf_counter() - t0))
 
     peft_model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="stage 2 (LoRA)", disable=not progress, unit="step")
-    for _, batch in _batches(windows, cfg.batch_size, start=step * cfg.batch_size):
-        if step >= total_steps:
-            break
-        if _time_cap_hit("stage 2", cfg, t0, tokens, planned):
-            capped = True
-            break
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg.warmup_steps)
-        if cfg.loss == "kd":
-            loss = _kd_loss(peft_model, batch)
-        else:
-            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
-        clipped_step(opt, loss, params, cfg.grad_clip, f"stage 2, step {step}", cfg.lr)
-        step += 1
-        tokens += batch.numel()
-        rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0, "loss": loss.item()}
-        history.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if callback:
-            callback(rec)
-        if checkpoint and checkpoint.due(step):
-            save()
-    bar.close()
+    bar = engine.bar(total=total_steps, initial=step, desc="stage 2 (LoRA)", unit="step")
+    try:
+        for _, batch in cycle_batches(windows, cfg.batch_size, start=step * cfg.batch_size):
+            if step >= total_steps:
+                break
+            if cfg.time_budget_s and engine.any(_time_cap_hit("stage 2", cfg, t0, tokens, planned)):
+                capped = True
+                break
+            engine.set_lr(opt, cfg.lr, step, total_steps, cfg.warmup_steps)
+            micro = engine.local(batch, cfg.grad_accum)
+            loss_value = 0.0
+            for j, mb in enumerate(micro):
+                with engine.no_sync(model, last=j == len(micro) - 1):
+                    if cfg.loss == "kd":
+                        loss = _kd_loss(model, peft_model, mb)
+                    else:
+                        loss = model(input_ids=mb, labels=mb, use_cache=False).loss
+                    loss_value += engine.backward(loss, f"stage 2, step {step}", scale=1 / len(micro)) / len(micro)
+            engine.step(opt, params, lr=cfg.lr, clip=cfg.grad_clip)
+            step += 1
+            tokens += batch.numel()
+            rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
+                   "loss": engine.mean(loss_value)}
+            history.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if callback:
+                callback(rec)
+            if checkpoint and checkpoint.due(step):
+                save()
+    finally:
+        bar.close()
+        if cfg.gradient_checkpointing:
+            peft_model.gradient_checkpointing_disable()
     if checkpoint:
         save()
     peft_model.eval()

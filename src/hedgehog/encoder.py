@@ -30,10 +30,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, set_attention_mode
-from hedgehog.distill import Stage1Config, _lr_factor, attention_transfer, clipped_step
+from hedgehog.distill import Stage1Config, attention_transfer
+from hedgehog.train.engine import Engine
 from hedgehog.pipeline import _write_json
 
 log = logging.getLogger("hedgehog")
@@ -110,16 +110,16 @@ def finetune(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, steps: i
     """Task finetune of every trainable parameter (AdamW, warmup + cosine), cross-entropy on the labels."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    engine = Engine(str(params[0].device), progress=progress)
     order = _shuffled(labels, seed)
     model.train()
     hist, t0 = [], time.perf_counter()
-    for step in tqdm(range(steps), desc=desc, disable=not progress, unit="step"):
+    for step in engine.bar(iterable=range(steps), desc=desc, unit="step"):
         idx = order[[(step * batch_size + j) % len(order) for j in range(batch_size)]]
-        for g in opt.param_groups:
-            g["lr"] = lr * _lr_factor(step, steps, warmup)
+        engine.set_lr(opt, lr, step, steps, warmup)
         loss = F.cross_entropy(model(input_ids=ids[idx]).logits, labels[idx])
-        clipped_step(opt, loss, params, 1.0, f"{desc}, step {step}", lr)
-        hist.append(loss.item())
+        hist.append(engine.backward(loss, f"{desc}, step {step}"))
+        engine.step(opt, params, lr=lr, clip=1.0)
     model.eval()
     return {"steps": steps, "examples": steps * batch_size, "seconds": time.perf_counter() - t0,
             "final_loss": sum(hist[-20:]) / max(1, len(hist[-20:]))}

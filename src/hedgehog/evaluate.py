@@ -105,7 +105,7 @@ def layer_attention_kl(model: nn.Module, windows: torch.Tensor) -> List[Dict[str
     layers = hedgehog_layers(model)
     sums: List[Dict[str, float]] = [dict() for _ in layers]
     for w in windows:
-        caps = capture_qkv(model, w[None])
+        caps = capture_qkv(model, w[None].to(model_device(model)))
         for i, (layer, (q, k, _)) in enumerate(zip(layers, caps)):
             phi_q, phi_k = layer.features(q, k)
             f = attention_fidelity(q, _repeat_heads(k, layer.n_rep), phi_q, phi_k, causal=layer.causal,

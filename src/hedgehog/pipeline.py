@@ -56,6 +56,9 @@ class ConvertJob:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    # 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'; under torchrun / accelerate launch, each rank's own
+    device: str = "auto"
+    dtype: str = "fp32"  # the base model's weights: fp32, bf16 or fp16 (feature maps and LoRA train in fp32)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -64,7 +67,8 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
-def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code: bool = False,
+              dtype: torch.dtype = torch.float32):
     """The softmax model ``--model`` names (alias, directory, .gguf or hub id at ``revision``) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,7 +78,7 @@ def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code
 
     path = resolve_model_path(model_name)
     hub = hub_kwargs(revision, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                  attn_implementation=teacher_attn_implementation(path, **hub),
                                                  **PLAIN_LOAD, **hub).eval()
     tok = AutoTokenizer.from_pretrained(path, **hub)
@@ -90,7 +94,7 @@ def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:
 
     return {"base_fingerprint": fingerprint, "data": job.data, "feature_map": job.feature_map,
             "attention": job.attention, "window": job.window, "seq_len": job.seq_len, "qk_scale": job.qk_scale,
-            "distill_loss": job.distill_loss, "seed": job.seed, "stage1": stage(job.stage1),
+            "distill_loss": job.distill_loss, "seed": job.seed, "dtype": job.dtype, "stage1": stage(job.stage1),
             "stage2": stage(job.stage2)}
 
 
@@ -126,20 +130,27 @@ def run(job: ConvertJob) -> Dict:
     from hedgehog.data import eval_documents, load_corpus, shuffled_windows, text_label
     from hedgehog.evaluate import fidelity, layer_attention_kl, perplexity
     from hedgehog.resume import StageCheckpoint
+    from hedgehog.train.engine import Engine, parse_dtype
 
     check_convert_job(job)
+    dtype = parse_dtype(job.dtype)
     out = check_out_dir(job.out)
     check_text_source(job.data, job.text_field, job.data_format)
     for source in job.eval_data or ():
         check_text_source(source)
     check_model(job.model, job.seq_len, revision=job.revision, trust_remote_code=job.trust_remote_code)
+    # One process by default; under torchrun / accelerate launch every rank trains on its share of each
+    # batch, and the main process alone evaluates and writes (the others wait at the next collective).
+    engine = Engine(job.device, progress=job.progress)
+    main = engine.is_main
     torch.manual_seed(job.seed)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
 
     t = time.perf_counter()
-    model, tok, base_path = load_base(job.model, job.revision, job.trust_remote_code)
+    model, tok, base_path = load_base(job.model, job.revision, job.trust_remote_code, dtype=dtype)
+    model.to(engine.device)
     corpus = load_corpus(job.data, tok, job.text_field, job.data_format)
     held_out = {name: eval_documents(name, job.data, tok) for name in eval_names(job)}
     L = job.seq_len
@@ -166,13 +177,14 @@ def run(job: ConvertJob) -> Dict:
                if job.stage2 is not None else None)
     if not job.resume:  # a fresh run: earlier checkpoints in this --out are stale
         for c in (s1_ckpt, s2_ckpt):
-            if c is not None:
+            if c is not None and main:
                 c.path.unlink(missing_ok=True)
     elif s1_ckpt.path.exists():
         s1_ckpt.load()  # refuse mismatched settings or a corrupt file now, before the teacher evaluation
+    engine.wait()
 
     t = time.perf_counter()
-    teacher_val_ppl = perplexity(model, val, progress=job.progress, desc="teacher ppl (validation)")
+    teacher_val_ppl = perplexity(model, val, progress=job.progress, desc="teacher ppl (validation)") if main else None
     timings["teacher_eval_s"] = time.perf_counter() - t
 
     hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss,
@@ -180,13 +192,15 @@ def run(job: ConvertJob) -> Dict:
     convert_model(model, hh)
 
     def val_point(stage, tokens, m):
+        if not main:
+            return
         ppl = perplexity(m, val, progress=False)
         curve.append({"stage": stage, "tokens": tokens, "val_ppl": ppl, "val_ppl_ratio": ppl / teacher_val_ppl})
         log.info("%s @ %d tokens: val ppl %.2f (%.2fx teacher)", stage, tokens, ppl, ppl / teacher_val_ppl)
 
     t = time.perf_counter()
     kl_windows = val[: job.kl_windows]
-    kl_before = layer_attention_kl(model, kl_windows)
+    kl_before = layer_attention_kl(model, kl_windows) if main else None
     val_point("init", 0, model)
     timings["kl_before_s"] = time.perf_counter() - t
 
@@ -199,12 +213,15 @@ def run(job: ConvertJob) -> Dict:
             val_point("stage1", rec["tokens"], model)
 
     s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress,
-                                   checkpoint=s1_ckpt)
-    ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
-                        extra={"stage1_report": _slim(s1_report)}, format="light")
+                                   checkpoint=s1_ckpt, engine=engine)
+    if main:
+        ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
+                            extra={"stage1_report": _slim(s1_report)}, format="light")
     set_attention_mode(model, "linear")
 
     def score(stage, m):
+        if not main:
+            return None
         res = {}
         for name, w in eval_sets.items():
             res[name] = f = fidelity(m, w, progress=job.progress, desc=f"{stage}: {name}")
@@ -213,7 +230,7 @@ def run(job: ConvertJob) -> Dict:
         return res
 
     t = time.perf_counter()
-    kl_after = layer_attention_kl(model, kl_windows)
+    kl_after = layer_attention_kl(model, kl_windows) if main else None
     fid_stage1 = score("after stage 1", model)
     timings["stage1_eval_s"] = time.perf_counter() - t
 
@@ -232,8 +249,11 @@ def run(job: ConvertJob) -> Dict:
                 val_point("stage2", s1_tokens + rec["tokens"], pm)
 
         s2_report = lora_finetune(pm, train2, job.stage2, callback=cb2, progress=job.progress,
-                                  checkpoint=s2_ckpt)
+                                  checkpoint=s2_ckpt, engine=engine)
         final = pm
+    if not main:  # the main process evaluates, saves and reports; this rank's training work is done
+        engine.wait()
+        return {"rank": engine.rank, "stage1": _slim(s1_report), "stage2": _slim(s2_report)}
 
     t = time.perf_counter()
     fid_final = score("final", final) if final is not model else fid_stage1
@@ -248,9 +268,10 @@ def run(job: ConvertJob) -> Dict:
                         extra={"data": job.data, "seq_len": L, "base_revision": job.revision, "stage1_tokens": job.stage1.tokens,
                                "stage2_tokens": job.stage2.tokens if job.stage2 else 0},
                         format=job.save_format)
-    reloaded, _ = ckpt.load(model_dir, merge_lora=False)  # light format: unmerged, exactly the saved computation
+    # light format: unmerged, exactly the saved computation
+    reloaded, _ = ckpt.load(model_dir, merge_lora=False, dtype=dtype, device=engine.device)
     with torch.no_grad():
-        probe = test[:1, :128]
+        probe = test[:1, :128].to(engine.device)
         final.eval()
         ref_logits = final(input_ids=probe, use_cache=False).logits
         new_logits = reloaded(input_ids=probe, use_cache=False).logits
@@ -289,12 +310,15 @@ def run(job: ConvertJob) -> Dict:
         "wall_s": time.perf_counter() - t_start,
         "settings": asdict(job),
         "model_dir": str(model_dir),
+        "device": str(engine.device),
+        "processes": engine.world,
     }
     _write_json(out / "report.json", report)
     if job.save_format == "hf":
         from hedgehog.modelcard import write_model_card
 
         write_model_card(model_dir, json.loads((model_dir / "config.json").read_text()), report)
+    engine.wait()
     return report
 
 
@@ -380,6 +404,9 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
         job.out = str(root / name.replace(":", "-"))
         log.info("=== compare: %s ===", name)
         r = run(job)
+        if "rank" in r:  # a worker of a multi-process run: the main process writes the table
+            result = dict(r, rows=[])
+            continue
         rows.append({"feature_map": name, "teacher_ppl": r["teacher_ppl"], "student_ppl_stage1": r["student_ppl_stage1"],
                      "student_ppl": r["student_ppl"], "ppl_ratio": r["ppl_ratio"], "ppl_ratio_stage1": r["ppl_ratio_stage1"],
                      "mean_kl_before": r["mean_kl_before"], "mean_kl_after": r["mean_kl_after"],
@@ -388,7 +415,8 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
                      "held_out": (r["held_out"] or {}).get("final")})
         result = {"rows": rows, "settings": asdict(base_job)}
         _write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
-    _plot_compare(rows, root / "compare.png")
+    if "rank" not in result:
+        _plot_compare(rows, root / "compare.png")
     return result
 
 

@@ -41,10 +41,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
-from hedgehog.distill import _lr_factor, clipped_step
+from hedgehog.train.engine import Engine, resolve_device
 from hedgehog.evaluate import model_device, perplexity
 from hedgehog.generation import cache_argument
 from hedgehog.pipeline import _write_json
@@ -67,29 +66,6 @@ def parse_kinds(spec: str) -> List[str]:
     if bad or not kinds:
         raise ValueError(f"unknown attention kind(s) {bad or spec!r}; choose from {', '.join(KINDS)} (or 'all')")
     return kinds
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> the first CUDA device if there is one, else the CPU; 'cpu', 'cuda', 'cuda:N' as torch reads them.
-
-    A CUDA device on a machine without one (or an index past the last) is a ValueError that names the fix, raised
-    before any data or model is loaded."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r} ({e}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: training runs on 'cpu' or 'cuda' ('auto' picks)")
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"device {name!r}: this PyTorch sees no CUDA device (torch {torch.__version__}); "
-                             "use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"device {name!r}: only {n} CUDA device(s) here (cuda:0 .. cuda:{n - 1})")
-    return dev
 
 
 class ByteTokenizer:
@@ -371,7 +347,9 @@ def train_lm(job: TrainJob) -> Dict:
     kind = job.attention
     if kind not in KINDS:
         raise ValueError(f"unknown attention kind {kind!r}; choose from {', '.join(KINDS)}")
-    dev = resolve_device(job.device)
+    engine = Engine(job.device, progress=job.progress)
+    engine.check_batch(job.batch_size, "the batch (--batch-size)")
+    dev = engine.device
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
@@ -395,35 +373,37 @@ def train_lm(job: TrainJob) -> Dict:
     if ck is not None:
         state = load_checkpoint(ck, model, opt)
         log.info("%s: resumed at step %d from %s", kind, state["step"], ck)
+    wrapped, opt = engine.prepare(model, opt)
     set_train_mode(model, kind, job.mimic_weight)
     model.train()
-    bar = tqdm(total=total, initial=state["step"], desc=f"train {kind}", disable=not job.progress, unit="step")
+    bar = engine.bar(total=total, initial=state["step"], desc=f"train {kind}", unit="step")
     t0 = time.perf_counter() - state["seconds"]
     while state["step"] < total:
-        if job.minutes and time.perf_counter() - t0 > job.minutes * 60:
+        if job.minutes and engine.any(time.perf_counter() - t0 > job.minutes * 60):
             log.info("%s: stopping at the %.1f-minute cap (step %d of %d)", kind, job.minutes, state["step"], total)
             break
         step = state["step"]
         idx = [(step * job.batch_size + j) % len(train) for j in range(job.batch_size)]
-        batch = train[idx].to(dev)
-        for g in opt.param_groups:
-            g["lr"] = job.lr * _lr_factor(step, total, job.warmup_steps)
+        (batch,) = engine.local(train[idx])
+        engine.set_lr(opt, job.lr, step, total, job.warmup_steps)
         if job.mimic_rows:
             rows = mimic_rows_for_step(L, job.mimic_rows, job.seed, step)
             set_mimic_rows(model, None if rows is None else rows.to(dev))
-        lm = model(input_ids=batch, labels=batch, use_cache=False).loss
+        lm = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
         loss, mimic = _with_mimic(model, lm, job.mimic_weight)
-        clipped_step(opt, loss, model.parameters(), job.grad_clip, f"training {kind}, step {step}", job.lr)
+        engine.backward(loss, f"training {kind}, step {step}")
+        engine.step(opt, model.parameters(), lr=job.lr, clip=job.grad_clip)
         state["step"] += 1
-        state["tokens"] += batch.numel()
+        state["tokens"] += batch.numel() * engine.world
         state["seconds"] = time.perf_counter() - t0
-        rec = {"step": state["step"], "tokens": state["tokens"], "lm_loss": lm.item()}
+        losses = engine.means([lm.item()] + ([] if mimic is None else [mimic.item()]))
+        rec = {"step": state["step"], "tokens": state["tokens"], "lm_loss": losses[0]}
         if mimic is not None:
-            rec["mimic_loss"] = mimic.item()
+            rec["mimic_loss"] = losses[1]
         state["history"].append(rec)
         bar.update(1)
         bar.set_postfix(lm=f"{rec['lm_loss']:.3f}")
-        if state["step"] % eval_every == 0 or state["step"] == total:
+        if engine.is_main and (state["step"] % eval_every == 0 or state["step"] == total):
             if kind != "softmax":
                 set_attention_mode(model, "linear")
             ppl = _lm_perplexity(model, val)
@@ -431,15 +411,17 @@ def train_lm(job: TrainJob) -> Dict:
             state["curve"].append({"step": state["step"], "tokens": state["tokens"], "val_ppl": ppl})
             log.info("%s step %d (%d tokens): val ppl %.3f", kind, state["step"], state["tokens"], ppl)
         if state["step"] % job.checkpoint_every == 0 or state["step"] == total:
-            save_checkpoint(out, model, opt, state)
+            _save_on_main(engine, out, model, opt, state)
     bar.close()
     set_mimic_rows(model, None)
     if kind != "softmax":
         set_attention_mode(model, "linear")
     model.eval()
+    _save_on_main(engine, out, model, opt, state)
+    if not engine.is_main:  # the main process evaluates and writes the report
+        return {"attention": kind, "steps": state["step"], "tokens": state["tokens"], "rank": engine.rank}
     val_ppl = _lm_perplexity(model, val)
     test_ppl = _lm_perplexity(model, test)
-    save_checkpoint(out, model, opt, state)
     maps = hedgehog_layers(model)
     report = {
         "attention": kind, "data": job.data, "tokenizer": "bytes", "params": n_params,
@@ -447,12 +429,19 @@ def train_lm(job: TrainJob) -> Dict:
         "feature_dim": maps[0].feature_map_q.feature_dim if maps else None,
         "steps": state["step"], "tokens": state["tokens"], "seconds": state["seconds"],
         "val_ppl": val_ppl, "test_ppl": test_ppl, "test_bits_per_byte": math.log2(test_ppl), "device": str(dev),
+        "processes": engine.world,
         "final_train_loss": sum(r["lm_loss"] for r in state["history"][-20:]) / max(1, len(state["history"][-20:])),
         "curve": state["curve"], "history": state["history"], "settings": asdict(job),
         "splits": {k: v for k, v in corpus.documents.items() if k != "train"},
     }
     _write_json(out / "report.json", report)
     return report
+
+
+def _save_on_main(engine: Engine, out: Path, model, opt, state) -> None:
+    if engine.is_main:
+        save_checkpoint(out, model, opt, state)
+    engine.wait()
 
 
 def train_compare(kinds: Sequence[str], job: TrainJob, out: str) -> Dict:
@@ -469,8 +458,13 @@ def train_compare(kinds: Sequence[str], job: TrainJob, out: str) -> Dict:
                 rows.append(rep)
                 continue
         rep = train_lm(TrainJob(**{**asdict(job), "model": job.model, "out": str(sub), "attention": kind}))
+        if "rank" in rep:  # a worker of a multi-process run: the main process writes the table
+            worker = rep
+            continue
         rows.append(rep)
         _write_compare(root, rows)
+    if "worker" in locals():
+        return {"rows": [], **worker}
     return _write_compare(root, rows)
 
 
@@ -676,7 +670,8 @@ def mqar_accuracy(model, ids, targets, batch_size=250) -> float:
 def train_mqar(kind: str, job: MQARJob) -> Dict:
     spec = ModelSpec(vocab_size=job.task.vocab_size, d_model=job.d_model, layers=job.layers, heads=job.heads,
                      max_len=job.task.seq_len, mlp_mult=2.0, arch=job.arch)
-    dev = resolve_device(job.device)
+    engine = Engine(job.device, progress=job.progress)
+    dev = engine.device
     model = build_model(kind, spec, seed=job.seed).to(dev)
     g_eval = torch.Generator().manual_seed(10_000 + job.seed)
     eval_ids, eval_t = mqar_batch(job.eval_examples, job.task, g_eval)
@@ -685,16 +680,16 @@ def train_mqar(kind: str, job: MQARJob) -> Dict:
     set_train_mode(model, kind, job.mimic_weight)
     model.train()
     curve, t0 = [], time.perf_counter()
-    bar = tqdm(range(job.steps), desc=f"MQAR {kind}", disable=not job.progress, unit="step")
+    bar = engine.bar(iterable=range(job.steps), desc=f"MQAR {kind}", unit="step")
     for step in bar:
         ids, t = mqar_batch(job.batch_size, job.task, g)  # drawn on the CPU: the same data on every device
         ids, t = ids.to(dev), t.to(dev)
-        for grp in opt.param_groups:
-            grp["lr"] = job.lr * _lr_factor(step, job.steps, job.warmup_steps)
+        engine.set_lr(opt, job.lr, step, job.steps, job.warmup_steps)
         logits = model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=-100)
         total, _ = _with_mimic(model, loss, job.mimic_weight)
-        clipped_step(opt, total, model.parameters(), 1.0, f"MQAR {kind}, step {step}", job.lr)
+        engine.backward(total, f"MQAR {kind}, step {step}")
+        engine.step(opt, model.parameters(), lr=job.lr, clip=1.0)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % job.eval_every == 0 or step + 1 == job.steps:
             if kind != "softmax":

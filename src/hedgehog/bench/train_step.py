@@ -2,7 +2,7 @@
 
 Run:  hedgehog bench train-step [--lengths 256,1024,4096] [--tokens 4096] [--mimic-rows 64]
 
-Each point times one optimizer step (forward, backward, gradient clip, AdamW: ``clipped_step``, as in
+Each point times one optimizer step (forward, backward, gradient clip, AdamW: the engine's ``backward`` + ``step``, as in
 training) of the ``hedgehog train`` model (a 4-layer, width-256 Llama-style decoder, byte vocabulary,
 ``--short-conv`` as given) on ``tokens // N`` random windows of N bytes, so every length trains on the same
 number of tokens. Hedgehog runs in ``mimic`` mode, as in
@@ -27,7 +27,7 @@ DEFAULT_LENGTHS = (256, 1024, 4096)
 
 def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repeats: int, short_conv: int) -> float:
     """Best wall time of one training step of ``kind`` on (tokens // n, n) random bytes."""
-    from hedgehog.distill import clipped_step
+    from hedgehog.train.engine import Engine
     from hedgehog.scratch import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
                                   set_mimic_rows, set_train_mode)
 
@@ -36,6 +36,7 @@ def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repe
     set_train_mode(model, kind, 1.0)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine = Engine("cpu", progress=False)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, ByteTokenizer.vocab_size - 1, (max(1, tokens // n), n), generator=gen)
     best = float("inf")
@@ -45,7 +46,8 @@ def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repe
             set_mimic_rows(model, mimic_rows_for_step(n, mimic_rows, 0, i))
         lm = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss, _ = _with_mimic(model, lm, 1.0)
-        clipped_step(opt, loss, model.parameters(), 1.0, f"bench train-step {kind}, N={n}", 1e-4)  # as train_lm
+        engine.backward(loss, f"bench train-step {kind}, N={n}")  # as train_lm
+        engine.step(opt, model.parameters(), lr=1e-4, clip=1.0)
         if i:
             best = min(best, time.perf_counter() - t)
     return best
