@@ -185,3 +185,28 @@ def test_two_processes_resume_after_a_kill(tiny_assets, tmp_path, one_process):
     res = json.loads((out / "report.json").read_text())
     assert res["stage1"]["resumed"] and res["stage2"]["resumed"] and res["stage2"]["steps"] == 8
     assert res["student_ppl"] == pytest.approx(one_process["student_ppl"], rel=1e-3)
+
+
+def test_layer_blocks_train_the_same_maps_with_partial_forwards(tiny_assets, monkeypatch):
+    """Block-wise stage 1 (one layer per teacher forward) ends at the maps of the all-layers run, and each
+    forward stops after its block: the last layer never runs for the first block."""
+    from hedgehog.attention import hedgehog_layers
+    from hedgehog.distill import Stage1Config, attention_transfer, feature_map_parameters, memory_plan
+
+    windows = torch.randint(2, 12, (8, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for block in (0, 1):
+        model = _tiny_converted(tiny_assets)
+        last = hedgehog_layers(model)[-1]
+        calls = []
+        last.register_forward_hook(lambda *_: calls.append(1))
+        rep = attention_transfer(model, windows, Stage1Config(tokens=4 * 16 * 2, batch_size=4, layer_block=block),
+                                 progress=False)
+        assert rep["steps"] == 2 * 4 and rep["memory_plan"]["forwards_per_batch"] == (1 if block == 0 else 2)
+        assert len(calls) == 2  # 2 batches: one forward reaches the last layer per batch either way
+        results.append([p.detach().clone() for p in feature_map_parameters(model)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any((a - torch.eye(a.shape[-1])).abs().max() > 1e-3 for a in results[0] if a.dim() == 3)  # trained
+    plan = memory_plan(_tiny_converted(tiny_assets), 4, 16, 1)
+    assert plan["captures_per_forward_gb"] * 2 == pytest.approx(plan["captures_all_layers_gb"])

@@ -52,7 +52,7 @@ def _job_from_args(args):
 
     s1 = Stage1Config(tokens=args.stage1_tokens, lr=args.stage1_lr, batch_size=args.stage1_batch,
                       steps_per_capture=args.stage1_steps_per_batch, time_budget_s=_minutes(args.stage1_minutes),
-                      checkpoint_every=args.stage1_checkpoint_every)
+                      checkpoint_every=args.stage1_checkpoint_every, layer_block=args.stage1_layer_block)
     s2 = None
     if args.stage2_tokens > 0:
         s2 = Stage2Config(tokens=args.stage2_tokens, lr=args.stage2_lr, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -143,14 +143,15 @@ def _eval(args):
         check_text_source(source)
     if args.tasks:
         return _eval_tasks(args)
-    model, tok, kind = _load_any(args.model, args.base_model)
+    device, dtype = _placement(args)
+    model, tok, kind = _load_any(args.model, args.base_model, device, dtype)
     teacher = None
     if kind == "hedgehog":
         from hedgehog.checkpoint import load_teacher, needs_separate_teacher
 
         # LoRA merged into the weights: the teacher is the recorded base, not this model in softmax mode
         if needs_separate_teacher(args.model) or args.base_model:
-            teacher = load_teacher(args.model, args.base_model)
+            teacher = load_teacher(args.model, args.base_model, dtype=dtype, device=device)
     corpus = load_corpus(args.data, tok, args.text_field, args.data_format)
     windows = tokenize_windows(corpus.splits[args.split], tok, args.seq_len, max_tokens=args.tokens)
     if kind == "softmax":
@@ -346,6 +347,9 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--stage1-batch", type=int, default=s1.batch_size, help="windows per stage 1 step")
     c.add_argument("--stage1-steps-per-batch", type=int, default=s1.steps_per_capture,
                    help="stage 1 optimizer steps per captured batch (disjoint query-row subsets)")
+    c.add_argument("--stage1-layer-block", type=int, default=s1.layer_block,
+                   help="layers captured per teacher forward in stage 1 (0: all from one forward). Smaller blocks "
+                        "hold fewer q/k/v (the log prints the memory plan) for more partial forwards; same result")
     c.add_argument("--stage1-minutes", type=float, default=0,
                    help="opt-in cap: end stage 1 after this many minutes (0: none; the report records tokens done "
                         "vs planned)")
@@ -391,16 +395,30 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _load_any(model_arg, base_model=None):
+def _placement(args):
+    """``(device, dtype)`` from ``--device``/``--dtype`` (checked before anything loads)."""
+    from hedgehog.train.engine import parse_dtype, resolve_device
+
+    try:
+        device = resolve_device(getattr(args, "device", "cpu"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return device, parse_dtype(getattr(args, "dtype", "fp32"))
+
+
+def _load_any(model_arg, base_model=None, device="cpu", dtype=None):
     """A converted dir -> (model, tok, 'hedgehog'); otherwise the plain softmax model."""
+    import torch
+
     from hedgehog.checkpoint import is_converted_dir, load
     from hedgehog.pipeline import load_base
 
+    dtype = dtype or torch.float32
     if is_converted_dir(model_arg):
-        model, tok = load(model_arg, base_model=base_model)
+        model, tok = load(model_arg, base_model=base_model, dtype=dtype, device=device)
         return model, tok, "hedgehog"
-    model, tok, _ = load_base(model_arg)
-    return model, tok, "softmax"
+    model, tok, _ = load_base(model_arg, dtype=dtype)
+    return model.to(device), tok, "softmax"
 
 
 def _analyze(args):
@@ -423,14 +441,15 @@ def _generate(args):
     from hedgehog.generation import output_cache
 
     _setup_logging()
-    model, tok, kind = _load_any(args.model, args.base_model)
+    device, dtype = _placement(args)
+    model, tok, kind = _load_any(args.model, args.base_model, device, dtype)
     if tok is None:
         raise UserError(f"{args.model} has no tokenizer; save one with the model")
     prompt = args.prompt
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -557,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--base-model", default=None, help="override the base model recorded in a converted dir")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_device(g, "where the model runs")
+    _add_dtype(g)
     g.set_defaults(func=_generate)
 
     an = sub.add_parser("analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -697,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int, default=16384, help="max tokens evaluated on --data's split")
     e.add_argument("--fidelity-tokens", type=int, default=4096, help="tokens per held-out text")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _add_device(e, "where the models score the windows")
+    _add_dtype(e)
     e.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks: score the converted model and its teacher side by side "
                         "(needs `pip install 'hedgehog[eval]'`); 'heldout_cloze' is a built-in offline task "

@@ -29,11 +29,11 @@ log = logging.getLogger("hedgehog")
 
 
 def feature_map_parameters(model: nn.Module) -> List[nn.Parameter]:
-    params = []
-    for layer in hedgehog_layers(model):
-        for m in layer.trainable_modules().values():
-            params += list(m.parameters())
-    return params
+    return feature_map_parameters_of(hedgehog_layers(model))
+
+
+def feature_map_parameters_of(layers) -> List[nn.Parameter]:
+    return [p for layer in layers for m in layer.trainable_modules().values() for p in m.parameters()]
 
 
 def _engine_for(model: nn.Module, engine: Optional[Engine], progress: bool) -> Engine:
@@ -56,6 +56,10 @@ class Stage1Config:
     warmup_steps: int = 10
     time_budget_s: Optional[float] = None  # opt-in cap: stop early when exceeded (logged, and in the report)
     checkpoint_every: int = 8  # captured batches between mid-stage checkpoints (with a checkpoint file)
+    # 0: one teacher forward captures every layer's q/k/v per batch; k: k layers per forward (block-wise
+    # transfer as in LoLCATs: the captures shrink by layers/k for up to layers/k partial forwards per batch).
+    # The maps train to the same values either way (each layer's maps see the same gradients and steps).
+    layer_block: int = 0
 
 
 @dataclass
@@ -80,18 +84,48 @@ class Stage2Config:
     checkpoint_every: int = 25  # steps between mid-stage checkpoints (with a checkpoint file)
 
 
+class _EnoughLayers(Exception):
+    """Raised after the last layer a capture needs: the rest of the teacher forward is skipped."""
+
+
 @torch.no_grad()
-def capture_qkv(model: nn.Module, input_ids: torch.Tensor) -> List[tuple]:
-    """Teacher forward; returns per converted layer the post-RoPE (q, k, v)."""
-    layers = hedgehog_layers(model)
+def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Optional[List[nn.Module]] = None) -> List[tuple]:
+    """Teacher forward; returns per converted layer (or per layer of ``layers``) the post-RoPE (q, k, v). With
+    ``layers``, the forward stops after the last of them."""
+    everything = layers is None
+    layers = hedgehog_layers(model) if everything else layers
     set_attention_mode(model, "softmax")
     for layer in layers:
         layer.start_capture()
+    stop = None
+    if not everything:
+        def enough(*_):
+            raise _EnoughLayers
+        stop = layers[-1].register_forward_hook(enough)
     try:
         model(input_ids=input_ids, use_cache=False)
+    except _EnoughLayers:
+        pass
     finally:
+        if stop is not None:
+            stop.remove()
         caps = [layer.stop_capture() for layer in layers]
     return [c[0] for c in caps]
+
+
+def memory_plan(model: nn.Module, rows_per_rank: int, seq_len: int, layer_block: int = 0) -> Dict[str, float]:
+    """GB held by stage 1's captures per batch (q, k, v of the captured layers, in the model's dtype), for all
+    layers at once and for ``layer_block`` layers, next to the teacher's weights."""
+    layers = hedgehog_layers(model)
+    p = next(model.parameters())
+    per_layer = [rows_per_rank * seq_len * (l.num_q_heads + 2 * l.num_kv_heads) * l.hh_head_dim * p.element_size()
+                 for l in layers]
+    block = layer_block or len(layers)
+    gb = 2 ** 30
+    return {"weights_gb": sum(t.numel() * t.element_size() for t in model.parameters()) / gb,
+            "captures_all_layers_gb": sum(per_layer) / gb,
+            "captures_per_forward_gb": max(sum(per_layer[i:i + block]) for i in range(0, len(layers), block)) / gb,
+            "layers_per_forward": block, "forwards_per_batch": -(-len(layers) // block)}
 
 
 def _time_cap_hit(stage: str, cfg, t0: float, tokens: int, planned: int) -> bool:
@@ -124,6 +158,13 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
         p.requires_grad_(True)
     if not params:  # parameter-free maps (elu, relu, performer, cosformer, taylor): nothing to train
         return {"steps": 0, "tokens": 0, "seconds": 0.0, "history": [], "note": "feature map has no parameters"}
+    block = cfg.layer_block if 0 < cfg.layer_block < len(layers) else len(layers)
+    blocks = [layers[i:i + block] for i in range(0, len(layers), block)]
+    block_params = [feature_map_parameters_of(b) for b in blocks]
+    plan = memory_plan(model, cfg.batch_size // engine.world, windows.shape[1], block)
+    log.info("stage 1 memory plan: weights %.2f GB; captured q/k/v %.2f GB per forward (%d layers, %d forwards per "
+             "batch; all layers at once: %.2f GB)", plan["weights_gb"], plan["captures_per_forward_gb"],
+             plan["layers_per_forward"], plan["forwards_per_batch"], plan["captures_all_layers_gb"])
     opt = torch.optim.Adam(params, lr=cfg.lr)
     seq_len = windows.shape[1]
     spc = 1 if layers[0].hh_config.distill_loss == "mse" else max(1, cfg.steps_per_capture)
@@ -154,18 +195,24 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
             capped = True
             break
         (mine,) = engine.local(batch)
-        caps = capture_qkv(model, mine)
         subsets = torch.randperm(seq_len, generator=gen).chunk(spc) if spc > 1 else [None]
         per_layer = [0.0] * len(layers)  # mean over the subsets: an estimate of the full loss
-        for rows in subsets:
-            engine.set_lr(opt, cfg.lr, step, total_steps, cfg.warmup_steps)
-            for i, (layer, (q, k, v)) in enumerate(zip(layers, caps)):
-                with torch.enable_grad(), engine.autocast():
-                    loss = layer.layer_distill_loss(q, k, v, query_index=rows)
-                # each layer's graph is freed by its own backward: one layer's graph alive at a time
-                per_layer[i] += engine.backward(loss, f"stage 1, layer {layer.layer_idx}, step {step}") / len(subsets)
-            engine.step(opt, params, lr=cfg.lr, sync=True)
-            step += 1
+        first = 0
+        for blk, blk_params in zip(blocks, block_params):
+            caps = capture_qkv(model, mine, None if len(blocks) == 1 else blk)
+            for j, rows in enumerate(subsets):
+                engine.set_lr(opt, cfg.lr, step + j, total_steps, cfg.warmup_steps)
+                for i, (layer, (q, k, v)) in enumerate(zip(blk, caps), start=first):
+                    with torch.enable_grad(), engine.autocast():
+                        loss = layer.layer_distill_loss(q, k, v, query_index=rows)
+                    # each layer's graph is freed by its own backward: one layer's graph alive at a time
+                    where = f"stage 1, layer {layer.layer_idx}, step {step + j}"
+                    per_layer[i] += engine.backward(loss, where) / len(subsets)
+                # Adam is per tensor: stepping one block's maps at a time is the same update as all at once
+                engine.step(opt, blk_params, lr=cfg.lr, sync=True)
+            first += len(blk)
+            del caps
+        step += len(subsets)
         per_layer = engine.means(per_layer)
         n_caps += 1
         tokens += batch.numel()
@@ -184,7 +231,7 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
     set_attention_mode(model, "linear")
     for p in params:
         p.requires_grad_(False)
-    return {"steps": step, "captures": n_caps, "tokens": tokens, "tokens_planned": planned,
+    return {"steps": step, "captures": n_caps, "tokens": tokens, "tokens_planned": planned, "memory_plan": plan,
             "stopped_by_time_cap": capped, "resumed": state is not None,
             "seconds": time.perf_counter() - t0, "history": history}
 

@@ -90,7 +90,7 @@ def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:
     (not the output, evaluation sizes, progress bars, time caps or checkpoint spacing)."""
     def stage(cfg):
         return None if cfg is None else {k: v for k, v in asdict(cfg).items()
-                                         if k not in ("time_budget_s", "checkpoint_every")}
+                                         if k not in ("time_budget_s", "checkpoint_every", "layer_block")}
 
     return {"base_fingerprint": fingerprint, "data": job.data, "feature_map": job.feature_map,
             "attention": job.attention, "window": job.window, "seq_len": job.seq_len, "qk_scale": job.qk_scale,

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.errors import UserError
+from hedgehog.train.engine import parse_dtype
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.ops import cpu_kernel, feature_hybrid_attention, feature_linear_attention
 
@@ -319,6 +320,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sdpa-len", type=int, default=None, help="skip SDPA above this length")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="q, k, v for both SDPA and Hedgehog (bf16/fp16 on GPUs; the CPU is fastest in fp32) "
+                        "(default: %(default)s)")
     p.add_argument("--out", default="bench_out/attention", help="output dir for JSON + PNG (default: %(default)s)")
 
 
@@ -331,11 +335,11 @@ def run_from_args(args) -> Dict:
     print(HEADER)
     result = run(lengths, args.batch, args.heads, args.head_dim, args.repeats, not args.no_backward, args.device,
                  args.feature_map, args.chunk_size, args.max_sdpa_len, measure_memory=not args.no_memory,
-                 window=args.window if args.attention == "hybrid" else None)
+                 window=args.window if args.attention == "hybrid" else None, dtype=parse_dtype(args.dtype))
     (out / "attention.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "attention.png")
     best = max((r for r in result["rows"] if "fwd_speedup" in r), key=lambda r: r["n"], default=None)
-    print(f"fp32 matmul rate: {result['matmul_gflops']:.0f} GFLOP/s; crossover (Hedgehog faster) at N = "
+    print(f"{args.dtype} matmul rate: {result['matmul_gflops']:.0f} GFLOP/s; crossover (Hedgehog faster) at N = "
           f"{result['crossover_n']}")
     if best:
         print(f"at N={best['n']}: forward {best['fwd_speedup']:.1f}x faster than SDPA, "
