@@ -337,3 +337,69 @@ def test_fused_maps_without_bias():
     ref, (S_ref, z_ref) = reference(q, k, v, fq, fk)
     assert_matches((y, S, z), (ref, S_ref, z_ref))
     torch.testing.assert_close(yh.double(), hybrid_reference(q, k, v, fq, fk, 10, 0.5)[0], rtol=2e-5, atol=2e-6)
+
+
+# ---- the plain op on precomputed features ------------------------------------------------------------------
+
+def _features(b, h, n, f, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    pq = torch.rand(b, h, n, f, generator=g, dtype=torch.float64) + 0.01
+    pk = torch.rand(b, h, n, f, generator=g, dtype=torch.float64) + 0.01
+    return pq, pk, torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("f, d", [(10, 7), (128, 64)])
+def test_plain_op_fused_matches_float64_reference(n, f, d, monkeypatch):
+    """``linear_attention`` on precomputed float32 features, without autograd, is the fused kernel's; it
+    matches the float64 quadratic form, and its state is exactly sum phi(k) v^T and sum phi(k)."""
+    from hedgehog.ops import linear_attention
+
+    calls = []
+    real = cpu_kernel.fused_linear_attention
+    monkeypatch.setattr(cpu_kernel, "fused_linear_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pq, pk, v = _features(2, 3, n, f, d, n)
+    with torch.no_grad():
+        y, (S, z) = linear_attention(pq.float(), pk.float(), v.float(), return_state=True)
+    assert calls and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), quadratic_linear_attention(pq, pk, v), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(S.double(), pk.transpose(-1, -2) @ v, rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(z.double(), pk.sum(2), rtol=2e-5, atol=2e-4)
+
+
+@needs_kernel
+def test_plain_op_fused_carries_state_and_leaves_autograd_alone():
+    from hedgehog.ops import linear_attention
+
+    pq, pk, v = _features(1, 2, 3 * C + 5, 12, 9, 1)
+    ref = quadratic_linear_attention(pq, pk, v)
+    cut = C + 3
+    with torch.no_grad():
+        _, st = linear_attention(pq[:, :, :cut].float(), pk[:, :, :cut].float(), v[:, :, :cut].float(),
+                                 return_state=True)
+        y2 = linear_attention(pq[:, :, cut:].float(), pk[:, :, cut:].float(), v[:, :, cut:].float(),
+                              initial_state=st)
+    torch.testing.assert_close(y2.double(), ref[:, :, cut:], rtol=2e-5, atol=2e-5)
+    # inputs that need gradients: the PyTorch path (the kernel has no backward)
+    q32 = pq.float().requires_grad_(True)
+    assert cpu_kernel.fused_linear_attention(q32, pk.float(), v.float()) is None
+    y = linear_attention(q32, pk.float(), v.float())
+    y.sum().backward()
+    assert q32.grad is not None and torch.isfinite(q32.grad).all()
+    assert cpu_kernel.fused_linear_attention(pq, pk, v) is None  # float64: the reference path
+
+
+@needs_kernel
+def test_outputs_reuse_their_pages():
+    """A freed output goes back to the kernel's cache and the next call of that size gets the same memory
+    (no fresh pages to fault in, with no process-wide malloc setting)."""
+    pq, pk, v = (t.float() for t in _features(1, 2, 4096, 16, 64, 2))
+    with torch.no_grad():
+        y = cpu_kernel.fused_linear_attention(pq, pk, v)[0]
+        ptr = y.data_ptr()
+        del y
+        assert cpu_kernel.pool_bytes() >= 2 * 4096 * 64 * 4
+        y2 = cpu_kernel.fused_linear_attention(pq, pk, v)[0]
+    assert y2.data_ptr() == ptr
+    y2.mul_(2).add_(1)  # an ordinary tensor to its user

@@ -44,3 +44,25 @@ def test_tuning_keeps_a_freed_block_in_the_process():
                                           env=env, check=True).stdout.split()[-1])
     assert run("0") > 60_000  # the whole 64 MB returned
     assert run("1") < 1_000  # kept
+
+
+def test_benchmarks_run_as_a_library_caller_gets_them(tmp_path):
+    """`hedgehog bench attention` leaves malloc alone (as a library caller's process) and still times the fused
+    CPU kernel; other commands keep the tuning."""
+    code = textwrap.dedent("""
+        import json, sys
+        from hedgehog import runtime
+        from hedgehog.cli import main
+        assert main(["bench", "attention", "--lengths", "256", "--no-backward", "--no-memory", "--repeats", "1",
+                     "--out", sys.argv[1]]) == 0
+        rows = json.load(open(sys.argv[1] + "/attention.json"))
+        print("RESULT", runtime._applied, rows["config"]["forward_kernel"])
+    """)
+    env = {**os.environ, "HEDGEHOG_MALLOC_TUNING": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    applied, kernel = out.split("RESULT")[-1].split()
+    assert applied == "None"
+    from hedgehog.ops import cpu_kernel
+
+    assert kernel == ("fused-cpu" if cpu_kernel.load() is not None else "torch")

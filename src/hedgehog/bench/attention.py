@@ -7,6 +7,9 @@ Each length times, in one process and interleaved, the forward (no grad) and for
 ``feature_linear_attention`` (the no-grad forward takes the fused CPU kernel of
 ``hedgehog.ops.cpu_kernel`` where it builds, the backward the PyTorch ops; the JSON's
 ``forward_kernel`` says which; ``HEDGEHOG_CPU_KERNEL=0`` times the PyTorch forward); (2) ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
+With ``--attention linear`` it also times (3) the public op ``linear_attention`` on precomputed features
+(``op ms``), which custom feature maps call (the fused kernel without the maps). The process is a library
+caller's: the CLI leaves malloc alone for the benchmarks (the kernels keep their own output buffers).
 With ``--attention hybrid`` the student is the sliding-window + linear hybrid
 (``feature_hybrid_attention``, window ``--window``, feature maps applied block by block).
 Times are the best of ``--repeats`` runs. Peak forward memory on the CPU is measured in a fresh
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from hedgehog.errors import UserError
 from hedgehog.train.engine import parse_dtype
 from hedgehog.feature_maps import get_feature_map
-from hedgehog.ops import cpu_kernel, feature_hybrid_attention, feature_linear_attention
+from hedgehog.ops import cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -201,10 +204,22 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
 
         row["hedgehog_fwd_s"] = best_time(hh_fwd, reps, device)
         row["hedgehog_fwd_peak_mb"] = peak("hedgehog", hh_fwd)
+        if not window:  # the public op on precomputed features, as a custom feature map calls it
+            with torch.no_grad():
+                pq, pk = fq(q), fk(k)
+
+            def plain_fwd():
+                with torch.no_grad():
+                    return linear_attention(pq, pk, v, chunk_size=chunk_size)
+
+            row["plain_fwd_s"] = best_time(plain_fwd, reps, device)
+            del pq, pk
         if run_sdpa:
             row["sdpa_fwd_s"] = best_time(sd_fwd, sdpa_reps, device)
             row["sdpa_fwd_peak_mb"] = peak("sdpa", sd_fwd)
             row["fwd_speedup"] = row["sdpa_fwd_s"] / row["hedgehog_fwd_s"]
+            if "plain_fwd_s" in row:
+                row["plain_speedup"] = row["sdpa_fwd_s"] / row["plain_fwd_s"]
         if backward:
             row["hedgehog_fwdbwd_s"] = best_time(hh_bwd, reps, device)
             if run_sdpa:
@@ -229,7 +244,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
 
 
 HEADER = (f"{'N':>6} | {'hh fwd ms':>9} {'sdpa fwd ms':>11} {'speedup':>7} | {'hh f+b ms':>9} {'sdpa f+b ms':>11} "
-          f"{'speedup':>7} | {'hh MB':>7} {'sdpa MB':>7} | {'hh GF/s':>7}")
+          f"{'speedup':>7} | {'hh MB':>7} {'sdpa MB':>7} | {'hh GF/s':>7} | {'op ms':>7} {'speedup':>7}")
 
 
 def _fmt_row(r: Dict) -> str:
@@ -244,7 +259,8 @@ def _fmt_row(r: Dict) -> str:
 
     return (f"{r['n']:>6} | {ms('hedgehog_fwd_s'):>9} {ms('sdpa_fwd_s'):>11} {x('fwd_speedup'):>7} | "
             f"{ms('hedgehog_fwdbwd_s'):>9} {ms('sdpa_fwdbwd_s'):>11} {x('fwdbwd_speedup'):>7} | "
-            f"{mb('hedgehog_fwd_peak_mb'):>7} {mb('sdpa_fwd_peak_mb'):>7} | {r['hedgehog_gflops']:>7.1f}")
+            f"{mb('hedgehog_fwd_peak_mb'):>7} {mb('sdpa_fwd_peak_mb'):>7} | {r['hedgehog_gflops']:>7.1f} | "
+            f"{ms('plain_fwd_s'):>7} {x('plain_speedup'):>7}")
 
 
 def plot(result: Dict, path: Path) -> None:

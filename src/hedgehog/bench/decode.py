@@ -13,6 +13,12 @@ tokens. Above it the cache is filled synthetically with tensors of exactly the s
 would leave (softmax: L keys/values per layer; Hedgehog: its state, which has no length), because a
 softmax prefill of 32k tokens takes minutes here and decode cost depends only on those shapes.
 The output marks which rows used which.
+
+``--batch 1,8,32`` times every context at each batch (a row whose cache would not fit ``--memory-gb`` is
+skipped for that model). With ``--memory-gb M``, for each context the largest batch each model fits in M GB
+(weights + cache + one step's logits) is computed from the per-sequence cache bytes, and both models decode at
+their largest batch (Hedgehog capped at ``--max-batch``): tokens/s and batch, Hedgehog against softmax, under
+equal memory. Decoding updates each layer's state in place, one batched matmul per layer.
 """
 from __future__ import annotations
 
@@ -112,42 +118,112 @@ def load_pair(model_name: str):
     return hedgehog, softmax, tok, f"{model_name} converted with identity-initialised maps"
 
 
-def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch: int = 1, log=print) -> Dict:
+GB = 2 ** 30
+
+
+def per_sequence_bytes(model, kind: str, L: int, ids: torch.Tensor) -> int:
+    """Cache bytes one sequence of context L holds (the cache is linear in the batch), plus its step's logits."""
+    cache, _ = _fill_cache(model, kind, L, ids[:, :2], False, 1)
+    held = cache.state_nbytes() if kind == "hedgehog" else sum(
+        l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None)
+    return held + model.config.vocab_size * 4
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.parameters())
+
+
+def largest_batch(model, kind: str, L: int, ids: torch.Tensor, memory_gb: float) -> Dict:
+    per_seq = per_sequence_bytes(model, kind, L, ids)
+    room = memory_gb * GB - weight_bytes(model)
+    return {"per_sequence_mb": per_seq / 2 ** 20, "largest_batch": max(0, int(room // per_seq))}
+
+
+def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch=1, log=print,
+        memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare") -> Dict:
+    """The benchmark as a function (the CLI's ``run_from_args`` calls it); ``text`` feeds the real prefills."""
     from hedgehog.data import load_corpus, tokenize_windows
 
+    batches = [batch] if isinstance(batch, int) else list(batch)
     hedgehog, softmax, tok, source = load_pair(model_name)
     need = min(max(contexts), max_real_prefill)
-    corpus = load_corpus("shakespeare")
+    corpus = load_corpus(text, tok)
     ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]
+    models = (("hedgehog", hedgehog), ("softmax", softmax))
     rows = []
     for L in contexts:
         real = L <= max_real_prefill
-        row = {"context": L}
-        for kind, model in (("hedgehog", hedgehog), ("softmax", softmax)):
-            r = decode_latency(model, kind, L, ids if real else ids[:, :2], steps, real, batch)
-            row.update({f"{kind}_{k}": v for k, v in r.items()})
-        row["speedup"] = row["softmax_ms_per_token"] / row["hedgehog_ms_per_token"]
-        rows.append(row)
-        log(_fmt(row))
-    base = rows[0]["hedgehog_ms_per_token"]
+        fits = {kind: largest_batch(m, kind, L, ids, memory_gb)["largest_batch"] if memory_gb else None
+                for kind, m in models}
+        for b in batches:
+            row = {"context": L, "batch": b}
+            for kind, model in models:
+                if fits[kind] is not None and b > fits[kind]:
+                    continue  # this cache would not fit --memory-gb
+                r = decode_latency(model, kind, L, ids if real else ids[:, :2], steps, real, b)
+                r["tokens_per_s"] = b * 1e3 / r["ms_per_token"]
+                row.update({f"{kind}_{k}": v for k, v in r.items()})
+            if "hedgehog_ms_per_token" in row and "softmax_ms_per_token" in row:
+                row["speedup"] = row["softmax_ms_per_token"] / row["hedgehog_ms_per_token"]
+            rows.append(row)
+            log(_fmt(row))
+    first = [r for r in rows if r["batch"] == batches[0] and "hedgehog_ms_per_token" in r]
     for r in rows:
-        r["hedgehog_latency_vs_first"] = r["hedgehog_ms_per_token"] / base
-    crossover = next((r["context"] for r in rows if r["speedup"] > 1.0), None)
-    return {"model": model_name, "source": source, "steps": steps, "batch": batch, "threads": torch.get_num_threads(),
-            "max_real_prefill": max_real_prefill, "rows": rows, "crossover_context": crossover}
+        if first and "hedgehog_ms_per_token" in r and r["batch"] == batches[0]:
+            r["hedgehog_latency_vs_first"] = r["hedgehog_ms_per_token"] / first[0]["hedgehog_ms_per_token"]
+    crossover = next((r["context"] for r in rows if r.get("speedup", 0) > 1.0), None)
+    result = {"model": model_name, "source": source, "steps": steps, "batch": batches, "threads": torch.get_num_threads(),
+              "max_real_prefill": max_real_prefill, "rows": rows, "crossover_context": crossover}
+    if memory_gb:
+        result["capacity"] = capacity(models, contexts, ids, steps, memory_gb, max_batch, log)
+        result["memory_gb"] = memory_gb
+    return result
 
 
-HEADER = (f"{'context':>8} | {'hh ms/tok':>9} {'sm ms/tok':>9} {'speedup':>7} | {'hh state MB':>11} "
-          f"{'sm KV MB':>9} | {'hh peak MB':>10} {'sm peak MB':>10} | fill")
+def capacity(models, contexts: List[int], ids: torch.Tensor, steps: int, memory_gb: float, max_batch: int,
+             log=print) -> List[Dict]:
+    """Per context: each model at the largest batch its cache fits in ``memory_gb`` (synthetic fill), decoded;
+    tokens/s and batch of Hedgehog against softmax."""
+    out = []
+    log(f"equal memory, {memory_gb:g} GB (weights + cache + logits): each model at its largest batch")
+    for L in contexts:
+        row = {"context": L}
+        for kind, model in models:
+            fit = largest_batch(model, kind, L, ids, memory_gb)
+            b = min(fit["largest_batch"], max_batch)
+            row.update({f"{kind}_{k}": v for k, v in fit.items()})
+            row[f"{kind}_batch"] = b
+            if b < 1:
+                continue
+            r = decode_latency(model, kind, L, ids[:, :2], steps, False, b)
+            row[f"{kind}_tokens_per_s"] = b * 1e3 / r["ms_per_token"]
+            row[f"{kind}_ms_per_step"] = r["ms_per_token"]
+            row[f"{kind}_peak_mb"] = r["peak_mb"]
+        if row.get("softmax_tokens_per_s") and row.get("hedgehog_tokens_per_s"):
+            row["throughput_ratio"] = row["hedgehog_tokens_per_s"] / row["softmax_tokens_per_s"]
+            row["batch_ratio"] = row["hedgehog_largest_batch"] / max(1, row["softmax_largest_batch"])
+        out.append(row)
+        log(f"{L:>8} | hedgehog batch {row['hedgehog_batch']} (fits {row['hedgehog_largest_batch']}) "
+            f"{row.get('hedgehog_tokens_per_s', 0):.1f} tok/s | softmax batch {row['softmax_batch']} "
+            f"{row.get('softmax_tokens_per_s', 0):.1f} tok/s | throughput {row.get('throughput_ratio', 0):.1f}x, "
+            f"batch {row.get('batch_ratio', 0):.0f}x")
+    return out
+
+
+HEADER = (f"{'context':>8} {'batch':>5} | {'hh ms/step':>10} {'sm ms/step':>10} {'speedup':>7} | {'hh tok/s':>8} "
+          f"{'sm tok/s':>8} | {'hh state MB':>11} {'sm KV MB':>9} | {'hh peak MB':>10} {'sm peak MB':>10} | fill")
 
 
 def _fmt(r: Dict) -> str:
-    def mb(x):
-        return "-" if x is None else f"{x:.1f}"
+    def f(key, fmt):
+        return "-" if r.get(key) is None else format(r[key], fmt)
 
-    return (f"{r['context']:>8} | {r['hedgehog_ms_per_token']:>9.1f} {r['softmax_ms_per_token']:>9.1f} "
-            f"{r['speedup']:>6.2f}x | {r['hedgehog_cache_mb']:>11.2f} {r['softmax_cache_mb']:>9.1f} | "
-            f"{mb(r['hedgehog_peak_mb']):>10} {mb(r['softmax_peak_mb']):>10} | {r['hedgehog_context_fill']}")
+    return (f"{r['context']:>8} {r['batch']:>5} | {f('hedgehog_ms_per_token', '.1f'):>10} "
+            f"{f('softmax_ms_per_token', '.1f'):>10} {f('speedup', '.2f') + 'x':>7} | "
+            f"{f('hedgehog_tokens_per_s', '.1f'):>8} {f('softmax_tokens_per_s', '.1f'):>8} | "
+            f"{f('hedgehog_cache_mb', '.2f'):>11} {f('softmax_cache_mb', '.1f'):>9} | "
+            f"{f('hedgehog_peak_mb', '.1f'):>10} {f('softmax_peak_mb', '.1f'):>10} | "
+            f"{r.get('hedgehog_context_fill', '-')}")
 
 
 def plot(result: Dict, path: Path) -> None:
@@ -155,21 +231,37 @@ def plot(result: Dict, path: Path) -> None:
 
     plt = pyplot()
 
-    rows = result["rows"]
-    L = [r["context"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].semilogx(L, [r["hedgehog_ms_per_token"] for r in rows], "o-", label="Hedgehog (recurrent state)")
-    axes[0].semilogx(L, [r["softmax_ms_per_token"] for r in rows], "s-", label="softmax (KV cache)")
+    cap = result.get("capacity")
+    fig, axes = plt.subplots(1, 3 if cap else 2, figsize=(16 if cap else 11, 4))
+    for b in result["batch"]:
+        rows = [r for r in result["rows"] if r["batch"] == b]
+        for kind, mark, label in (("hedgehog", "o-", "Hedgehog"), ("softmax", "s--", "softmax")):
+            pts = [(r["context"], r[f"{kind}_tokens_per_s"], r[f"{kind}_cache_mb"]) for r in rows
+                   if f"{kind}_tokens_per_s" in r]
+            if pts:
+                axes[0].loglog([p[0] for p in pts], [p[1] for p in pts], mark, label=f"{label}, batch {b}")
+                axes[1].loglog([p[0] for p in pts], [max(p[2], 1e-3) for p in pts], mark, label=f"{label}, batch {b}")
     axes[0].set_xlabel("context length")
-    axes[0].set_ylabel("ms per decoded token (median)")
-    axes[0].set_title("decode latency")
-    axes[0].legend()
-    axes[1].loglog(L, [max(r["hedgehog_cache_mb"], 1e-3) for r in rows], "o-", label="Hedgehog state")
-    axes[1].loglog(L, [r["softmax_cache_mb"] for r in rows], "s-", label="softmax KV cache")
+    axes[0].set_ylabel("decoded tokens / s")
+    axes[0].set_title("decode throughput")
+    axes[0].legend(fontsize=7)
     axes[1].set_xlabel("context length")
     axes[1].set_ylabel("cache MB")
-    axes[1].set_title("cache memory")
-    axes[1].legend()
+    axes[1].set_title("cache memory (state vs KV)")
+    axes[1].legend(fontsize=7)
+    if cap:
+        L = [str(r["context"]) for r in cap]
+        x = range(len(cap))
+        axes[2].bar([i - 0.2 for i in x], [r.get("hedgehog_tokens_per_s", 0) for r in cap], width=0.4,
+                    label="Hedgehog at its largest batch")
+        axes[2].bar([i + 0.2 for i in x], [r.get("softmax_tokens_per_s", 0) for r in cap], width=0.4,
+                    label="softmax at its largest batch")
+        axes[2].set_xticks(list(x), L)
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("context length")
+        axes[2].set_ylabel("tokens / s")
+        axes[2].set_title(f"equal memory: {result['memory_gb']:g} GB")
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"{result['source']}, {result['threads']} CPU threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -182,28 +274,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
                    help="comma-separated context lengths (default: %(default)s)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per point (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes: sequences decoded together "
+                   "(default: %(default)s)")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="a memory budget: skip rows whose cache does not fit, and decode each model at the largest "
+                        "batch it fits (equal-memory throughput)")
+    p.add_argument("--max-batch", type=int, default=1024,
+                   help="cap on the equal-memory batch (Hedgehog fits thousands of sequences) (default: %(default)s)")
     p.add_argument("--max-real-prefill", type=int, default=4096,
                    help="real prefill up to this context; synthetic cache fill above (default: %(default)s)")
     p.add_argument("--out", default="bench_out/decode", help="output dir for JSON + PNG (default: %(default)s)")
 
 
+def _ints(text: str, what: str, low: int):
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < low:
+        raise UserError(f"{what} must be comma-separated integers >= {low}, got {text!r}")
+    return vals
+
+
 def run_from_args(args) -> Dict:
-    contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
-    if not contexts or min(contexts) < 2:
-        raise UserError(f"--contexts must be integers >= 2, got {args.contexts!r}")
+    contexts = _ints(args.contexts, "--contexts", 2)
+    batches = _ints(str(args.batch), "--batch", 1)
+    if args.memory_gb is not None and args.memory_gb <= 0:
+        raise UserError(f"--memory-gb must be positive, got {args.memory_gb}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
-    result = run(args.model, contexts, args.steps, args.max_real_prefill, args.batch)
+    result = run(args.model, contexts, args.steps, args.max_real_prefill, batches, memory_gb=args.memory_gb,
+                 max_batch=args.max_batch)
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "decode.png")
-    rows = result["rows"]
-    print(f"Hedgehog latency at {rows[-1]['context']} vs {rows[0]['context']}: "
-          f"{rows[-1]['hedgehog_latency_vs_first']:.2f}x; crossover (Hedgehog faster) at context "
-          f"{result['crossover_context']}")
-    for r in rows:
-        if r["context"] == 16384:
-            print(f"at 16k context: Hedgehog {r['speedup']:.1f}x faster per token than softmax + KV cache")
+    rows = [r for r in result["rows"] if "hedgehog_latency_vs_first" in r]
+    if len(rows) > 1:
+        print(f"Hedgehog latency at {rows[-1]['context']} vs {rows[0]['context']} (batch {rows[0]['batch']}): "
+              f"{rows[-1]['hedgehog_latency_vs_first']:.2f}x; crossover (Hedgehog faster) at context "
+              f"{result['crossover_context']}")
+    for r in result["rows"]:
+        if r["context"] == 16384 and "speedup" in r:
+            print(f"at 16k context, batch {r['batch']}: Hedgehog {r['speedup']:.1f}x the tokens/s of softmax + KV cache")
+    for r in result.get("capacity", []):
+        if "throughput_ratio" in r:
+            print(f"at {r['context']} context in {result['memory_gb']:g} GB: Hedgehog fits {r['batch_ratio']:.0f}x the "
+                  f"batch ({r['hedgehog_largest_batch']} vs {r['softmax_largest_batch']}) and decodes "
+                  f"{r['throughput_ratio']:.1f}x the tokens/s (batch {r['hedgehog_batch']} vs {r['softmax_batch']})")
     print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
     return result

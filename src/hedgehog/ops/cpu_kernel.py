@@ -193,3 +193,40 @@ def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[
     y = mod.hybrid_forward(*f32, wq, bq, wk, bk, gam, Sz, int(window), CHUNK,
                            float(d ** -0.5 if scale is None else scale), float(eps), split)
     return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+
+
+def fused_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, initial_state=None,
+                           eps: float = 1e-6):
+    """Causal linear attention on precomputed features of any map, in the fused kernel.
+
+    Args:
+        phi_q, phi_k: (B, H, N, F) features; v: (B, H, N, D); initial_state ``(S (B,H,F,D), z (B,H,F))`` or None.
+    Returns:
+        ``(y (B, H, N, D) in v's dtype, (S, z) in float32)``, or None where the kernel does not apply (autograd,
+        float64, another device, other shapes) or is unavailable; the caller then takes the PyTorch path.
+    """
+    if (not enabled() or phi_q.device.type != "cpu" or phi_q.dim() != 4 or phi_k.shape != phi_q.shape
+            or v.dim() != 4 or v.shape[:3] != phi_q.shape[:3] or phi_q.shape[2] == 0
+            or any(t.dtype == torch.float64 or not t.dtype.is_floating_point for t in (phi_q, phi_k, v))
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v)))):
+        return None
+    mod = load()
+    if mod is None:
+        return None
+    B, H, N, Fd = phi_q.shape
+    D = v.shape[-1]
+    Sz = torch.zeros(B, H, Fd, D + 1)
+    if initial_state is not None:
+        S, z = initial_state
+        if torch.is_grad_enabled() and (S.requires_grad or z.requires_grad):
+            return None
+        Sz[..., :D], Sz[..., D] = S, z
+    f32 = [t.to(torch.float32).contiguous() for t in (phi_q, phi_k, v)]
+    y = mod.linear_forward(*f32, Sz, CHUNK, float(eps))
+    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+
+
+def pool_bytes() -> int:
+    """Bytes of freed kernel outputs kept for reuse (at most ``HEDGEHOG_KERNEL_POOL_MB``, default 1024 MB)."""
+    mod = load()
+    return 0 if mod is None else int(mod.pool_bytes())

@@ -301,14 +301,16 @@ def linear_attention(
     _check_chunking(chunk_size, block_size)
 
     if causal:
-        from hedgehog.ops import backends
+        from hedgehog.ops import backends, cpu_kernel
 
-        fast = backends.resolve(backend).causal(phi_q)
+        fast = backends.resolve(backend).causal(phi_q)  # CUDA: fla when bound (backend='fla' on CPU: an error)
         if fast is not None:
             out = fast(phi_q, phi_k, v, initial_state, eps)
-            if out is not None:
-                y, st = out
-                return (y, st) if return_state else y
+        else:  # CPU, no autograd, float32/half: the fused kernel (None where it does not apply)
+            out = cpu_kernel.fused_linear_attention(phi_q, phi_k, v, initial_state, eps)
+        if out is not None:
+            y, st = out
+            return (y, st) if return_state else y
 
     acc = _acc_dtype(v)
     q, k, vv = phi_q.to(acc), phi_k.to(acc), v.to(acc)

@@ -19,10 +19,15 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
-#include <cstring>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -142,6 +147,78 @@ void scaled_exp(float* x, int n, float m, float sc, float g) {
 #else
   for (int j = 0; j < n; ++j) x[j] = g * std::exp(sc * x[j] - sc * m);
 #endif
+}
+
+// ---- output buffers -------------------------------------------------------------------------------------
+// The kernels' outputs come from a small cache of freed buffers. glibc serves a large request with fresh
+// mmap pages and returns them on free, so every fresh output (32 MB at B=1, H=8, N=16k, D=64) would page-fault
+// once per 4 KB page on its first write: about a fifth of the kernel's time. A returned buffer keeps its pages,
+// and the next call of the same size writes to memory already mapped, without a process-wide malloc setting.
+// New buffers are 2 MB aligned and advised as transparent huge pages (one fault per 2 MB where THP is on).
+// The cache holds at most HEDGEHOG_KERNEL_POOL_MB (default 1024) of idle buffers; beyond that frees go to the OS.
+class BufferPool {
+ public:
+  static BufferPool& get() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: tensors may outlive static destruction
+    return *pool;
+  }
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = idle_.find(bytes);
+      if (it != idle_.end()) {
+        void* p = it->second;
+        idle_.erase(it);
+        held_ -= bytes;
+        return p;
+      }
+    }
+    const size_t align = size_t(2) << 20;
+    void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
+    TORCH_CHECK(p != nullptr, "hedgehog kernel: out of memory for a ", bytes, "-byte output");
+#if defined(MADV_HUGEPAGE)
+    madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
+#endif
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + bytes <= cap_) {
+        idle_.emplace(bytes, p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  size_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& kv : idle_) std::free(kv.second);
+    idle_.clear();
+    held_ = 0;
+  }
+
+ private:
+  BufferPool() {
+    const char* env = std::getenv("HEDGEHOG_KERNEL_POOL_MB");
+    cap_ = (env ? static_cast<size_t>(std::max(0L, std::atol(env))) : size_t(1024)) << 20;
+  }
+  std::mutex mu_;
+  std::multimap<size_t, void*> idle_;
+  size_t held_ = 0, cap_ = 0;
+};
+
+torch::Tensor pooled_empty(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  const size_t bytes = std::max<size_t>(1, static_cast<size_t>(n) * sizeof(float));
+  void* p = BufferPool::get().take(bytes);
+  return torch::from_blob(p, sizes, [bytes](void* q) { BufferPool::get().give(q, bytes); }, options);
 }
 
 void check(const torch::Tensor& t, const char* name, int64_t dim) {
@@ -265,7 +342,7 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
                              torch::Tensor wk, torch::Tensor bk, torch::Tensor Sz, int64_t chunk, double eps,
                              bool split_groups) {
   const Problem pb(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "causal_forward");
-  auto y = torch::empty({pb.B, pb.H, pb.N, pb.D}, q.options());
+  auto y = pooled_empty({pb.B, pb.H, pb.N, pb.D}, q.options());
   torch::Tensor states = pb.split() ? Sz.unsqueeze(2).expand({pb.B, pb.Hk, pb.g, pb.F, pb.D1}).contiguous() : Sz;
   float* Y = y.data_ptr<float>();
   const int C = pb.C, Tb = pb.Tb, Fi = pb.Fi, Di = pb.Di;
@@ -273,10 +350,12 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const int ld = Fi + C;  // query rows: [phi_q (F) | this chunk's scores a (C)]
   const float epsf = static_cast<float>(eps);
   run_tasks(pb, states.data_ptr<float>(), [&](int64_t, float* S, float* z, int64_t b, int64_t hk, int64_t h0) {
-    // thread-local scratch (allocation per task is cheap next to a task's work)
-    std::vector<float> pk(static_cast<size_t>(Tb) * F), pq(static_cast<size_t>(pb.heads_per_task) * Tb * ld);
-    std::vector<float> den(C);
-    std::vector<float> sv(static_cast<size_t>(F + C) * D);  // [S; v of the chunk]
+    // per-thread scratch, kept across calls (no allocation, no page faults after the first call)
+    thread_local std::vector<float> pk, pq, den, sv;
+    pk.resize(static_cast<size_t>(Tb) * F);
+    pq.resize(static_cast<size_t>(pb.heads_per_task) * Tb * ld);
+    den.resize(C);
+    sv.resize(static_cast<size_t>(F + C) * D);  // [S; v of the chunk]
     std::copy(S, S + F * D, sv.data());
     float* Sv = sv.data();
     const float* vv = pb.V + (b * pb.Hk + hk) * N * D;
@@ -325,7 +404,7 @@ torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const Problem pb(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "hybrid_forward");
   check(gamma, "gamma", 1);
   TORCH_CHECK(window >= 1 && gamma.size(0) == pb.H, "hybrid_forward: window >= 1 and one gamma per query head");
-  auto y = torch::empty({pb.B, pb.H, pb.N, pb.D}, q.options());
+  auto y = pooled_empty({pb.B, pb.H, pb.N, pb.D}, q.options());
   Sz.zero_();
   torch::Tensor states = pb.split() ? torch::zeros({pb.B, pb.Hk, pb.g, pb.F, pb.D1}, Sz.options()) : Sz;
   float* Y = y.data_ptr<float>();
@@ -336,9 +415,12 @@ torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const float epsf = static_cast<float>(eps), sc = static_cast<float>(scale);
   run_tasks(pb, states.data_ptr<float>(), [&](int64_t, float* S, float* z, int64_t b, int64_t hk, int64_t h0) {
     // key features of positions [t0 - w, t0 + Tb): the delayed keys of the block's chunks
-    std::vector<float> pk(static_cast<size_t>(W + Tb) * F, 0.0f);  // rows before position 0 stay zero
-    std::vector<float> pq(static_cast<size_t>(pb.heads_per_task) * Tb * ld);
-    std::vector<float> sv(static_cast<size_t>(F + C + W) * D), den(C), a(static_cast<size_t>(C) * C);
+    thread_local std::vector<float> pk, pq, sv, den, a;  // per-thread scratch, kept across calls
+    pk.assign(static_cast<size_t>(W + Tb) * F, 0.0f);  // rows before position 0 stay zero
+    pq.resize(static_cast<size_t>(pb.heads_per_task) * Tb * ld);
+    sv.resize(static_cast<size_t>(F + C + W) * D);
+    den.resize(C);
+    a.resize(static_cast<size_t>(C) * C);
     std::copy(S, S + F * D, sv.data());
     float* Sv = sv.data();
     const float* kk = pb.K + (b * pb.Hk + hk) * N * d;
@@ -387,6 +469,75 @@ torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return y;
 }
 
+// Causal linear attention on precomputed features (any map): phi_q, phi_k (B, H, N, F), v (B, H, N, D); Sz
+// (B, H, F, D + 1) is the state entering the call, updated in place. Per chunk of L <= C tokens at t:
+//   a = tril(phi_q @ phi_k^T),  y = [phi_q | a] @ [S; v] / max(phi_q . z + rowsum(a), eps),
+//   S += phi_k^T v,  z += colsum(phi_k).
+torch::Tensor linear_forward(torch::Tensor phq, torch::Tensor phk, torch::Tensor v, torch::Tensor Sz, int64_t chunk,
+                             double eps) {
+  check(phq, "phi_q", 4); check(phk, "phi_k", 4); check(v, "v", 4); check(Sz, "Sz", 4);
+  const int64_t B = phq.size(0), H = phq.size(1), N = phq.size(2), F = phq.size(3), D = v.size(3), D1 = D + 1;
+  TORCH_CHECK(phk.sizes() == phq.sizes() && v.size(0) == B && v.size(1) == H && v.size(2) == N &&
+                  Sz.size(0) == B && Sz.size(1) == H && Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1,
+              "linear_forward: shapes do not fit");
+  auto y = pooled_empty({B, H, N, D}, v.options());
+  const int C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
+  const int Fi = static_cast<int>(F), Di = static_cast<int>(D), ld = Fi + C;
+  const float epsf = static_cast<float>(eps);
+  const float *PQ = phq.data_ptr<float>(), *PK = phk.data_ptr<float>(), *V = v.data_ptr<float>();
+  float *Y = y.data_ptr<float>(), *SZ = Sz.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int one = 1;
+    const int mkl_prev = mkl_set_num_threads_local_(&one);
+    thread_local std::vector<float> qa, den, sv, z;
+    qa.resize(static_cast<size_t>(C) * ld);
+    den.resize(C);
+    sv.resize(static_cast<size_t>(F + C) * D);  // [S; v of the chunk]
+    z.resize(F);
+    for (int64_t task = begin; task < end; ++task) {
+      float* sz = SZ + task * F * D1;
+      for (int64_t f = 0; f < F; ++f) {
+        std::copy(sz + f * D1, sz + f * D1 + D, sv.data() + f * D);
+        z[f] = sz[f * D1 + D];
+      }
+      const float *pq = PQ + task * N * F, *pk = PK + task * N * F, *vv = V + task * N * D;
+      float* yt = Y + task * N * D;
+      for (int64_t c0 = 0; c0 < N; c0 += C) {
+        const int L = static_cast<int>(std::min<int64_t>(C, N - c0));
+        for (int i = 0; i < L; ++i) std::copy(pq + (c0 + i) * F, pq + (c0 + i + 1) * F, qa.data() + i * ld);
+        const float* pkc = pk + c0 * F;
+        gemm(false, true, L, L, Fi, qa.data(), ld, pkc, Fi, 0.0f, qa.data() + Fi, ld);
+        for (int i = 0; i < L; ++i) {
+          float* row = qa.data() + i * ld;
+          std::fill(row + Fi + i + 1, row + Fi + L, 0.0f);
+          den[i] = vdot(row, z.data(), Fi) + vdot(row + Fi, nullptr, i + 1);
+        }
+        const float* vc = vv + c0 * D;
+        std::copy(vc, vc + L * D, sv.data() + F * D);
+        float* yy = yt + c0 * D;
+        gemm(false, false, L, Di, Fi + L, qa.data(), ld, sv.data(), Di, 0.0f, yy, Di);
+        for (int i = 0; i < L; ++i) {
+          const float inv = 1.0f / std::max(den[i], epsf);
+#pragma omp simd
+          for (int j = 0; j < Di; ++j) yy[i * D + j] *= inv;
+        }
+        gemm(true, false, Fi, Di, L, pkc, Fi, vc, Di, 1.0f, sv.data(), Di);  // S += phi_k^T v
+        for (int i = 0; i < L; ++i) {
+          const float* ki = pkc + static_cast<int64_t>(i) * F;
+#pragma omp simd
+          for (int f = 0; f < Fi; ++f) z[f] += ki[f];
+        }
+      }
+      for (int64_t f = 0; f < F; ++f) {
+        std::copy(sv.data() + f * D, sv.data() + (f + 1) * D, sz + f * D1);
+        sz[f * D1 + D] = z[f];
+      }
+    }
+    mkl_set_num_threads_local_(&mkl_prev);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(__AVX512F__)
   m.attr("avx512") = true;
@@ -395,4 +546,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("causal_forward", &causal_forward, "fused causal Hedgehog attention (float32, no autograd)");
   m.def("hybrid_forward", &hybrid_forward, "fused sliding-window + Hedgehog hybrid attention (float32, no autograd)");
+  m.def("linear_forward", &linear_forward, "causal linear attention on precomputed features (float32, no autograd)");
+  m.def("pool_bytes", []() { return static_cast<int64_t>(BufferPool::get().held()); }, "idle bytes in the output cache");
+  m.def("pool_clear", []() { BufferPool::get().clear(); }, "free the output cache's idle buffers");
 }

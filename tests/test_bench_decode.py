@@ -1,0 +1,36 @@
+"""The decode benchmark's batched and equal-memory rows on a tiny model: every (context, batch) row with
+tokens/s = batch / step time, rows over the memory budget skipped, the largest batch from the per-sequence
+cache bytes (constant for Hedgehog, linear in the context for softmax), and both models decoded there."""
+import json
+
+import pytest
+
+
+def test_batched_and_equal_memory_rows(tiny_assets, tmp_path):
+    from hedgehog.bench import decode
+
+    # budget: the weights plus room for a few softmax sequences at context 64
+    probe = decode.load_pair(tiny_assets["model"])
+    weights = decode.weight_bytes(probe[1])
+    import torch
+
+    ids = torch.arange(2, 10).view(1, -1)
+    kv64 = decode.per_sequence_bytes(probe[1], "softmax", 64, ids)
+    memory_gb = (weights + 3.5 * kv64) / decode.GB
+    res = decode.run(tiny_assets["model"], [16, 64], steps=2, max_real_prefill=16, batch=[1, 4], log=lambda *_: None,
+                     memory_gb=memory_gb, max_batch=64, text=tiny_assets["data"])
+    rows = {(r["context"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {(16, 1), (16, 4), (64, 1), (64, 4)}
+    for r in rows.values():
+        assert r["hedgehog_tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["hedgehog_ms_per_token"])
+    assert "softmax_ms_per_token" not in rows[(64, 4)]  # 4 sequences of KV at 64 do not fit the budget
+    assert rows[(64, 1)]["softmax_context_fill"] == "synthetic" and rows[(16, 4)]["hedgehog_context_fill"] == "prefill"
+    cap = {r["context"]: r for r in res["capacity"]}
+    assert cap[64]["softmax_largest_batch"] == 3
+    assert cap[16]["hedgehog_per_sequence_mb"] == pytest.approx(cap[64]["hedgehog_per_sequence_mb"])
+    assert cap[64]["softmax_per_sequence_mb"] > 3 * cap[16]["softmax_per_sequence_mb"] * 0.9
+    assert cap[64]["hedgehog_batch"] == min(64, cap[64]["hedgehog_largest_batch"]) and cap[64]["throughput_ratio"] > 0
+    assert cap[64]["batch_ratio"] == pytest.approx(cap[64]["hedgehog_largest_batch"] / 3)
+    decode.plot(res, tmp_path / "decode.png")
+    json.dumps(res)
+    assert (tmp_path / "decode.png").stat().st_size > 0
