@@ -10,7 +10,7 @@ def test_batched_and_equal_memory_rows(tiny_assets, tmp_path):
     from hedgehog.bench import decode
 
     # budget: the weights plus room for a few softmax sequences at context 64
-    probe = decode.load_pair(tiny_assets["model"])
+    probe = decode.load_pair(tiny_assets["model"], "linear")
     weights = decode.weight_bytes(probe[1])
     import torch
 
@@ -18,7 +18,7 @@ def test_batched_and_equal_memory_rows(tiny_assets, tmp_path):
     kv64 = decode.per_sequence_bytes(probe[1], "softmax", 64, ids)
     memory_gb = (weights + 3.5 * kv64) / decode.GB
     res = decode.run(tiny_assets["model"], [16, 64], steps=2, max_real_prefill=16, batch=[1, 4], log=lambda *_: None,
-                     memory_gb=memory_gb, max_batch=64, text=tiny_assets["data"])
+                     memory_gb=memory_gb, max_batch=64, text=tiny_assets["data"], attention="linear")
     rows = {(r["context"], r["batch"]): r for r in res["rows"]}
     assert set(rows) == {(16, 1), (16, 4), (64, 1), (64, 4)}
     for r in rows.values():

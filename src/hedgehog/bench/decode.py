@@ -101,7 +101,7 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
             "cache_mb": cache_bytes / 2 ** 20, "peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
 
 
-def load_pair(model_name: str):
+def load_pair(model_name: str, attention: str = "hybrid"):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
     from hedgehog.checkpoint import is_converted_dir, load, read_meta
@@ -113,9 +113,11 @@ def load_pair(model_name: str):
     if is_converted_dir(model_name):
         hedgehog, _ = load(model_name)
         return hedgehog, softmax, tok, f"converted model {model_name}"
+    from hedgehog.attention import HedgehogConfig
+
     hedgehog, _, _ = load_base(model_name)
-    convert_model(hedgehog)
-    return hedgehog, softmax, tok, f"{model_name} converted with identity-initialised maps"
+    convert_model(hedgehog, HedgehogConfig(attention=attention))
+    return hedgehog, softmax, tok, f"{model_name} converted ({attention}) with identity-initialised maps"
 
 
 GB = 2 ** 30
@@ -140,12 +142,12 @@ def largest_batch(model, kind: str, L: int, ids: torch.Tensor, memory_gb: float)
 
 
 def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch=1, log=print,
-        memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare") -> Dict:
+        memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare", attention: str = "hybrid") -> Dict:
     """The benchmark as a function (the CLI's ``run_from_args`` calls it); ``text`` feeds the real prefills."""
     from hedgehog.data import load_corpus, tokenize_windows
 
     batches = [batch] if isinstance(batch, int) else list(batch)
-    hedgehog, softmax, tok, source = load_pair(model_name)
+    hedgehog, softmax, tok, source = load_pair(model_name, attention)
     need = min(max(contexts), max_real_prefill)
     corpus = load_corpus(text, tok)
     ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]
@@ -281,6 +283,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "batch it fits (equal-memory throughput)")
     p.add_argument("--max-batch", type=int, default=1024,
                    help="cap on the equal-memory batch (Hedgehog fits thousands of sequences) (default: %(default)s)")
+    p.add_argument("--attention", choices=["hybrid", "linear"], default="hybrid",
+                   help="with a base --model: the attention it is converted to (default: %(default)s, the default job's)")
     p.add_argument("--max-real-prefill", type=int, default=4096,
                    help="real prefill up to this context; synthetic cache fill above (default: %(default)s)")
     p.add_argument("--out", default="bench_out/decode", help="output dir for JSON + PNG (default: %(default)s)")
@@ -305,7 +309,7 @@ def run_from_args(args) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
     result = run(args.model, contexts, args.steps, args.max_real_prefill, batches, memory_gb=args.memory_gb,
-                 max_batch=args.max_batch)
+                 max_batch=args.max_batch, attention=args.attention)
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "decode.png")
     rows = [r for r in result["rows"] if "hedgehog_latency_vs_first" in r]
