@@ -17,6 +17,7 @@ from hedgehog.errors import TrainingDivergedError, UserError
 from hedgehog.train.engine import Engine, lr_factor, parse_dtype, resolve_device
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
 
 
 def test_one_process_engine_is_the_plain_loop():
@@ -132,10 +133,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tiny_assets, out, *extra, kill_after_stage2_steps=None, timeout=400):
+def _launch(tiny_assets, out, *extra, kill_after_stage2_steps=None, timeout=400, launcher="torchrun"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HEDGEHOG_KILL_AFTER": str(kill_after_stage2_steps or 0)}
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(Path(__file__).with_name("engine_launch.py")), *_argv(tiny_assets, out, *extra)]
+    script = str(Path(__file__).with_name("engine_launch.py"))
+    if launcher == "accelerate":  # on a CPU: --multi_gpu starts the processes (its --cpu starts only one)
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), script]
+    else:
+        cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), script]
+    cmd += _argv(tiny_assets, out, *extra)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -148,10 +154,12 @@ def one_process(tiny_assets, tmp_path_factory):
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
-def test_two_processes_match_one(tiny_assets, tmp_path, one_process):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one(tiny_assets, tmp_path, one_process, launcher):
+    if (TORCHRUN if launcher == "torchrun" else ACCELERATE) is None:
+        pytest.skip(f"{launcher} not installed")
     t = time.perf_counter()
-    proc = _launch(tiny_assets, tmp_path / "two")
+    proc = _launch(tiny_assets, tmp_path / "two", launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["processes"] == 2 and one_process["processes"] == 1
@@ -170,7 +178,7 @@ def test_two_processes_match_one(tiny_assets, tmp_path, one_process):
     assert w1.keys() == w2.keys() and any("feature_map" in k for k in w1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=2e-5, msg=k)
-    print(f"two-process tiny conversion: {time.perf_counter() - t:.0f} s")
+    print(f"two-process tiny conversion ({launcher}): {time.perf_counter() - t:.0f} s")
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")

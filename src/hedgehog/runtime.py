@@ -1,4 +1,4 @@
-"""Process-level CPU tuning: keep freed memory for reuse instead of handing it back to the OS.
+"""Process-level CPU tuning (opt-in for library callers): keep freed memory instead of handing it back to the OS.
 
 Why: the chunked kernels allocate and free the same few-MB temporaries block after block, and a long
 prefill allocates a fresh output every call. glibc's malloc serves large requests with fresh ``mmap``
@@ -9,9 +9,10 @@ tcmalloc, PyTorch's CUDA allocator) avoid this; the PyTorch CPU performance guid
 the same reason. This module gets the same effect from glibc with two ``mallopt`` settings.
 
 The cost: memory freed by the process stays in it (up to ``trim`` bytes on top of the heap), so the
-resident size stays near its peak instead of shrinking. The ``hedgehog`` command turns this on at
-start; set ``HEDGEHOG_MALLOC_TUNING=0`` to leave malloc alone. Library users call
-:func:`keep_freed_memory` themselves if they want it. Nothing happens on non-glibc systems.
+resident size stays near its peak instead of shrinking. The fused CPU kernels do not need it (they keep their
+own output buffers); it helps the many large autograd temporaries of training. The ``hedgehog`` command turns
+it on for training and evaluation (not for the benchmarks); set ``HEDGEHOG_MALLOC_TUNING=0`` to leave malloc
+alone. Library users may call :func:`keep_freed_memory`. Nothing happens on non-glibc systems.
 """
 from __future__ import annotations
 
