@@ -114,7 +114,8 @@ def test_generate_is_grad_free(converted):
 
 
 def test_mqar_accuracy_is_grad_free():
-    from hedgehog.scratch import MQARConfig, ModelSpec, build_model, mqar_accuracy, mqar_batch
+    from hedgehog.scratch.model import ModelSpec, build_model
+    from hedgehog.scratch.mqar import MQARConfig, mqar_accuracy, mqar_batch
 
     task = MQARConfig(vocab_size=16, num_kv_pairs=2, seq_len=12)
     model = build_model("hedgehog", ModelSpec(vocab_size=16, d_model=16, layers=1, heads=2))

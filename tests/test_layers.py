@@ -13,6 +13,8 @@ BELOW["losses"] = {"ops", "errors"}
 BELOW["metrics"] = {"ops", "errors"}
 BELOW["attention"] = {"ops", "feature_maps", "losses", "state", "errors"}
 BELOW["generation"] = {"attention", "state", "errors"} | BELOW["attention"]
+BELOW["train/engine"] = {"errors"}  # the training engine knows devices and processes, not models or jobs
+BELOW["ops/backends"] = set()
 
 
 def _imports(path: Path):

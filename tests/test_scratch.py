@@ -9,9 +9,10 @@ from conftest import user_error
 from safetensors.torch import load_file
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
-from hedgehog.scratch import (KINDS, ByteTokenizer, MQARConfig, ModelSpec, ShortConv, TrainJob, _mimic_loss,
-                              build_model, mimic_rows_for_step, mqar_batch, parse_kinds, set_mimic_rows, train_compare,
-                              train_lm)
+from hedgehog.scratch.model import (KINDS, ByteTokenizer, ModelSpec, ShortConv, _mimic_loss, build_model,
+                                    mimic_rows_for_step, parse_kinds, set_mimic_rows)
+from hedgehog.scratch.lm import TrainJob, train_compare, train_lm
+from hedgehog.scratch.mqar import MQARConfig, mqar_batch
 
 TINY = ModelSpec(vocab_size=ByteTokenizer.vocab_size, d_model=32, layers=2, heads=2, max_len=64, window=8)
 
@@ -208,10 +209,10 @@ def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path,
 
 
 def test_train_lm_stops_on_nan(tiny_assets, tmp_path, monkeypatch):
-    from hedgehog import scratch
+    from hedgehog.scratch import model as scratch_model
     from hedgehog.errors import TrainingDivergedError
 
-    monkeypatch.setattr(scratch, "_mimic_loss", lambda m: torch.tensor(float("nan")))
+    monkeypatch.setattr(scratch_model, "_mimic_loss", lambda m: torch.tensor(float("nan")))
     with pytest.raises(TrainingDivergedError, match="not finite.*Lower the learning rate"):
         train_lm(_job(tmp_path, tiny_assets["data"]))
 
@@ -307,7 +308,7 @@ def test_window_nll_matches_manual_cross_entropy_and_perplexity():
 def test_load_trained_rebuilds_the_trained_model(tiny_assets, tmp_path):
     """A GPT-2 run whose windows are longer than its model setting's max_len (train_lm widens the positions)."""
     from hedgehog.evaluate import perplexity
-    from hedgehog.scratch import load_trained
+    from hedgehog.scratch.lm import load_trained
 
     job = _job(tmp_path, tiny_assets["data"], attention="elu", model=ModelSpec(d_model=32, layers=1, heads=2,
                                                                                    max_len=16, arch="gpt2"))
@@ -400,7 +401,7 @@ def test_cli_device_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
 def test_train_lm_on_cuda_matches_the_cpu_run_and_resumes_on_the_cpu(tiny_assets, tmp_path, kind):
     """Same init and data on both devices: the first step's loss agrees to rounding, the run ends near the CPU
     run, its checkpoint reloads on the CPU with the same test perplexity, and paired-eval runs on CUDA."""
-    from hedgehog.scratch import load_trained, paired_eval
+    from hedgehog.scratch.lm import load_trained, paired_eval
 
     kw = dict(attention=kind, model=ModelSpec(d_model=32, layers=1, heads=2, max_len=64, window=8, short_conv=4))
     run = str(tmp_path / "gpu" / kind)

@@ -128,6 +128,17 @@ def memory_plan(model: nn.Module, rows_per_rank: int, seq_len: int, layer_block:
             "layers_per_forward": block, "forwards_per_batch": -(-len(layers) // block)}
 
 
+def _record(rec: Dict, history: List[Dict], bar, callback, save) -> None:
+    """After a step: keep the record, advance the bar, call the caller back, save when due (``save`` falsy: not)."""
+    history.append(rec)
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['loss']:.3f}")
+    if callback:
+        callback(rec)
+    if save:
+        save()
+
+
 def _time_cap_hit(stage: str, cfg, t0: float, tokens: int, planned: int) -> bool:
     if not cfg.time_budget_s or time.perf_counter() - t0 <= cfg.time_budget_s:
         return False
@@ -218,13 +229,7 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
         tokens += batch.numel()
         rec = {"step": step, "batch": n_caps, "tokens": tokens, "seconds": time.perf_counter() - t0,
                "loss": sum(per_layer) / len(per_layer), "layer_loss": per_layer}
-        history.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if callback:
-            callback(rec)
-        if checkpoint and checkpoint.due(n_caps):
-            save()
+        _record(rec, history, bar, callback, checkpoint and checkpoint.due(n_caps) and save)
     bar.close()
     if checkpoint:
         save()
@@ -333,13 +338,7 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
             tokens += batch.numel()
             rec = {"step": step, "tokens": tokens, "seconds": time.perf_counter() - t0,
                    "loss": engine.mean(loss_value)}
-            history.append(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if callback:
-                callback(rec)
-            if checkpoint and checkpoint.due(step):
-                save()
+            _record(rec, history, bar, callback, checkpoint and checkpoint.due(step) and save)
     finally:
         bar.close()
         if cfg.gradient_checkpointing:

@@ -28,8 +28,8 @@ DEFAULT_LENGTHS = (256, 1024, 4096)
 def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repeats: int, short_conv: int) -> float:
     """Best wall time of one training step of ``kind`` on (tokens // n, n) random bytes."""
     from hedgehog.train.engine import Engine
-    from hedgehog.scratch import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
-                                  set_mimic_rows, set_train_mode)
+    from hedgehog.scratch.model import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
+                                        set_mimic_rows, set_train_mode)
 
     spec = ModelSpec(short_conv=short_conv, max_len=max(4096, n))
     model = build_model(kind, spec, seed=0)
