@@ -403,3 +403,31 @@ def test_outputs_reuse_their_pages():
         y2 = cpu_kernel.fused_linear_attention(pq, pk, v)[0]
     assert y2.data_ptr() == ptr
     y2.mul_(2).add_(1)  # an ordinary tensor to its user
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, window", [(1, 4), (C - 1, 8), (C + 1, 8), (97, 64), (300, 5)])
+def test_hybrid_op_on_precomputed_features_is_fused_and_exact(n, window, monkeypatch):
+    """``hybrid_attention`` with given features, without autograd, takes the fused kernel and matches the
+    float64 quadratic hybrid, including the state it hands to decoding."""
+    from hedgehog.ops import hybrid_attention, quadratic_hybrid_attention
+
+    calls = []
+    real = cpu_kernel.fused_hybrid_features
+    monkeypatch.setattr(cpu_kernel, "fused_hybrid_features", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(n)
+    B, H, d, F, D = 2, 3, 16, 10, 7
+    q, k = (torch.randn(B, H, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, n, D, generator=g, dtype=torch.float64)
+    pq, pk = (torch.rand(B, H, n, F, generator=g, dtype=torch.float64) + 0.01 for _ in range(2))
+    gamma = torch.rand(H, generator=g, dtype=torch.float64)
+    ref = quadratic_hybrid_attention(q, k, v, pq, pk, window=window, gamma=gamma)
+    with torch.no_grad():
+        y, ((S, z), kt, vt) = hybrid_attention(*(t.float() for t in (q, k, v, pq, pk)), window=window,
+                                               gamma=gamma.float(), return_state=True)
+    assert calls
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+    old = max(0, n - window)
+    torch.testing.assert_close(S.double(), pk[:, :, :old].transpose(-1, -2) @ v[:, :, :old], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), pk[:, :, :old].sum(2), rtol=1e-5, atol=1e-5)
+    assert kt.shape[2] == min(n, window)

@@ -222,7 +222,38 @@ def fused_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Te
             return None
         Sz[..., :D], Sz[..., D] = S, z
     f32 = [t.to(torch.float32).contiguous() for t in (phi_q, phi_k, v)]
-    y = mod.linear_forward(*f32, Sz, CHUNK, float(eps))
+    y = mod.causal_forward_features(*f32, Sz, CHUNK, float(eps), False)
+    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+
+
+def fused_hybrid_features(q, k, v, phi_q, phi_k, window: int, gamma, scale: Optional[float] = None,
+                          eps: float = 1e-6):
+    """The hybrid on precomputed features of any map (``hedgehog.ops.hybrid_attention``'s inputs) in the kernel.
+
+    Args: q, k, v (B, H, N, d|D); phi_q, phi_k (B, H, N, F); window >= 1; gamma a scalar or (H,).
+    Returns ``(y, (S, z))`` (the state of keys ``0 .. N - w - 1``), or None where the kernel does not apply
+    (autograd, float64, another device, other shapes) or is unavailable.
+    """
+    gam = torch.as_tensor(gamma, dtype=torch.float32)
+    ts = (q, k, v, phi_q, phi_k)
+    if (not enabled() or window < 1 or q.device.type != "cpu" or any(t.dim() != 4 for t in ts)
+            or phi_k.shape != phi_q.shape or phi_q.shape[:3] != q.shape[:3] or k.shape != q.shape
+            or v.shape[:3] != q.shape[:3] or q.shape[2] == 0
+            or any(t.dtype == torch.float64 or not t.dtype.is_floating_point for t in ts)
+            or (torch.is_grad_enabled() and (gam.requires_grad or any(t.requires_grad for t in ts)))):
+        return None
+    mod = load()
+    if mod is None:
+        return None
+    B, H, N, d = q.shape
+    Fd, D = phi_q.shape[-1], v.shape[-1]
+    gam = gam.detach().expand(H).contiguous() if gam.dim() == 0 else gam.detach().contiguous()
+    if gam.shape != (H,):
+        return None
+    Sz = torch.empty(B, H, Fd, D + 1)
+    f32 = [t.to(torch.float32).contiguous() for t in ts]
+    y = mod.hybrid_forward_features(*f32, gam, Sz, int(window), CHUNK,
+                                    float(d ** -0.5 if scale is None else scale), float(eps), False)
     return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
 
 

@@ -326,6 +326,15 @@ def hybrid_attention(
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    from hedgehog.ops import cpu_kernel
+
+    fused = cpu_kernel.fused_hybrid_features(q, k, v, phi_q, phi_k, window, gamma, scale, eps)
+    if fused is not None:  # CPU, no autograd: the fused kernel on the given features
+        y, state = fused
+        if not return_state:
+            return y
+        tail = max(0, N - window)
+        return y, (state, k[:, :, tail:], v[:, :, tail:])
     ident = lambda x, pos: x
     y, (S, z) = _hybrid(q, k, v, phi_q, phi_k, ident, ident, torch.arange(N, device=q.device), Fd, window,
                         gamma, scale, chunk_size, block_size, eps)

@@ -235,21 +235,37 @@ struct Problem {
   int64_t B, H, N, d, Hk, D, F, P, D1, g, tasks, heads_per_task;
   int C, Tb, Fi, Di, di;
   const float *Q, *K, *V, *WQ, *WK, *BQ, *BK;
+  const float *PHQ = nullptr, *PHK = nullptr;  // features given by the caller (any map) instead of computed
 
+  // features_given: wq, wk are the features phi_q (B, H, N, F) and phi_k (B, Hk, N, F); bq, bk are unused.
   Problem(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& wq,
           const torch::Tensor& bq, const torch::Tensor& wk, const torch::Tensor& bk, const torch::Tensor& Sz,
-          int64_t chunk, bool split_groups, const char* name) {
-    check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(wq, "wq", 3); check(wk, "wk", 3);
-    check(Sz, "Sz", 4);
+          int64_t chunk, bool split_groups, const char* name, bool features_given = false) {
+    check(q, "q", 4); check(k, "k", 4); check(v, "v", 4); check(Sz, "Sz", 4);
     B = q.size(0); H = q.size(1); N = q.size(2); d = q.size(3);
-    Hk = k.size(1); D = v.size(3); F = wq.size(2); P = F / 2; D1 = D + 1;
+    Hk = k.size(1); D = v.size(3); D1 = D + 1;
+    if (features_given) {
+      check(wq, "phi_q", 4); check(wk, "phi_k", 4);
+      F = wq.size(3);
+      TORCH_CHECK(wq.size(0) == B && wq.size(1) == H && wq.size(2) == N && wk.size(0) == B && wk.size(1) == Hk &&
+                      wk.size(2) == N && wk.size(3) == F, name, ": phi_q (B, H, N, F) and phi_k (B, Hk, N, F)");
+    } else {
+      check(wq, "wq", 3); check(wk, "wk", 3);
+      F = wq.size(2);
+      TORCH_CHECK(F % 2 == 0 && wq.size(0) == H && wq.size(1) == d && wk.size(0) == Hk && wk.size(1) == d &&
+                      wk.size(2) == F, name, ": feature map weights do not fit");
+    }
+    P = F / 2;
     TORCH_CHECK(H % Hk == 0 && k.size(0) == B && k.size(2) == N && k.size(3) == d && v.size(0) == B &&
-                    v.size(1) == Hk && v.size(2) == N && F % 2 == 0 && wq.size(0) == H && wq.size(1) == d &&
-                    wk.size(0) == Hk && wk.size(1) == d && wk.size(2) == F && Sz.size(0) == B &&
-                    Sz.size(1) == Hk && Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1,
+                    v.size(1) == Hk && v.size(2) == N && Sz.size(0) == B && Sz.size(1) == Hk && Sz.size(2) == F &&
+                    Sz.size(3) == D1 && chunk >= 1,
                 name, ": shapes do not fit");
-    if (bq.numel() > 0) { check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F, name, ": bq"); }
-    if (bk.numel() > 0) { check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F, name, ": bk"); }
+    if (!features_given && bq.numel() > 0) {
+      check(bq, "bq", 2); TORCH_CHECK(bq.size(0) == H && bq.size(1) == F, name, ": bq");
+    }
+    if (!features_given && bk.numel() > 0) {
+      check(bk, "bk", 2); TORCH_CHECK(bk.size(0) == Hk && bk.size(1) == F, name, ": bk");
+    }
     g = H / Hk;
     const bool split = split_groups && g > 1;
     tasks = split ? B * H : B * Hk;
@@ -258,9 +274,14 @@ struct Problem {
     Tb = C * std::max(1, 256 / C);  // feature blocks: larger sgemms, the block's features stay in L2
     Fi = static_cast<int>(F); Di = static_cast<int>(D); di = static_cast<int>(d);
     Q = q.data_ptr<float>(); K = k.data_ptr<float>(); V = v.data_ptr<float>();
-    WQ = wq.data_ptr<float>(); WK = wk.data_ptr<float>();
-    BQ = bq.numel() > 0 ? bq.data_ptr<float>() : nullptr;
-    BK = bk.numel() > 0 ? bk.data_ptr<float>() : nullptr;
+    if (features_given) {
+      PHQ = wq.data_ptr<float>(); PHK = wk.data_ptr<float>();
+      WQ = WK = BQ = BK = nullptr;
+    } else {
+      WQ = wq.data_ptr<float>(); WK = wk.data_ptr<float>();
+      BQ = bq.numel() > 0 ? bq.data_ptr<float>() : nullptr;
+      BK = bk.numel() > 0 ? bk.data_ptr<float>() : nullptr;
+    }
   }
 
   bool split() const { return heads_per_task == 1 && g > 1; }
@@ -273,10 +294,24 @@ struct Problem {
 
   // features of tokens [t0, t0 + L) into rows of stride ld: key head hk, or query head h
   void key_features(int64_t b, int64_t hk, int64_t t0, int L, float* out, int ld) const {
+    if (PHK) {  // given: copy the rows
+      for (int i = 0; i < L; ++i) {
+        const float* src = PHK + ((b * Hk + hk) * N + t0 + i) * F;
+        std::copy(src, src + F, out + static_cast<int64_t>(i) * ld);
+      }
+      return;
+    }
     gemm(false, false, L, Fi, di, K + ((b * Hk + hk) * N + t0) * d, di, WK + hk * d * F, Fi, 0.0f, out, ld);
     softmax_halves(out, L, ld, static_cast<int>(P), BK ? BK + hk * F : nullptr);
   }
   void query_features(int64_t b, int64_t h, int64_t t0, int L, float* out, int ld) const {
+    if (PHQ) {
+      for (int i = 0; i < L; ++i) {
+        const float* src = PHQ + ((b * H + h) * N + t0 + i) * F;
+        std::copy(src, src + F, out + static_cast<int64_t>(i) * ld);
+      }
+      return;
+    }
     gemm(false, false, L, Fi, di, Q + ((b * H + h) * N + t0) * d, di, WQ + h * d * F, Fi, 0.0f, out, ld);
     softmax_halves(out, L, ld, static_cast<int>(P), BQ ? BQ + h * F : nullptr);
   }
@@ -337,12 +372,9 @@ void run_tasks(const Problem& pb, float* states, Fn fn) {
 
 }  // namespace
 
-// Causal Hedgehog attention; Sz is the state entering the call, updated in place. Returns y (B, H, N, D).
-torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
-                             torch::Tensor wk, torch::Tensor bk, torch::Tensor Sz, int64_t chunk, double eps,
-                             bool split_groups) {
-  const Problem pb(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "causal_forward");
-  auto y = pooled_empty({pb.B, pb.H, pb.N, pb.D}, q.options());
+// Causal linear attention of one Problem; Sz is the state entering the call, updated in place. y (B, H, N, D).
+torch::Tensor causal_impl(const Problem& pb, torch::Tensor Sz, double eps, const torch::TensorOptions& options) {
+  auto y = pooled_empty({pb.B, pb.H, pb.N, pb.D}, options);
   torch::Tensor states = pb.split() ? Sz.unsqueeze(2).expand({pb.B, pb.Hk, pb.g, pb.F, pb.D1}).contiguous() : Sz;
   float* Y = y.data_ptr<float>();
   const int C = pb.C, Tb = pb.Tb, Fi = pb.Fi, Di = pb.Di;
@@ -390,6 +422,22 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return y;
 }
 
+// Causal Hedgehog attention, feature maps computed here from their weights.
+torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
+                             torch::Tensor wk, torch::Tensor bk, torch::Tensor Sz, int64_t chunk, double eps,
+                             bool split_groups) {
+  return causal_impl(Problem(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "causal_forward"), Sz, eps,
+                     q.options());
+}
+
+// Causal linear attention on precomputed features of any map: phi_q (B, H, N, F), phi_k (B, Hk, N, F).
+torch::Tensor causal_forward_features(torch::Tensor phq, torch::Tensor phk, torch::Tensor v, torch::Tensor Sz,
+                                      int64_t chunk, double eps, bool split_groups) {
+  const auto none = torch::empty({0}, v.options());
+  return causal_impl(Problem(phq, phk, v, phq, none, phk, none, Sz, chunk, split_groups, "causal_forward_features",
+                             true), Sz, eps, v.options());
+}
+
 // The LoLCATs hybrid: query n sees keys n - w < i <= n through exact softmax (scores q.k * scale, c_n
 // the window max, per-head factor gamma) and keys i <= n - w through the linear state, one normalisation:
 //   y_n = [sum_win g e^(s - c_n) v_i + phi_q . S_{<=n-w}] / [sum_win g e^(s - c_n) + phi_q . z_{<=n-w}].
@@ -398,13 +446,11 @@ torch::Tensor causal_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
 // coefficient row over the values t - w .. t + L - 1: [0, i] linear scores, (i, i + w] window weights.
 //   y = [phi_q | coef] @ [S; v[t - w : t + L]] / (phi_q . z + sum coef)
 // gamma (H); Sz (B, Hk, 2P, D + 1) receives the state of keys 0 .. N - w - 1 (it starts from zero).
-torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
-                             torch::Tensor wk, torch::Tensor bk, torch::Tensor gamma, torch::Tensor Sz,
-                             int64_t window, int64_t chunk, double scale, double eps, bool split_groups) {
-  const Problem pb(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "hybrid_forward");
+torch::Tensor hybrid_impl(const Problem& pb, torch::Tensor gamma, torch::Tensor Sz, int64_t window, double scale,
+                          double eps, const torch::TensorOptions& options) {
   check(gamma, "gamma", 1);
   TORCH_CHECK(window >= 1 && gamma.size(0) == pb.H, "hybrid_forward: window >= 1 and one gamma per query head");
-  auto y = pooled_empty({pb.B, pb.H, pb.N, pb.D}, q.options());
+  auto y = pooled_empty({pb.B, pb.H, pb.N, pb.D}, options);
   Sz.zero_();
   torch::Tensor states = pb.split() ? torch::zeros({pb.B, pb.Hk, pb.g, pb.F, pb.D1}, Sz.options()) : Sz;
   float* Y = y.data_ptr<float>();
@@ -469,73 +515,20 @@ torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   return y;
 }
 
-// Causal linear attention on precomputed features (any map): phi_q, phi_k (B, H, N, F), v (B, H, N, D); Sz
-// (B, H, F, D + 1) is the state entering the call, updated in place. Per chunk of L <= C tokens at t:
-//   a = tril(phi_q @ phi_k^T),  y = [phi_q | a] @ [S; v] / max(phi_q . z + rowsum(a), eps),
-//   S += phi_k^T v,  z += colsum(phi_k).
-torch::Tensor linear_forward(torch::Tensor phq, torch::Tensor phk, torch::Tensor v, torch::Tensor Sz, int64_t chunk,
-                             double eps) {
-  check(phq, "phi_q", 4); check(phk, "phi_k", 4); check(v, "v", 4); check(Sz, "Sz", 4);
-  const int64_t B = phq.size(0), H = phq.size(1), N = phq.size(2), F = phq.size(3), D = v.size(3), D1 = D + 1;
-  TORCH_CHECK(phk.sizes() == phq.sizes() && v.size(0) == B && v.size(1) == H && v.size(2) == N &&
-                  Sz.size(0) == B && Sz.size(1) == H && Sz.size(2) == F && Sz.size(3) == D1 && chunk >= 1,
-              "linear_forward: shapes do not fit");
-  auto y = pooled_empty({B, H, N, D}, v.options());
-  const int C = static_cast<int>(std::min<int64_t>(chunk, std::max<int64_t>(N, 1)));
-  const int Fi = static_cast<int>(F), Di = static_cast<int>(D), ld = Fi + C;
-  const float epsf = static_cast<float>(eps);
-  const float *PQ = phq.data_ptr<float>(), *PK = phk.data_ptr<float>(), *V = v.data_ptr<float>();
-  float *Y = y.data_ptr<float>(), *SZ = Sz.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    const int one = 1;
-    const int mkl_prev = mkl_set_num_threads_local_(&one);
-    thread_local std::vector<float> qa, den, sv, z;
-    qa.resize(static_cast<size_t>(C) * ld);
-    den.resize(C);
-    sv.resize(static_cast<size_t>(F + C) * D);  // [S; v of the chunk]
-    z.resize(F);
-    for (int64_t task = begin; task < end; ++task) {
-      float* sz = SZ + task * F * D1;
-      for (int64_t f = 0; f < F; ++f) {
-        std::copy(sz + f * D1, sz + f * D1 + D, sv.data() + f * D);
-        z[f] = sz[f * D1 + D];
-      }
-      const float *pq = PQ + task * N * F, *pk = PK + task * N * F, *vv = V + task * N * D;
-      float* yt = Y + task * N * D;
-      for (int64_t c0 = 0; c0 < N; c0 += C) {
-        const int L = static_cast<int>(std::min<int64_t>(C, N - c0));
-        for (int i = 0; i < L; ++i) std::copy(pq + (c0 + i) * F, pq + (c0 + i + 1) * F, qa.data() + i * ld);
-        const float* pkc = pk + c0 * F;
-        gemm(false, true, L, L, Fi, qa.data(), ld, pkc, Fi, 0.0f, qa.data() + Fi, ld);
-        for (int i = 0; i < L; ++i) {
-          float* row = qa.data() + i * ld;
-          std::fill(row + Fi + i + 1, row + Fi + L, 0.0f);
-          den[i] = vdot(row, z.data(), Fi) + vdot(row + Fi, nullptr, i + 1);
-        }
-        const float* vc = vv + c0 * D;
-        std::copy(vc, vc + L * D, sv.data() + F * D);
-        float* yy = yt + c0 * D;
-        gemm(false, false, L, Di, Fi + L, qa.data(), ld, sv.data(), Di, 0.0f, yy, Di);
-        for (int i = 0; i < L; ++i) {
-          const float inv = 1.0f / std::max(den[i], epsf);
-#pragma omp simd
-          for (int j = 0; j < Di; ++j) yy[i * D + j] *= inv;
-        }
-        gemm(true, false, Fi, Di, L, pkc, Fi, vc, Di, 1.0f, sv.data(), Di);  // S += phi_k^T v
-        for (int i = 0; i < L; ++i) {
-          const float* ki = pkc + static_cast<int64_t>(i) * F;
-#pragma omp simd
-          for (int f = 0; f < Fi; ++f) z[f] += ki[f];
-        }
-      }
-      for (int64_t f = 0; f < F; ++f) {
-        std::copy(sv.data() + f * D, sv.data() + (f + 1) * D, sz + f * D1);
-        sz[f * D1 + D] = z[f];
-      }
-    }
-    mkl_set_num_threads_local_(&mkl_prev);
-  });
-  return y;
+torch::Tensor hybrid_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor wq, torch::Tensor bq,
+                             torch::Tensor wk, torch::Tensor bk, torch::Tensor gamma, torch::Tensor Sz,
+                             int64_t window, int64_t chunk, double scale, double eps, bool split_groups) {
+  return hybrid_impl(Problem(q, k, v, wq, bq, wk, bk, Sz, chunk, split_groups, "hybrid_forward"), gamma, Sz, window,
+                     scale, eps, q.options());
+}
+
+// The hybrid on precomputed features of any map (q, k still give the window's softmax scores).
+torch::Tensor hybrid_forward_features(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor phq,
+                                      torch::Tensor phk, torch::Tensor gamma, torch::Tensor Sz, int64_t window,
+                                      int64_t chunk, double scale, double eps, bool split_groups) {
+  const auto none = torch::empty({0}, v.options());
+  return hybrid_impl(Problem(q, k, v, phq, none, phk, none, Sz, chunk, split_groups, "hybrid_forward_features", true),
+                     gamma, Sz, window, scale, eps, v.options());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -546,7 +539,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("causal_forward", &causal_forward, "fused causal Hedgehog attention (float32, no autograd)");
   m.def("hybrid_forward", &hybrid_forward, "fused sliding-window + Hedgehog hybrid attention (float32, no autograd)");
-  m.def("linear_forward", &linear_forward, "causal linear attention on precomputed features (float32, no autograd)");
+  m.def("causal_forward_features", &causal_forward_features,
+        "causal linear attention on precomputed features (float32, no autograd)");
+  m.def("hybrid_forward_features", &hybrid_forward_features,
+        "sliding-window + linear hybrid on precomputed features (float32, no autograd)");
   m.def("pool_bytes", []() { return static_cast<int64_t>(BufferPool::get().held()); }, "idle bytes in the output cache");
   m.def("pool_clear", []() { BufferPool::get().clear(); }, "free the output cache's idle buffers");
 }
