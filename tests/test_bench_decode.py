@@ -34,3 +34,23 @@ def test_batched_and_equal_memory_rows(tiny_assets, tmp_path):
     decode.plot(res, tmp_path / "decode.png")
     json.dumps(res)
     assert (tmp_path / "decode.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, stem", [
+    (["prefill", "--lengths", "16,32"], "prefill"),
+    (["train-step", "--lengths", "16,32", "--tokens", "64", "--mimic-rows", "4"], "train_step"),
+    (["decode", "--contexts", "8,16", "--steps", "1", "--batch", "1,2", "--max-real-prefill", "8"], "decode"),
+])
+def test_every_benchmark_writes_json_and_png(tiny_assets, tmp_path, argv, stem, monkeypatch):
+    from hedgehog.cli import main
+
+    if stem in ("prefill", "decode"):
+        argv = argv + ["--model", tiny_assets["model"]]
+    if stem == "decode":  # real prefills read a corpus: the tiny one instead of Shakespeare
+        from hedgehog.bench import decode
+
+        real = decode.run
+        monkeypatch.setattr(decode, "run", lambda *a, **kw: real(*a, **{**kw, "text": tiny_assets["data"]}))
+    assert main(["bench", *argv, "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+    assert (tmp_path / f"{stem}.png").stat().st_size > 1000

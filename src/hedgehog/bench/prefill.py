@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                    help="comma-separated prompt lengths (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards per point, best kept (default: %(default)s)")
-    p.add_argument("--out", default="bench_out/prefill", help="output dir for prefill.json (default: %(default)s)")
+    p.add_argument("--out", default="bench_out/prefill", help="output dir for prefill.json and .png (default: %(default)s)")
 
 
 def run_from_args(args) -> Dict:
@@ -75,5 +75,24 @@ def run_from_args(args) -> Dict:
     print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")
     result = run(args.model, lengths, args.repeats)
     (out / "prefill.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'prefill.json'}")
+    plot(result, out / "prefill.png")
+    print(f"wrote {out / 'prefill.json'} and {out / 'prefill.png'}")
     return result
+
+
+def plot(result: Dict, path: Path) -> None:
+    from hedgehog.plotting import pyplot
+
+    plt = pyplot()
+    rows = result["rows"]
+    n = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.loglog(n, [r["hedgehog_s"] for r in rows], "o-", label="converted (Hedgehog attention)")
+    ax.loglog(n, [r["softmax_s"] for r in rows], "s--", label="softmax base (SDPA)")
+    ax.set_xlabel("prompt length N")
+    ax.set_ylabel("seconds per prefill (decoder stack)")
+    ax.set_title(f"{result['model']}: prefill, {result['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -72,6 +72,25 @@ def run(lengths: List[int], tokens: int, mimic_rows: int, repeats: int = 1, shor
             "threads": torch.get_num_threads(), "rows": rows}
 
 
+def plot(result: Dict, path: Path) -> None:
+    from hedgehog.plotting import pyplot
+
+    plt = pyplot()
+    rows = result["rows"]
+    n = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.loglog(n, [r["softmax_s"] for r in rows], "s--", label="softmax")
+    ax.loglog(n, [r["hedgehog_all_rows_s"] for r in rows], "o-", label="Hedgehog, mimic loss on every row")
+    ax.loglog(n, [r["hedgehog_rows_s"] for r in rows], "^-", label=f"Hedgehog, mimic loss on {result['mimic_rows']} rows")
+    ax.set_xlabel("window length N")
+    ax.set_ylabel(f"seconds per step ({result['tokens_per_step']} tokens)")
+    ax.set_title(f"training step, {result['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                    help="comma-separated window lengths N (default: %(default)s)")
@@ -96,5 +115,6 @@ def run_from_args(args) -> Dict:
           f"{'all/sm':>8} {'R/sm':>8} {'all/R':>8}")
     result = run(lengths, args.tokens, args.mimic_rows, args.repeats, args.short_conv)
     (out / "train_step.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'train_step.json'}")
+    plot(result, out / "train_step.png")
+    print(f"wrote {out / 'train_step.json'} and {out / 'train_step.png'}")
     return result
