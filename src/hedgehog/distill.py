@@ -194,9 +194,9 @@ def attention_transfer(model: nn.Module, windows: torch.Tensor, cfg: Stage1Confi
     capped = False
 
     def save():
-        engine.save(checkpoint, {**training_state(params, opt, step=step, batch=n_caps, tokens=tokens,
-                                                  history=history, seconds=time.perf_counter() - t0),
-                                 "generator": gen.get_state()})
+        state = {**training_state(params, opt, step=step, batch=n_caps, tokens=tokens, history=history,
+                                  seconds=time.perf_counter() - t0), "generator": gen.get_state()}
+        engine.on_main(lambda: checkpoint.save(state))
 
     bar = engine.bar(total=captures, initial=n_caps, desc="stage 1 (attention transfer)", unit="batch")
     for _, batch in cycle_batches(windows, cfg.batch_size, start=n_caps * cfg.batch_size):
@@ -311,8 +311,9 @@ def lora_finetune(peft_model: nn.Module, windows: torch.Tensor, cfg: Stage2Confi
     capped = False
 
     def save():
-        engine.save(checkpoint, training_state(params, opt, step=step, tokens=tokens, history=history,
-                                               seconds=time.perf_counter() - t0))
+        state = training_state(params, opt, step=step, tokens=tokens, history=history,
+                               seconds=time.perf_counter() - t0)
+        engine.on_main(lambda: checkpoint.save(state))
 
     peft_model.train()
     bar = engine.bar(total=total_steps, initial=step, desc="stage 2 (LoRA)", unit="step")

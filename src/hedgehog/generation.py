@@ -55,6 +55,15 @@ class HedgehogCache(Cache):
 CACHE_NAMES = ("cache", "past_key_values")
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes a generation cache holds: a :class:`HedgehogCache`'s states and windows plus any key/value layers,
+    or a transformers cache's keys and values."""
+    if isinstance(cache, HedgehogCache):
+        return cache.state_nbytes() + cache.kv_nbytes()
+    return sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers
+               if getattr(l, "keys", None) is not None)
+
+
 def cache_argument(kwargs: dict):
     """The cache object in a model's or layer's keyword arguments (``cache`` or ``past_key_values``), or None."""
     return next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)

@@ -33,7 +33,7 @@ import torch
 
 from hedgehog.bench.attention import _vm_kb, reset_peak_rss
 from hedgehog.errors import UserError
-from hedgehog.generation import cache_kwargs
+from hedgehog.generation import cache_kwargs, cache_nbytes
 
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
 
@@ -93,10 +93,7 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
                 times.append(time.perf_counter() - t0)
             pos += 1
     peak = (_vm_kb("VmHWM") - rss0) / 1024 if hwm_ok else None
-    if kind == "hedgehog":
-        cache_bytes = cache.state_nbytes()
-    else:
-        cache_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None)
+    cache_bytes = cache_nbytes(cache)
     return {"ms_per_token": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
             "cache_mb": cache_bytes / 2 ** 20, "peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
 
@@ -126,9 +123,7 @@ GB = 2 ** 30
 def per_sequence_bytes(model, kind: str, L: int, ids: torch.Tensor) -> int:
     """Cache bytes one sequence of context L holds (the cache is linear in the batch), plus its step's logits."""
     cache, _ = _fill_cache(model, kind, L, ids[:, :2], False, 1)
-    held = cache.state_nbytes() if kind == "hedgehog" else sum(
-        l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None)
-    return held + model.config.vocab_size * 4
+    return cache_nbytes(cache) + model.config.vocab_size * 4
 
 
 def weight_bytes(model) -> int:

@@ -13,7 +13,7 @@ def _generate(args):
     import torch
     from transformers import TextStreamer
 
-    from hedgehog.generation import output_cache
+    from hedgehog.generation import cache_nbytes, output_cache
 
     setup_logging()
     device, dtype = placement(args)
@@ -37,8 +37,7 @@ def _generate(args):
     if hasattr(cache, "state_nbytes"):
         mem = f"recurrent state {cache.state_nbytes() / 2**20:.2f} MiB (constant in length)"
     else:
-        kv = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if getattr(l, "keys", None) is not None)
-        mem = f"KV cache {kv / 2**20:.2f} MiB (grows with length)"
+        mem = f"KV cache {cache_nbytes(cache) / 2**20:.2f} MiB (grows with length)"
     print(f"\n[{kind}] {new} new tokens in {dt:.2f} s ({new / dt:.1f} tok/s incl. prefill of {ids.shape[1]}); {mem}")
 
 

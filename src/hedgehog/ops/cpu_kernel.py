@@ -128,6 +128,38 @@ def _module_for(q, k, v, fq, fk, name: str):
     return mod
 
 
+def _packed_state(B: int, H: int, Fd: int, D: int, initial_state=None) -> torch.Tensor:
+    """The kernels' in-out state ``[S, z]`` (B, H, F, D + 1): zeros, or ``initial_state = (S, z)`` packed."""
+    Sz = torch.zeros(B, H, Fd, D + 1)
+    if initial_state is not None:
+        S, z = initial_state
+        if tuple(S.shape) != (B, H, Fd, D) or tuple(z.shape) != (B, H, Fd):
+            raise ValueError(f"initial_state shapes S {tuple(S.shape)}, z {tuple(z.shape)}; expected "
+                             f"({B}, {H}, {Fd}, {D}) and ({B}, {H}, {Fd})")
+        Sz[..., :D], Sz[..., D] = S, z
+    return Sz
+
+
+def _output(y: torch.Tensor, v: torch.Tensor, Sz: torch.Tensor):
+    """``(y in v's dtype, (S, z))`` from a kernel's output and its packed state."""
+    D = Sz.shape[-1] - 1
+    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+
+
+def _gammas(gamma: torch.Tensor, H: int) -> Optional[torch.Tensor]:
+    """The hybrid's window factor as one float32 value per query head, or None if it is neither scalar nor (H,)."""
+    gam = gamma.detach().expand(H).contiguous() if gamma.dim() == 0 else gamma.detach().contiguous()
+    return gam if gam.shape == (H,) else None
+
+
+def _plain_inputs(ts) -> bool:
+    """Whether tensors can feed a kernel taking them as given: enabled, CPU, 4-d, non-empty, float32/half, and
+    nothing that autograd would need a backward for."""
+    return (enabled() and all(t.device.type == "cpu" and t.dim() == 4 for t in ts) and ts[0].shape[2] > 0
+            and all(t.dtype.is_floating_point and t.dtype != torch.float64 for t in ts)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
+
+
 def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1e-6):
     """Causal Hedgehog attention ``y = linear_attention(fq(q), fk(k) per group, v)`` in the fused kernel.
 
@@ -146,18 +178,10 @@ def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1
     Hk, D = k.shape[1], v.shape[-1]
     wq, bq = _hedgehog_params(fq)
     wk, bk = _hedgehog_params(fk)
-    Fd = wq.shape[-1]
-    Sz = torch.zeros(B, Hk, Fd, D + 1)
-    if initial_state is not None:
-        S, z = initial_state
-        if tuple(S.shape) != (B, Hk, Fd, D) or tuple(z.shape) != (B, Hk, Fd):
-            raise ValueError(f"initial_state shapes S {tuple(S.shape)}, z {tuple(z.shape)}; expected "
-                             f"({B}, {Hk}, {Fd}, {D}) and ({B}, {Hk}, {Fd})")
-        Sz[..., :D], Sz[..., D] = S, z
+    Sz = _packed_state(B, Hk, wq.shape[-1], D, initial_state)
     f32 = [t.to(torch.float32).contiguous() for t in (q, k, v)]
     split = B * Hk < torch.get_num_threads() and H > Hk  # few key heads: one task per query head
-    y = mod.causal_forward(*f32, wq, bq, wk, bk, Sz, CHUNK, float(eps), split)
-    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+    return _output(mod.causal_forward(*f32, wq, bq, wk, bk, Sz, CHUNK, float(eps), split), v, Sz)
 
 
 def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[float] = None,
@@ -180,19 +204,18 @@ def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[
         return None
     B, H, N, d = q.shape
     Hk, D = k.shape[1], v.shape[-1]
-    gam = gam.detach().expand(H).contiguous() if gam.dim() == 0 else gam.detach().contiguous()
-    if gam.shape != (H,):
+    gams = _gammas(gam, H)
+    if gams is None:
         raise ValueError(f"gamma must be a scalar or one value per query head ({H},), got {tuple(gam.shape)}")
     (wq, bq), (wk, bk) = _hedgehog_params(fq), _hedgehog_params(fk)
     if feature_scale != 1.0:  # fm(x * s) = softmax(x @ (s W) + b)
         wq, wk = wq * feature_scale, wk * feature_scale
-    Fd = wq.shape[-1]
-    Sz = torch.empty(B, Hk, Fd, D + 1)
+    Sz = _packed_state(B, Hk, wq.shape[-1], D)  # the kernel writes the state of the delayed keys
     f32 = [t.to(torch.float32).contiguous() for t in (q, k, v)]
     split = B * Hk < torch.get_num_threads() and H > Hk
-    y = mod.hybrid_forward(*f32, wq, bq, wk, bk, gam, Sz, int(window), CHUNK,
+    y = mod.hybrid_forward(*f32, wq, bq, wk, bk, gams, Sz, int(window), CHUNK,
                            float(d ** -0.5 if scale is None else scale), float(eps), split)
-    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+    return _output(y, v, Sz)
 
 
 def fused_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, initial_state=None,
@@ -205,25 +228,18 @@ def fused_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Te
         ``(y (B, H, N, D) in v's dtype, (S, z) in float32)``, or None where the kernel does not apply (autograd,
         float64, another device, other shapes) or is unavailable; the caller then takes the PyTorch path.
     """
-    if (not enabled() or phi_q.device.type != "cpu" or phi_q.dim() != 4 or phi_k.shape != phi_q.shape
-            or v.dim() != 4 or v.shape[:3] != phi_q.shape[:3] or phi_q.shape[2] == 0
-            or any(t.dtype == torch.float64 or not t.dtype.is_floating_point for t in (phi_q, phi_k, v))
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v)))):
+    ts = (phi_q, phi_k, v)
+    if not _plain_inputs(ts) or phi_k.shape != phi_q.shape or v.shape[:3] != phi_q.shape[:3]:
+        return None
+    if initial_state is not None and torch.is_grad_enabled() and any(t.requires_grad for t in initial_state):
         return None
     mod = load()
     if mod is None:
         return None
-    B, H, N, Fd = phi_q.shape
-    D = v.shape[-1]
-    Sz = torch.zeros(B, H, Fd, D + 1)
-    if initial_state is not None:
-        S, z = initial_state
-        if torch.is_grad_enabled() and (S.requires_grad or z.requires_grad):
-            return None
-        Sz[..., :D], Sz[..., D] = S, z
-    f32 = [t.to(torch.float32).contiguous() for t in (phi_q, phi_k, v)]
-    y = mod.causal_forward_features(*f32, Sz, CHUNK, float(eps), False)
-    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+    B, H, _, Fd = phi_q.shape
+    Sz = _packed_state(B, H, Fd, v.shape[-1], initial_state)
+    f32 = [t.to(torch.float32).contiguous() for t in ts]
+    return _output(mod.causal_forward_features(*f32, Sz, CHUNK, float(eps), False), v, Sz)
 
 
 def fused_hybrid_features(q, k, v, phi_q, phi_k, window: int, gamma, scale: Optional[float] = None,
@@ -236,25 +252,19 @@ def fused_hybrid_features(q, k, v, phi_q, phi_k, window: int, gamma, scale: Opti
     """
     gam = torch.as_tensor(gamma, dtype=torch.float32)
     ts = (q, k, v, phi_q, phi_k)
-    if (not enabled() or window < 1 or q.device.type != "cpu" or any(t.dim() != 4 for t in ts)
-            or phi_k.shape != phi_q.shape or phi_q.shape[:3] != q.shape[:3] or k.shape != q.shape
-            or v.shape[:3] != q.shape[:3] or q.shape[2] == 0
-            or any(t.dtype == torch.float64 or not t.dtype.is_floating_point for t in ts)
-            or (torch.is_grad_enabled() and (gam.requires_grad or any(t.requires_grad for t in ts)))):
+    if (window < 1 or not _plain_inputs(ts) or phi_k.shape != phi_q.shape or phi_q.shape[:3] != q.shape[:3]
+            or k.shape != q.shape or v.shape[:3] != q.shape[:3] or (torch.is_grad_enabled() and gam.requires_grad)):
         return None
-    mod = load()
+    B, H, _, d = q.shape
+    gams = _gammas(gam, H)
+    mod = load() if gams is not None else None
     if mod is None:
         return None
-    B, H, N, d = q.shape
-    Fd, D = phi_q.shape[-1], v.shape[-1]
-    gam = gam.detach().expand(H).contiguous() if gam.dim() == 0 else gam.detach().contiguous()
-    if gam.shape != (H,):
-        return None
-    Sz = torch.empty(B, H, Fd, D + 1)
+    Sz = _packed_state(B, H, phi_q.shape[-1], v.shape[-1])  # the kernel writes the state of the delayed keys
     f32 = [t.to(torch.float32).contiguous() for t in ts]
-    y = mod.hybrid_forward_features(*f32, gam, Sz, int(window), CHUNK,
+    y = mod.hybrid_forward_features(*f32, gams, Sz, int(window), CHUNK,
                                     float(d ** -0.5 if scale is None else scale), float(eps), False)
-    return y.to(v.dtype), (Sz[..., :D].contiguous(), Sz[..., D].contiguous())
+    return _output(y, v, Sz)
 
 
 def pool_bytes() -> int:

@@ -184,13 +184,13 @@ def train_lm(job: TrainJob) -> Dict:
             state["curve"].append({"step": state["step"], "tokens": state["tokens"], "val_ppl": ppl})
             log.info("%s step %d (%d tokens): val ppl %.3f", kind, state["step"], state["tokens"], ppl)
         if state["step"] % job.checkpoint_every == 0 or state["step"] == total:
-            _save_on_main(engine, out, model, opt, state)
+            engine.on_main(lambda: save_checkpoint(out, model, opt, state))
     bar.close()
     set_mimic_rows(model, None)
     if kind != "softmax":
         set_attention_mode(model, "linear")
     model.eval()
-    _save_on_main(engine, out, model, opt, state)
+    engine.on_main(lambda: save_checkpoint(out, model, opt, state))
     if not engine.is_main:  # the main process evaluates and writes the report
         return {"attention": kind, "steps": state["step"], "tokens": state["tokens"], "rank": engine.rank}
     val_ppl = _lm_perplexity(model, val)
@@ -209,12 +209,6 @@ def train_lm(job: TrainJob) -> Dict:
     }
     _write_json(out / "report.json", report)
     return report
-
-
-def _save_on_main(engine: Engine, out: Path, model, opt, state) -> None:
-    if engine.is_main:
-        save_checkpoint(out, model, opt, state)
-    engine.wait()
 
 
 def train_compare(kinds: Sequence[str], job: TrainJob, out: str) -> Dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -146,10 +146,7 @@ class Engine:
 
     def mean(self, value: float) -> float:
         """``value`` averaged over the ranks (a metric: every rank gets the same number)."""
-        if not self.distributed:
-            return float(value)
-        t = torch.tensor([float(value)], device=self.device)
-        return self.acc.reduce(t, "mean").item()
+        return self.means([value])[0]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (so all ranks take the same branch)."""
@@ -235,12 +232,8 @@ class Engine:
 
         return tqdm(disable=not self.progress, **kw)
 
-    def save(self, checkpoint, state) -> None:
-        """Write a stage checkpoint from the main process; every rank continues once it is on disk."""
+    def on_main(self, write) -> None:
+        """Call ``write()`` on the main process only (a checkpoint, a file); every rank continues once it is done."""
         if self.is_main:
-            checkpoint.save(state)
+            write()
         self.wait()
-
-
-def trainable(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
-    return [p for p in params if p.requires_grad]
