@@ -1,6 +1,6 @@
 """lm-evaluation-harness offline: the `hedgehog` model type on local tasks (multiple choice, rolling
 loglikelihood, generation), teacher vs student, through the library, `hedgehog eval --tasks` and
-`hedgehog lm-eval`."""
+`hedgehog lm-eval` and a plain `lm_eval`."""
 import json
 
 import pytest
@@ -108,6 +108,41 @@ def test_lm_eval_command_line_sees_the_hedgehog_model_type(tiny_run, local_tasks
     printed = capsys.readouterr().out
     assert "heldout_cloze" in printed and "acc" in printed
     assert list(out.rglob("results*.json"))
+
+
+def test_plain_lm_eval_command_finds_the_hedgehog_model_type(tiny_run, local_tasks, tmp_path):
+    """`lm_eval --model hedgehog` in a fresh interpreter that never imports hedgehog itself: the start-up hook
+    installed with the package (hedgehog-lm-eval.pth) registers the type; its score is the library's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "plain"
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hedgehog", "--model_args",
+                           f"pretrained={tiny_run / 'model'}", "--tasks", "heldout_cloze", "--include_path",
+                           local_tasks, "--batch_size", "2", "--output_path", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = list(out.rglob("results*.json"))
+    acc = json.loads(path.read_text())["results"]["heldout_cloze"]["acc,none"]
+    ours = lmeval.evaluate(str(tiny_run / "model"), ["heldout_cloze"], teacher=False, include_path=local_tasks,
+                           batch_size=2)
+    assert acc == pytest.approx(ours["heldout_cloze"]["acc,none"])
+
+
+def test_start_up_hook_is_lazy():
+    """At start-up the hook imports neither torch nor hedgehog; lm-eval's model table then lists `hedgehog` as a
+    lazy entry, still without importing hedgehog."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "print('torch' in sys.modules, 'hedgehog' in sys.modules)\n"
+            "import lm_eval.models\n"
+            "from lm_eval.api.registry import model_registry\n"
+            "print('hedgehog' in model_registry, 'hf' in model_registry, 'hedgehog' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False", "True", "True", "False"]
 
 
 def test_metrics_keep_scores_and_drop_bookkeeping():

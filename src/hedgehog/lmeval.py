@@ -1,12 +1,13 @@
 """lm-evaluation-harness for converted models: the ``hedgehog`` model type and a teacher-vs-student table.
 
-- ``HedgehogLM`` (registered as ``hedgehog`` when this module is imported): lm-eval's Hugging Face backend
+- ``HedgehogLM`` (registered as ``hedgehog`` on first use): lm-eval's Hugging Face backend
   (batched loglikelihood, rolling loglikelihood, generation) on a directory saved by ``hedgehog convert``.
   ``teacher=True`` scores the model it was converted from instead (its recorded base: softmax attention, no
   adapter), so both sides of a comparison come from the same directory.
-- ``hedgehog lm-eval ARGS``: lm-eval's own command line with this model type registered, e.g.
-  ``hedgehog lm-eval --model hedgehog --model_args pretrained=runs/x/model --tasks hellaswag``. (lm-eval
-  0.4.13, the newest release here, has no plugin discovery, so a plain ``lm_eval`` cannot see the type.)
+- ``lm_eval --model hedgehog --model_args pretrained=runs/x/model --tasks hellaswag``: lm-eval's own command. lm-eval
+  (0.4.x) has no plugin discovery, so installing hedgehog adds a start-up hook (``hedgehog-lm-eval.pth``, see
+  ``src/_hedgehog_lm_eval.py``) that registers the type lazily when lm-eval loads its model table.
+  ``hedgehog lm-eval ARGS`` is the same command with the type registered directly (for installs without the hook).
 - :func:`compare_tasks`: teacher and student on the same tasks, one row per task and metric.
 - :func:`write_cloze_task`: an offline multiple-choice task from a held-out text (no hub needed).
 
@@ -54,15 +55,23 @@ def _register():
     return HedgehogLM
 
 
-HedgehogLM = None
+_CLASS = None
 
 
 def model_class():
     """The registered ``hedgehog`` lm-eval model class (registers it on first use)."""
-    global HedgehogLM
-    if HedgehogLM is None:
-        HedgehogLM = _register()
-    return HedgehogLM
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _register()
+    return _CLASS
+
+
+def __getattr__(name):
+    # ``hedgehog.lmeval:HedgehogLM`` is the lazy target the start-up hook registers (src/_hedgehog_lm_eval.py):
+    # the class is built, and lm-eval imported, only when lm-eval asks for it.
+    if name == "HedgehogLM":
+        return model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_cli(argv: List[str]) -> None:
