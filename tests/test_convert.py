@@ -283,7 +283,7 @@ def test_baseline_maps_convert_and_run(fm):
 
 def test_taylor_kernel_form_in_the_layer_equals_feature_form(monkeypatch):
     """Short sequences take Taylor's closed-form kernel (O(N^2 d)); logits and gradients equal the feature path."""
-    from hedgehog import attention as attn_mod
+    from hedgehog import attention_paths as attn_mod
 
     torch.manual_seed(0)
     model = convert_model(tiny("llama").eval(), HedgehogConfig(feature_map="taylor"))  # GQA: 4 q heads, 2 kv heads
@@ -303,7 +303,7 @@ def test_taylor_kernel_form_in_the_layer_equals_feature_form(monkeypatch):
 
     kern_out, kern_grads = run()
     assert len(calls) == 2  # N = 40 <= F = 45: both layers took the kernel form
-    monkeypatch.setattr(attn_mod.HedgehogAttention, "_kernel_form", lambda self, n: False)
+    monkeypatch.setattr(attn_mod.StudentPaths, "_kernel_form", lambda self, n: False)
     feat_out, feat_grads = run()
     assert len(calls) == 2
     torch.testing.assert_close(kern_out, feat_out, rtol=1e-4, atol=1e-5)

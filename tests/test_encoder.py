@@ -68,7 +68,7 @@ def test_padding_keys_are_ignored_in_linear_mode():
 @pytest.mark.parametrize("kernel_form", [True, False], ids=["kernel", "features"])
 def test_taylor_encoder_kernel_form_and_padding(kernel_form, monkeypatch):
     """Taylor's closed-form kernel (short N) and its feature form agree, padding keys ignored in both."""
-    from hedgehog import attention as attn_mod
+    from hedgehog import attention_paths as attn_mod
 
     m = tiny_bert(dtype=torch.float64)
     convert_model(m, HedgehogConfig(feature_map="taylor"))
@@ -79,7 +79,7 @@ def test_taylor_encoder_kernel_form_and_padding(kernel_form, monkeypatch):
     phi_q, phi_k = layer.features(q, k)
     ref = quadratic_linear_attention(phi_q, phi_k, v, causal=False)
     if not kernel_form:
-        monkeypatch.setattr(attn_mod.HedgehogAttention, "_kernel_form", lambda self, n: False)
+        monkeypatch.setattr(attn_mod.StudentPaths, "_kernel_form", lambda self, n: False)
     calls = []
     real = attn_mod.kernel_linear_attention
     monkeypatch.setattr(attn_mod, "kernel_linear_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -78,3 +78,22 @@ def test_teacher_mode_turns_a_lora_adapter_off():
     torch.testing.assert_close(teacher, plain_teacher)
     with torch.no_grad(), pm.disable_adapter():
         assert not torch.allclose(student_with_adapter, pm(input_ids=w).logits)
+
+
+def test_eval_batches_is_the_one_loop_and_restores_the_mode():
+    import torch.nn as nn
+
+    from hedgehog.evaluate import eval_batches
+
+    m = nn.Linear(2, 2).train()
+    a, b = torch.arange(10).view(5, 2), torch.arange(5)
+    seen = []
+    for x, y in eval_batches(m, a, b, batch_size=2):
+        assert not m.training
+        seen.append((x.tolist(), y.tolist()))
+    assert m.training and [len(y) for _, y in seen] == [2, 2, 1]
+    assert torch.equal(torch.tensor(sum((x for x, _ in seen), [])), a)
+    with pytest.raises(RuntimeError, match="boom"):
+        for _ in eval_batches(m, a, batch_size=3):
+            raise RuntimeError("boom")
+    assert m.training  # back in training mode after an error mid-loop

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hedgehog.errors import CheckpointError
-from hedgehog.resume import StageCheckpoint, atomic_write, settings_diff
+from hedgehog.resume import StageCheckpoint, settings_diff
 
 # 8 stage-2 steps, a checkpoint every 3: the kill after step 5 loses steps 4-5, which the resume redoes.
 ARGS = ["--seq-len", "32", "--stage1-tokens", "256", "--stage1-batch", "2", "--stage1-checkpoint-every", "1",
@@ -120,19 +120,6 @@ def test_truncated_stage_checkpoint_is_refused(tiny_assets, tmp_path, capsys):
                               "--out",
                               str(out), *ARGS, "--stage2-tokens", "0", "--resume"])
     assert "stage1.pt cannot be read" in err and "truncated or corrupt" in err
-
-
-def test_atomic_write_keeps_the_old_file_when_the_write_dies(tmp_path):
-    path = tmp_path / "state.pt"
-    atomic_write(path, lambda tmp: tmp.write_bytes(b"old"))
-
-    def dies_half_way(tmp):
-        tmp.write_bytes(b"ne")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, dies_half_way)
-    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.pt"]
 
 
 def test_stage_checkpoint_round_trip_and_settings_diff(tmp_path):

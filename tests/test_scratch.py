@@ -107,7 +107,7 @@ def test_mimic_rows_for_step_is_a_seeded_sorted_subset():
 def test_mimic_rows_take_the_loss_over_those_rows_in_float64():
     """With a row subset, each layer's stored mimic loss is the distillation cross-entropy over exactly
     those query rows (each against all the keys it sees), computed here from the layer's own q/k/features."""
-    from hedgehog.attention import _repeat_heads
+    from hedgehog.heads import repeat_heads
     from hedgehog.losses import attention_distillation_loss
 
     m = build_model("hedgehog", TINY, seed=2).double()
@@ -122,7 +122,7 @@ def test_mimic_rows_take_the_loss_over_those_rows_in_float64():
     for layer in layers:
         (q, k, _), = layer.captured
         phi_q, phi_k = layer.features(q, k)
-        kr, scale = _repeat_heads(k, layer.n_rep), layer.teacher_scale()
+        kr, scale = repeat_heads(k, layer.n_rep), layer.teacher_scale()
         want = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, scale=scale, query_index=rows)
         full = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, scale=scale)
         assert layer.distill_loss.dtype == torch.float64

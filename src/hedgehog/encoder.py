@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from hedgehog.attention import HedgehogConfig, set_attention_mode
 from hedgehog.distill import Stage1Config, attention_transfer
+from hedgehog.evaluate import eval_batches
 from hedgehog.train.engine import Engine
-from hedgehog.pipeline import _write_json
+from hedgehog.atomic import write_json
 
 log = logging.getLogger("hedgehog")
 
@@ -127,10 +128,9 @@ def finetune(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, steps: i
 
 @torch.no_grad()
 def accuracy(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
-    model.eval()
     right = 0
-    for i in range(0, len(ids), batch_size):
-        right += (model(input_ids=ids[i:i + batch_size]).logits.argmax(-1) == labels[i:i + batch_size]).sum().item()
+    for x, y in eval_batches(model, ids, labels, batch_size=batch_size):
+        right += (model(input_ids=x).logits.argmax(-1) == y).sum().item()
     return right / len(ids)
 
 
@@ -138,9 +138,7 @@ def accuracy(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch_si
 def sentence_embeddings(model: nn.Module, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Mean-pooled last hidden states (sentence-transformers' pooling for all-MiniLM-L6-v2)."""
     enc = getattr(model, "bert", model)
-    enc.eval()
-    out = [enc(input_ids=ids[i:i + batch_size]).last_hidden_state.mean(1) for i in range(0, len(ids), batch_size)]
-    return torch.cat(out)
+    return torch.cat([enc(input_ids=x).last_hidden_state.mean(1) for x in eval_batches(enc, ids, batch_size=batch_size)])
 
 
 def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,9 +163,9 @@ def save_encoder(model: nn.Module, out: Path, tokenizer=None, extra: Optional[Di
     (absent for a softmax model), written to a temp dir and renamed."""
     from safetensors.torch import save_model
 
-    from hedgehog.assets import _atomic_dir
+    from hedgehog.atomic import atomic_dir
 
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         cfg = copy.deepcopy(model.config)
         hh = getattr(cfg, "hedgehog", None)
         if hh is not None:
@@ -231,7 +229,7 @@ def run(job: EncoderJob) -> Dict:
                          "finetune softmax encoder", job.progress)
         teacher = model
         save_encoder(teacher, teacher_dir, tok)
-        _write_json(ck / "teacher.json", t_rep)
+        write_json(ck / "teacher.json", t_rep)
     teacher.eval()
     teacher_acc = accuracy(teacher, te_x, te_y)
     teacher_val_acc = accuracy(teacher, data.splits["validation"], data.labels["validation"])
@@ -277,7 +275,7 @@ def run(job: EncoderJob) -> Dict:
                   "passages": counts, "test_examples": len(te_y), "teacher_accuracy": teacher_acc,
                   "teacher_val_accuracy": teacher_val_acc, "teacher": t_rep, "rows": rows,
                   "wall_s": time.perf_counter() - t_start, "settings": asdict(job)}
-        _write_json(out / "report.json", report)
+        write_json(out / "report.json", report)
     return report
 
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hedgehog.attention import _repeat_heads, hedgehog_layers, set_attention_mode
+from hedgehog.attention import hedgehog_layers, set_attention_mode
+from hedgehog.heads import repeat_heads
 from hedgehog.metrics import attention_fidelity
 
 
@@ -20,21 +21,32 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def eval_batches(model: nn.Module, *tensors: torch.Tensor, batch_size: int, progress: bool = False,
+                 desc: str = "evaluating") -> Iterator:
+    """The one evaluation loop: ``model`` in eval mode, the rows of ``tensors`` in batches of ``batch_size`` moved
+    to the model's device (one tensor: the batch; several: a tuple), with a progress bar; the model's training
+    mode comes back afterwards, also on an error. Callers run it under no-grad (every evaluation is decorated)."""
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    try:
+        for i in tqdm(range(0, tensors[0].shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+            parts = tuple(t[i:i + batch_size].to(dev) for t in tensors)
+            yield parts if len(parts) > 1 else parts[0]
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
                desc: str = "perplexity") -> torch.Tensor:
     """Mean next-token NLL (nats) of each window of ``windows`` (num_windows, seq_len): float64 (num_windows,)."""
-    was_training = model.training
-    model.eval()
     out = []
-    dev = model_device(model)
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-        batch = windows[i:i + batch_size].to(dev)
+    for batch in eval_batches(model, windows, batch_size=batch_size, progress=progress, desc=desc):
         logits = model(input_ids=batch, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
                               reduction="none").view(batch.shape[0], -1)
         out.append(nll.double().mean(1).cpu())
-    model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
@@ -68,13 +80,10 @@ def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progr
     Returns teacher and student perplexity, their ratio, the fraction of next-token argmaxes that agree,
     and the mean KL(teacher || student) per predicted token (nats).
     """
-    was_training = model.training
-    model.eval()
     dev = model_device(model)
     nll_t = nll_s = agree = kl = 0.0
     n = 0
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
-        batch = windows[i:i + batch_size].to(dev)
+    for batch in eval_batches(model, windows, batch_size=batch_size, progress=progress, desc=desc):
         if teacher is not None:
             t = F.log_softmax(teacher(input_ids=batch.to(model_device(teacher)), use_cache=False).logits[:, :-1]
                               .float().to(dev), -1)
@@ -89,7 +98,6 @@ def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progr
         kl += F.kl_div(s, t, log_target=True, reduction="sum").double().item()
         n += target.numel()
         del t, s
-    model.train(was_training)
     n = max(1, n)
     t_ppl, s_ppl = math.exp(nll_t / n), math.exp(nll_s / n)
     return {"teacher_ppl": t_ppl, "student_ppl": s_ppl, "ppl_ratio": s_ppl / t_ppl, "top1_agreement": agree / n,
@@ -108,7 +116,7 @@ def layer_attention_kl(model: nn.Module, windows: torch.Tensor) -> List[Dict[str
         caps = capture_qkv(model, w[None].to(model_device(model)))
         for i, (layer, (q, k, _)) in enumerate(zip(layers, caps)):
             phi_q, phi_k = layer.features(q, k)
-            f = attention_fidelity(q, _repeat_heads(k, layer.n_rep), phi_q, phi_k, causal=layer.causal,
+            f = attention_fidelity(q, repeat_heads(k, layer.n_rep), phi_q, phi_k, causal=layer.causal,
                                    scale=layer.teacher_scale(), **layer.hybrid_kwargs(), **layer.teacher_kwargs())
             for key, val in f.items():
                 sums[i][key] = sums[i].get(key, 0.0) + val.mean().item() / len(windows)

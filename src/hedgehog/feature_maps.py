@@ -146,6 +146,15 @@ class HedgehogFeatureMap(_PerHeadLinear):
             self.__dict__["_signed_cache"] = cached = (key, w2, b2)
         return cached[1], cached[2]
 
+    def fused_softmax_params(self):
+        """What the fused CPU kernel (hedgehog.ops.cpu_kernel) computes this map from: ``([W, -W] (H, d, F),
+        [b, -b] (H, F) or an empty tensor)`` in float32. None for a subclass, which may compute something else."""
+        if type(self) is not HedgehogFeatureMap:
+            return None
+        w2, b2 = self._signed_params(torch.float32)
+        b = w2.new_empty(0) if b2 is None else b2.squeeze(1)
+        return w2.contiguous(), b.contiguous()
+
     def forward(self, x, positions=None):
         self._check(x)
         x = _float(x)

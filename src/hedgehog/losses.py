@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
 from hedgehog.ops.hybrid import hybrid_attention, hybrid_weights
-from hedgehog.ops.softmax import causal_drop_mask, softmax_attention_weights
+from hedgehog.ops.masks import causal_drop_mask
+from hedgehog.ops.softmax import softmax_attention_weights
 
 LOSSES = ("ce", "mse")
 

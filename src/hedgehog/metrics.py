@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from hedgehog.ops import quadratic_linear_attention
+from hedgehog.ops.masks import causal_mask
 from hedgehog.ops.softmax import softmax_attention_weights
 
 
@@ -106,9 +107,7 @@ def attention_fidelity(
                                               return_weights=True)
         s = (q.double() @ k.double().transpose(-1, -2)) * scale_
         n = q.shape[2]
-        mask = torch.ones(n, n, dtype=torch.bool, device=q.device)
-        if causal:
-            mask = mask.tril()
+        mask = causal_mask(n, n, q.device) if causal else torch.ones(n, n, dtype=torch.bool, device=q.device)
 
         def mean_rows(x):  # (B,H,N) -> (H,), ignoring NaN rows
             return torch.nanmean(x.transpose(0, 1).reshape(x.shape[1], -1), dim=-1)

@@ -74,9 +74,9 @@ def model_card(config: Dict, report: Optional[Dict] = None) -> str:
 
 
 def write_model_card(model_dir, config: Dict, report: Optional[Dict] = None) -> Path:
-    from hedgehog.resume import atomic_write
+    from hedgehog.atomic import atomic_file
 
     path = Path(model_dir) / "README.md"
     text = model_card(config, report)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_file(path, lambda tmp: tmp.write_text(text))
     return path

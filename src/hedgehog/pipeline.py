@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +17,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from hedgehog.atomic import write_json
 from hedgehog.attention import HedgehogConfig, set_attention_mode
 from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
+from hedgehog.report import mean_fidelity, plot_compare, slim_stage_report
 
 log = logging.getLogger("hedgehog")
 
@@ -59,12 +60,6 @@ class ConvertJob:
     # 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'; under torchrun / accelerate launch, each rank's own
     device: str = "auto"
     dtype: str = "fp32"  # the base model's weights: fp32, bf16 or fp16 (feature maps and LoRA train in fp32)
-
-
-def _write_json(path: Path, obj) -> None:
-    from hedgehog.resume import atomic_write
-
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code: bool = False,
@@ -216,7 +211,7 @@ def run(job: ConvertJob) -> Dict:
                                    checkpoint=s1_ckpt, engine=engine)
     if main:
         ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
-                            extra={"stage1_report": _slim(s1_report)}, format="light")
+                            extra={"stage1_report": slim_stage_report(s1_report)}, format="light")
     set_attention_mode(model, "linear")
 
     def score(stage, m):
@@ -253,7 +248,7 @@ def run(job: ConvertJob) -> Dict:
         final = pm
     if not main:  # the main process evaluates, saves and reports; this rank's training work is done
         engine.wait()
-        return {"rank": engine.rank, "stage1": _slim(s1_report), "stage2": _slim(s2_report)}
+        return {"rank": engine.rank, "stage1": slim_stage_report(s1_report), "stage2": slim_stage_report(s2_report)}
 
     t = time.perf_counter()
     fid_final = score("final", final) if final is not model else fid_stage1
@@ -292,7 +287,7 @@ def run(job: ConvertJob) -> Dict:
         "test_tokens": int(test.numel()),
         "fidelity": {"stage1": fid_stage1, "final": fid_final},
         # the headline: the mean over the held-out texts the job never trained on
-        "held_out": {stage: _mean_fidelity([f[k] for k in held]) for stage, f in
+        "held_out": {stage: mean_fidelity([f[k] for k in held]) for stage, f in
                      (("stage1", fid_stage1), ("final", fid_final))} if held else None,
         "held_out_rule": corpus.rule,
         "eval_texts": {name: {"documents": len(c.splits["test"]),
@@ -302,8 +297,8 @@ def run(job: ConvertJob) -> Dict:
         "attention_kl_after": kl_after,
         "mean_kl_before": sum(d["kl"] for d in kl_before) / len(kl_before),
         "mean_kl_after": sum(d["kl"] for d in kl_after) / len(kl_after),
-        "stage1": _slim(s1_report),
-        "stage2": _slim(s2_report) if s2_report else None,
+        "stage1": slim_stage_report(s1_report),
+        "stage2": slim_stage_report(s2_report) if s2_report else None,
         "curve": curve,
         "reload_max_abs_logit_diff": reload_max_abs_diff,
         "timings_s": timings,
@@ -313,79 +308,13 @@ def run(job: ConvertJob) -> Dict:
         "device": str(engine.device),
         "processes": engine.world,
     }
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     if job.save_format == "hf":
         from hedgehog.modelcard import write_model_card
 
         write_model_card(model_dir, json.loads((model_dir / "config.json").read_text()), report)
     engine.wait()
     return report
-
-
-def _mean_fidelity(rows: List[Dict]) -> Dict[str, float]:
-    keys = ("ppl_ratio", "top1_agreement", "kl_per_token")
-    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-
-
-def _slim(rep: Optional[Dict]) -> Optional[Dict]:
-    if rep is None:
-        return None
-    rep = dict(rep)
-    hist = rep.pop("history", None)
-    if hist:
-        rep["loss_first"] = hist[0]["loss"]
-        rep["loss_last"] = hist[-1]["loss"]
-        rep["loss_curve"] = [(h["tokens"], round(h["loss"], 4)) for h in hist[:: max(1, len(hist) // 50)]]
-    return rep
-
-
-def format_report(r: Dict) -> str:
-    lines = [
-        f"{'model':<28} {r['model']}",
-        f"{'training data':<28} {r['data']}",
-        f"{'attention KL / layer':<28} {r['mean_kl_before']:.3f} -> {r['mean_kl_after']:.3f}",
-    ]
-    for name in ("stage1", "stage2"):
-        s = r.get(name)
-        if s:
-            capped = "  (ended by the time cap)" if s.get("stopped_by_time_cap") else ""
-            lines.append(f"{name + ' tokens / seconds':<28} {s.get('tokens', 0)} of {s.get('tokens_planned', 0)} / "
-                         f"{s.get('seconds', 0):.0f}"
-                         + (f"  (loss {s['loss_first']:.3f} -> {s['loss_last']:.3f})" if "loss_first" in s else "")
-                         + capped)
-    lines.append(f"{'reload max |logit diff|':<28} {r['reload_max_abs_logit_diff']:.2e}")
-    lines.append(f"{'wall seconds':<28} {r['wall_s']:.0f}")
-    if r.get("curve"):
-        lines.append("curve (stage, tokens, val ppl ratio): " + ", ".join(
-            f"{c['stage']}@{c['tokens']}:{c['val_ppl_ratio']:.2f}x" for c in r["curve"]))
-    held = r.get("held_out")
-    lines += ["", format_fidelity({"stage 1": r["fidelity"]["stage1"], "final": r["fidelity"]["final"]},
-                                  {"stage 1": held["stage1"], "final": held["final"]} if held else None)]
-    return "\n".join(lines)
-
-
-def format_fidelity(stages: Dict[str, Dict[str, Dict]], held_out: Optional[Dict[str, Dict]] = None) -> str:
-    """The fidelity table. ``stages``: label -> text -> :func:`hedgehog.evaluate.fidelity` result (one
-    column per label, shown as ``a -> b``); ``held_out``: label -> the mean over the held-out texts."""
-    labels = list(stages)
-    names = list(stages[labels[-1]])
-    arrow = " -> ".join(labels)
-
-    def cell(vals, fmt):
-        return " -> ".join(fmt.format(v) for v in vals)
-
-    width = max(16, len(arrow))
-    lines = [f"{'fidelity to the teacher':<30} {'teacher ppl':>11}  {'ppl ratio':>{width}}  {'top-1 agreement':>{width}}"
-             f"  {'KL / token':>{width}}",
-             f"{'':<30} {'':>11}  {arrow:>{width}}  {arrow:>{width}}  {arrow:>{width}}"]
-    rows = [(n, f"{stages[labels[-1]][n]['teacher_ppl']:.2f}", [stages[lb][n] for lb in labels]) for n in names]
-    if held_out:
-        rows.append(("mean of the held-out texts", "", [held_out[lb] for lb in labels]))
-    for name, tp, fs in rows:
-        lines.append(f"{name:<30} {tp:>11}  {cell([f['ppl_ratio'] for f in fs], '{:.2f}x'):>{width}}  "
-                     f"{cell([f['top1_agreement'] for f in fs], '{:.3f}'):>{width}}  "
-                     f"{cell([f['kl_per_token'] for f in fs], '{:.2f}'):>{width}}")
-    return "\n".join(lines)
 
 
 def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
@@ -414,9 +343,9 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
                      "stage2_tokens": (r["stage2"] or {}).get("tokens", 0), "wall_s": r["wall_s"],
                      "held_out": (r["held_out"] or {}).get("final")})
         result = {"rows": rows, "settings": asdict(base_job)}
-        _write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
+        write_json(root / "compare.json", result)  # after every map: nothing lost on a crash
     if "rank" not in result:
-        _plot_compare(rows, root / "compare.png")
+        plot_compare(rows, root / "compare.png")
     return result
 
 
@@ -427,42 +356,3 @@ def parse_compare_entry(name: str):
     return "linear", name
 
 
-def format_compare(rows: List[Dict]) -> str:
-    head = (f"{'feature map':<14} {'KL before':>9} {'KL after':>9} {'ppl stage1':>11} {'ppl final':>10} {'ratio':>7}"
-            f" {'held-out ratio':>14} {'agreement':>9} {'KL/token':>8}")
-    lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: r["ppl_ratio"]):
-        h = r.get("held_out") or {}
-        tail = (f" {h['ppl_ratio']:>13.2f}x {h['top1_agreement']:>9.3f} {h['kl_per_token']:>8.2f}" if h else "")
-        lines.append(f"{r['feature_map']:<14} {r['mean_kl_before']:>9.3f} {r['mean_kl_after']:>9.3f} "
-                     f"{r['student_ppl_stage1']:>11.1f} {r['student_ppl']:>10.2f} {r['ppl_ratio']:>6.2f}x" + tail)
-    if rows:
-        lines.append(f"teacher ppl {rows[0]['teacher_ppl']:.2f}")
-    return "\n".join(lines)
-
-
-def _plot_compare(rows: List[Dict], path: Path) -> None:
-    from hedgehog.plotting import pyplot
-
-    plt = pyplot()
-
-    rows = sorted(rows, key=lambda r: r["ppl_ratio"])
-    names = [r["feature_map"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].bar(names, [r["ppl_ratio"] for r in rows], color="tab:blue")
-    axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("student / teacher perplexity (test)")
-    axes[0].set_title("perplexity ratio after conversion")
-    x = range(len(rows))
-    axes[1].bar([i - 0.2 for i in x], [r["mean_kl_before"] for r in rows], width=0.4, label="before stage 1")
-    axes[1].bar([i + 0.2 for i in x], [r["mean_kl_after"] for r in rows], width=0.4, label="after stage 1")
-    axes[1].set_xticks(list(x), names)
-    axes[1].set_ylabel("KL(softmax || linear) per layer")
-    axes[1].set_title("attention fidelity")
-    axes[1].legend()
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

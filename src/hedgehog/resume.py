@@ -9,30 +9,13 @@ continued run would silently be a different run.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from hedgehog.atomic import atomic_file
 from hedgehog.errors import CheckpointError
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then move the result over ``path`` in one rename (after fsync)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -100,7 +83,7 @@ class StageCheckpoint:
 
     def save(self, state: Dict[str, Any]) -> None:
         full = {**state, "settings": self.settings, "extra": self.extra}
-        atomic_write(self.path, lambda tmp: torch.save(full, tmp))
+        atomic_file(self.path, lambda tmp: torch.save(full, tmp))
 
 
 def training_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, **counters) -> Dict[str, Any]:

@@ -114,7 +114,8 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _convert(args):
-    from hedgehog.pipeline import format_report, run
+    from hedgehog.pipeline import run
+    from hedgehog.report import format_report
 
     check_maps([args.feature_map])
     setup_logging()
@@ -126,7 +127,8 @@ def _convert(args):
 
 
 def _compare(args):
-    from hedgehog.pipeline import compare, format_compare
+    from hedgehog.pipeline import compare
+    from hedgehog.report import format_compare
 
     from hedgehog.pipeline import parse_compare_entry
 

@@ -12,7 +12,8 @@ def _eval(args):
     from hedgehog.checks import check_text_source
     from hedgehog.data import HELD_OUT_TEXTS, eval_documents, load_corpus, text_label, tokenize_windows
     from hedgehog.evaluate import fidelity, perplexity
-    from hedgehog.pipeline import _windows, format_fidelity
+    from hedgehog.pipeline import _windows
+    from hedgehog.report import format_fidelity
 
     setup_logging()
     names = split_names(args.eval_data)
@@ -48,9 +49,9 @@ def _eval(args):
     if args.json:
         from pathlib import Path
 
-        from hedgehog.pipeline import _write_json
+        from hedgehog.atomic import write_json
 
-        _write_json(Path(args.json), res)
+        write_json(Path(args.json), res)
         print(f"wrote {args.json}")
     return res
 
@@ -61,7 +62,7 @@ def _eval_tasks(args):
 
     from hedgehog import lmeval
     from hedgehog.checkpoint import is_converted_dir, read_meta
-    from hedgehog.pipeline import _write_json
+    from hedgehog.atomic import write_json
 
     if not is_converted_dir(args.model):
         raise UserError(f"--tasks compares a converted model with its teacher; {args.model!r} is not a directory "
@@ -80,7 +81,7 @@ def _eval_tasks(args):
     table = lmeval.format_table(res)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "lm_eval.json", res)
+    write_json(out / "lm_eval.json", res)
     (out / "lm_eval.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out}/lm_eval.json and {out}/lm_eval.md")

@@ -70,7 +70,7 @@ def load():
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        from hedgehog.assets import cache_dir
+        from hedgehog.cachedir import cache_dir
 
         name = _build_name()
         build = cache_dir() / "kernels" / name
@@ -89,15 +89,12 @@ def load():
     return _module
 
 
-def _hedgehog_params(fm) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """([W, -W] (H, d, F), [b, -b] (H, F) or an empty tensor) of a Hedgehog softmax map, else None."""
-    from hedgehog.feature_maps import HedgehogFeatureMap
-
-    if type(fm) is not HedgehogFeatureMap:
-        return None
-    w2, b2 = fm._signed_params(torch.float32)
-    b = w2.new_empty(0) if b2 is None else b2.squeeze(1)
-    return w2.contiguous(), b.contiguous()
+def _map_params(fm) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``fm.fused_softmax_params()`` when the map offers it: ``([W, -W] (H, d, F), [b, -b] (H, F) or empty)``,
+    the per-head softmax map ``phi(x) = softmax over halves of x @ [W, -W] + [b, -b]`` (hedgehog's Hedgehog map).
+    Any other map (None, or no such method) takes the PyTorch path. The kernel sees tensors, never a map class."""
+    get = getattr(fm, "fused_softmax_params", None)
+    return get() if callable(get) else None
 
 
 def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq, fk) -> bool:
@@ -109,10 +106,12 @@ def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq, fk) -> boo
     params = [*fq.parameters(), *fk.parameters()] if hasattr(fq, "parameters") and hasattr(fk, "parameters") else []
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
         return False
-    from hedgehog.feature_maps import HedgehogFeatureMap
-
-    return (type(fq) is HedgehogFeatureMap and type(fk) is HedgehogFeatureMap and fq.proj_dim == fk.proj_dim
-            and fq.num_heads == q.shape[1] and fk.num_heads == k.shape[1] and q.shape[1] % k.shape[1] == 0)
+    pq, pk = _map_params(fq), _map_params(fk)
+    if pq is None or pk is None:
+        return False
+    (wq, _), (wk, _) = pq, pk
+    return (wq.shape[-1] == wk.shape[-1] and wq.shape[0] == q.shape[1] and wk.shape[0] == k.shape[1]
+            and wq.shape[1] == q.shape[-1] and wk.shape[1] == k.shape[-1] and q.shape[1] % k.shape[1] == 0)
 
 
 def _module_for(q, k, v, fq, fk, name: str):
@@ -176,8 +175,7 @@ def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1
         return None
     B, H, N, _ = q.shape
     Hk, D = k.shape[1], v.shape[-1]
-    wq, bq = _hedgehog_params(fq)
-    wk, bk = _hedgehog_params(fk)
+    (wq, bq), (wk, bk) = _map_params(fq), _map_params(fk)
     Sz = _packed_state(B, Hk, wq.shape[-1], D, initial_state)
     f32 = [t.to(torch.float32).contiguous() for t in (q, k, v)]
     split = B * Hk < torch.get_num_threads() and H > Hk  # few key heads: one task per query head
@@ -207,7 +205,7 @@ def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[
     gams = _gammas(gam, H)
     if gams is None:
         raise ValueError(f"gamma must be a scalar or one value per query head ({H},), got {tuple(gam.shape)}")
-    (wq, bq), (wk, bk) = _hedgehog_params(fq), _hedgehog_params(fk)
+    (wq, bq), (wk, bk) = _map_params(fq), _map_params(fk)
     if feature_scale != 1.0:  # fm(x * s) = softmax(x @ (s W) + b)
         wq, wk = wq * feature_scale, wk * feature_scale
     Sz = _packed_state(B, Hk, wq.shape[-1], D)  # the kernel writes the state of the delayed keys

@@ -26,14 +26,15 @@ Decoding keeps the last ``w`` keys/values plus the state of everything older
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from hedgehog.ops import cpu_kernel
+from hedgehog.ops.masks import hybrid_masks
 from hedgehog.ops.linear_attention import (
     DEFAULT_EPS,
-    State,
     _acc_dtype,
     _auto_block,
     _causal_blocks,
@@ -65,16 +66,6 @@ def _check_hybrid(q, k, v, phi_q, phi_k, window):
             f"{tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}; all need equal (batch, heads, seq) "
             "(repeat grouped k/v heads to the query heads first)"
         )
-
-
-def hybrid_masks(nq: int, nk: int, window: int, device, q_positions: Optional[torch.Tensor] = None):
-    """(nq, nk) bool masks ``(in_window, older)`` for queries at ``q_positions`` (default: the last nq
-    positions) against keys 0..nk-1: ``in_window`` is ``n - w < i <= n``, ``older`` is ``i <= n - w``."""
-    if q_positions is None:
-        q_positions = torch.arange(nk - nq, nk, device=device)
-    n = q_positions.to(device)[:, None]
-    i = torch.arange(nk, device=device)[None, :]
-    return (i <= n) & (i > n - window), i <= n - window
 
 
 def hybrid_weights(q, k, phi_q, phi_k, window: int, gamma: Gamma, scale: Optional[float] = None,
@@ -326,8 +317,6 @@ def hybrid_attention(
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    from hedgehog.ops import cpu_kernel
-
     fused = cpu_kernel.fused_hybrid_features(q, k, v, phi_q, phi_k, window, gamma, scale, eps)
     if fused is not None:  # CPU, no autograd: the fused kernel on the given features
         y, state = fused
@@ -369,8 +358,6 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
                                scale, chunk_size, return_state=return_state, eps=eps, block_size=block_size)
         return (out[0], out[1][0]) if return_state else out
     if not q.is_cuda:  # Hedgehog maps without autograd: the fused CPU kernel
-        from hedgehog.ops import cpu_kernel
-
         out = cpu_kernel.fused_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window, gamma, scale, eps=eps)
         if out is not None:
             return out if return_state else out[0]
@@ -382,92 +369,3 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
     return (y, (S.reshape(B, H, fd, -1), z.reshape(B, H, fd))) if return_state else y
 
 
-def hybrid_recurrent_step(
-    q: torch.Tensor,
-    phi_q: torch.Tensor,
-    k_window: torch.Tensor,
-    v_window: torch.Tensor,
-    state: Optional[State],
-    gamma: Gamma = 0.5,
-    scale: Optional[float] = None,
-    eps: float = DEFAULT_EPS,
-    window_valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """One decoding step of the hybrid layer: query t against its window and the state of older keys.
-
-    Args:
-        q: (B, Hq, d) or (B, Hq, 1, d); phi_q: (B, Hq, F) or (B, Hq, 1, F).
-        k_window, v_window: (B, Hk, W, d/D), the keys/values of the window *including* token t
-            (``W <= window``); ``Hk`` divides ``Hq`` (grouped-query attention, heads ordered as
-            transformers' ``repeat_kv``).
-        state: ``(S (B, Hk, F, D), z (B, Hk, F))`` of all keys older than the window, or None.
-        gamma: scalar or (Hq,).
-        window_valid: (B, W) bool, False for padding keys in the window (left-padded batches).
-    Returns: y with q's leading shape and v's last dim, in v's dtype.
-    """
-    squeeze = q.dim() == 3
-    if squeeze:
-        q, phi_q = q.unsqueeze(2), phi_q.unsqueeze(2)
-    if q.dim() != 4 or q.shape[2] != 1 or phi_q.shape[:3] != q.shape[:3]:
-        raise ValueError(f"hybrid_recurrent_step takes one query: q {tuple(q.shape)}, phi_q {tuple(phi_q.shape)}")
-    B, Hq, _, d = q.shape
-    Hk, W = k_window.shape[1], k_window.shape[2]
-    if Hq % Hk or k_window.shape[0] != B or v_window.shape[:3] != k_window.shape[:3] or W == 0:
-        raise ValueError(f"window shapes do not fit: q {tuple(q.shape)}, k_window {tuple(k_window.shape)}, "
-                         f"v_window {tuple(v_window.shape)} (key heads must divide query heads; W >= 1)")
-    acc = _acc_dtype(v_window)
-    g_heads = Hq // Hk
-    scale = d ** -0.5 if scale is None else scale
-    qq = q[:, :, 0].to(acc).reshape(B, Hk, g_heads, d)
-    s = (qq @ k_window.to(acc).transpose(-1, -2)) * scale  # (B, Hk, g, W)
-    if window_valid is not None:
-        s = s.masked_fill(~window_valid[:, None, None, :].to(s.device), float("-inf"))
-    c = s.amax(-1, keepdim=True)
-    e = torch.exp(s - torch.where(torch.isfinite(c), c, torch.zeros_like(c)))
-    gam = torch.as_tensor(gamma, device=q.device).to(acc)
-    gam = gam.view(1, Hk, g_heads, 1) if gam.dim() == 1 else gam
-    num = gam * (e @ v_window.to(acc))
-    den = gam * e.sum(-1, keepdim=True)
-    if state is not None:
-        pq = phi_q[:, :, 0].to(acc).reshape(B, Hk, g_heads, -1)
-        num = num + pq @ state[0].to(acc)
-        den = den + pq @ state[1].to(acc).unsqueeze(-1)
-    y = (num / den.clamp_min(eps)).reshape(B, Hq, 1, -1).to(v_window.dtype)
-    return y[:, :, 0] if squeeze else y
-
-
-def ring_hybrid_step(q: torch.Tensor, phi_q: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
-                     valid: torch.Tensor, Sz: torch.Tensor, gamma: Gamma = 0.5, scale: Optional[float] = None,
-                     eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """One query of the hybrid layer against a ring-buffer window and a packed linear state (decoding).
-
-    Same value as :func:`hybrid_recurrent_step`; the cache layout differs: the window's slots may be in
-    any order (a softmax over them is a sum), values carry a ones column so one matmul gives the
-    window's numerator and denominator, and the state is packed as ``Sz = [S, z]``.
-
-    Args:
-        q: (B, Hq, 1, d); phi_q: (B, Hq, 1, F).
-        k_win: (B, Hk, w, d); v_win: (B, Hk, w, D + 1) = ``[v, 1]``; valid: (B, w) bool, False for empty
-            slots and padding (at least one slot per row must be valid: the current token's).
-        Sz: (B, Hk, F, D + 1) state of the keys older than the window; ``Hk`` divides ``Hq``.
-        gamma: scalar or (Hq,).
-    Returns: y (B, Hq, 1, D) in ``v_win``'s dtype.
-    """
-    B, Hq, _, d = q.shape
-    Hk, w, D1 = k_win.shape[1], k_win.shape[2], v_win.shape[-1]
-    if (q.shape[2] != 1 or phi_q.shape[:3] != q.shape[:3] or Hq % Hk or v_win.shape[:3] != k_win.shape[:3]
-            or valid.shape != (B, w) or Sz.shape[:2] != (B, Hk) or Sz.shape[-1] != D1):
-        raise ValueError(f"ring_hybrid_step: shapes do not fit: q {tuple(q.shape)}, phi_q {tuple(phi_q.shape)}, "
-                         f"k_win {tuple(k_win.shape)}, v_win {tuple(v_win.shape)}, valid {tuple(valid.shape)}, "
-                         f"Sz {tuple(Sz.shape)}")
-    acc = Sz.dtype
-    g = Hq // Hk
-    scale = d ** -0.5 if scale is None else scale
-    s = (q.to(acc).reshape(B, Hk, g, d) * scale) @ k_win.to(acc).transpose(-1, -2)  # (B, Hk, g, w)
-    s = s.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    e = s.sub_(s.amax(-1, keepdim=True)).exp_()
-    gam = torch.as_tensor(gamma, device=q.device).to(acc)
-    gam = gam.view(1, Hk, g, 1) if gam.dim() == 1 else gam
-    nd = torch.matmul(phi_q.to(acc).reshape(B, Hk, g, -1), Sz).add_((e @ v_win.to(acc)).mul_(gam))
-    num, den = nd.split((D1 - 1, 1), -1)
-    return num.div_(den.clamp_min_(eps)).reshape(B, Hq, 1, D1 - 1).to(v_win.dtype)

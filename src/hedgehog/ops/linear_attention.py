@@ -25,6 +25,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from hedgehog.ops import backends, cpu_kernel
+from hedgehog.ops.masks import causal_drop_mask
+
 State = Tuple[torch.Tensor, torch.Tensor]
 
 DEFAULT_EPS = 1e-6
@@ -88,7 +91,7 @@ def quadratic_linear_attention(
     a = phi_q.to(acc) @ phi_k.to(acc).transpose(-1, -2)
     if causal:
         nq, nk = a.shape[-2:]
-        a = a.masked_fill(_causal_mask(nq, nk, a.device).logical_not(), 0.0)
+        a = a.masked_fill(causal_drop_mask(nq, nk, a.device), 0.0)
     w = a / a.sum(-1, keepdim=True).clamp_min(eps)
     y = (w @ v.to(acc)).to(v.dtype)
     return (y, w) if return_weights else y
@@ -111,11 +114,6 @@ def kernel_linear_attention(a: torch.Tensor, v: torch.Tensor, causal: bool = Tru
         a = a.tril(nk - nq)
     # normalise after the readout: one (Nq, D) division instead of an (Nq, Nk) one
     return ((a @ v.to(acc)) / a.sum(-1, keepdim=True).clamp_min(eps)).to(v.dtype)
-
-
-def _causal_mask(nq: int, nk: int, device) -> torch.Tensor:
-    """(nq, nk) bool, True where key j is visible to query i (queries are the last nq positions)."""
-    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril(nk - nq)
 
 
 def _noncausal(phi_q, phi_k, v, eps):
@@ -301,8 +299,6 @@ def linear_attention(
     _check_chunking(chunk_size, block_size)
 
     if causal:
-        from hedgehog.ops import backends, cpu_kernel
-
         fast = backends.resolve(backend).causal(phi_q)  # CUDA: fla when bound (backend='fla' on CPU: an error)
         if fast is not None:
             out = fast(phi_q, phi_k, v, initial_state, eps)
@@ -330,93 +326,6 @@ def linear_attention(
         y, st = _noncausal(q, k, vv, eps)
     y = y.to(v.dtype)
     return (y, st) if return_state else y
-
-
-def recurrent_step(
-    phi_q: torch.Tensor,
-    phi_k: torch.Tensor,
-    v: torch.Tensor,
-    state: Optional[State] = None,
-    eps: float = DEFAULT_EPS,
-    inplace: bool = False,
-):
-    """One decoding step: add token t's key/value to the state, then read it with token t's query.
-
-    Args:
-        phi_q: (B, Hq, F) or (B, Hq, 1, F).
-        phi_k: (B, Hk, F) or (B, Hk, 1, F); v: (B, Hk, D) or (B, Hk, 1, D). ``Hk`` may divide ``Hq``
-            (grouped-query attention): query head h reads the state of key head ``h // (Hq / Hk)``,
-            as transformers' ``repeat_kv`` orders heads. The state is kept per key head.
-        state: ``(S (B, Hk, F, D), z (B, Hk, F))`` of all earlier tokens, or None for the first token.
-        inplace: update the given state tensors in place (decoding loops; no new allocation per token).
-    Returns:
-        ``(y, (S, z))``: y (B, Hq, [1,] D) in v's dtype; the state in float32/float64.
-    """
-    squeeze = v.dim() == 3
-    if squeeze:
-        phi_q, phi_k, v = phi_q.unsqueeze(2), phi_k.unsqueeze(2), v.unsqueeze(2)
-    for name, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
-        if t.dim() != 4 or t.shape[2] != 1:
-            raise ValueError(
-                f"recurrent_step takes one token: {name} must be (B, H, F) or (B, H, 1, F), got {tuple(t.shape)}; "
-                "use linear_attention(..., initial_state=state, return_state=True) for several"
-            )
-    B, Hq, _, Fd = phi_q.shape
-    Hk, D = phi_k.shape[1], v.shape[-1]
-    if phi_k.shape[0] != B or v.shape[:2] != phi_k.shape[:2] or phi_k.shape[-1] != Fd or Hq % Hk:
-        raise ValueError(f"shapes do not fit: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, "
-                         f"v {tuple(v.shape)} (key heads must divide query heads)")
-    acc = _acc_dtype(v)
-    k, vv = phi_k[:, :, 0].to(acc), v[:, :, 0].to(acc)
-    kv = k.unsqueeze(-1) * vv.unsqueeze(-2)
-    if state is None:
-        S, z = kv, k
-    else:
-        if tuple(state[0].shape) != (B, Hk, Fd, D) or tuple(state[1].shape) != (B, Hk, Fd):
-            raise ValueError(f"state shapes S {tuple(state[0].shape)}, z {tuple(state[1].shape)} do not match "
-                             f"expected S ({B}, {Hk}, {Fd}, {D}) and z ({B}, {Hk}, {Fd})")
-        if inplace:
-            S, z = state[0].add_(kv), state[1].add_(k)
-        else:
-            S, z = state[0].to(acc) + kv, state[1].to(acc) + k
-    g = Hq // Hk
-    q = phi_q[:, :, 0].to(acc).reshape(B, Hk, g, Fd)
-    num = q @ S  # (B, Hk, g, D)
-    den = (q @ z.unsqueeze(-1)).clamp_min(eps)
-    y = (num / den).reshape(B, Hq, D).to(v.dtype)
-    if not squeeze:
-        y = y.unsqueeze(2)
-    return y, (S, z)
-
-
-def packed_recurrent_step(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, Sz: torch.Tensor,
-                          eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """:func:`recurrent_step` on a packed state ``Sz = [S, z]`` (B, Hk, F, D + 1), updated in place.
-
-    The decoding loop's form: with values augmented as ``[v, 1]`` the update ``S += phi_k v^T``,
-    ``z += phi_k`` is one rank-1 product and the readout ``phi_q S``, ``phi_q . z`` one matmul
-    (fewer, larger ops per token than the unpacked form; same arithmetic).
-
-    Args:
-        phi_q: (B, Hq, 1, F); phi_k: (B, Hk, 1, F); v: (B, Hk, 1, D); ``Hk`` divides ``Hq`` (GQA: query
-            head h reads key head ``h // (Hq / Hk)``).
-        Sz: contiguous (B, Hk, F, D + 1) float32/float64 state, modified in place.
-    Returns: y (B, Hq, 1, D) in v's dtype.
-    """
-    B, Hk, Fd, D1 = Sz.shape
-    Hq = phi_q.shape[1]
-    if (phi_q.shape != (B, Hq, 1, Fd) or phi_k.shape != (B, Hk, 1, Fd) or v.shape != (B, Hk, 1, D1 - 1)
-            or Hq % Hk or not Sz.is_contiguous()):
-        raise ValueError(f"packed_recurrent_step: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, "
-                         f"v {tuple(v.shape)} do not fit the contiguous state Sz {tuple(Sz.shape)} "
-                         "(expected (B, Hq, 1, F), (B, Hk, 1, F), (B, Hk, 1, D) with Sz (B, Hk, F, D + 1))")
-    acc = Sz.dtype
-    va = F.pad(v.to(acc), (0, 1), value=1.0)
-    S3 = Sz.view(B * Hk, Fd, D1)
-    S3.baddbmm_(phi_k.to(acc).reshape(B * Hk, Fd, 1), va.view(B * Hk, 1, D1))
-    nd = torch.bmm(phi_q.to(acc).reshape(B * Hk, Hq // Hk, Fd), S3)  # (B * Hk, g, D + 1)
-    num, den = nd.split((D1 - 1, 1), -1)
-    return num.div_(den.clamp_min_(eps)).reshape(B, Hq, 1, D1 - 1).to(v.dtype)
 
 
 def feature_linear_attention(
@@ -457,11 +366,7 @@ def feature_linear_attention(
     B, H, N, _ = q.shape
     if positions is None and N > 0:
         positions = torch.arange(N, device=q.device)
-    from hedgehog.ops import backends
-
     if causal and not q.is_cuda and k.shape[1] == H:  # Hedgehog maps without autograd: the fused CPU kernel
-        from hedgehog.ops import cpu_kernel
-
         out = cpu_kernel.fused_hedgehog_attention(q, k, v, feature_map_q, feature_map_k, initial_state, eps)
         if out is not None:
             return out if return_state else out[0]

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from hedgehog.ops.masks import causal_drop_mask, window_drop_mask
+
 
 def softmax_attention_weights(
     q: torch.Tensor, k: torch.Tensor, causal: bool = True, scale: Optional[float] = None, q_offset: int = 0,
@@ -36,20 +38,6 @@ def softmax_attention_weights(
         s.masked_fill_(window_drop_mask(s.shape[-2], s.shape[-1], sliding_window, s.device, q_offset, q_positions),
                        float("-inf"))
     return torch.softmax(s, dim=-1)
-
-
-def window_drop_mask(nq: int, nk: int, window: int, device, q_offset: int = 0,
-                     q_positions: Optional[torch.Tensor] = None):
-    """(nq, nk) bool, True where key j is at least ``window`` positions behind the row (outside its window)."""
-    pos = (torch.arange(nq, device=device) + q_offset) if q_positions is None else q_positions.to(device)
-    return torch.arange(nk, device=device)[None, :] <= pos[:, None] - window
-
-
-def causal_drop_mask(nq: int, nk: int, device, q_offset: int = 0, q_positions: Optional[torch.Tensor] = None):
-    """(nq, nk) bool, True where key j is in the future of the row (masked)."""
-    if q_positions is None:
-        return torch.ones(nq, nk, dtype=torch.bool, device=device).triu(q_offset + 1)
-    return torch.arange(nk, device=device)[None, :] > q_positions.to(device)[:, None]
 
 
 def softmax_attention(q, k, v, causal: bool = True, scale: Optional[float] = None,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,10 +13,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from hedgehog.atomic import atomic_dir, old_version
 from hedgehog.attention import hedgehog_layers, set_attention_mode
 from hedgehog.train.engine import Engine, resolve_device
 from hedgehog.evaluate import perplexity
-from hedgehog.pipeline import _write_json
+from hedgehog.atomic import write_json
 from hedgehog.scratch.model import (ByteTokenizer, KINDS, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
                                     set_mimic_rows, set_train_mode)
 
@@ -33,24 +32,14 @@ log = logging.getLogger("hedgehog")
 def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: Dict) -> None:
     from safetensors.torch import save_model
 
-    final = out / "checkpoint"
-    tmp = out / "checkpoint.tmp"
-    old = out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)  # a crash from here on leaves checkpoint.old, which resume also reads
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out / "checkpoint") as tmp:  # a crash mid-publish leaves checkpoint.old, which resume reads
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
 
 
 def find_checkpoint(out: Path) -> Optional[Path]:
-    for name in ("checkpoint", "checkpoint.old"):
-        p = out / name
+    for p in (out / "checkpoint", old_version(out / "checkpoint")):
         if (p / "state.json").exists():
             return p
     return None
@@ -207,7 +196,7 @@ def train_lm(job: TrainJob) -> Dict:
         "curve": state["curve"], "history": state["history"], "settings": asdict(job),
         "splits": {k: v for k, v in corpus.documents.items() if k != "train"},
     }
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     return report
 
 
@@ -245,7 +234,7 @@ def _write_compare(root: Path, rows: List[Dict]) -> Dict:
             row["test_ppl_vs_softmax"] = r["test_ppl"] / soft["test_ppl"]
         table.append(row)
     result = {"rows": table, "curves": {r["attention"]: r["curve"] for r in rows}}
-    _write_json(root / "train_compare.json", result)
+    write_json(root / "train_compare.json", result)
     plot_curves(rows, root / "train_compare.png")
     return result
 
@@ -314,7 +303,7 @@ def paired_eval(root: str, kinds: Sequence[str], against: Sequence[str], split: 
                 pairs.append({"kind": kind, "reference": ref, **r})
     result = {"split": split, "windows": int(windows.shape[0]), "bytes": int(windows.numel()), "block": block,
               "samples": samples, "ppl": rows, "pairs": pairs}
-    _write_json(root_p / f"paired_{split}.json", result)
+    write_json(root_p / f"paired_{split}.json", result)
     return result
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from hedgehog.attention import set_attention_mode
 from hedgehog.train.engine import Engine
-from hedgehog.evaluate import model_device
-from hedgehog.pipeline import _write_json
+from hedgehog.evaluate import eval_batches
+from hedgehog.atomic import write_json
 from hedgehog.scratch.model import (ModelSpec, PAPER_KINDS, _with_mimic, build_model, set_train_mode)
 
 log = logging.getLogger("hedgehog")
@@ -88,17 +88,12 @@ class MQARJob:
 
 
 def mqar_accuracy(model, ids, targets, batch_size=250) -> float:
-    was = model.training
-    model.eval()
     right = total = 0
-    dev = model_device(model)
-    for i in range(0, len(ids), batch_size):
-        logits = model(input_ids=ids[i:i + batch_size].to(dev), use_cache=False).logits
-        t = targets[i:i + batch_size].to(dev)
+    for x, t in eval_batches(model, ids, targets, batch_size=batch_size):
+        logits = model(input_ids=x, use_cache=False).logits
         m = t != -100
         right += (logits.argmax(-1)[m] == t[m]).sum().item()
         total += m.sum().item()
-    model.train(was)
     return right / max(1, total)
 
 
@@ -146,7 +141,7 @@ def mqar_compare(job: MQARJob) -> Dict:
         rows.append(train_mqar(kind, job))
         result = {"task": asdict(job.task), "settings": {k: v for k, v in asdict(job).items() if k != "task"},
                   "rows": rows}
-        _write_json(root / "mqar.json", result)
+        write_json(root / "mqar.json", result)
     _plot_mqar(rows, root / "mqar.png")
     return result
 
