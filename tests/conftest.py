@@ -76,7 +76,7 @@ def tiny_run(tiny_assets, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_light_run(tiny_assets, tmp_path_factory):
-    """The same tiny conversion saved in the light format (feature maps + LoRA adapter on the base)."""
+    """The same tiny conversion saved in the light format (only the maps and the LoRA-merged weights, on the base)."""
     from hedgehog.cli import main
 
     out = tmp_path_factory.mktemp("tiny_light_run") / "run"

@@ -110,9 +110,8 @@ def test_loading_a_run_onto_another_base_model(capsys, tiny_run, tmp_path, tiny_
     assert "different base model" in err and "embedding_sha1" in err
 
 
-@pytest.mark.parametrize("fmt, victim", [("light", "feature_maps.safetensors"), ("light", "hedgehog_config.json"),
-                                         ("light", "adapter_model.safetensors"), ("hf", "model.safetensors"),
-                                         ("hf", "config.json")])
+@pytest.mark.parametrize("fmt, victim", [("light", "model.safetensors"), ("light", "config.json"),
+                                         ("hf", "model.safetensors"), ("hf", "config.json")])
 def test_truncated_model_files(fmt, victim, capsys, tiny_run, tiny_light_run, tmp_path, tiny_assets):
     broken = tmp_path / "model"
     shutil.copytree((tiny_run if fmt == "hf" else tiny_light_run) / "model", broken)

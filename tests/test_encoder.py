@@ -178,6 +178,9 @@ def test_encoder_pipeline_end_to_end(encoder_assets, tmp_path):
     assert hh["mean_kl_after"] < hh["mean_kl_before"]
     model = load_encoder(out / "hedgehog" / "model")
     assert len(hedgehog_layers(model)) == 2
+    from hedgehog.formats import checkpoint_format
+
+    assert checkpoint_format(out / "hedgehog" / "model") == "hf"  # the one converted-model format
     # resume reuses the finetuned teacher (same teacher accuracy, no second finetune)
     main(["convert-encoder", "--model", encoder_assets["model"], "--out", str(out), "--feature-maps", "elu",
           "--seq-len", "18", "--teacher-steps", "30", "--stage1-tokens", "0", "--stage2-steps", "1", "--resume",

@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 import hedgehog
 from hedgehog import checkpoint as ckpt
+from hedgehog import formats
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.convert import convert_model
 from hedgehog.distill import Stage2Config, add_lora, lora_finetune
@@ -44,11 +45,11 @@ def test_save_pretrained_then_auto_class_gives_the_same_model(tmp_path, family, 
     assert cfg["model_type"] == "hedgehog" and cfg["architectures"] == ["HedgehogForCausalLM"]
     assert cfg["base_config"]["model_type"] == tiny(family).config.model_type
     assert cfg["hedgehog"]["attention"] == attention and cfg["base_fingerprint"]["embedding_sha1"]
-    assert not (tmp_path / "c" / ckpt.CONFIG_NAME).exists()  # nothing of the light format
+    assert not (tmp_path / "c" / formats.CONFIG_NAME).exists()  # nothing of the light format
 
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert len(hedgehog_layers(auto)) == len(hedgehog_layers(model))
-    assert isinstance(auto, type(tiny(family))) and isinstance(auto, hedgehog.hf.HedgehogModelMixin)
+    assert isinstance(auto, type(tiny(family))) and isinstance(auto, hedgehog.modelclass.HedgehogModelMixin)
     torch.testing.assert_close(_logits(auto, ids), want, atol=1e-5, rtol=1e-5)
     via_load, _ = hedgehog.load(tmp_path / "c")
     torch.testing.assert_close(_logits(via_load, ids), _logits(auto, ids), atol=1e-5, rtol=1e-5)
@@ -83,7 +84,7 @@ def test_lora_is_merged_into_the_self_contained_weights(tmp_path):
     lora_finetune(pm, torch.randint(0, V, (4, 16)), Stage2Config(tokens=64, lr=1e-2, warmup_steps=1), progress=False)
     ids = torch.randint(0, V, (2, 20))
     merged = copy.deepcopy(pm).merge_and_unload()
-    ckpt.save_converted(pm, tmp_path / "c", base_model="somewhere/base")
+    formats.save_converted(pm, tmp_path / "c", base_model="somewhere/base")
     names = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(tmp_path / "c" / "model.safetensors")))
     assert not any("lora_" in n or "base_layer" in n or "_grouped_k" in n for n in names)
@@ -97,7 +98,7 @@ def test_lora_is_merged_into_the_self_contained_weights(tmp_path):
 
 def test_round_trip_keeps_the_record_and_the_model_card(tmp_path):
     model = _converted("qwen2", "hybrid")
-    ckpt.save_converted(model, tmp_path / "a", base_model="/abs/base", extra={"data": "general", "seq_len": 512})
+    formats.save_converted(model, tmp_path / "a", base_model="/abs/base", extra={"data": "general", "seq_len": 512})
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     a.save_pretrained(tmp_path / "b")  # what push_to_hub writes
     ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
@@ -112,7 +113,7 @@ def test_round_trip_keeps_the_record_and_the_model_card(tmp_path):
     card = (tmp_path / "b" / "README.md").read_text()
     assert "/abs/base" in card and "import hedgehog" in card and "AutoModelForCausalLM" in card
     assert (tmp_path / "b" / "generation_config.json").exists()
-    meta = ckpt.read_meta(tmp_path / "b")
+    meta = formats.read_meta(tmp_path / "b")
     assert meta["format"] == "hf" and meta["base_model"] == "/abs/base" and meta["seq_len"] == 512
 
 
@@ -126,13 +127,13 @@ def test_plain_transformers_refuses_a_converted_directory(tmp_path):
     assert "hedgehog" in r.stderr and "does not recognize" in r.stderr
 
 
-def test_light_directories_still_load_and_keep_their_base_check(tmp_path):
+def test_light_directories_load_onto_their_base_and_convert_to_the_full_format(tmp_path):
     base = tiny("llama")
     base.save_pretrained(tmp_path / "base")
     model = convert_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base", use_kernels=False).eval())
     _perturb_maps(model)
-    ckpt.save_converted(model, tmp_path / "light", base_model=str(tmp_path / "base"), format="light")
-    assert ckpt.checkpoint_format(tmp_path / "light") == "light"
+    formats.save_converted(model, tmp_path / "light", base_model=str(tmp_path / "base"), format="light")
+    assert formats.read_meta(tmp_path / "light")["weights"] == "added"  # the hf layout, without the base's weights
     loaded, _ = hedgehog.load(tmp_path / "light")
     ids = torch.randint(0, V, (1, 12))
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
@@ -162,7 +163,7 @@ def test_encoders_register_with_their_own_auto_classes(tmp_path):
 
 def test_the_main_job_saves_the_hf_format(tiny_run):
     d = tiny_run / "model"
-    assert ckpt.checkpoint_format(d) == "hf"
+    assert formats.checkpoint_format(d) == "hf"
     auto = AutoModelForCausalLM.from_pretrained(d)
     assert hedgehog_layers(auto)
     card = (d / "README.md").read_text()
@@ -218,8 +219,8 @@ def test_eval_scores_a_merged_model_against_its_recorded_base(tiny_assets, tmp_p
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # LoRA that changes the projections a lot
-    ckpt.save_converted(pm, tmp_path / "c", base_model=tiny_assets["model"],
-                        tokenizer=AutoTokenizer.from_pretrained(tiny_assets["model"]))
+    formats.save_converted(pm, tmp_path / "c", base_model=tiny_assets["model"],
+                           tokenizer=AutoTokenizer.from_pretrained(tiny_assets["model"]))
     assert ckpt.needs_separate_teacher(tmp_path / "c")
     common = ["--data", tiny_assets["data"], "--seq-len", "32", "--tokens", "64", "--no-progress"]
     main(["eval", "--model", str(tmp_path / "c"), "--eval-data", tiny_assets["heldout"], *common,

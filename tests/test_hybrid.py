@@ -288,6 +288,7 @@ def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hedgehog import checkpoint as ckpt
+    from hedgehog import formats
     from hedgehog.distill import Stage1Config, attention_transfer
 
     torch.manual_seed(0)
@@ -303,7 +304,7 @@ def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):
     ids = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         want = m(input_ids=ids).logits
-    ckpt.save_converted(m, tmp_path / "c", base_model=str(tmp_path / "base"))
+    formats.save_converted(m, tmp_path / "c", base_model=str(tmp_path / "base"))
     loaded, _ = ckpt.load(tmp_path / "c")
     assert hedgehog_layers(loaded)[0].hybrid and hedgehog_layers(loaded)[0].hh_config.window == 4
     with torch.no_grad():

@@ -68,7 +68,8 @@ def test_batched_loglikelihood_equals_a_float64_forward(tiny_run, teacher):
     """lm-eval's batched (padded) loglikelihood of the hedgehog model type against our own forward."""
     from lm_eval.api.instance import Instance
 
-    from hedgehog.checkpoint import load, read_meta
+    from hedgehog.checkpoint import load
+    from hedgehog.formats import read_meta
     from hedgehog.pipeline import load_base
 
     lm = lmeval.model_class()(pretrained=str(tiny_run / "model"), teacher=teacher, batch_size=3)

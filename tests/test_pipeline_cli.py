@@ -22,6 +22,11 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
         assert key in report
     assert report["stage1"]["tokens"] == 256 and report["stage2"]["tokens"] == 128
     assert report["reload_max_abs_logit_diff"] < 1e-5
+    # LoRA is merged into the saved weights: the directory says so, so `eval` loads the base as the teacher
+    from hedgehog.checkpoint import needs_separate_teacher
+    from hedgehog.formats import read_meta
+
+    assert read_meta(out / "model")["lora"]["r"] == 8 and needs_separate_teacher(out / "model")
     assert len(report["attention_kl_after"]) == 2
     printed = capsys.readouterr().out
     assert "fidelity to the teacher" in printed and "mean of the held-out texts" in printed

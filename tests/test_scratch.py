@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 from conftest import user_error
-from safetensors.torch import load_file
 
 from hedgehog.attention import hedgehog_layers, set_attention_mode
 from hedgehog.scratch.model import (KINDS, ByteTokenizer, ModelSpec, ShortConv, _mimic_loss, build_model,
@@ -177,7 +176,8 @@ def test_train_lm_learns_reports_and_checkpoints(tiny_assets, tmp_path):
     assert h[-1]["lm_loss"] < h[0]["lm_loss"]  # it learns
     assert all("mimic_loss" in r for r in h)  # Hedgehog trains with the mimicry term
     assert rep["test_ppl"] > 1 and len(rep["curve"]) >= 2
-    assert (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # the one training-checkpoint format
+    assert saved["step"] == 12 and len(saved["extra"]["history"]) == 12
     assert json.loads((tmp_path / "run" / "report.json").read_text())["attention"] == "hedgehog"
 
 
@@ -197,15 +197,25 @@ def test_train_lm_resume_after_crash_equals_uninterrupted(tiny_assets, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         train_lm(_job(tmp_path / "b", tiny_assets["data"], mimic_rows=mimic_rows))
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())
+    state = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2  # the checkpoint before the crash
     resumed = train_lm(_job(tmp_path / "b", tiny_assets["data"], resume=True, mimic_rows=mimic_rows))
     assert resumed["steps"] == full["steps"] == 4
-    a = load_file(str(tmp_path / "a" / "run" / "checkpoint" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "run" / "checkpoint" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    a = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)["params"]
+    b = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)["params"]
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     assert resumed["test_ppl"] == pytest.approx(full["test_ppl"], rel=1e-5)
+
+
+def test_train_lm_resume_with_other_settings_is_refused_and_a_longer_budget_is_not(tiny_assets, tmp_path):
+    from hedgehog.errors import CheckpointError
+
+    train_lm(_job(tmp_path, tiny_assets["data"]))
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0\.002, now 0\.003"):
+        train_lm(_job(tmp_path, tiny_assets["data"], resume=True, lr=3e-3))
+    assert train_lm(_job(tmp_path, tiny_assets["data"], resume=True, tokens=6 * 64))["steps"] == 6
 
 
 def test_train_lm_stops_on_nan(tiny_assets, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """hedgehog: learned linear attention (Hedgehog, Zhang et al. ICLR 2024) for transformers."""
 from hedgehog.attention import HedgehogConfig, set_attention_mode
-from hedgehog.checkpoint import load, save_converted
+from hedgehog.checkpoint import load
+from hedgehog.formats import save_converted
 from hedgehog.convert import convert_model
 from hedgehog.feature_maps import available_feature_maps, get_feature_map, register_feature_map
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss

@@ -17,10 +17,10 @@ import torch
 from hedgehog.attention import hedgehog_layers
 from hedgehog.heads import repeat_heads
 from hedgehog.feature_maps import get_feature_map
-from hedgehog.metrics import attention_fidelity, kl_divergence, row_entropy, spearman_rows
+from hedgehog.metrics import attention_fidelity, spearman_rows
 from hedgehog.ops import quadratic_hybrid_attention, quadratic_linear_attention
 from hedgehog.ops.softmax import softmax_attention_weights
-from hedgehog.plotting import pyplot
+from hedgehog.plotting import label_axes, pyplot, save_figure
 
 DEFAULT_MAPS = ["hedgehog", "elu", "relu", "performer", "cosformer", "t2r", "taylor"]
 METRICS = ("kl", "entropy_softmax", "entropy_linear", "spearman_linear")
@@ -70,7 +70,8 @@ def _layer_means(x):
 @torch.no_grad()
 def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: str = "shakespeare",
         windows: int = 2, seq_len: int = 256, layer: Optional[int] = None, head: int = 0, span: int = 32) -> Dict:
-    from hedgehog.checkpoint import is_converted_dir, load, load_teacher, needs_separate_teacher, read_meta
+    from hedgehog.checkpoint import load, load_teacher, needs_separate_teacher
+    from hedgehog.formats import is_converted_dir, read_meta
     from hedgehog.convert import convert_model
     from hedgehog.data import load_corpus, tokenize_windows
     from hedgehog.distill import capture_qkv
@@ -202,9 +203,7 @@ def _plot_heatmaps(pictures: Dict[str, torch.Tensor], tokens: List[str], path: P
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"attention weights, {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _plot_per_layer(results: Dict, entropy_path: Path, kl_path: Path) -> None:
@@ -214,23 +213,13 @@ def _plot_per_layer(results: Dict, entropy_path: Path, kl_path: Path) -> None:
     ax.plot(_layer_means(first["entropy_softmax"]), "k-", lw=2.5, label="softmax")
     for label, res in results.items():
         ax.plot(_layer_means(res["entropy_linear"]), "-o", ms=3, label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("row entropy (nats)")
-    ax.set_title("attention entropy per layer (lower = spikier)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(entropy_path, dpi=110)
-    plt.close(fig)
+    label_axes(ax, "layer", "row entropy (nats)", "attention entropy per layer (lower = spikier)", legend_size=7)
+    save_figure(fig, entropy_path, dpi=110)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, res in results.items():
         ax.semilogy(_layer_means(res["kl"]), "-o", ms=3, label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("KL(softmax || linear)")
-    ax.set_title("attention KL per layer")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(kl_path, dpi=110)
-    plt.close(fig)
+    label_axes(ax, "layer", "KL(softmax || linear)", "attention KL per layer", legend_size=7)
+    save_figure(fig, kl_path, dpi=110)
 
 
 def _plot_scatter(pictures: Dict[str, torch.Tensor], scores: torch.Tensor, path: Path, row: int, title: str) -> None:
@@ -250,6 +239,4 @@ def _plot_scatter(pictures: Dict[str, torch.Tensor], scores: torch.Tensor, path:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"monotonicity: weight vs q·k, {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -4,9 +4,9 @@ An adapter knows, for an architecture, where the attention modules live and how 
 of them. One generic adapter (:class:`InterfaceAdapter`) serves every decoder family whose attention goes
 through transformers' attention interface: the module's own forward runs (projections, fused qkv splits,
 q/k norms, partial rotary, its cache update), and the attention function it calls is ours, so the teacher is
-exactly the model's own attention (its sliding window, soft-cap and scaling included). Two small adapters
-remain where that does not hold: GPT-2 (kept for its tested path) and BERT/RoBERTa encoders (non-causal: every
-token attends to every other, so no decoding state).
+exactly the model's own attention (its sliding window, soft-cap and scaling included). One small adapter
+remains where that does not hold: BERT/RoBERTa encoders (non-causal: every token attends to every other, so no
+decoding state).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from hedgehog.attention import CACHE_PARAMS, HedgehogAttention, HedgehogConfig, hedgehog_layers
 from hedgehog.generation import install_generation_cache
+from hedgehog.modelclass import mark_converted
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -83,31 +84,6 @@ class Adapter:
     def lora_target_modules(self, model, which: str):
         """peft ``target_modules`` for ``which`` = "attention" (the attention projections) or "all" (+ MLP)."""
         return self.lora_targets if which == "attention" else self.lora_targets_all
-
-
-class GPT2Adapter(Adapter):
-    """GPT2Attention: fused c_attn (Conv1D), c_proj, learned absolute positions (no RoPE)."""
-
-    family = "gpt2"
-    model_types = ("gpt2",)
-    lora_targets = r".*\.attn\.(c_attn|c_proj)"
-    lora_targets_all = ["c_attn", "c_proj", "c_fc"]
-    call_args = ("cache", "attention_mask")
-
-    def attention_slots(self, model):
-        tr = getattr(model, "transformer", model)
-        return [(block, "attn") for block in tr.h]
-
-    def num_heads(self, m):
-        return m.num_heads
-
-    def qkv(self, m, hidden_states, call):
-        q, k, v = m.c_attn(hidden_states).split(m.split_size, dim=2)
-        shape = (*hidden_states.shape[:-1], -1, m.head_dim)
-        return (t.view(shape).transpose(1, 2) for t in (q, k, v))
-
-    def output(self, m, y):
-        return m.resid_dropout(m.c_proj(y.reshape(*y.shape[:2], -1).contiguous()))
 
 
 class BertAdapter(Adapter):
@@ -191,9 +167,16 @@ def _modeling_module(model_type: str):
         return None
 
 
+def _projection_types() -> tuple:
+    """The module types peft's LoRA wraps as projections: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Linear, Conv1D
+
+
 class InterfaceAdapter(Adapter):
     """Every causal family whose attention module computes q/k/v, updates the cache and calls transformers'
-    attention interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-NeoX/Pythia, OLMo2, ...). The module's
+    attention interface (GPT-2, Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, GPT-NeoX/Pythia, OLMo2, ...). The module's
     own forward runs under :class:`hedgehog.attention.HedgehogAttention`, which supplies the attention function,
     so fused qkv, q/k norms, partial rotary and per-layer sliding windows need no code here."""
 
@@ -231,22 +214,23 @@ class InterfaceAdapter(Adapter):
         return next(p for p in CACHE_PARAMS if p in params)
 
     def lora_target_modules(self, model, which: str):
+        projections = _projection_types()
         slots = self.attention_slots(model)
         parent, attr = slots[0]
         attn = getattr(parent, attr)
         own = ("feature_map_q", "feature_map_k", "_grouped_k")  # hedgehog's maps are not LoRA targets
-        attn_names = sorted({n for n, c in attn.named_modules() if isinstance(c, nn.Linear) and n
+        attn_names = sorted({n for n, c in attn.named_modules() if isinstance(c, projections) and n
                              and not n.startswith(own)})
         if which == "attention":
             return rf".*\.{re.escape(attr)}\.({'|'.join(map(re.escape, attn_names))})"
         mlp = sorted({n.rsplit(".", 1)[-1] for n, c in parent.named_modules()
-                      if isinstance(c, nn.Linear) and n and not n.startswith(attr + ".")})
+                      if isinstance(c, projections) and n and not n.startswith(attr + ".")})
         return sorted(set(attn_names) | set(mlp))
 
 
-ADAPTERS = [GPT2Adapter(), BertAdapter()]
+ADAPTERS = [BertAdapter()]
 # the families the tests check, one tiny random config each (any other interface family converts too)
-CHECKED_GENERIC_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+CHECKED_GENERIC_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                          "gpt_neox", "olmo2")
 
 
@@ -330,8 +314,6 @@ def convert_model(model: nn.Module, config: HedgehogConfig | None = None) -> nn.
         new.train(base.training)
         setattr(parent, attr, new)
     model.config.hedgehog = config.to_dict()
-    from hedgehog.hf import mark_converted
-
     mark_converted(model)  # save_pretrained writes the hedgehog format
     if adapter.causal:
         install_generation_cache(model)

@@ -25,13 +25,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hedgehog.attention import HedgehogConfig, set_attention_mode
+from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.distill import Stage1Config, attention_transfer
 from hedgehog.evaluate import eval_batches
 from hedgehog.train.engine import Engine
@@ -159,43 +159,32 @@ def load_classifier(model_name: str):
 
 
 def save_encoder(model: nn.Module, out: Path, tokenizer=None, extra: Optional[Dict] = None) -> None:
-    """``config.json`` + ``model.safetensors`` (every weight, feature maps included) + ``hedgehog_config.json``
-    (absent for a softmax model), written to a temp dir and renamed."""
-    from safetensors.torch import save_model
+    """A converted classifier in the hf format (:func:`hedgehog.formats.save_hf`; ``extra`` is recorded, its
+    ``base_model`` as the base); a softmax one as transformers saves it. Either is written whole or not at all."""
+    from hedgehog.formats import save_hf
 
+    if hedgehog_layers(model):
+        extra = dict(extra or {})
+        save_hf(model, out, tokenizer=tokenizer, base_model=extra.pop("base_model", None), extra=extra)
+        return
     from hedgehog.atomic import atomic_dir
 
     with atomic_dir(out) as tmp:
-        cfg = copy.deepcopy(model.config)
-        hh = getattr(cfg, "hedgehog", None)
-        if hh is not None:
-            del cfg.hedgehog
-        cfg.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
-        if hh is not None:
-            (tmp / "hedgehog_config.json").write_text(json.dumps({"hedgehog": hh, **(extra or {})}, indent=2))
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
 
 def load_encoder(path: Path) -> nn.Module:
-    """A classifier saved by ``save_encoder``: rebuilt from its config, converted if it was, weights loaded."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, BertForSequenceClassification
+    """A classifier saved by ``save_encoder`` (converted or softmax), through ``AutoModelForSequenceClassification``."""
+    from transformers import AutoModelForSequenceClassification
 
-    from hedgehog.convert import convert_model
+    from hedgehog.assets import PLAIN_LOAD
 
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path} has no model.safetensors: not a directory written by save_encoder")
-    cfg = AutoConfig.from_pretrained(path)
-    cfg._attn_implementation = "sdpa"
-    model = BertForSequenceClassification(cfg)
-    hh = path / "hedgehog_config.json"
-    if hh.exists():
-        convert_model(model, HedgehogConfig.from_dict(json.loads(hh.read_text())["hedgehog"]))
-    load_model(model, str(path / "model.safetensors"))
-    return model.eval()
+    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa", **PLAIN_LOAD).eval()
 
 
 def run(job: EncoderJob) -> Dict:

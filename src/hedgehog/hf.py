@@ -14,125 +14,25 @@ weight from the directory's ``model.safetensors`` (no base model is read). Witho
 transformers does not know the ``hedgehog`` model type and refuses the directory; it never loads a softmax model.
 
 A converted model is an instance of its base class (``LlamaForCausalLM``, ...) with a thin mixin on top
-(:func:`hedgehog_class`): ``forward``, ``generate`` and peft behave as the base's, while ``save_pretrained`` (and so
-``push_to_hub``) writes the hedgehog format.
+(:func:`hedgehog.modelclass.hedgehog_class`): ``forward``, ``generate`` and peft behave as the base's, while
+``save_pretrained`` (and so ``push_to_hub``) writes the hedgehog format. The config class lives in
+:mod:`hedgehog.hf_config`.
 """
 from __future__ import annotations
 
-import sys
-from typing import Dict, Optional
-
-import torch.nn as nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                          AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel)
+                          AutoModelForSequenceClassification, PreTrainedModel)
 
-MODEL_TYPE = "hedgehog"
-
-
-class HedgehogModelConfig(PretrainedConfig):
-    """``config.json`` of a converted model: ``base_config`` (the base model's config as a dict), ``hedgehog``
-    (the :class:`~hedgehog.attention.HedgehogConfig`), ``converted_layers``, ``base_model`` (where it came from),
-    ``base_fingerprint`` and ``conversion`` (what the job recorded: data, budgets, ...)."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, base_config: Optional[Dict] = None, hedgehog: Optional[Dict] = None,
-                 converted_layers=None, base_model: Optional[str] = None, base_fingerprint: Optional[Dict] = None,
-                 lora: Optional[Dict] = None, conversion: Optional[Dict] = None, format_version: int = 2, **kwargs):
-        self.base_config = dict(base_config or {})
-        self.hedgehog = dict(hedgehog or {})
-        self.converted_layers = converted_layers
-        self.base_model = base_model
-        self.base_fingerprint = base_fingerprint
-        self.lora = lora
-        self.conversion = dict(conversion or {})
-        self.format_version = format_version
-        for k in ("tie_word_embeddings", "is_encoder_decoder"):  # the base's, so generation and tying agree
-            if k in self.base_config:
-                kwargs.setdefault(k, self.base_config[k])
-        super().__init__(**kwargs)
-
-    def to_base_config(self) -> PretrainedConfig:
-        """The base model's config object (``LlamaConfig``, ...), carrying the conversion settings as ``hedgehog``."""
-        d = {k: v for k, v in self.base_config.items() if k not in ("transformers_version", "hedgehog")}
-        model_type = d.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("this hedgehog config has no base_config.model_type: the directory is incomplete")
-        cfg = AutoConfig.for_model(model_type, **d)
-        cfg.hedgehog = dict(self.hedgehog)
-        return cfg
-
-
-_FEATURE_KEYS = ("feature_map_q.", "feature_map_k.", "window_gate")
-
-
-class HedgehogModelMixin:
-    """Put in front of a converted model's own class: ``save_pretrained`` writes the hedgehog format."""
-
-    _hedgehog_class = True
-
-    def save_pretrained(self, save_directory, *args, tokenizer=None, **kwargs):
-        from hedgehog.checkpoint import save_hf
-
-        if args or kwargs.get("state_dict") is not None:
-            raise TypeError("a converted model's save_pretrained takes the directory and keyword options only "
-                            "(its weights come from the model; hedgehog merges LoRA itself)")
-        kwargs.pop("state_dict", None)
-        return save_hf(self, save_directory, tokenizer=tokenizer, **kwargs)
-
-    def push_to_hub(self, repo_id: str, *, commit_message=None, commit_description=None, private=None, token=None,
-                    revision=None, create_pr: bool = False, max_shard_size="50GB", tags=None) -> str:
-        """transformers' ``push_to_hub``, except that the uploaded ``README.md`` is hedgehog's model card (base,
-        method, measured fidelity, how to load) instead of a generic one written over it."""
-        import tempfile
-
-        from transformers.utils.hub import hf_api
-
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, max_shard_size=max_shard_size)
-            return self._upload_modified_files(tmp, repo_id, files_timestamps={},
-                                               commit_message=commit_message or "Upload hedgehog linear-attention model",
-                                               token=token, create_pr=create_pr, revision=revision,
-                                               commit_description=commit_description)
-
-
-_CLASSES: Dict[type, type] = {}
-
-
-def hedgehog_class(base_cls: type) -> type:
-    """``Hedgehog<Base>`` = ``(HedgehogModelMixin, Base)``, made once per base class and importable from here."""
-    if getattr(base_cls, "_hedgehog_class", False):
-        return base_cls
-    cls = _CLASSES.get(base_cls)
-    if cls is None:
-        name = "Hedgehog" + base_cls.__name__
-        cls = type(name, (HedgehogModelMixin, base_cls), {
-            "__module__": __name__,
-            # the feature maps are not part of the base architecture: from_pretrained must not warn about them
-            "_keys_to_ignore_on_load_unexpected": list(getattr(base_cls, "_keys_to_ignore_on_load_unexpected", None)
-                                                       or []) + [r".*feature_map_[qk]\..*", r".*window_gate$"],
-            # a bf16/fp16 load keeps the maps in float32, as they were trained (their softmax over features
-            # and the running sums need the range)
-            "_keep_in_fp32_modules": list(getattr(base_cls, "_keep_in_fp32_modules", None) or [])
-            + ["feature_map_q", "feature_map_k", "window_gate"],
-        })
-        _CLASSES[base_cls] = cls
-        setattr(sys.modules[__name__], name, cls)  # so pickle finds it
-    return cls
-
-
-def mark_converted(model: nn.Module) -> None:
-    """Give a converted model its hedgehog class (in place)."""
-    if isinstance(model, PreTrainedModel):
-        model.__class__ = hedgehog_class(type(model))
+from hedgehog.assets import hub_kwargs, resolve_model_path
+from hedgehog.attention import HedgehogConfig, hedgehog_layers
+from hedgehog.convert import convert_model, teacher_attn_implementation
+from hedgehog.errors import CheckpointError
+from hedgehog.formats import check_fingerprint, load_hf_weights
+from hedgehog.hf_config import ENTRY_NAMES, MODEL_TYPE, HedgehogModelConfig
+from hedgehog.modelclass import hedgehog_class
 
 
 def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwargs):
-    from hedgehog.attention import HedgehogConfig, hedgehog_layers
-    from hedgehog.checkpoint import load_hf_weights
-    from hedgehog.convert import convert_model, teacher_attn_implementation
-
     if args:
         raise TypeError("positional model arguments are not supported for hedgehog models")
     base_cfg = config.to_base_config()
@@ -143,13 +43,27 @@ def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwarg
                          f"of {path}") from None
     kwargs.setdefault("use_kernels", False)
     kwargs.setdefault("attn_implementation", teacher_attn_implementation(base_cfg))
-    model = hedgehog_class(base_cls).from_pretrained(path, *args, config=base_cfg, **kwargs)
+    # light directories: a local copy of the recorded base (not "base_model": transformers would set that config
+    # attribute from the keyword)
+    base_model = kwargs.pop("base_model_path", None)
+    added = getattr(config, "weights", "all") == "added"
+    if added:  # the base's weights come from the recorded base, checked by fingerprint
+        if not (base_model or config.base_model):
+            raise CheckpointError(f"{path} holds only the weights conversion changed and records no base model; "
+                                  "pass it with base_model_path= (hedgehog.load: base_model=, CLI: --base-model)")
+        base = resolve_model_path(base_model or config.base_model)
+        hub = {} if base_model else hub_kwargs(config.conversion.get("base_revision"))
+        model = hedgehog_class(base_cls).from_pretrained(base, config=base_cfg, **kwargs, **hub)
+        check_fingerprint(path, {"base_fingerprint": config.base_fingerprint, "base_model": config.base_model},
+                          model, base)
+    else:
+        model = hedgehog_class(base_cls).from_pretrained(path, *args, config=base_cfg, **kwargs)
     convert_model(model, HedgehogConfig.from_dict(config.hedgehog))
     got = [layer.layer_idx for layer in hedgehog_layers(model)]
     if config.converted_layers is not None and got != list(config.converted_layers):
         raise ValueError(f"{path}: config.json records converted layers {config.converted_layers}, but its settings "
                          f"convert {got}; the file was edited or is from another version")
-    load_hf_weights(model, path)
+    load_hf_weights(model, path, added=added)
     model.config.hedgehog_origin = {"base_model": config.base_model, "base_fingerprint": config.base_fingerprint,
                                     "lora": config.lora, "conversion": config.conversion}
     model.eval()
@@ -177,17 +91,7 @@ HedgehogForMaskedLM = _auto_entry("HedgehogForMaskedLM", AutoModelForMaskedLM)
 _ENTRIES = ((AutoModelForCausalLM, HedgehogForCausalLM), (AutoModel, HedgehogModel),
             (AutoModelForSequenceClassification, HedgehogForSequenceClassification),
             (AutoModelForMaskedLM, HedgehogForMaskedLM))
-
-
-def entry_name(model) -> str:
-    """The Auto entry that rebuilds ``model``'s class: recorded as ``architectures`` in ``config.json``."""
-    names = [c.__name__ for c in type(model).__mro__]
-    for suffix, entry in (("ForCausalLM", HedgehogForCausalLM), ("LMHeadModel", HedgehogForCausalLM),
-                          ("ForSequenceClassification", HedgehogForSequenceClassification),
-                          ("ForMaskedLM", HedgehogForMaskedLM)):
-        if any(n.endswith(suffix) for n in names):
-            return entry.__name__
-    return HedgehogModel.__name__
+assert {e.__name__ for _, e in _ENTRIES} == set(ENTRY_NAMES.values()) | {"HedgehogModel"}
 
 
 def register() -> None:
@@ -203,5 +107,3 @@ def register() -> None:
             pass
 
 
-def is_hedgehog_config(d: Dict) -> bool:
-    return d.get("model_type") == MODEL_TYPE

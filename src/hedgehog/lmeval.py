@@ -42,7 +42,8 @@ def _register():
         """``--model hedgehog --model_args pretrained=DIR[,teacher=True][,base_model=PATH][,batch_size=N]``."""
 
         def __init__(self, pretrained: str, teacher: bool = False, base_model: Optional[str] = None, **kwargs):
-            from hedgehog.checkpoint import load, read_meta
+            from hedgehog.checkpoint import load
+            from hedgehog.formats import read_meta
             from hedgehog.pipeline import load_base
 
             if teacher:

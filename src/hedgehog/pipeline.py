@@ -52,8 +52,7 @@ class ConvertJob:
     curve_points: int = 4
     revision: Optional[str] = None  # of a hub --model: a branch, tag or commit
     trust_remote_code: bool = False  # let a hub --model run its own modelling code
-    save_format: str = "hf"  # "hf": self-contained HF directory (LoRA merged); "light": maps + LoRA on the base
-    merge_lora: bool = False  # light format only: LoRA merged into the attention weights instead of an adapter
+    save_format: str = "hf"  # "hf": every weight (stands alone); "light": only what conversion changed, on the base
     resume: bool = False
     seed: int = 0
     progress: bool = True
@@ -119,6 +118,7 @@ def _windows(corpus, split: str, tok, L: int, max_tokens=None, shuffle_seed=None
 def run(job: ConvertJob) -> Dict:
     """The main job (see the module docstring). Every cheap check runs before any heavy work."""
     from hedgehog import checkpoint as ckpt
+    from hedgehog import formats
     from hedgehog.assets import portable_model_ref
     from hedgehog.checks import check_convert_job, check_model, check_out_dir, check_text_source
     from hedgehog.convert import convert_model
@@ -162,7 +162,7 @@ def run(job: ConvertJob) -> Dict:
     timings["load_s"] = time.perf_counter() - t
     log.info("data: %d train / %d val windows of %d tokens; evaluation: %s", len(train), len(val), L,
              ", ".join(f"{k} {v.numel()} tokens" for k, v in eval_sets.items()))
-    settings = resume_settings(job, ckpt.base_fingerprint(model))
+    settings = resume_settings(job, formats.base_fingerprint(model))
     model_ref = portable_model_ref(job.model)
     curve: List[Dict] = []
     extra = {"curve": curve}
@@ -210,8 +210,8 @@ def run(job: ConvertJob) -> Dict:
     s1_report = attention_transfer(model, train, job.stage1, callback=cb1, progress=job.progress,
                                    checkpoint=s1_ckpt, engine=engine)
     if main:
-        ckpt.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
-                            extra={"stage1_report": slim_stage_report(s1_report)}, format="light")
+        formats.save_converted(model, out / "checkpoints" / "stage1", base_model=model_ref,
+                               extra={"stage1_report": slim_stage_report(s1_report)}, format="light")
     set_attention_mode(model, "linear")
 
     def score(stage, m):
@@ -257,14 +257,13 @@ def run(job: ConvertJob) -> Dict:
     # ---- save + reload check ---------------------------------------------------------------------
     t = time.perf_counter()
     model_dir = out / "model"
-    if job.save_format == "hf" and final is not model:
-        final = final.merge_and_unload()  # what the hf format holds, so the reload check compares like with like
-    ckpt.save_converted(final, model_dir, base_model=model_ref, tokenizer=tok, merge_lora=job.merge_lora,
-                        extra={"data": job.data, "seq_len": L, "base_revision": job.revision, "stage1_tokens": job.stage1.tokens,
-                               "stage2_tokens": job.stage2.tokens if job.stage2 else 0},
-                        format=job.save_format)
-    # light format: unmerged, exactly the saved computation
-    reloaded, _ = ckpt.load(model_dir, merge_lora=False, dtype=dtype, device=engine.device)
+    if final is not model:
+        final = formats.merge_lora(final)  # what the directory holds, so the reload check compares like with like
+    formats.save_converted(final, model_dir, base_model=model_ref, tokenizer=tok,
+                           extra={"data": job.data, "seq_len": L, "base_revision": job.revision, "stage1_tokens": job.stage1.tokens,
+                                  "stage2_tokens": job.stage2.tokens if job.stage2 else 0},
+                           format=job.save_format)
+    reloaded, _ = ckpt.load(model_dir, dtype=dtype, device=engine.device)
     with torch.no_grad():
         probe = test[:1, :128].to(engine.device)
         final.eval()
@@ -309,10 +308,9 @@ def run(job: ConvertJob) -> Dict:
         "processes": engine.world,
     }
     write_json(out / "report.json", report)
-    if job.save_format == "hf":
-        from hedgehog.modelcard import write_model_card
+    from hedgehog.modelcard import write_model_card
 
-        write_model_card(model_dir, json.loads((model_dir / "config.json").read_text()), report)
+    write_model_card(model_dir, json.loads((model_dir / "config.json").read_text()), report)
     engine.wait()
     return report
 

@@ -87,7 +87,7 @@ def format_compare(rows: List[Dict]) -> str:
 
 
 def plot_compare(rows: List[Dict], path: Path) -> None:
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import pyplot, save_figure
 
     plt = pyplot()
 
@@ -108,6 +108,4 @@ def plot_compare(rows: List[Dict], path: Path) -> None:
     axes[1].legend()
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -94,6 +94,14 @@ def training_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, *
 
 def restore_training_state(state: Dict[str, Any], params: Sequence[torch.Tensor], opt: torch.optim.Optimizer,
                            where: Path) -> None:
+    """Put a saved stage back: ``params`` in place, the optimizer and the RNG."""
+    restore_params(state, params, where)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def restore_params(state: Dict[str, Any], params: Sequence[torch.Tensor], where: Path) -> None:
+    """Copy the saved tensors into ``params`` (in order, onto their device and dtype); a mismatch is refused."""
     saved = state["params"]
     shapes = [tuple(p.shape) for p in params]
     if [tuple(t.shape) for t in saved] != shapes:
@@ -103,5 +111,3 @@ def restore_training_state(state: Dict[str, Any], params: Sequence[torch.Tensor]
     with torch.no_grad():
         for p, t in zip(params, saved):
             p.copy_(t.to(p.device, p.dtype))
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])

@@ -264,7 +264,7 @@ def _fmt_row(r: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import label_axes, pyplot, save_figure
 
     plt = pyplot()
 
@@ -279,36 +279,25 @@ def plot(result: Dict, path: Path) -> None:
         ax.loglog(n, [r["hedgehog_fwdbwd_s"] * 1e3 for r in rows], "o--", label="Hedgehog fwd+bwd")
         nb = [r["n"] for r in rows if "sdpa_fwdbwd_s" in r]
         ax.loglog(nb, [r["sdpa_fwdbwd_s"] * 1e3 for r in rows if "sdpa_fwdbwd_s" in r], "s--", label="SDPA fwd+bwd")
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("time (ms)")
-    ax.set_title("causal attention time")
-    ax.legend()
+    label_axes(ax, "sequence length N", "time (ms)", "causal attention time")
     ax = axes[1]
     ax.semilogx(ns, [r["fwd_speedup"] for r in rows if "fwd_speedup" in r], "o-", label="forward")
     if any("fwdbwd_speedup" in r for r in rows):
         ax.semilogx([r["n"] for r in rows if "fwdbwd_speedup" in r],
                     [r["fwdbwd_speedup"] for r in rows if "fwdbwd_speedup" in r], "o--", label="fwd+bwd")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("SDPA time / Hedgehog time")
-    ax.set_title("speed-up")
-    ax.legend()
+    label_axes(ax, "sequence length N", "SDPA time / Hedgehog time", "speed-up")
     ax = axes[2]
     for key, style, label in (("hedgehog_fwd_peak_mb", "o-", "Hedgehog fwd"), ("sdpa_fwd_peak_mb", "s-", "SDPA fwd")):
         pts = [(r["n"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.loglog([a for a, _ in pts], [max(b, 1e-2) for _, b in pts], style, label=label)
-    ax.set_xlabel("sequence length N")
-    ax.set_ylabel("peak memory above baseline (MB)")
-    ax.set_title("memory")
-    ax.legend()
+    label_axes(ax, "sequence length N", "peak memory above baseline (MB)", "memory")
     c = result["config"]
     kind = f"hybrid w={c['window']}, " if c.get("window") else ""
     fig.suptitle(f"{kind}B={c['batch']} H={c['heads']} d={c['head_dim']} {c['device']} ({c['threads']} threads), "
                  f"fp32 matmul {result['matmul_gflops']:.0f} GFLOP/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> Dict:

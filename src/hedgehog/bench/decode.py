@@ -101,7 +101,8 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
 def load_pair(model_name: str, attention: str = "hybrid"):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
-    from hedgehog.checkpoint import is_converted_dir, load, read_meta
+    from hedgehog.checkpoint import load
+    from hedgehog.formats import is_converted_dir, read_meta
     from hedgehog.convert import convert_model
     from hedgehog.pipeline import load_base
 
@@ -224,7 +225,7 @@ def _fmt(r: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import pyplot, save_figure
 
     plt = pyplot()
 
@@ -260,9 +261,7 @@ def plot(result: Dict, path: Path) -> None:
         axes[2].set_title(f"equal memory: {result['memory_gb']:g} GB")
         axes[2].legend(fontsize=7)
     fig.suptitle(f"{result['source']}, {result['threads']} CPU threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -81,7 +81,7 @@ def run_from_args(args) -> Dict:
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import label_axes, pyplot, save_figure
 
     plt = pyplot()
     rows = result["rows"]
@@ -89,10 +89,5 @@ def plot(result: Dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(n, [r["hedgehog_s"] for r in rows], "o-", label="converted (Hedgehog attention)")
     ax.loglog(n, [r["softmax_s"] for r in rows], "s--", label="softmax base (SDPA)")
-    ax.set_xlabel("prompt length N")
-    ax.set_ylabel("seconds per prefill (decoder stack)")
-    ax.set_title(f"{result['model']}: prefill, {result['threads']} threads")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    label_axes(ax, "prompt length N", "seconds per prefill (decoder stack)", f"{result['model']}: prefill, {result['threads']} threads")
+    save_figure(fig, path, dpi=110)

@@ -73,7 +73,7 @@ def run(lengths: List[int], tokens: int, mimic_rows: int, repeats: int = 1, shor
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import label_axes, pyplot, save_figure
 
     plt = pyplot()
     rows = result["rows"]
@@ -82,13 +82,8 @@ def plot(result: Dict, path: Path) -> None:
     ax.loglog(n, [r["softmax_s"] for r in rows], "s--", label="softmax")
     ax.loglog(n, [r["hedgehog_all_rows_s"] for r in rows], "o-", label="Hedgehog, mimic loss on every row")
     ax.loglog(n, [r["hedgehog_rows_s"] for r in rows], "^-", label=f"Hedgehog, mimic loss on {result['mimic_rows']} rows")
-    ax.set_xlabel("window length N")
-    ax.set_ylabel(f"seconds per step ({result['tokens_per_step']} tokens)")
-    ax.set_title(f"training step, {result['threads']} threads")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    label_axes(ax, "window length N", f"seconds per step ({result['tokens_per_step']} tokens)", f"training step, {result['threads']} threads")
+    save_figure(fig, path, dpi=110)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -66,7 +66,8 @@ def load_any(model_arg, base_model=None, device="cpu", dtype=None):
     """A converted dir -> (model, tok, 'hedgehog'); otherwise the plain softmax model."""
     import torch
 
-    from hedgehog.checkpoint import is_converted_dir, load
+    from hedgehog.checkpoint import load
+    from hedgehog.formats import is_converted_dir
     from hedgehog.pipeline import load_base
 
     dtype = dtype or torch.float32

@@ -27,7 +27,7 @@ def _job_from_args(args):
                      text_field=args.text_field, data_format=args.data_format,
                      eval_tokens=args.eval_tokens, eval_data=split_names(args.eval_data),
                      fidelity_tokens=args.fidelity_tokens, revision=args.revision,
-                     trust_remote_code=args.trust_remote_code, save_format=args.save_format, merge_lora=args.merge_lora, resume=args.resume,
+                     trust_remote_code=args.trust_remote_code, save_format=args.save_format, resume=args.resume,
                      seed=args.seed, progress=not args.no_progress, device=args.device, dtype=args.dtype)
     return job
 
@@ -100,9 +100,8 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--save-format", choices=["hf", "light"], default=job.save_format,
                    help="hf: a self-contained Hugging Face directory (config.json, model.safetensors with LoRA "
                         "merged, tokenizer, model card) that `import hedgehog` + AutoModelForCausalLM loads; light: "
-                        "only the feature maps and LoRA, on top of the base model it names")
-    c.add_argument("--merge-lora", action="store_true",
-                   help="light format: save LoRA merged into the weights instead of as an adapter")
+                        "the same directory with only the weights conversion changed (maps, LoRA-merged "
+                        "projections), loaded onto the base model it names")
     c.add_argument("--eval-tokens", type=int, default=job.eval_tokens, help="held-out test tokens for perplexity")
     c.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints: finished stages are reused and an interrupted stage goes on "

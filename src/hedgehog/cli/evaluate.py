@@ -61,7 +61,7 @@ def _eval_tasks(args):
     from pathlib import Path
 
     from hedgehog import lmeval
-    from hedgehog.checkpoint import is_converted_dir, read_meta
+    from hedgehog.formats import is_converted_dir, read_meta
     from hedgehog.atomic import write_json
 
     if not is_converted_dir(args.model):

@@ -97,34 +97,51 @@ def _map_params(fm) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     return get() if callable(get) else None
 
 
-def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq, fk) -> bool:
-    """Whether :func:`fused_hedgehog_attention` can serve these inputs (cheap checks; loads nothing)."""
+def _fused_params(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq, fk):
+    """``((wq, bq), (wk, bk))`` when the fused kernel can serve these inputs, else None (cheap; loads nothing)."""
     if not enabled() or q.device.type != "cpu" or q.dtype == torch.float64 or not q.dtype.is_floating_point:
-        return False
+        return None
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] == 0:
-        return False
+        return None
     params = [*fq.parameters(), *fk.parameters()] if hasattr(fq, "parameters") and hasattr(fk, "parameters") else []
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *params)):
-        return False
+        return None
     pq, pk = _map_params(fq), _map_params(fk)
     if pq is None or pk is None:
-        return False
+        return None
     (wq, _), (wk, _) = pq, pk
-    return (wq.shape[-1] == wk.shape[-1] and wq.shape[0] == q.shape[1] and wk.shape[0] == k.shape[1]
+    fits = (wq.shape[-1] == wk.shape[-1] and wq.shape[0] == q.shape[1] and wk.shape[0] == k.shape[1]
             and wq.shape[1] == q.shape[-1] and wk.shape[1] == k.shape[-1] and q.shape[1] % k.shape[1] == 0)
+    return (pq, pk) if fits else None
+
+
+def applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq, fk) -> bool:
+    """Whether :func:`fused_hedgehog_attention` can serve these inputs (cheap checks; loads nothing)."""
+    return _fused_params(q, k, v, fq, fk) is not None
 
 
 def _module_for(q, k, v, fq, fk, name: str):
-    """The kernel module when it applies to these inputs and is built, else None; checks the head layout."""
-    if not applicable(q, k, v, fq, fk):
-        return None
-    mod = load()
-    if mod is not None:
-        B, H, N, d = q.shape
-        if v.shape[:3] != (B, k.shape[1], N) or k.shape[0] != B or k.shape[2] != N or k.shape[-1] != d:
-            raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                             "must be (B, H, N, d), (B, Hk, N, d), (B, Hk, N, D)")
-    return mod
+    """``(kernel module, the maps' parameters)`` when the kernel applies to these inputs and is built, else
+    ``(None, None)``; checks the head layout."""
+    params = _fused_params(q, k, v, fq, fk)
+    mod = load() if params is not None else None
+    if mod is None:
+        return None, None
+    B, H, N, d = q.shape
+    if v.shape[:3] != (B, k.shape[1], N) or k.shape[0] != B or k.shape[2] != N or k.shape[-1] != d:
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "must be (B, H, N, d), (B, Hk, N, d), (B, Hk, N, D)")
+    return mod, params
+
+
+def _f32(*ts):
+    """The kernels' inputs: float32, contiguous."""
+    return [t.to(torch.float32).contiguous() for t in ts]
+
+
+def _split(q, k) -> bool:
+    """Few (batch x key head) tasks for the threads and grouped heads: one task per query head instead."""
+    return q.shape[0] * k.shape[1] < torch.get_num_threads() and q.shape[1] > k.shape[1]
 
 
 def _packed_state(B: int, H: int, Fd: int, D: int, initial_state=None) -> torch.Tensor:
@@ -170,16 +187,14 @@ def fused_hedgehog_attention(q, k, v, fq, fk, initial_state=None, eps: float = 1
         ``(y (B, H, N, D) in v's dtype, (S, z))`` with the state per key head in float32, or None when the
         kernel is unavailable or does not apply (the caller then takes the PyTorch path).
     """
-    mod = _module_for(q, k, v, fq, fk, "fused_hedgehog_attention")
+    mod, params = _module_for(q, k, v, fq, fk, "fused_hedgehog_attention")
     if mod is None:
         return None
+    (wq, bq), (wk, bk) = params
     B, H, N, _ = q.shape
     Hk, D = k.shape[1], v.shape[-1]
-    (wq, bq), (wk, bk) = _map_params(fq), _map_params(fk)
     Sz = _packed_state(B, Hk, wq.shape[-1], D, initial_state)
-    f32 = [t.to(torch.float32).contiguous() for t in (q, k, v)]
-    split = B * Hk < torch.get_num_threads() and H > Hk  # few key heads: one task per query head
-    return _output(mod.causal_forward(*f32, wq, bq, wk, bk, Sz, CHUNK, float(eps), split), v, Sz)
+    return _output(mod.causal_forward(*_f32(q, k, v), wq, bq, wk, bk, Sz, CHUNK, float(eps), _split(q, k)), v, Sz)
 
 
 def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[float] = None,
@@ -197,22 +212,20 @@ def fused_hybrid_attention(q, k, v, fq, fk, window: int, gamma, scale: Optional[
     gam = torch.as_tensor(gamma, dtype=torch.float32)
     if window < 1 or (torch.is_grad_enabled() and gam.requires_grad):
         return None
-    mod = _module_for(q, k, v, fq, fk, "fused_hybrid_attention")
+    mod, params = _module_for(q, k, v, fq, fk, "fused_hybrid_attention")
     if mod is None:
         return None
+    (wq, bq), (wk, bk) = params
     B, H, N, d = q.shape
     Hk, D = k.shape[1], v.shape[-1]
     gams = _gammas(gam, H)
     if gams is None:
         raise ValueError(f"gamma must be a scalar or one value per query head ({H},), got {tuple(gam.shape)}")
-    (wq, bq), (wk, bk) = _map_params(fq), _map_params(fk)
     if feature_scale != 1.0:  # fm(x * s) = softmax(x @ (s W) + b)
         wq, wk = wq * feature_scale, wk * feature_scale
     Sz = _packed_state(B, Hk, wq.shape[-1], D)  # the kernel writes the state of the delayed keys
-    f32 = [t.to(torch.float32).contiguous() for t in (q, k, v)]
-    split = B * Hk < torch.get_num_threads() and H > Hk
-    y = mod.hybrid_forward(*f32, wq, bq, wk, bk, gams, Sz, int(window), CHUNK,
-                           float(d ** -0.5 if scale is None else scale), float(eps), split)
+    y = mod.hybrid_forward(*_f32(q, k, v), wq, bq, wk, bk, gams, Sz, int(window), CHUNK,
+                           float(d ** -0.5 if scale is None else scale), float(eps), _split(q, k))
     return _output(y, v, Sz)
 
 
@@ -236,8 +249,7 @@ def fused_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Te
         return None
     B, H, _, Fd = phi_q.shape
     Sz = _packed_state(B, H, Fd, v.shape[-1], initial_state)
-    f32 = [t.to(torch.float32).contiguous() for t in ts]
-    return _output(mod.causal_forward_features(*f32, Sz, CHUNK, float(eps), False), v, Sz)
+    return _output(mod.causal_forward_features(*_f32(*ts), Sz, CHUNK, float(eps), False), v, Sz)
 
 
 def fused_hybrid_features(q, k, v, phi_q, phi_k, window: int, gamma, scale: Optional[float] = None,
@@ -259,8 +271,7 @@ def fused_hybrid_features(q, k, v, phi_q, phi_k, window: int, gamma, scale: Opti
     if mod is None:
         return None
     Sz = _packed_state(B, H, phi_q.shape[-1], v.shape[-1])  # the kernel writes the state of the delayed keys
-    f32 = [t.to(torch.float32).contiguous() for t in ts]
-    y = mod.hybrid_forward_features(*f32, gams, Sz, int(window), CHUNK,
+    y = mod.hybrid_forward_features(*_f32(*ts), gams, Sz, int(window), CHUNK,
                                     float(d ** -0.5 if scale is None else scale), float(eps), False)
     return _output(y, v, Sz)
 

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
-from hedgehog.atomic import atomic_dir, old_version
 from hedgehog.attention import hedgehog_layers, set_attention_mode
 from hedgehog.train.engine import Engine, resolve_device
 from hedgehog.evaluate import perplexity
+from hedgehog.resume import StageCheckpoint, restore_params, restore_training_state, training_state
 from hedgehog.atomic import write_json
 from hedgehog.scratch.model import (ByteTokenizer, KINDS, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
                                     set_mimic_rows, set_train_mode)
@@ -25,34 +24,18 @@ log = logging.getLogger("hedgehog")
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints: OUT/checkpoint/{model.safetensors, optimizer.pt, state.json}, swapped in atomically
+# checkpoints: OUT/checkpoint.pt, the one resumable-training format (hedgehog.resume); it holds every weight,
+# so a finished run reloads from it too
 # ------------------------------------------------------------------------------------------------
+CHECKPOINT_NAME = "checkpoint.pt"
+# what may differ between a run and its resume: where it runs and how long (a resume may extend the budget)
+_NOT_SETTINGS = ("out", "resume", "progress", "device", "minutes", "checkpoint_every", "tokens")
 
 
-def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, state: Dict) -> None:
-    from safetensors.torch import save_model
-
-    with atomic_dir(out / "checkpoint") as tmp:  # a crash mid-publish leaves checkpoint.old, which resume reads
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-
-
-def find_checkpoint(out: Path) -> Optional[Path]:
-    for p in (out / "checkpoint", old_version(out / "checkpoint")):
-        if (p / "state.json").exists():
-            return p
-    return None
-
-
-def load_checkpoint(path: Path, model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> Dict:
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "model.safetensors"))
-    if opt is not None:
-        # via the CPU: a run resumes on another device (load_state_dict moves the state to the parameters')
-        opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+def _run_checkpoint(out: Path, settings: Dict, every: int, extra: Optional[Dict] = None) -> StageCheckpoint:
+    """``OUT/checkpoint.pt`` for a job whose settings (``asdict(TrainJob)``) are ``settings``."""
+    fixed = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
+    return StageCheckpoint(Path(out) / CHECKPOINT_NAME, every, fixed, extra)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,10 +114,17 @@ def train_lm(job: TrainJob) -> Dict:
     total = max(1, job.tokens // (job.batch_size * L))
     eval_every = max(1, total // max(1, job.eval_points))
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "history": [], "curve": []}
-    ck = find_checkpoint(out) if job.resume else None
-    if ck is not None:
-        state = load_checkpoint(ck, model, opt)
-        log.info("%s: resumed at step %d from %s", kind, state["step"], ck)
+    params = list(model.parameters())
+    ck = _run_checkpoint(out, asdict(job), job.checkpoint_every,
+                         extra={"history": state["history"], "curve": state["curve"]})
+    saved = ck.load() if job.resume else None
+    if saved is not None:
+        restore_training_state(saved, params, opt, ck.path)
+        state.update({k: saved[k] for k in ("step", "tokens", "seconds")})
+        log.info("%s: resumed at step %d from %s", kind, state["step"], ck.path)
+
+    def save():
+        ck.save(training_state(params, opt, **{k: state[k] for k in ("step", "tokens", "seconds")}))
     wrapped, opt = engine.prepare(model, opt)
     set_train_mode(model, kind, job.mimic_weight)
     model.train()
@@ -172,14 +162,14 @@ def train_lm(job: TrainJob) -> Dict:
             set_train_mode(model, kind, job.mimic_weight)
             state["curve"].append({"step": state["step"], "tokens": state["tokens"], "val_ppl": ppl})
             log.info("%s step %d (%d tokens): val ppl %.3f", kind, state["step"], state["tokens"], ppl)
-        if state["step"] % job.checkpoint_every == 0 or state["step"] == total:
-            engine.on_main(lambda: save_checkpoint(out, model, opt, state))
+        if ck.due(state["step"]) or state["step"] == total:
+            engine.on_main(save)
     bar.close()
     set_mimic_rows(model, None)
     if kind != "softmax":
         set_attention_mode(model, "linear")
     model.eval()
-    engine.on_main(lambda: save_checkpoint(out, model, opt, state))
+    engine.on_main(save)
     if not engine.is_main:  # the main process evaluates and writes the report
         return {"attention": kind, "steps": state["step"], "tokens": state["tokens"], "rank": engine.rank}
     val_ppl = _lm_perplexity(model, val)
@@ -240,18 +230,18 @@ def _write_compare(root: Path, rows: List[Dict]) -> Dict:
 
 
 def load_trained(run: Path, device: str = "cpu"):
-    """A finished ``train_lm`` run (OUT/<kind> with report.json and checkpoint) as an eval-mode model on ``device``
-    (whatever device it trained on) + its report."""
+    """A finished ``train_lm`` run (OUT/<kind> with report.json and checkpoint.pt) as an eval-mode model on
+    ``device`` (whatever device it trained on) + its report."""
     run = Path(run)
     if not (run / "report.json").exists():
         raise FileNotFoundError(f"{run} has no report.json: not a finished `hedgehog train` run (finish it with --resume)")
     rep = json.loads((run / "report.json").read_text())
-    ck = find_checkpoint(run)
-    if ck is None:
-        raise FileNotFoundError(f"{run} has no checkpoint/ to load the trained weights from")
     st = rep["settings"]
+    saved = _run_checkpoint(run, st, 1).load()  # refuses a checkpoint of other settings than the report's
+    if saved is None:
+        raise FileNotFoundError(f"{run} has no {CHECKPOINT_NAME} to load the trained weights from")
     model = build_model(rep["attention"], _lm_spec(ModelSpec(**st["model"]), st["seq_len"]), seed=st.get("seed", 0))
-    load_checkpoint(ck, model, None)
+    restore_params(saved, list(model.parameters()), run / CHECKPOINT_NAME)
     if rep["attention"] != "softmax":
         set_attention_mode(model, "linear")
     return model.to(resolve_device(device)).eval(), rep
@@ -318,7 +308,7 @@ def format_paired_table(result: Dict) -> str:
 
 
 def plot_curves(rows: List[Dict], path: Path) -> None:
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -336,9 +326,7 @@ def plot_curves(rows: List[Dict], path: Path) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def format_train_table(rows: List[Dict]) -> str:

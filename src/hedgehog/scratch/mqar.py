@@ -147,7 +147,7 @@ def mqar_compare(job: MQARJob) -> Dict:
 
 
 def _plot_mqar(rows, path):
-    from hedgehog.plotting import pyplot
+    from hedgehog.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -156,9 +156,7 @@ def _plot_mqar(rows, path):
     ax.set(xlabel="training step", ylabel="held-out MQAR accuracy", ylim=(0, 1.02), title="associative recall")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def format_mqar_table(rows: List[Dict]) -> str:
