@@ -1,6 +1,4 @@
-"""Conversion on tiny randomly initialised configs of every supported family."""
-import json
-
+"""Conversion (hedgehog.convert) on tiny randomly initialised configs of every supported family."""
 import pytest
 import torch
 from transformers import (
@@ -15,11 +13,8 @@ from transformers import (
 )
 
 from hedgehog import checkpoint as ckpt
-from hedgehog import formats
-from hedgehog.assets import PLAIN_LOAD
 from hedgehog.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.convert import UnsupportedArchitectureError, convert_model
-from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
 from hedgehog.ops import quadratic_linear_attention
 
 V = 97
@@ -145,155 +140,6 @@ def test_generate_works_in_linear_mode(family):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_stage1_decreases_distillation_loss(family, loss):
-    from hedgehog.distill import capture_qkv
-
-    torch.manual_seed(0)
-    model = convert_model(tiny(family).eval(), HedgehogConfig(distill_loss=loss))
-    layers = hedgehog_layers(model)
-    with torch.no_grad():  # a spiky teacher (random tiny models attend almost uniformly: nothing to learn)
-        for layer in layers:
-            for name, p in layer.named_parameters():
-                if p.dim() == 2 and not name.startswith(("feature_map", "_grouped")):  # Linear and GPT-2's Conv1D
-                    p.mul_(6.0)
-    windows = torch.randint(0, V, (8, 32))
-
-    def loss_on(batch):
-        with torch.no_grad():
-            caps = capture_qkv(model, batch)
-            return sum(layer.layer_distill_loss(q, k, v).item() for layer, (q, k, v) in zip(layers, caps))
-
-    before = loss_on(windows[:2])
-    rep = attention_transfer(model, windows, Stage1Config(tokens=8 * 32 * 4, lr=3e-2, batch_size=2, warmup_steps=1),
-                             progress=False)
-    assert all(layer.mode == "linear" for layer in layers)
-    after = loss_on(windows[:2])
-    assert rep["captures"] == 16 and rep["steps"] == (16 if loss == "mse" else 64)
-    assert after < 0.995 * before, (before, after)
-    assert all(not p.requires_grad for p in model.parameters())
-
-
-def test_stage1_nan_raises_clear_error():
-    torch.manual_seed(0)
-    model = convert_model(tiny("llama").eval())
-    with torch.no_grad():
-        hedgehog_layers(model)[0].feature_map_q.weight.fill_(float("nan"))
-    with pytest.raises(RuntimeError, match="not finite.*Lower the learning rate"):
-        attention_transfer(model, torch.randint(0, V, (2, 16)), Stage1Config(tokens=64, batch_size=1), progress=False)
-
-
-def _lora_model(tmp_path, family):
-    """A converted tiny model with perturbed maps and a briefly trained LoRA; its base saved at tmp_path/base."""
-    torch.manual_seed(0)
-    base_dir = tmp_path / "base"
-    tiny(family).save_pretrained(base_dir)
-    from transformers import AutoModelForCausalLM
-
-    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir, **PLAIN_LOAD).eval())
-    _perturb_maps(model)
-    pm = add_lora(model, Stage2Config(lora_r=4, lora_alpha=8))
-    lora_finetune(pm, torch.randint(0, V, (4, 16)), Stage2Config(tokens=64, lr=1e-2, warmup_steps=1), progress=False)
-    return pm, base_dir
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("merged_first", [False, True], ids=["peft", "merge_lora"])
-def test_light_format_round_trip_with_lora(tmp_path, family, merged_first):
-    """The light save is the hf layout holding only what conversion changed: the maps and the LoRA-merged
-    projections (named by the peft wrapper, or as merge_lora recorded them); it loads onto its base."""
-    from safetensors import safe_open
-
-    pm, base_dir = _lora_model(tmp_path, family)
-    ids = torch.randint(0, V, (2, 20))
-    with torch.no_grad():
-        want = pm(input_ids=ids).logits
-    model = formats.merge_lora(pm) if merged_first else pm
-    out = formats.save_converted(model, tmp_path / "conv", base_model=str(base_dir), format="light")
-    meta = formats.read_meta(out)
-    assert meta["format"] == "hf" and meta["weights"] == "added" and not (out / formats.CONFIG_NAME).exists()
-    assert meta["lora"]["r"] == 4 and meta["hedgehog"]["feature_map"] == "hedgehog" and meta["lora"]["weights"]
-    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
-        saved = set(fh.keys())
-    assert saved == {k for k in saved if "feature_map" in k} | set(meta["lora"]["weights"])
-    assert len(saved) < len(formats.export_state(pm))  # the base's other weights stay with the base
-    loaded, _tok = ckpt.load(out)
-    with torch.no_grad():
-        got = loaded(input_ids=ids).logits
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # merged weights: fp32 rounding
-    assert [m.mode for m in hedgehog_layers(loaded)] == ["linear", "linear"]
-    assert ckpt.needs_separate_teacher(out)
-
-
-def _write_earlier_light_layout(pm, out, base_dir, adapter: bool):
-    """A directory in the light layout hedgehog wrote before the one format (it still reads them)."""
-    from safetensors.torch import save_file
-
-    inner = pm.get_base_model()
-    layers = hedgehog_layers(inner)
-    out.mkdir()
-    save_file({f"layers.{layer.layer_idx}.{prefix}.{name}": t.contiguous()
-               for layer in layers for prefix, fm in layer.trainable_modules().items()
-               for name, t in fm.state_dict().items()}, str(out / formats.FEATURES_NAME))
-    if adapter:
-        pm.save_pretrained(str(out))
-    else:
-        save_file(formats._merged_attention_state(pm), str(out / formats.MERGED_NAME))
-    (out / formats.CONFIG_NAME).write_text(json.dumps({
-        "format_version": 1, "base_model": str(base_dir), "base_fingerprint": formats.base_fingerprint(inner),
-        "hedgehog": layers[0].hh_config.to_dict(), "converted_layers": [layer.layer_idx for layer in layers],
-        "lora": {"r": 4, "alpha": 8, "target_modules": "x", "merged": not adapter}}))
-
-
-@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "merged"])
-def test_directories_of_the_earlier_light_layout_still_load(tmp_path, adapter):
-    pm, base_dir = _lora_model(tmp_path, "llama")
-    ids = torch.randint(0, V, (2, 20))
-    with torch.no_grad():
-        want = pm(input_ids=ids).logits
-    _write_earlier_light_layout(pm, tmp_path / "old", base_dir, adapter)
-    assert formats.checkpoint_format(tmp_path / "old") == "light"
-    loaded, _ = ckpt.load(tmp_path / "old", merge_lora=False) if adapter else ckpt.load(tmp_path / "old")
-    with torch.no_grad():
-        got = loaded(input_ids=ids).logits
-    tol = 1e-6 if adapter else 1e-4  # the adapter kept: exactly the saved computation
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-
-
-def test_save_load_without_lora_is_exact_and_partial_layers(tmp_path):
-    torch.manual_seed(0)
-    base_dir = tmp_path / "base"
-    tiny("qwen2").save_pretrained(base_dir)
-    from transformers import AutoModelForCausalLM
-
-    model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir, **PLAIN_LOAD).eval(), HedgehogConfig(layers=[1]))
-    assert [m.layer_idx for m in hedgehog_layers(model)] == [1]
-    _perturb_maps(model)
-    ids = torch.randint(0, V, (1, 12))
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
-    formats.save_converted(model, tmp_path / "c", base_model=str(base_dir), format="light")
-    loaded, _ = ckpt.load(tmp_path / "c")
-    assert [m.layer_idx for m in hedgehog_layers(loaded)] == [1]
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, want)
-
-
-def test_loading_onto_a_different_base_is_refused(tmp_path):
-    torch.manual_seed(0)
-    a, b = tmp_path / "a", tmp_path / "b"
-    tiny("llama").save_pretrained(a)
-    torch.manual_seed(1)
-    tiny("llama").save_pretrained(b)
-    from transformers import AutoModelForCausalLM
-
-    model = convert_model(AutoModelForCausalLM.from_pretrained(a, **PLAIN_LOAD))
-    formats.save_converted(model, tmp_path / "c", base_model=str(a), format="light")
-    with pytest.raises(ckpt.BaseModelMismatchError, match="different base model"):
-        ckpt.load(tmp_path / "c", base_model=str(b))
-
-
 def test_unsupported_architecture_and_bad_paths():
     from transformers import DistilBertConfig, DistilBertModel
 
@@ -314,12 +160,6 @@ def test_unsupported_architecture_and_bad_paths():
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path("./no/such/model")
-
-
-def test_load_refuses_non_converted_dir(tmp_path):
-    tiny("llama").save_pretrained(tmp_path / "plain")
-    with pytest.raises(FileNotFoundError, match="not a converted hedgehog model"):
-        ckpt.load(tmp_path / "plain")
 
 
 @pytest.mark.parametrize("fm", ["elu", "performer", "cosformer", "t2r", "taylor", "hedgehog_exp"])
@@ -368,22 +208,3 @@ def test_taylor_kernel_form_in_the_layer_equals_feature_form(monkeypatch):
     assert calls == []  # N > F: the linear (feature) form
 
 
-def test_stage2_kd_uses_the_unadapted_softmax_teacher():
-    torch.manual_seed(0)
-    model = convert_model(tiny("llama").eval())
-    _perturb_maps(model, scale=5.0)  # a student visibly different from its teacher
-    pm = add_lora(model, Stage2Config(lora_r=4, train_feature_maps=True))
-    ids = torch.randint(0, V, (2, 16))
-    from hedgehog.distill import _kd_loss
-
-    with torch.no_grad():
-        base = _kd_loss(pm, pm, ids).item()
-    assert base > 0
-    rep = lora_finetune(pm, torch.randint(0, V, (8, 16)), Stage2Config(tokens=8 * 16 * 4, lr=2e-3, warmup_steps=1,
-                                                                     loss="kd"), progress=False)
-    with torch.no_grad():
-        after = _kd_loss(pm, pm, ids).item()
-    assert after < base
-    # the teacher path left everything in linear mode with the adapter on
-    assert all(m.mode == "linear" for m in hedgehog_layers(pm))
-    assert any(p.requires_grad for n, p in pm.named_parameters() if "feature_map" in n)

@@ -53,7 +53,7 @@ def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwarg
                                   "pass it with base_model_path= (hedgehog.load: base_model=, CLI: --base-model)")
         base = resolve_model_path(base_model or config.base_model)
         hub = {} if base_model else hub_kwargs(config.conversion.get("base_revision"))
-        model = hedgehog_class(base_cls).from_pretrained(base, config=base_cfg, **kwargs, **hub)
+        model = hedgehog_class(base_cls).from_pretrained(base, config=base_cfg, **{**kwargs, **hub})
         check_fingerprint(path, {"base_fingerprint": config.base_fingerprint, "base_model": config.base_model},
                           model, base)
     else:
