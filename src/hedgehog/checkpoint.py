@@ -9,11 +9,10 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file
 
-from hedgehog.assets import PLAIN_LOAD, hub_kwargs, resolve_model_path
+from hedgehog.assets import PLAIN_LOAD
 from hedgehog.attention import HedgehogConfig
 from hedgehog.convert import convert_model, teacher_attn_implementation
-from hedgehog.errors import CheckpointError
-from hedgehog.hf import register as register_auto_classes
+from hedgehog.hf import recorded_base, register as register_auto_classes
 from hedgehog.formats import (FEATURES_NAME, MERGED_NAME, BaseModelMismatchError, check_fingerprint,
                               check_weight_files, load_feature_map_state, read_checked, read_meta)
 
@@ -76,10 +75,7 @@ def _load_base_checked(path, meta: Dict, base_model: Optional[str], dtype, devic
     attention implementation that makes it its own exact teacher, refused when its fingerprint differs."""
     from transformers import AutoModelForCausalLM
 
-    if not (base_model or meta.get("base_model")):
-        raise CheckpointError(f"{path} does not record its base model; pass it with base_model=/--base-model")
-    base = resolve_model_path(base_model or meta["base_model"])
-    hub = {} if base_model else hub_kwargs(meta.get("base_revision"))  # another base: not the recorded revision
+    base, hub = recorded_base(path, base_model, meta.get("base_model"), meta.get("base_revision"))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=teacher_attn_implementation(
         base, **hub), **PLAIN_LOAD, **hub).to(device).eval()
     check_fingerprint(path, meta, model, base)

@@ -103,7 +103,7 @@ def load_feature_map_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> 
         modules[key].load_state_dict(sd, strict=True)
 
 
-def _lora_settings(model, merged: bool) -> Optional[Dict]:
+def _lora_settings(model) -> Optional[Dict]:
     """The peft wrapper's LoRA settings, with the names of the weights it changes (``weights``); None without."""
     if not hasattr(model, "get_base_model"):
         return None
@@ -111,7 +111,7 @@ def _lora_settings(model, merged: bool) -> Optional[Dict]:
 
     pcfg = model.peft_config["default"]
     return {"r": pcfg.r, "alpha": pcfg.lora_alpha, "target_modules": sorted(pcfg.target_modules)
-            if not isinstance(pcfg.target_modules, str) else pcfg.target_modules, "merged": merged,
+            if not isinstance(pcfg.target_modules, str) else pcfg.target_modules, "merged": True,
             "weights": sorted(f"{name}.weight" for name, mod in model.get_base_model().named_modules()
                               if isinstance(mod, LoraLayer))}
 
@@ -120,7 +120,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """peft's ``merge_and_unload``, recording the LoRA settings on the merged model's config (``hedgehog_origin``):
     a save then says the weights are no longer the base's, so softmax mode is not the teacher. A model without
     LoRA is returned as it is."""
-    settings = _lora_settings(model, True)
+    settings = _lora_settings(model)
     if settings is None:
         return model
     merged = model.merge_and_unload()
@@ -144,7 +144,7 @@ def save_converted(model: nn.Module, out_dir, base_model: str, tokenizer=None, e
 def _added_keys(model: nn.Module, state: Dict[str, torch.Tensor]) -> set:
     """The keys of ``state`` that conversion changed: the maps' and gates', and the weights LoRA was merged into
     (from the peft wrapper, or as :func:`merge_lora` recorded them)."""
-    lora = _lora_settings(model, True) or (getattr(_unwrap(model).config, "hedgehog_origin", None) or {}).get("lora")
+    lora = _lora_settings(model) or (getattr(_unwrap(model).config, "hedgehog_origin", None) or {}).get("lora")
     changed = set((lora or {}).get("weights") or ())
     if lora and not changed:
         raise ValueError("this model's LoRA was merged without recording which weights changed, so a light save "
@@ -193,7 +193,7 @@ def save_hf(model: nn.Module, out_dir, tokenizer=None, base_model: Optional[str]
         base_config=base_config, hedgehog=layers[0].hh_config.to_dict(),
         converted_layers=[layer.layer_idx for layer in layers], base_model=base_model,
         base_fingerprint=recorded.get("base_fingerprint") or base_fingerprint(inner),
-        lora=_lora_settings(model, True) or recorded.get("lora"), conversion=conversion,
+        lora=_lora_settings(model) or recorded.get("lora"), conversion=conversion,
         architectures=[entry_name(inner)], weights="all" if include_base else "added")
     if not include_base and not base_model:
         raise ValueError("a light save needs the base model it loads onto: pass base_model=")

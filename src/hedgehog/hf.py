@@ -20,6 +20,8 @@ A converted model is an instance of its base class (``LlamaForCausalLM``, ...) w
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoModelForSequenceClassification, PreTrainedModel)
 
@@ -30,6 +32,14 @@ from hedgehog.errors import CheckpointError
 from hedgehog.formats import check_fingerprint, load_hf_weights
 from hedgehog.hf_config import ENTRY_NAMES, MODEL_TYPE, HedgehogModelConfig
 from hedgehog.modelclass import hedgehog_class
+
+
+def recorded_base(path, base_model: Optional[str], recorded: Optional[str], revision: Optional[str]):
+    """``(resolved base, hub options)`` for a directory's base: ``base_model`` (a local copy, any revision) or the
+    ``recorded`` one at its recorded ``revision``; neither is an error that names the fix."""
+    if not (base_model or recorded):
+        raise CheckpointError(f"{path} does not record its base model; pass it with base_model=/--base-model")
+    return resolve_model_path(base_model or recorded), ({} if base_model else hub_kwargs(revision))
 
 
 def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwargs):
@@ -48,11 +58,7 @@ def _from_pretrained(auto_cls, path, config: HedgehogModelConfig, *args, **kwarg
     base_model = kwargs.pop("base_model_path", None)
     added = getattr(config, "weights", "all") == "added"
     if added:  # the base's weights come from the recorded base, checked by fingerprint
-        if not (base_model or config.base_model):
-            raise CheckpointError(f"{path} holds only the weights conversion changed and records no base model; "
-                                  "pass it with base_model_path= (hedgehog.load: base_model=, CLI: --base-model)")
-        base = resolve_model_path(base_model or config.base_model)
-        hub = {} if base_model else hub_kwargs(config.conversion.get("base_revision"))
+        base, hub = recorded_base(path, base_model, config.base_model, config.conversion.get("base_revision"))
         model = hedgehog_class(base_cls).from_pretrained(base, config=base_cfg, **{**kwargs, **hub})
         check_fingerprint(path, {"base_fingerprint": config.base_fingerprint, "base_model": config.base_model},
                           model, base)
