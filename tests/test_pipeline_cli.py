@@ -37,6 +37,15 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
         assert f["teacher_ppl"] > 1 and f["student_ppl"] > 1 and 0 <= f["top1_agreement"] <= 1
         assert f["ppl_ratio"] == pytest.approx(f["student_ppl"] / f["teacher_ppl"])
         assert report["held_out"][stage]["ppl_ratio"] == pytest.approx(f["ppl_ratio"])
+    # long context in every report: the held-out text at the lengths the model takes, beside the window baseline
+    lc = report["long_context"]
+    assert lc["lengths"] == [256] and lc["window"] == 64 and lc["sinks"] == 4 and lc["passkey"] == {}
+    r256 = lc["texts"]["heldout"]["256"]
+    assert r256["tokens"] == 2 * 255 and r256["student"]["ppl_ratio"] > 0 and r256["baseline"]["ppl_ratio"] > 0
+    assert lc["mean"]["256"]["student"] == r256["student"]
+    assert "long context: the student and the teacher limited to window 64 + 4 sinks" in printed
+    assert (out / "long_context.png").exists() and "## Long context" in (out / "model" / "README.md").read_text()
+    assert report["settings"]["sinks"] == 4 and read_meta(out / "model")["hedgehog"]["state_decay"] == 0.99
     # resume reuses stage 1
     main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data",
           tiny_assets["heldout"], "--out", str(out), "--seq-len", "32", "--stage1-tokens", "256", "--stage2-tokens",
@@ -46,7 +55,10 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
           "--seq-len", "32", "--tokens", "128", "--no-progress", "--json", str(tmp_path / "eval.json")])
     printed = capsys.readouterr().out
     assert "fidelity to the teacher" in printed and "heldout (held out)" in printed
-    assert set(json.loads((tmp_path / "eval.json").read_text())) == {"texts (test)", "heldout (held out)"}
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert set(saved) == {"texts (test)", "heldout (held out)", "long_context"}
+    assert "heldout" in saved["long_context"]["texts"]
+    assert "passkey" in saved["long_context"] and "long context" in printed
     main(["eval", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--seq-len", "32", "--tokens", "128",
           "--no-progress"])
     assert "softmax model" in capsys.readouterr().out

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.smoke
 # (autograd graphs kept by evaluation) reached 24 GB.
 PEAK_RSS_GB = 4.5
 SMOKE_ARGS = ["--stage1-tokens", "2048", "--stage2-tokens", "2048", "--eval-tokens", "1024", "--fidelity-tokens",
-              "1024", "--seq-len", "256", "--stage2-checkpoint-every", "2", "--no-progress"]
+              "1024", "--seq-len", "256", "--stage2-checkpoint-every", "2", "--no-progress",
+              # the long-context evaluation at a small cost: past the training length, passkey on 2 keys
+              "--context-lengths", "256,1024", "--context-tokens", "1024", "--passkey-lengths", "1024",
+              "--passkey-trials", "2"]
 
 
 def test_real_smollm2_main_job_smoke(tmp_path):
@@ -69,3 +72,12 @@ def test_real_smollm2_main_job_smoke(tmp_path):
     assert name == "HedgehogLlamaForCausalLM" and int(layers) == 30 and float(diff) <= 1e-5
     assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "hedgehog"
     assert "Fidelity to the teacher" in (out / "model" / "README.md").read_text()
+    lc = r["long_context"]
+    assert lc["lengths"] == [256, 1024] and set(lc["texts"]) == {"git-docs", "debian-devref", "shakespeare"}
+    for L, m in lc["mean"].items():  # the real teacher's window baseline is close to it, not equal
+        assert 1.0 < m["baseline"]["ppl_ratio"] < 3.0 and 0.3 < m["baseline"]["top1_agreement"] < 1.0, (L, m)
+        assert m["student"]["ppl_ratio"] > 1.0, (L, m)
+    assert lc["passkey"]["1024"]["teacher"] == 2  # SmolLM2-135M-Instruct finds the key; the test of the scorer
+    assert "long context" in proc.stdout and "passkey retrieval" in proc.stdout
+    assert (out / "long_context.png").stat().st_size > 10_000 and (out / "model" / "long_context.png").exists()
+    assert "## Long context" in (out / "model" / "README.md").read_text()

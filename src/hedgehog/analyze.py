@@ -35,7 +35,7 @@ def _fresh_maps(name: str, d: int, hq: int, hkv: int, max_len: int, layer_idx: i
 def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: Dict[str, List[tuple]],
                      teachers: Optional[List[Dict]] = None) -> Dict:
     """caps: per layer [(q (1,Hq,N,d), k (1,Hkv,N,d)) per window]; maps: label -> per layer (fq, fk, qk_scale[,
-    hybrid kwargs {window, gamma}]).
+    hybrid kwargs {window, gamma[, sinks, decay]}]).
 
     ``teachers``: per layer, the teacher's own sliding window / soft-cap (``HedgehogAttention.teacher_kwargs``).
     Returns {label: {metric: [[per head] per layer]}} with every metric averaged over rows and windows.
@@ -130,8 +130,11 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         zeros = phi_q.new_zeros(1, 1, n, 1).double()
         if hyb:
             g = hyb["gamma"][head:head + 1].double()
+            decay = hyb.get("decay")
             _, w = quadratic_hybrid_attention(qs.double(), ks.double(), zeros, phi_q.double(), phi_k.double(),
-                                              hyb["window"], g, scale=scales[li], return_weights=True)
+                                              hyb["window"], g, scale=scales[li], return_weights=True,
+                                              sinks=hyb.get("sinks", 0),
+                                              decay=None if decay is None else decay[head:head + 1].double())
         else:
             _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), zeros, return_weights=True)
         pictures[label] = w[0, 0].float()

@@ -15,6 +15,9 @@ Modes (``set_attention_mode(model, mode)``):
 - ``linear``: normalised linear attention ``phi(q).phi(k)`` (the student);
 - ``distill``: returns the teacher's output (so later layers see teacher activations) and stores
   this layer's distillation loss in ``.distill_loss``;
+- ``window``: the teacher's exact softmax limited to ``.baseline = (window, sinks)``, the last keys and the
+  first ones, in O(N * window) (the no-training baseline a converted model is measured against;
+  :func:`baseline_mode`);
 - ``mimic``: returns the student's (linear) output and stores in ``.distill_loss`` the loss of the
   feature maps against the softmax attention of the same, *detached* q/k, so that loss trains only
   the feature maps (the paper's recipe for training Hedgehog from scratch, ``hedgehog.scratch``).
@@ -25,21 +28,23 @@ distillation uses to train every layer's maps from one teacher forward.
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hedgehog.attention_paths import StudentPaths
 from hedgehog.feature_maps import HedgehogFeatureMap, get_feature_map
 from hedgehog.heads import GroupedKeyMap, repeat_heads
 from hedgehog.interface import InterfaceView, PassThroughCache, key_valid
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
-from hedgehog.ops import backends
+from hedgehog.ops import backends, window_softmax_attention
 
-MODES = ("softmax", "linear", "distill", "mimic")
+MODES = ("softmax", "linear", "distill", "mimic", "window")
 # what attention modules call their cache argument: transformers 5.24's name first, then older ones
 CACHE_PARAMS = ("cache", "past_key_values", "layer_past", "past_key_value")
 ATTENTIONS = ("linear", "hybrid")
@@ -62,6 +67,13 @@ class HedgehogConfig:
     attention: str = "linear"
     window: int = 64
     window_gate_init: float = 0.0  # sigmoid(0) = 0.5
+    # Long context (hybrid only; the defaults keep the plain LoLCATs hybrid, which models saved before these
+    # settings existed load as). `sinks`: the first keys stay in the exact softmax part after they leave the
+    # window (StreamingLLM's attention sinks). `state_decay`: the initial per-KV-head factor lambda of a
+    # decayed linear state, S_n = lambda S_{n-1} + phi(k) v^T (learned as sigmoid of a logit; None: no decay),
+    # which bounds the linear part's mass so that it stays what it was at the training length.
+    sinks: int = 0
+    state_decay: Optional[float] = None
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -70,6 +82,12 @@ class HedgehogConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.state_decay is not None and not 0.0 < self.state_decay < 1.0:
+            raise ValueError(f"state_decay must be in (0, 1) (or None for no decay), got {self.state_decay}")
+        if (self.sinks or self.state_decay is not None) and self.attention != "hybrid":
+            raise ValueError("sinks and state_decay apply to the hybrid attention (attention='hybrid')")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -116,7 +134,12 @@ class HedgehogAttention(StudentPaths, nn.Module):
         self.window_gate = None
         if config.attention == "hybrid":  # per query head; gamma = sigmoid(gate)
             self.window_gate = nn.Parameter(torch.full((self.num_q_heads,), float(config.window_gate_init)))
+        self.state_decay = None
+        if config.state_decay is not None:  # per KV head (the state is); lambda = sigmoid(state_decay)
+            logit = math.log(config.state_decay / (1.0 - config.state_decay))
+            self.state_decay = nn.Parameter(torch.full((self.num_kv_heads,), logit))
         self.mode = "linear"
+        self.baseline = (config.window, 0)  # window mode's (window, sinks)
         self.captured = None
         self.distill_loss = None
         # mimic mode: the query rows (1-D positions) its loss is taken over; None = every row. Training from
@@ -147,9 +170,24 @@ class HedgehogAttention(StudentPaths, nn.Module):
         """The hybrid layer's per-query-head window factor in (0, 1), or None for pure linear attention."""
         return None if self.window_gate is None else torch.sigmoid(self.window_gate)
 
+    def log_decay(self, per_query_head: bool = True) -> Optional[torch.Tensor]:
+        """``log lambda`` of the decayed linear state, per query head (H,) or per KV head; None without decay."""
+        if self.state_decay is None:
+            return None
+        ld = F.logsigmoid(self.state_decay)
+        return ld.repeat_interleave(self.n_rep) if per_query_head else ld
+
     def hybrid_kwargs(self) -> Dict[str, Any]:
-        """``window``/``gamma`` for the loss and metric functions when this layer is hybrid, else {}."""
-        return dict(window=self.hh_config.window, gamma=self.gamma()) if self.hybrid else {}
+        """``window``/``gamma`` (and ``sinks``/``decay`` when set) for the loss, metric and op functions when this
+        layer is hybrid, else {}."""
+        if not self.hybrid:
+            return {}
+        kw = dict(window=self.hh_config.window, gamma=self.gamma())
+        if self.hh_config.sinks:
+            kw["sinks"] = self.hh_config.sinks
+        if self.state_decay is not None:
+            kw["decay"] = self.log_decay()
+        return kw
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
         """What attention transfer trains and checkpoints save: the feature maps (and the window gate)."""
@@ -158,6 +196,10 @@ class HedgehogAttention(StudentPaths, nn.Module):
             holder = nn.Module()
             holder.window_gate = self.window_gate
             mods["gate"] = holder
+        if self.state_decay is not None:
+            holder = nn.Module()
+            holder.state_decay = self.state_decay
+            mods["decay"] = holder
         return mods
 
     def features(self, q: torch.Tensor, k: torch.Tensor, positions=None):
@@ -205,6 +247,13 @@ class HedgehogAttention(StudentPaths, nn.Module):
             self.captured.append((q.detach(), k.detach(), v.detach()))
         if self.mode == "softmax":
             return teacher(q, k, v)
+        if self.mode == "window":
+            if self._valid(call, k.shape[2]) is not None or q.shape[2] != k.shape[2]:
+                raise ValueError("window mode (the no-training baseline) scores whole unpadded windows without a "
+                                 "cache; pass input ids without padding and use_cache=False")
+            w, sinks = self.baseline
+            return window_softmax_attention(q, repeat_heads(k, self.n_rep), repeat_heads(v, self.n_rep), w, sinks,
+                                            scale=self.teacher_scale()).transpose(1, 2)
         if self.mode == "distill":
             self.distill_loss = self.layer_distill_loss(q, k, v)
             return teacher(q, k, v)
@@ -275,7 +324,9 @@ class HedgehogAttention(StudentPaths, nn.Module):
         return torch.arange(offset, offset + n, device=device)
 
     def extra_repr(self) -> str:
-        kind = f"hybrid(window={self.hh_config.window})" if self.hybrid else "linear"
+        c = self.hh_config
+        kind = (f"hybrid(window={c.window}, sinks={c.sinks}, decay={c.state_decay is not None})" if self.hybrid
+                else "linear")
         return (f"base={self.base_class}, mode={self.mode}, attention={kind}, feature_map={self.hh_config.feature_map}, "
                 f"q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}")
 

@@ -136,18 +136,21 @@ class StudentPaths:
         and there is no padding, else the O(n * nk) form (short prompts, generic caches). With
         ``return_state`` returns ``(y, state)``: the chunked path's linear state of keys ``0..n-w-1`` per KV
         head, or None from the other path."""
-        s, w = self.hh_config.qk_scale, self.hh_config.window
+        s, w, sinks = self.hh_config.qk_scale, self.hh_config.window, self.hh_config.sinks
+        decay = self.log_decay()
         k_rep = repeat_heads(k, self.n_rep)
         n, nk = q.shape[2], k.shape[2]
         if n == nk and valid is None:
-            fused = fused_hybrid_attention(q, k, v_rep[:, ::self.n_rep], self.feature_map_q, self.feature_map_k, w,
-                                           self.gamma(), self.teacher_scale(), feature_scale=s)
-            if fused is not None:  # CPU, no autograd: the fused kernel, state per KV head already
-                return fused if return_state else fused[0]
+            if not sinks and decay is None:  # the fused kernel computes the plain hybrid
+                fused = fused_hybrid_attention(q, k, v_rep[:, ::self.n_rep], self.feature_map_q, self.feature_map_k,
+                                               w, self.gamma(), self.teacher_scale(), feature_scale=s)
+                if fused is not None:  # CPU, no autograd: the fused kernel, state per KV head already
+                    return fused if return_state else fused[0]
             out = feature_hybrid_attention(q, k_rep, v_rep, ScaledMap(self.feature_map_q, s),
                                            ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
                                            scale=self.teacher_scale(), positions=pos_q,
-                                           chunk_size=self.hh_config.chunk_size, return_state=return_state)
+                                           chunk_size=self.hh_config.chunk_size, return_state=return_state,
+                                           sinks=sinks, decay=decay)
             if not return_state:
                 return out
             y, (S, z) = out  # per query head; the heads of a group hold the same state
@@ -155,13 +158,15 @@ class StudentPaths:
         phi_q = self.feature_map_q(q * s, pos_q)
         phi_k = self._grouped_k(k * s, pos_k)
         a, _, _ = hybrid_weights(q, k_rep, phi_q, phi_k, w, self.gamma(), self.teacher_scale(),
-                                 q_positions=torch.arange(nk - n, nk, device=q.device), key_valid=valid)
+                                 q_positions=torch.arange(nk - n, nk, device=q.device), key_valid=valid,
+                                 sinks=sinks, decay=decay)
         y = (a / a.sum(-1, keepdim=True).clamp_min(DEFAULT_EPS)) @ v_rep.to(a.dtype)
         return (y.to(v_rep.dtype), None) if return_state else y.to(v_rep.dtype)
 
     def _hybrid_recurrent(self, q, k, v, call, layer):
-        """Hybrid prefill (window of the last w keys + state of older ones) or decode, per KV head."""
-        s, w = self.hh_config.qk_scale, self.hh_config.window
+        """Hybrid prefill (window of the last w keys + state of older ones) or decode, per KV head. The first
+        ``sinks`` keys also keep slots of their own after the window (see :class:`HybridStateLayer`)."""
+        s, w, sinks = self.hh_config.qk_scale, self.hh_config.window, self.hh_config.sinks
         b, _, n, _ = q.shape
         if layer.Sz is None:  # prefill: one parallel pass, then build the cache from its keys
             valid = self._valid(call, n)
@@ -176,28 +181,46 @@ class StudentPaths:
             else:
                 S = v.new_zeros(b, self.num_kv_heads, fd, v.shape[-1], dtype=acc)
                 z = v.new_zeros(b, self.num_kv_heads, fd, dtype=acc)
-            if old and state is None:
-                phi_k = self.feature_map_k(k[:, :, :old] * s, pos[:old]) * valid[:, None, :old, None].to(k.dtype)
+            if old and state is None:  # the keys older than the window, as the state holds them (see _hybrid)
+                keep = valid[:, :old] & (pos[:old] >= sinks)[None, :]
+                phi_k = self.feature_map_k(k[:, :, :old] * s, pos[:old]) * keep[:, None, :, None].to(k.dtype)
+                ld = self.log_decay(per_query_head=False)
+                if ld is not None:  # key i weighs lambda^(n - 1 - w - i) for the last query n - 1
+                    age = (old - 1 - pos[:old]).to(acc)
+                    phi_k = phi_k.to(acc) * torch.exp(ld.to(acc)[:, None] * age[None, :])[None, :, :, None]
                 S += phi_k.to(acc).transpose(-1, -2) @ v[:, :, :old].to(acc)
                 z += phi_k.to(acc).sum(2)
-            layer.set_window(S, z, k[:, :, old:], v[:, :, old:], valid[:, old:], n, window=w)
+            layer.set_window(S, z, k[:, :, old:], v[:, :, old:], valid[:, old:], n, window=w,
+                             sinks=(k[:, :, :sinks], v[:, :, :sinks], valid[:, :sinks]) if sinks else None,
+                             sink_slots=sinks)
             return y
         ys = []
         needs_pos = self.feature_map_q.uses_positions or self.feature_map_k.uses_positions
         Sz3 = layer.Sz.view(b * self.num_kv_heads, *layer.Sz.shape[2:])
+        ld = self.log_decay(per_query_head=False)
+        lam = None if ld is None else torch.exp(ld.to(Sz3.dtype)).repeat(b).view(-1, 1, 1)
         for t in range(n):  # decode, one token at a time: it takes ring slot seen % w
             p = layer.seen % w
             if layer.seen >= w:  # that slot's token leaves the window: fold it into the state
-                pos = torch.tensor([layer.seen - w], device=q.device) if needs_pos else None
-                k_old = layer.k_win[:, :, p:p + 1]
-                phi = self.feature_map_k(k_old * s if s != 1.0 else k_old, pos)
-                phi = phi * layer.valid[:, p].view(b, 1, 1, 1).to(phi.dtype)
-                Sz3.baddbmm_(phi.to(Sz3.dtype).reshape(-1, phi.shape[-1], 1),
-                             layer.v_win[:, :, p:p + 1].to(Sz3.dtype).reshape(Sz3.shape[0], 1, -1))
+                if lam is not None:
+                    Sz3.mul_(lam)
+                leaving = layer.seen - w
+                if leaving < sinks:  # a sink keeps its own slot (written when it arrived) instead
+                    layer.valid[:, w + leaving] = layer.valid[:, p]
+                else:
+                    pos = torch.tensor([leaving], device=q.device) if needs_pos else None
+                    k_old = layer.k_win[:, :, p:p + 1]
+                    phi = self.feature_map_k(k_old * s if s != 1.0 else k_old, pos)
+                    phi = phi * layer.valid[:, p].view(b, 1, 1, 1).to(phi.dtype)
+                    Sz3.baddbmm_(phi.to(Sz3.dtype).reshape(-1, phi.shape[-1], 1),
+                                 layer.v_win[:, :, p:p + 1].to(Sz3.dtype).reshape(Sz3.shape[0], 1, -1))
             layer.k_win[:, :, p] = k[:, :, t]
             layer.v_win[:, :, p, :-1] = v[:, :, t]
             layer.v_win[:, :, p, -1] = 1.0
             layer.valid[:, p] = True
+            if layer.seen < sinks:  # a sink token: its slot after the window, seen once it leaves the window
+                layer.k_win[:, :, w + layer.seen] = k[:, :, t]
+                layer.v_win[:, :, w + layer.seen] = layer.v_win[:, :, p]
             layer.seen += 1
             qt = q[:, :, t:t + 1]
             pos = torch.tensor([layer.seen - 1], device=q.device) if needs_pos else None

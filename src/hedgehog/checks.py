@@ -44,6 +44,16 @@ def check_convert_job(job) -> None:
         raise UserError(f"--attention must be 'linear' or 'hybrid', got {job.attention!r}.")
     if job.save_format not in ("hf", "light"):
         raise UserError(f"--save-format must be 'hf' or 'light', got {job.save_format!r}.")
+    if job.sinks < 0 or job.baseline_sinks < 0:
+        raise UserError(f"--sinks and --baseline-sinks must be >= 0, got {job.sinks} and {job.baseline_sinks}.")
+    if job.state_decay is not None and not 0.0 < job.state_decay < 1.0:
+        raise UserError(f"--state-decay must be between 0 and 1 (exclusive; 'none' for a plain sum), got "
+                        f"{job.state_decay}.")
+    if any(L < 2 for L in (*job.context_lengths, *job.passkey_lengths)) or job.context_tokens < 1 \
+            or job.passkey_trials < 1:
+        raise UserError("--context-lengths and --passkey-lengths take lengths of at least 2 tokens, and "
+                        "--context-tokens and --passkey-trials positive numbers (pass --context-lengths '' to skip "
+                        "the long-context evaluation).")
     for cfg, flag in ((s1, "--stage1-minutes"), (s2, "--stage2-minutes")):
         if cfg is not None and cfg.time_budget_s is not None and cfg.time_budget_s <= 0:
             raise UserError(f"{flag} must be > 0 when given (leave it out for no time cap).")

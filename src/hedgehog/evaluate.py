@@ -58,13 +58,38 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     return math.exp(nll) if math.isfinite(nll) else float("inf")
 
 
+class NextTokenTally:
+    """Running next-token statistics of one model against the teacher's log-probabilities: its NLL, the
+    argmaxes that agree, and KL(teacher || model), summed over tokens."""
+
+    def __init__(self):
+        self.nll = self.agree = self.kl = 0.0
+        self.n = 0
+
+    def add(self, logp: torch.Tensor, t_logp: torch.Tensor, target: torch.Tensor) -> None:
+        """``logp``/``t_logp`` (B, N, V) log-probabilities of the model and the teacher; ``target`` (B, N, 1)."""
+        self.nll -= logp.gather(-1, target).double().sum().item()
+        self.agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+        self.kl += F.kl_div(logp, t_logp, log_target=True, reduction="sum").double().item()
+        self.n += target.numel()
+
+    def result(self, teacher_nll: float) -> Dict[str, float]:
+        """``ppl``, ``teacher_ppl`` (from ``teacher_nll``, its NLL summed over the same tokens), ``ppl_ratio``,
+        ``top1_agreement`` and ``kl_per_token``."""
+        n = max(1, self.n)
+        ppl, t_ppl = math.exp(self.nll / n), math.exp(teacher_nll / n)
+        return {"ppl": ppl, "teacher_ppl": t_ppl, "ppl_ratio": ppl / t_ppl, "top1_agreement": self.agree / n,
+                "kl_per_token": self.kl / n}
+
+
 @contextlib.contextmanager
-def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
+def teacher_mode(model: nn.Module, mode: str = "softmax") -> Iterator[nn.Module]:
     """Inside the block ``model`` (converted, maybe LoRA-wrapped) computes as its softmax teacher: exact
-    softmax attention, adapter off. Afterwards it is back in linear mode."""
+    softmax attention, adapter off (``mode="window"``: the teacher limited to each layer's ``baseline`` window
+    and sinks). Afterwards it is back in linear mode."""
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with adapter_off:
-        set_attention_mode(model, "softmax")
+        set_attention_mode(model, mode)
         try:
             yield model
         finally:
@@ -81,8 +106,8 @@ def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progr
     and the mean KL(teacher || student) per predicted token (nats).
     """
     dev = model_device(model)
-    nll_t = nll_s = agree = kl = 0.0
-    n = 0
+    nll_t = 0.0
+    tally = NextTokenTally()
     for batch in eval_batches(model, windows, batch_size=batch_size, progress=progress, desc=desc):
         if teacher is not None:
             t = F.log_softmax(teacher(input_ids=batch.to(model_device(teacher)), use_cache=False).logits[:, :-1]
@@ -93,15 +118,11 @@ def fidelity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progr
         s = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), -1)
         target = batch[:, 1:].unsqueeze(-1)
         nll_t -= t.gather(-1, target).double().sum().item()
-        nll_s -= s.gather(-1, target).double().sum().item()
-        agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
-        kl += F.kl_div(s, t, log_target=True, reduction="sum").double().item()
-        n += target.numel()
+        tally.add(s, t, target)
         del t, s
-    n = max(1, n)
-    t_ppl, s_ppl = math.exp(nll_t / n), math.exp(nll_s / n)
-    return {"teacher_ppl": t_ppl, "student_ppl": s_ppl, "ppl_ratio": s_ppl / t_ppl, "top1_agreement": agree / n,
-            "kl_per_token": kl / n, "tokens": n}
+    r = tally.result(nll_t)
+    return {"teacher_ppl": r["teacher_ppl"], "student_ppl": r["ppl"], "ppl_ratio": r["ppl_ratio"],
+            "top1_agreement": r["top1_agreement"], "kl_per_token": r["kl_per_token"], "tokens": tally.n}
 
 
 @torch.no_grad()

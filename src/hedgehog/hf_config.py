@@ -48,7 +48,7 @@ class HedgehogModelConfig(PretrainedConfig):
         return cfg
 
 
-FEATURE_KEYS = ("feature_map_q.", "feature_map_k.", "window_gate")
+FEATURE_KEYS = ("feature_map_q.", "feature_map_k.", "window_gate", "state_decay")
 
 
 def is_hedgehog_config(d: Dict) -> bool:

@@ -38,7 +38,7 @@ def _check_qk(q, k, phi_q, phi_k):
 
 
 def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float, eps: float, window=None,
-              gamma=None, teacher=None):
+              gamma=None, teacher=None, sinks: int = 0, decay=None):
     """Summed cross-entropy of a set of query rows (absolute positions ``row_pos``) against their keys.
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
@@ -50,7 +50,8 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
         p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos, **(teacher or {}))
     acc = p.dtype
     if window is not None:  # hybrid student: exact logs on the window part
-        a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, window, gamma, scale, q_positions=row_pos)
+        a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, window, gamma, scale, q_positions=row_pos,
+                                         sinks=sinks, decay=decay)
         log_den = a.sum(-1).clamp_min(eps).log()
         log_a = torch.where(win, log_win, a.clamp_min(eps).log())
         return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
@@ -110,6 +111,8 @@ def attention_distillation_loss(
     gamma=None,
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
+    sinks: int = 0,
+    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Hedgehog's attention-distillation cross-entropy, mean over (batch, heads, query rows).
 
@@ -123,7 +126,8 @@ def attention_distillation_loss(
             against all the keys it sees), an unbiased estimate of the full loss at a fraction of the cost.
         window, gamma: score a *hybrid* student instead (:mod:`hedgehog.ops.hybrid`): exact softmax
             over the last ``window`` keys scaled by ``gamma`` (scalar or (H,), differentiable), the
-            features for older keys (causal only).
+            features for older keys (causal only); ``sinks``/``decay`` as in
+            :func:`hedgehog.ops.hybrid.hybrid_weights`.
         sliding_window, softcap: the *teacher's* own sliding window and logit soft-cap (its rows are then the
             model's real attention; see :func:`hedgehog.ops.softmax.softmax_attention_weights`).
     Returns: a scalar; its minimum over students is the teacher's mean row entropy (KL = 0).
@@ -144,9 +148,10 @@ def attention_distillation_loss(
         sel = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         args = (q[:, :, sel], k[:, :, :kend], phi_q[:, :, sel], phi_k[:, :, :kend], pos)
         if track and query_block < len(rows):  # several blocks: recompute each in backward to bound memory
-            part = checkpoint(_block_ce, *args, causal, scale, eps, window, gamma, teacher, use_reentrant=False)
+            part = checkpoint(_block_ce, *args, causal, scale, eps, window, gamma, teacher, sinks, decay,
+                              use_reentrant=False)
         else:
-            part = _block_ce(*args, causal, scale, eps, window, gamma, teacher)
+            part = _block_ce(*args, causal, scale, eps, window, gamma, teacher, sinks, decay)
         total = total + part
     return total / (B * H * len(rows))
 
@@ -164,6 +169,8 @@ def attention_output_mse_loss(
     gamma=None,
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
+    sinks: int = 0,
+    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """LoLCATs' attention-output MSE: ``mean((softmax_attn(q,k,v) - linear_attn(phi_q,phi_k,v))^2)``
     (the hybrid student's output with ``window``/``gamma``; the teacher's own ``sliding_window``/``softcap``)."""
@@ -174,7 +181,7 @@ def attention_output_mse_loss(
                                 sliding_window=sliding_window, softcap=softcap)
     if window is not None:
         y_s = hybrid_attention(q, k, v.to(acc), phi_q, phi_k, window=window, gamma=gamma, scale=scale,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, sinks=sinks, decay=decay)
     else:
         y_s = linear_attention(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size)
     return torch.mean((y_s.to(acc) - y_t) ** 2)

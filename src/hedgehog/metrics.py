@@ -81,6 +81,8 @@ def attention_fidelity(
     gamma=None,
     sliding_window: Optional[int] = None,
     softcap: Optional[float] = None,
+    sinks: int = 0,
+    decay: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-head fidelity of linear attention to the softmax teacher, averaged over batch and rows.
 
@@ -88,7 +90,8 @@ def attention_fidelity(
     Returns dict of (H,) float64 tensors: ``kl`` KL(softmax || linear), ``entropy_softmax``,
     ``entropy_linear``, ``spearman_linear`` (rank correlation of q.k vs linear weight per row;
     rows with < 2 keys are skipped) and ``spearman_softmax`` (1 by construction; a sanity check).
-    With ``window``/``gamma`` the student is the hybrid layer (exact softmax on the last ``window`` keys);
+    With ``window``/``gamma`` the student is the hybrid layer (exact softmax on the last ``window`` keys, and on
+    the first ``sinks``; ``decay`` the log-decay of its linear state);
     ``sliding_window``/``softcap`` are the teacher's own (its rows are the model's real attention).
     """
     with torch.no_grad():
@@ -101,7 +104,8 @@ def attention_fidelity(
 
             g = gamma.double() if torch.is_tensor(gamma) else gamma
             _, w = quadratic_hybrid_attention(q.double(), k.double(), v_dummy, phi_q.double(), phi_k.double(), window,
-                                              g, scale=scale_, return_weights=True)
+                                              g, scale=scale_, return_weights=True, sinks=sinks,
+                                              decay=None if decay is None else decay.double())
         else:
             _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), v_dummy, causal=causal,
                                               return_weights=True)

@@ -15,6 +15,27 @@ def _fidelity_rows(report: Dict) -> list:
     return rows
 
 
+def _long_context_rows(lc: Optional[Dict]) -> list:
+    """The long-context section: ratio and agreement per context length beside the no-training baseline, passkey."""
+    if not lc:
+        return []
+    base = f"teacher, last {lc['window']} keys + {lc['sinks']} sinks, no training"
+    rows = ["", f"## Long context (mean of {len(lc['texts'])} held-out texts)", "",
+            f"| context | ppl ratio | top-1 agreement | {base}: ratio | agreement |", "|---|---|---|---|---|"]
+    for L, m in lc["mean"].items():
+        s, b = m["student"], m["baseline"]
+        rows.append(f"| {L} | {s['ppl_ratio']:.2f}x | {s['top1_agreement']:.3f} | {b['ppl_ratio']:.2f}x | "
+                    f"{b['top1_agreement']:.3f} |")
+    pk = lc.get("passkey") or {}
+    if pk:
+        rows += ["", "Passkey retrieval (a 5-digit key beyond the window, greedy answer; hits / trials):", "",
+                 "| tokens | " + " | ".join(pk) + " |", "|---|" + "---|" * len(pk)]
+        for name, label in (("teacher", "teacher"), ("student", "this model"), ("baseline", "window baseline")):
+            rows.append(f"| {label} | " + " | ".join(f"{r[name]}/{r['trials']}" for r in pk.values()) + " |")
+    rows += ["", "![fidelity vs context length](long_context.png)"]
+    return rows
+
+
 def model_card(config: Dict, report: Optional[Dict] = None) -> str:
     """Markdown for a converted model's ``README.md``; ``config`` is the hf-format ``config.json`` as a dict."""
     hh = config.get("hedgehog") or {}
@@ -70,6 +91,7 @@ def model_card(config: Dict, report: Optional[Dict] = None) -> str:
             lines += ["", "## Fidelity to the teacher (measured by `hedgehog convert`)", "",
                       "| text | teacher ppl | this model's ppl | ratio | top-1 agreement | KL / token |",
                       "|---|---|---|---|---|---|", *rows]
+        lines += _long_context_rows(report.get("long_context"))
     return "\n".join(lines) + "\n"
 
 

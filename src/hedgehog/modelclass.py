@@ -57,11 +57,11 @@ def hedgehog_class(base_cls: type) -> type:
             "__module__": __name__,
             # the feature maps are not part of the base architecture: from_pretrained must not warn about them
             "_keys_to_ignore_on_load_unexpected": list(getattr(base_cls, "_keys_to_ignore_on_load_unexpected", None)
-                                                       or []) + [r".*feature_map_[qk]\..*", r".*window_gate$"],
+                                                       or []) + [r".*feature_map_[qk]\..*", r".*window_gate$", r".*state_decay$"],
             # a bf16/fp16 load keeps the maps in float32, as they were trained (their softmax over features
             # and the running sums need the range)
             "_keep_in_fp32_modules": list(getattr(base_cls, "_keep_in_fp32_modules", None) or [])
-            + ["feature_map_q", "feature_map_k", "window_gate"],
+            + ["feature_map_q", "feature_map_k", "window_gate", "state_decay"],
         })
         _CLASSES[base_cls] = cls
         setattr(sys.modules[__name__], name, cls)  # so pickle finds it

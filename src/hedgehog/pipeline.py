@@ -40,6 +40,11 @@ class ConvertJob:
     # The hybrid is the default because it keeps the teacher's quality on held-out text (docs/results.md).
     attention: str = "hybrid"
     window: int = 64
+    # Long context (hybrid): the first `sinks` tokens stay in the exact softmax part, and the linear state decays
+    # by a learned per-KV-head factor lambda (initially `state_decay`; None: a plain sum). Without them the
+    # hybrid's linear part outgrows its window past the training length (docs/results.md, long context).
+    sinks: int = 4
+    state_decay: Optional[float] = 0.99
     seq_len: int = 512
     qk_scale: float = 1.0
     distill_loss: str = "ce"
@@ -50,6 +55,14 @@ class ConvertJob:
     val_tokens: int = 2048
     kl_windows: int = 2
     curve_points: int = 4
+    # Long context, in every report: fidelity on each held-out text at these lengths (up to the model's maximum),
+    # `context_tokens` tokens per length and text, beside the teacher limited to the window + `baseline_sinks`
+    # tokens with no training; passkey retrieval at `passkey_lengths` (`passkey_trials` keys each). Empty: skip.
+    context_lengths: Tuple[int, ...] = (512, 2048, 4096, 8192)
+    context_tokens: int = 4096
+    baseline_sinks: int = 4
+    passkey_lengths: Tuple[int, ...] = (1024, 2048, 4096)
+    passkey_trials: int = 8
     revision: Optional[str] = None  # of a hub --model: a branch, tag or commit
     trust_remote_code: bool = False  # let a hub --model run its own modelling code
     save_format: str = "hf"  # "hf": every weight (stands alone); "light": only what conversion changed, on the base
@@ -59,6 +72,12 @@ class ConvertJob:
     # 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'; under torchrun / accelerate launch, each rank's own
     device: str = "auto"
     dtype: str = "fp32"  # the base model's weights: fp32, bf16 or fp16 (feature maps and LoRA train in fp32)
+
+
+def hybrid_settings(job: ConvertJob) -> Dict:
+    """The long-context settings of the hybrid (``sinks``, ``state_decay``) for :class:`HedgehogConfig`; none for
+    pure linear attention, which they do not apply to."""
+    return {"sinks": job.sinks, "state_decay": job.state_decay} if job.attention == "hybrid" else {}
 
 
 def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code: bool = False,
@@ -87,7 +106,8 @@ def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:
                                          if k not in ("time_budget_s", "checkpoint_every", "layer_block")}
 
     return {"base_fingerprint": fingerprint, "data": job.data, "feature_map": job.feature_map,
-            "attention": job.attention, "window": job.window, "seq_len": job.seq_len, "qk_scale": job.qk_scale,
+            "attention": job.attention, "window": job.window, "sinks": job.sinks, "state_decay": job.state_decay,
+            "seq_len": job.seq_len, "qk_scale": job.qk_scale,
             "distill_loss": job.distill_loss, "seed": job.seed, "dtype": job.dtype, "stage1": stage(job.stage1),
             "stage2": stage(job.stage2)}
 
@@ -183,7 +203,7 @@ def run(job: ConvertJob) -> Dict:
     timings["teacher_eval_s"] = time.perf_counter() - t
 
     hh = HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss,
-                        attention=job.attention, window=job.window)
+                        attention=job.attention, window=job.window, **hybrid_settings(job))
     convert_model(model, hh)
 
     def val_point(stage, tokens, m):
@@ -253,6 +273,16 @@ def run(job: ConvertJob) -> Dict:
     t = time.perf_counter()
     fid_final = score("final", final) if final is not model else fid_stage1
     timings["final_eval_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    long_context = None
+    if job.context_lengths:
+        from hedgehog.long_context import long_context_report
+
+        texts = {text_label(name): c.splits["test"] for name, c in held_out.items()}
+        long_context = long_context_report(final, texts, tok, job.window, job.context_lengths, job.context_tokens,
+                                           job.baseline_sinks, job.passkey_lengths, job.passkey_trials,
+                                           progress=job.progress)
+    timings["long_context_s"] = time.perf_counter() - t
 
     # ---- save + reload check ---------------------------------------------------------------------
     t = time.perf_counter()
@@ -299,6 +329,7 @@ def run(job: ConvertJob) -> Dict:
         "stage1": slim_stage_report(s1_report),
         "stage2": slim_stage_report(s2_report) if s2_report else None,
         "curve": curve,
+        "long_context": long_context,
         "reload_max_abs_logit_diff": reload_max_abs_diff,
         "timings_s": timings,
         "wall_s": time.perf_counter() - t_start,
@@ -308,6 +339,11 @@ def run(job: ConvertJob) -> Dict:
         "processes": engine.world,
     }
     write_json(out / "report.json", report)
+    if long_context:
+        from hedgehog.report import plot_long_context
+
+        for where in (out, model_dir):  # the report's figure, and the model card's
+            plot_long_context(long_context, where / "long_context.png")
     from hedgehog.modelcard import write_model_card
 
     write_model_card(model_dir, json.loads((model_dir / "config.json").read_text()), report)

@@ -45,6 +45,8 @@ def format_report(r: Dict) -> str:
     held = r.get("held_out")
     lines += ["", format_fidelity({"stage 1": r["fidelity"]["stage1"], "final": r["fidelity"]["final"]},
                                   {"stage 1": held["stage1"], "final": held["final"]} if held else None)]
+    if r.get("long_context"):
+        lines += ["", format_long_context(r["long_context"])]
     return "\n".join(lines)
 
 
@@ -109,3 +111,56 @@ def plot_compare(rows: List[Dict], path: Path) -> None:
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
     save_figure(fig, path, dpi=110)
+
+
+def format_long_context(r: Dict) -> str:
+    """The long-context table (held-out mean per length: student | baseline) and the passkey table."""
+    base = f"window {r['window']} + {r['sinks']} sinks, no training"
+    lines = [f"long context: the student and the teacher limited to {base} (mean of {len(r['texts'])} held-out texts)",
+             f"{'context':>8}  {'ppl ratio':>15}  {'top-1 agreement':>15}  {'KL / token':>13}",
+             f"{'':>8}  {'student | base':>15}  {'student | base':>15}  {'student | base':>13}"]
+    for L, m in r["mean"].items():
+        s, b = m["student"], m["baseline"]
+        lines.append(f"{L:>8}  {s['ppl_ratio']:>6.2f}x | {b['ppl_ratio']:.2f}x  {s['top1_agreement']:>7.3f} | "
+                     f"{b['top1_agreement']:.3f}  {s['kl_per_token']:>5.2f} | {b['kl_per_token']:.2f}")
+    if r.get("passkey"):
+        pk = r["passkey"]
+        Ls = list(pk)
+        lines += ["", f"passkey retrieval (greedy; hits of {next(iter(pk.values()))['trials']} keys at spread depths, "
+                      f"each beyond the window)", f"{'tokens':<28}" + "".join(f"{L:>8}" for L in Ls)]
+        for name, label in (("teacher", "teacher (softmax)"), ("student", "converted model"), ("baseline", base)):
+            lines.append(f"{label[:28]:<28}" + "".join(f"{pk[L][name]:>6}/{pk[L]['trials']}" for L in Ls))
+    return "\n".join(lines)
+
+
+def plot_long_context(r: Dict, path) -> None:
+    """PNG: perplexity ratio to the teacher against context length (student, baseline; per text and mean) and the
+    passkey hits per length."""
+    from hedgehog.plotting import label_axes, pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for name, per in r["texts"].items():
+        Ls = [int(L) for L in per]
+        ax.plot(Ls, [per[str(L)]["student"]["ppl_ratio"] for L in Ls], color="tab:blue", alpha=0.3, lw=1)
+        ax.plot(Ls, [per[str(L)]["baseline"]["ppl_ratio"] for L in Ls], color="tab:orange", alpha=0.3, lw=1)
+    Ls = [int(L) for L in r["mean"]]
+    ax.plot(Ls, [r["mean"][str(L)]["student"]["ppl_ratio"] for L in Ls], "o-", color="tab:blue", lw=2,
+            label="converted model")
+    ax.plot(Ls, [r["mean"][str(L)]["baseline"]["ppl_ratio"] for L in Ls], "s--", color="tab:orange", lw=2,
+            label=f"teacher, window {r['window']} + {r['sinks']} sinks (no training)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    label_axes(ax, "context length (tokens)", "perplexity / teacher's (held-out texts)", "fidelity vs context length")
+    ax = axes[1]
+    pk = r.get("passkey") or {}
+    Ls = list(pk)
+    x = range(len(Ls))
+    for j, (name, color) in enumerate((("teacher", "tab:green"), ("student", "tab:blue"), ("baseline", "tab:orange"))):
+        ax.bar([i + (j - 1) * 0.27 for i in x], [pk[L][name] for L in Ls], width=0.27, color=color, label=name)
+    ax.set_xticks(list(x), Ls)
+    if Ls:
+        ax.set_ylim(0, pk[Ls[0]]["trials"])
+    label_axes(ax, "prompt length (tokens)", "keys retrieved", "passkey retrieval")
+    save_figure(fig, path)

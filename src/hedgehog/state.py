@@ -103,23 +103,39 @@ class HybridStateLayer(HedgehogStateLayer):
         self.v_win: Optional[torch.Tensor] = None
         self.valid: Optional[torch.Tensor] = None
 
-    def set_window(self, S, z, k_tail, v_tail, valid_tail, n_new: int, window: Optional[int] = None) -> None:
+    def set_window(self, S, z, k_tail, v_tail, valid_tail, n_new: int, window: Optional[int] = None,
+                   sinks=None, sink_slots: int = 0) -> None:
         """State ``(S, z)`` of the older keys plus the last ``m`` keys/values in order (``k_tail``
-        (B, Hk, m, d), ``v_tail`` (B, Hk, m, D), ``valid_tail`` (B, m)), after ``n_new`` more tokens;
-        ``window`` is the ring's size (default ``m``)."""
+        (B, Hk, m, d), ``v_tail`` (B, Hk, m, D), ``valid_tail`` (B, m)), after ``n_new`` more tokens (the
+        first prefill); ``window`` is the ring's size (default ``m``).
+
+        ``sinks``: ``(k, v, valid)`` of the first ``s <= sink_slots`` tokens (fewer when the prompt is shorter:
+        the slots after them wait for decoded tokens). Sink ``j`` has slot ``window + j`` after the ring, seen
+        (valid) once its token has left the window."""
         B, Hk, m, d = k_tail.shape
         w = window or m
         if m > w:
             raise ValueError(f"{m} window keys do not fit a window of {w}")
         total = self.seen + n_new
+        n_sinks = 0 if sinks is None else sinks[0].shape[2]
+        if n_sinks > sink_slots:
+            raise ValueError(f"{n_sinks} sink keys do not fit {sink_slots} sink slots")
+        slots = w + sink_slots
         idx = torch.arange(total - m, total, device=k_tail.device) % w
-        self.k_win = k_tail.new_zeros(B, Hk, w, d)
-        self.v_win = v_tail.new_zeros(B, Hk, w, v_tail.shape[-1] + 1)
-        self.valid = torch.zeros(B, w, dtype=torch.bool, device=k_tail.device)
+        self.k_win = k_tail.new_zeros(B, Hk, slots, d)
+        self.v_win = v_tail.new_zeros(B, Hk, slots, v_tail.shape[-1] + 1)
+        self.valid = torch.zeros(B, slots, dtype=torch.bool, device=k_tail.device)
         self.k_win[:, :, idx] = k_tail
         self.v_win[:, :, idx, :-1] = v_tail
         self.v_win[:, :, idx, -1] = 1.0
         self.valid[:, idx] = valid_tail.to(self.valid.device)
+        if n_sinks:
+            sk, sv, svalid = sinks
+            self.k_win[:, :, w:w + n_sinks] = sk
+            self.v_win[:, :, w:w + n_sinks, :-1] = sv
+            self.v_win[:, :, w:w + n_sinks, -1] = 1.0
+            gone = torch.arange(n_sinks, device=sk.device) <= total - 1 - w  # left the window already
+            self.valid[:, w:w + n_sinks] = svalid.to(self.valid.device) & gone[None, :]
         self.set_state(S, z, n_new)
 
     def reset(self) -> None:

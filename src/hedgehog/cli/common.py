@@ -23,6 +23,39 @@ def split_names(arg):
     return None if arg is None else tuple(n.strip() for n in arg.split(",") if n.strip())
 
 
+def lengths(arg: str):
+    """'512,2048' -> (512, 2048); '' -> ()."""
+    from hedgehog.errors import UserError
+
+    try:
+        return tuple(int(x) for x in split_names(arg))
+    except ValueError:
+        raise UserError(f"expected comma-separated token counts such as 512,2048,4096, got {arg!r}") from None
+
+
+def add_long_context_options(p: argparse.ArgumentParser, job=None) -> None:
+    """The long-context evaluation flags (defaults from the convert job's dataclass)."""
+    if job is None:
+        from hedgehog.pipeline import ConvertJob
+
+        job = ConvertJob()
+    p.add_argument("--context-lengths", default=",".join(map(str, job.context_lengths)),
+                   help="long-context evaluation: context lengths (tokens) at which the converted model, its teacher "
+                        "and the no-training window baseline are scored on each held-out text (lengths above the "
+                        "model's maximum are dropped; '' skips it). Each window costs about one student and two "
+                        "teacher forwards")
+    p.add_argument("--context-tokens", type=int, default=job.context_tokens,
+                   help="long-context evaluation: tokens scored per length and held-out text (at least one window)")
+    p.add_argument("--baseline-sinks", type=int, default=job.baseline_sinks,
+                   help="the no-training baseline: the teacher's softmax over the last window keys plus this many "
+                        "first tokens")
+    p.add_argument("--passkey-lengths", default=",".join(map(str, job.passkey_lengths)),
+                   help="passkey retrieval: prompt lengths (tokens); each hides --passkey-trials 5-digit keys at "
+                        "spread depths beyond the window, scored for the teacher, the baseline and the model "
+                        "(one forward each)")
+    p.add_argument("--passkey-trials", type=int, default=job.passkey_trials, help="passkey keys per length")
+
+
 def add_record_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default=None,
                    help="record data (.jsonl/.json/.csv/.parquet/.arrow or a saved dataset): the column with plain "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from hedgehog.cli.common import (add_device, add_dtype, add_record_options, check_maps,
+from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options, add_record_options, check_maps, lengths,
                                   seconds_or_none, split_names, setup_logging)
 
 
@@ -23,6 +23,9 @@ def _job_from_args(args):
                           grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
+                     sinks=args.sinks, state_decay=args.state_decay, context_lengths=lengths(args.context_lengths),
+                     context_tokens=args.context_tokens, baseline_sinks=args.baseline_sinks,
+                     passkey_lengths=lengths(args.passkey_lengths), passkey_trials=args.passkey_trials,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
                      text_field=args.text_field, data_format=args.data_format,
                      eval_tokens=args.eval_tokens, eval_data=split_names(args.eval_data),
@@ -30,6 +33,10 @@ def _job_from_args(args):
                      trust_remote_code=args.trust_remote_code, save_format=args.save_format, resume=args.resume,
                      seed=args.seed, progress=not args.no_progress, device=args.device, dtype=args.dtype)
     return job
+
+
+def _decay(arg: str):
+    return None if arg.lower() in ("none", "0", "off") else float(arg)
 
 
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
@@ -55,6 +62,14 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="tokens scored per held-out text")
     c.add_argument("--window", type=int, default=job.window,
                    help="hybrid attention: keys per query seen with exact softmax (the rest through the feature maps)")
+    c.add_argument("--sinks", type=int, default=job.sinks,
+                   help="hybrid: the first SINKS tokens stay in the exact softmax part for every later query "
+                        "(attention sinks; 0: none). Costs SINKS more keys per query and per decoding state")
+    c.add_argument("--state-decay", type=_decay, default=job.state_decay,
+                   help="hybrid: initial per-KV-head decay lambda of the linear state (learned from there), which "
+                        "keeps the linear part's weight at long context what it was at --seq-len; 'none': a plain "
+                        "running sum (the LoLCATs hybrid)")
+    add_long_context_options(c, job)
     c.add_argument("--seq-len", type=int, default=job.seq_len, help="tokens per training/eval window")
     c.add_argument("--qk-scale", type=float, default=job.qk_scale,
                    help="q and k are multiplied by this before the feature maps")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from hedgehog.errors import UserError
-from hedgehog.cli.common import (add_device, add_dtype, add_record_options, load_any,
-                                  split_names, placement, setup_logging)
+from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options, add_record_options, lengths as _lengths,
+                                  load_any, split_names, placement, setup_logging)
 
 
 def _eval(args):
@@ -39,13 +39,29 @@ def _eval(args):
               f"{args.seq_len}: perplexity {ppl:.3f}")
         return ppl
     sets = {f"{text_label(args.data)} ({args.split})": windows}
+    held = {}
     for name in names if names is not None else [n for n in (*HELD_OUT_TEXTS, "shakespeare") if n != args.data]:
         if name != args.data:
             docs = eval_documents(name, args.data, tok)
+            held[text_label(name)] = docs.splits["test"]
             sets[f"{text_label(name)} (held out)"] = _windows(docs, "test", tok, args.seq_len,
                                                               max_tokens=args.fidelity_tokens, shuffle_seed=0)
     res = {k: fidelity(model, w, progress=not args.no_progress, desc=k, teacher=teacher) for k, w in sets.items()}
     print(format_fidelity({"this model": res}))
+    lengths = _lengths(args.context_lengths)
+    if lengths and held:
+        from hedgehog.attention import hedgehog_layers
+        from hedgehog.long_context import long_context_report
+        from hedgehog.report import format_long_context
+
+        hh = hedgehog_layers(model)[0].hh_config
+        window = hh.window if hh.attention == "hybrid" else args.baseline_window
+        lc = long_context_report(model, held, tok, window, lengths, args.context_tokens, args.baseline_sinks,
+                                 _lengths(args.passkey_lengths), args.passkey_trials, teacher=teacher,
+                                 progress=not args.no_progress)
+        print()
+        print(format_long_context(lc))
+        res = {**res, "long_context": lc}
     if args.json:
         from pathlib import Path
 
@@ -113,6 +129,9 @@ def register_eval(sub) -> None:
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     e.add_argument("--tokens", type=int, default=16384, help="max tokens evaluated on --data's split")
     e.add_argument("--fidelity-tokens", type=int, default=4096, help="tokens per held-out text")
+    add_long_context_options(e)
+    e.add_argument("--baseline-window", type=int, default=64,
+                   help="the no-training baseline's window for a pure linear model (a hybrid uses its own window)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_device(e, "where the models score the windows")
     add_dtype(e)

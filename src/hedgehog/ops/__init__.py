@@ -6,7 +6,8 @@ from hedgehog.ops.linear_attention import (
     linear_attention,
     quadratic_linear_attention,
 )
-from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_attention, quadratic_hybrid_attention
+from hedgehog.ops.hybrid import (feature_hybrid_attention, hybrid_attention, quadratic_hybrid_attention,
+                                 window_softmax_attention)
 from hedgehog.ops.recurrent import hybrid_recurrent_step, packed_recurrent_step, recurrent_step, ring_hybrid_step
 from hedgehog.ops.softmax import softmax_attention, softmax_attention_weights
 
@@ -25,4 +26,5 @@ __all__ = [
     "ring_hybrid_step",
     "softmax_attention",
     "softmax_attention_weights",
+    "window_softmax_attention",
 ]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.ops import cpu_kernel
-from hedgehog.ops.masks import hybrid_masks
+from hedgehog.ops.masks import hybrid_masks, row_positions
 from hedgehog.ops.linear_attention import (
     DEFAULT_EPS,
     _acc_dtype,
@@ -69,19 +69,21 @@ def _check_hybrid(q, k, v, phi_q, phi_k, window):
 
 
 def hybrid_weights(q, k, phi_q, phi_k, window: int, gamma: Gamma, scale: Optional[float] = None,
-                   q_positions: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None):
-    """Unnormalised hybrid weights, O(Nq * Nk): ``(a, in_window, log_a_window)``.
+                   q_positions: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None,
+                   sinks: int = 0, decay: Optional[torch.Tensor] = None):
+    """Unnormalised hybrid weights, O(Nq * Nk): ``(a, exact, log_a_exact)``.
 
-    ``a`` (B, H, Nq, Nk) holds ``g * exp(s - c)`` on window keys and ``phi_q . phi_k`` on older keys (0
-    elsewhere); the normalised weights are ``a / a.sum(-1)``. ``log_a_window`` is the exact log of the
-    window entries (``log g + s - c``), which the distillation loss uses instead of ``log(a)``.
-    ``key_valid`` (B, Nk) bool drops padding keys from both parts.
+    ``a`` (B, H, Nq, Nk) holds ``g * exp(s - c)`` on the exact keys (the window and the ``sinks`` first keys,
+    ``c`` their row max) and ``lambda^(n - w - i) phi_q . phi_k`` on the older keys of the linear part (0
+    elsewhere); the normalised weights are ``a / a.sum(-1)``. ``decay`` (H,) is ``log lambda`` per head (None: no
+    decay). ``log_a_exact`` is the exact log of the exact entries (``log g + s - c``), which the distillation
+    loss uses instead of ``log(a)``. ``key_valid`` (B, Nk) bool drops padding keys from both parts.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, H, nq, d = q.shape
     nk = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    win, old = hybrid_masks(nq, nk, window, q.device, q_positions)
+    win, old = hybrid_masks(nq, nk, window, q.device, q_positions, sinks)
     win, old = win[None, None], old[None, None]
     if key_valid is not None:
         kv = key_valid[:, None, None, :].to(q.device)
@@ -95,20 +97,26 @@ def hybrid_weights(q, k, phi_q, phi_k, window: int, gamma: Gamma, scale: Optiona
     log_win = (torch.log(g) + s - c).masked_fill(~win, 0.0)
     a_win = g * torch.exp(s - c)  # exp(-inf) = 0 off the window
     a_lin = (phi_q.to(acc) @ phi_k.to(acc).transpose(-1, -2)).masked_fill(~old, 0.0)
+    if decay is not None:
+        n = row_positions(nq, nk, q.device, q_positions=q_positions)
+        age = (n[:, None] - window - torch.arange(nk, device=q.device)[None, :]).clamp_min(0).to(acc)
+        a_lin = a_lin * torch.exp(decay.to(acc).view(1, H, 1, 1) * age)
     return a_win + a_lin, win.expand_as(s), log_win
 
 
 def quadratic_hybrid_attention(q, k, v, phi_q, phi_k, window: int = 64, gamma: Gamma = 0.5,
                                scale: Optional[float] = None, key_valid: Optional[torch.Tensor] = None,
-                               return_weights: bool = False, eps: float = DEFAULT_EPS):
+                               return_weights: bool = False, eps: float = DEFAULT_EPS, sinks: int = 0,
+                               decay: Optional[torch.Tensor] = None):
     """O(N^2) reference of the hybrid layer (causal): materialises the normalised weights.
 
     Args: q, k (B, H, N, d); v (B, H, N, D); phi_q, phi_k (B, H, N, F); gamma scalar or (H,);
         key_valid (B, N) bool, False for padding keys. Returns y (B, H, N, D) in v's dtype (and the
         weights (B, H, N, N) with ``return_weights``). Same denominator guard as linear attention.
+        sinks, decay: see :func:`hybrid_weights`.
     """
     _check_hybrid(q, k, v, phi_q, phi_k, window)
-    a, _, _ = hybrid_weights(q, k, phi_q, phi_k, window, gamma, scale, key_valid=key_valid)
+    a, _, _ = hybrid_weights(q, k, phi_q, phi_k, window, gamma, scale, key_valid=key_valid, sinks=sinks, decay=decay)
     w = a / a.sum(-1, keepdim=True).clamp_min(eps)
     y = (w @ v.to(a.dtype)).to(v.dtype)
     return (y, w) if return_weights else y
@@ -125,7 +133,7 @@ def _block_size(bh: int, f: int, chunk: int, window: int, n: int, block_size: Op
 
 
 def _window_part(q_rows, k_rows, v_rows, window: int, scale: float, gamma_rows: torch.Tensor, acc,
-                 sub: Optional[int] = None):
+                 sub: Optional[int] = None, sinks: int = 0):
     """The sliding-window numerator/denominator of block i (autograd form): a callable for
     ``_causal_blocks(extra=)``, returning them packed as ``[num, den]`` (BH, L, D + 1).
 
@@ -134,9 +142,13 @@ def _window_part(q_rows, k_rows, v_rows, window: int, scale: float, gamma_rows: 
     ``min(w, 16)`` when it divides w); sub-chunk m is compared with the ``c + w`` keys that end with it
     (an ``unfold`` view of the keys from ``start - w``) and masked to ``n - w < i <= n``. A smaller c
     wastes fewer masked entries (w of every c + w are used) at the price of smaller matmuls.
-    Without autograd :func:`_window_inference` computes the same values faster.
+    With ``sinks``, the first ``sinks`` keys join every row that sees them no longer in its window
+    (``i <= n - w``), under the same row max. Without autograd :func:`_window_inference` computes the same
+    values faster.
     """
     w = window
+    sink_k = k_rows(0, sinks) if sinks else None
+    sink_v = v_rows(0, sinks) if sinks else None
     c = sub or (16 if w % 16 == 0 and w > 16 else w)
     j = torch.arange(c + w, device=gamma_rows.device)[None, :]
     b = torch.arange(c, device=gamma_rows.device)[:, None]
@@ -164,9 +176,19 @@ def _window_part(q_rows, k_rows, v_rows, window: int, scale: float, gamma_rows: 
             for m in range(min(nb, -(-front // c))):
                 mask[m, :, :front - m * c] = True
         s = ((q4 @ k4) * scale).masked_fill(mask, float("-inf"))
-        e = torch.exp(s - s.amax(-1, keepdim=True))
-        num = (e @ v4).view(bh, nb * c, dv)[:, :L] * gamma_rows
-        den = e.sum(-1).view(bh, nb * c, 1)[:, :L] * gamma_rows
+        if sink_k is None:
+            e = torch.exp(s - s.amax(-1, keepdim=True))
+            num = (e @ v4).view(bh, nb * c, dv)[:, :L] * gamma_rows
+            den = e.sum(-1).view(bh, nb * c, 1)[:, :L] * gamma_rows
+            return torch.cat([num, den], -1)
+        rows = torch.arange(start, start + nb * c, device=qb.device)
+        late = torch.arange(sink_k.shape[1], device=qb.device)[None, :] > rows[:, None] - w  # still in the window
+        ss = ((qb @ sink_k.transpose(-1, -2)) * scale).masked_fill(late, float("-inf"))  # (bh, nb * c, ns)
+        mx = torch.maximum(s.amax(-1).reshape(bh, nb * c), ss.amax(-1)).unsqueeze(-1)
+        e = torch.exp(s - mx.view(bh, nb, c, 1))
+        es = torch.exp(ss - mx)
+        num = ((e @ v4).view(bh, nb * c, dv) + es @ sink_v)[:, :L] * gamma_rows
+        den = (e.sum(-1).view(bh, nb * c, 1) + es.sum(-1, keepdim=True))[:, :L] * gamma_rows
         return torch.cat([num, den], -1)
 
     return extra
@@ -176,7 +198,7 @@ _EXP_FLOOR = -80.0  # exp(-80) ~ 2e-35: a masked key's weight relative to the ro
 
 
 def _window_inference(q, k, v, window: int, scale: float, gamma_rows: torch.Tensor, sub: int = 32,
-                      piece: int = 8192) -> torch.Tensor:
+                      piece: int = 8192, sinks: int = 0) -> torch.Tensor:
     """The sliding-window part of every query at once, without autograd: (BH, N, D + 1) = ``[num, den]``.
 
     Per head, queries go in sub-chunks of ``c`` rows, each against the ``c + w`` keys that end with it:
@@ -189,7 +211,8 @@ def _window_inference(q, k, v, window: int, scale: float, gamma_rows: torch.Tens
     Speed detail: scores are clamped to ``_EXP_FLOOR`` below their row max before ``exp``: vectorised exp
     leaves its fast path for -inf and underflowing inputs (about 4x and 10x slower here). A masked key
     therefore weighs ``e^-80`` (~2e-35) of the row max instead of exactly 0 -- far below float32 rounding
-    (with ``gamma = 0`` the floor is -inf and the head's window weighs exactly 0).
+    (with ``gamma = 0`` the floor is -inf and the head's window weighs exactly 0). ``sinks``: as in
+    :func:`_window_part`.
     """
     bh, n, d = q.shape
     D = v.shape[-1]
@@ -206,10 +229,17 @@ def _window_inference(q, k, v, window: int, scale: float, gamma_rows: torch.Tens
     vp = q.new_zeros(w + n + pad, D + 1)  # [v, 1] likewise (zeros outside, so padding adds nothing)
     vp[w:w + n, D] = 1.0
     log_g = gamma_rows.reshape(bh).log().tolist()  # log 0 = -inf: that head's window weighs nothing
+    ns = min(sinks, n)
+    if ns:  # sink j joins row r once it has left r's window (j <= r - w)
+        rows = torch.arange(n + pad, device=dev)
+        late = torch.arange(ns, device=dev)[None, :] > rows[:, None] - w
+        sinkV = q.new_ones(ns, D + 1)
     for h in range(bh):
         kp[w:w + n] = k[h]
         vp[w:w + n, :D] = v[h]
         qs = q[h] * scale
+        if ns:
+            sinkV[:, :D] = v[h, :ns]
         if pad:
             qs = F.pad(qs, (0, 0, 0, pad))
         for s0 in range(0, n + pad, piece):
@@ -221,8 +251,17 @@ def _window_inference(q, k, v, window: int, scale: float, gamma_rows: torch.Tens
             if s0 == 0:  # keys before position 0
                 for m in range(min(nb, -(-w // c))):
                     sc[m, :, :w - m * c] = float("-inf")
-            e = sc.sub_(sc.amax(-1, keepdim=True).sub_(log_g[h])).clamp_min_(_EXP_FLOOR + log_g[h]).exp_()
-            torch.bmm(e, V, out=out[h, s0:s0 + L].view(nb, c, D + 1))
+            if not ns:
+                e = sc.sub_(sc.amax(-1, keepdim=True).sub_(log_g[h])).clamp_min_(_EXP_FLOOR + log_g[h]).exp_()
+                torch.bmm(e, V, out=out[h, s0:s0 + L].view(nb, c, D + 1))
+                continue
+            ss = (qs[s0:s0 + L] @ k[h, :ns].transpose(0, 1)).masked_fill_(late[s0:s0 + L], float("-inf"))
+            mx = torch.maximum(sc.amax(-1).view(L), ss.amax(-1)).sub_(log_g[h]).unsqueeze(-1)  # (L, 1)
+            e = sc.sub_(mx.view(nb, c, 1)).clamp_min_(_EXP_FLOOR + log_g[h]).exp_()
+            es = ss.sub_(mx).clamp_min_(_EXP_FLOOR + log_g[h]).exp_()
+            o = out[h, s0:s0 + L]
+            torch.bmm(e, V, out=o.view(nb, c, D + 1))
+            o.addmm_(es, sinkV)
     return out[:, :n]
 
 
@@ -246,10 +285,13 @@ class _Rows:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim)
 
 
-def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, scale, chunk_size, block_size, eps):
+def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, scale, chunk_size, block_size, eps,
+            sinks: int = 0, decay: Optional[torch.Tensor] = None):
     """Blocked hybrid attention. The features of positions lo..hi-1 are ``map_q(src_q rows, positions rows)``
     (likewise for k), computed block by block: ``src`` is the raw q/k with the layer's maps, or
-    precomputed features with identity maps. Returns y (B*H, N, D) in ``acc``, (S, z)."""
+    precomputed features with identity maps. ``sinks`` first keys go to the exact part (their features are
+    zeroed for the linear part); ``decay`` (H,) ``log lambda`` decays the linear state. Returns y (B*H, N, D)
+    in ``acc``, (S, z)."""
     B, H, N, d = q.shape
     D, w = v.shape[-1], window
     acc = _acc_dtype(v)
@@ -270,18 +312,25 @@ def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, s
         z = torch.zeros(BH, front, width, dtype=acc, device=q.device)
         return z if rows is None else torch.cat([z, rows], 1)
 
-    feats_k = lambda lo, hi: map_k(rk(lo, hi), rpos(lo, hi)).to(acc).reshape(BH, hi - lo, fd)
+    def feats_k(lo, hi):
+        f = map_k(rk(lo, hi), rpos(lo, hi)).to(acc).reshape(BH, hi - lo, fd)
+        if lo < sinks:  # the sinks are seen exactly, never through the state
+            keep = (torch.arange(lo, hi, device=f.device) >= sinks).to(acc)
+            f = f * keep[None, :, None]
+        return f
+
     get_q = lambda i: map_q(rq(*bounds[i]), rpos(*bounds[i])).to(acc).reshape(BH, bounds[i][1] - bounds[i][0], fd)
     get_k = lambda i: shifted(feats_k, *bounds[i], fd)
     v_blocks = [shifted(rv, s, e, D) for s, e in bounds]
     gamma_rows = _gamma_rows(gamma, B, H, acc, q.device)
     q3, k3 = q.to(acc).reshape(BH, N, d), k.to(acc).reshape(BH, N, d)
     if torch.is_grad_enabled():
-        extra = _window_part(_Rows(q3, blk, 1), _Rows(k3, blk, 1), rv, w, scale, gamma_rows, acc)
+        extra = _window_part(_Rows(q3, blk, 1), _Rows(k3, blk, 1), rv, w, scale, gamma_rows, acc, sinks=sinks)
     else:
-        win = _window_inference(q3, k3, rv(0, N), w, scale, gamma_rows)
+        win = _window_inference(q3, k3, rv(0, N), w, scale, gamma_rows, sinks=sinks)
         extra = lambda i, s, L: win[:, s:s + L]
-    return _causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra)
+    decay_rows = None if decay is None else _gamma_rows(decay, B, H, acc, q.device).view(BH)
+    return _causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra, decay=decay_rows)
 
 
 def hybrid_attention(
@@ -297,6 +346,8 @@ def hybrid_attention(
     return_state: bool = False,
     eps: float = DEFAULT_EPS,
     block_size: Optional[int] = None,
+    sinks: int = 0,
+    decay: Optional[torch.Tensor] = None,
 ):
     """Causal hybrid attention without an N x N tensor (see the module docstring for the formula).
 
@@ -309,6 +360,8 @@ def hybrid_attention(
         return_state: also return ``((S, z), k_tail, v_tail)``: the linear state of keys ``0..N-w-1``
             (zeros if N <= w) and the last ``min(w, N)`` keys/values, which is what decoding continues
             from with :func:`hybrid_recurrent_step`.
+        sinks: the first ``sinks`` keys stay in the exact part after they leave the window (attention sinks).
+        decay: (H,) ``log lambda`` of a decayed linear state (key i weighs ``lambda^(n - w - i)``), or None.
     Returns: y (B, H, N, D) in v's dtype (and the state as above).
     """
     _check_hybrid(q, k, v, phi_q, phi_k, window)
@@ -317,7 +370,8 @@ def hybrid_attention(
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    fused = cpu_kernel.fused_hybrid_features(q, k, v, phi_q, phi_k, window, gamma, scale, eps)
+    plain = not sinks and decay is None  # what the fused CPU kernel computes
+    fused = cpu_kernel.fused_hybrid_features(q, k, v, phi_q, phi_k, window, gamma, scale, eps) if plain else None
     if fused is not None:  # CPU, no autograd: the fused kernel on the given features
         y, state = fused
         if not return_state:
@@ -326,7 +380,7 @@ def hybrid_attention(
         return y, (state, k[:, :, tail:], v[:, :, tail:])
     ident = lambda x, pos: x
     y, (S, z) = _hybrid(q, k, v, phi_q, phi_k, ident, ident, torch.arange(N, device=q.device), Fd, window,
-                        gamma, scale, chunk_size, block_size, eps)
+                        gamma, scale, chunk_size, block_size, eps, sinks, decay)
     D = v.shape[-1]
     y = y.reshape(B, H, N, D).to(v.dtype)
     if not return_state:
@@ -339,7 +393,7 @@ def hybrid_attention(
 def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int = 64, gamma: Gamma = 0.5,
                              scale: Optional[float] = None, positions: Optional[torch.Tensor] = None,
                              chunk_size: int = 64, eps: float = DEFAULT_EPS, block_size: Optional[int] = None,
-                             return_state: bool = False):
+                             return_state: bool = False, sinks: int = 0, decay: Optional[torch.Tensor] = None):
     """Hybrid attention of raw q/k with the feature maps applied block by block (never holding N-sized
     features); equal to ``hybrid_attention(q, k, v, fm_q(q), fm_k(k), ...)``. ``feature_map_k`` returns q's
     head count (grouped maps repeat); positions (N,) go to the maps (default 0..N-1).
@@ -355,17 +409,42 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
         positions = torch.arange(N, device=q.device)
     if not all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k)):
         out = hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,
-                               scale, chunk_size, return_state=return_state, eps=eps, block_size=block_size)
+                               scale, chunk_size, return_state=return_state, eps=eps, block_size=block_size,
+                               sinks=sinks, decay=decay)
         return (out[0], out[1][0]) if return_state else out
-    if not q.is_cuda:  # Hedgehog maps without autograd: the fused CPU kernel
+    if not q.is_cuda and not sinks and decay is None:  # Hedgehog maps without autograd: the fused CPU kernel
         out = cpu_kernel.fused_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window, gamma, scale, eps=eps)
         if out is not None:
             return out if return_state else out[0]
     fd = feature_map_q.feature_dim
     scale = d ** -0.5 if scale is None else scale
     y, (S, z) = _hybrid(q, k, v, q, k, feature_map_q, feature_map_k, positions, fd, window, gamma, scale,
-                        chunk_size, block_size, eps)
+                        chunk_size, block_size, eps, sinks, decay)
     y = y.reshape(B, H, N, -1).to(v.dtype)
     return (y, (S.reshape(B, H, fd, -1), z.reshape(B, H, fd))) if return_state else y
 
 
+
+
+def window_softmax_attention(q, k, v, window: int, sinks: int = 0, scale: Optional[float] = None) -> torch.Tensor:
+    """Exact softmax attention limited to the last ``window`` keys and the first ``sinks`` (StreamingLLM), causal,
+    in O(N * (window + sinks)): the hybrid's exact part alone. The no-training baseline of a converted model.
+
+    Args: q, k (B, H, N, d); v (B, H, N, D). Returns y (B, H, N, D) in v's dtype. Differentiable.
+    """
+    B, H, N, d = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    acc = _acc_dtype(v)
+    scale = d ** -0.5 if scale is None else scale
+    q3, k3, v3 = (t.to(acc).reshape(B * H, N, -1) for t in (q, k, v))
+    ones = torch.ones(B * H, 1, 1, dtype=acc, device=q.device)
+    if torch.is_grad_enabled():
+        rows = lambda t: (lambda lo, hi: t[:, lo:hi])
+        nd = _window_part(rows(q3), rows(k3), rows(v3), window, scale, ones, acc, sinks=sinks)(0, 0, N)
+    else:
+        nd = _window_inference(q3, k3, v3, window, scale, ones, sinks=sinks)
+    D = v.shape[-1]
+    return (nd[..., :D] / nd[..., D:]).reshape(B, H, N, D).to(v.dtype)

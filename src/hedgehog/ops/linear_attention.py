@@ -141,7 +141,28 @@ def _block_chunks(get_q, get_k, i, L, chunk, bh, acc):
     return pq.reshape(bh, nb, chunk, -1), pk.reshape(bh, nb, chunk, -1), nb, pad
 
 
-def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
+def _decay_factors(decay: torch.Tensor, chunk: int, nb: int, pad: int, acc):
+    """Per-chunk factors of a decayed state, ``S_t = lambda S_{t-1} + phi_k_t v_t^T`` (query t then weighs key
+    j <= t by ``lambda^(t - j)``), for ``decay = log lambda`` (bh,) and nb chunks, the last ``pad`` rows short:
+
+    * ``q_in`` (bh, 1, C, 1): ``lambda^(t + 1)``, a query's view of the state entering its chunk;
+    * ``intra`` (bh, 1, C, C): ``lambda^(t - j)`` on and below the diagonal;
+    * ``k_out`` (bh, nb, C, 1): ``lambda^(len - 1 - j)``, a key's weight in the state leaving its chunk;
+    * ``carry`` (bh, nb): ``lambda^len``, the decay of the state across a chunk (``len``: its real rows).
+    Exponents are never negative, so every factor is in (0, 1] (padding keys are zero anyway)."""
+    ld = decay.to(acc)
+    t = torch.arange(chunk, device=ld.device, dtype=acc)
+    lens = torch.full((nb,), float(chunk), device=ld.device, dtype=acc)
+    lens[-1] = chunk - pad
+    q_in = torch.exp(ld[:, None] * (t + 1)).view(-1, 1, chunk, 1)
+    diff = t[:, None] - t[None, :]
+    intra = torch.exp(ld[:, None, None] * diff.clamp_min(0)).masked_fill(diff < 0, 0.0).unsqueeze(1)
+    k_out = torch.exp(ld[:, None, None] * (lens[:, None] - 1 - t[None, :]).clamp_min(0)).unsqueeze(-1)
+    carry = torch.exp(ld[:, None] * lens)
+    return q_in, intra, k_out, carry
+
+
+def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None, decay=None):
     """Blocked, chunked causal linear attention with a carried state.
 
     The sequence comes as blocks (``v_blocks``: (BH, L_i, D) each, every L_i but the last a multiple of
@@ -167,14 +188,15 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
 
     Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)); ``extra(i, start, L)``, if given,
         returns ``[num, den]`` packed as (BH, L, D + 1), added to block i's numerator/denominator before
-        the division (the hybrid layer's sliding-window softmax part).
+        the division (the hybrid layer's sliding-window softmax part); ``decay`` (BH,) ``log lambda`` of a
+        decayed state (see :func:`_decay_factors`), None for the plain sum.
     Returns: y (BH, N, D) in ``acc``, (S, z).
     """
     n = sum(b.shape[1] for b in v_blocks)
     if n == 0:
         raise ValueError("linear attention needs at least one position (got seq length 0)")
     if not torch.is_grad_enabled():
-        return _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra)
+        return _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra, decay)
     bh, _, d = v_blocks[0].shape
     outs = []
     S = z = None
@@ -189,12 +211,26 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
             S, z = vb.new_zeros(bh, fd, d), vb.new_zeros(bh, fd)
         v4 = (F.pad(vb, (0, 0, 0, pad)) if pad else vb).reshape(bh, nb, chunk, d)
         a = (q4 @ k4.transpose(-1, -2)).tril_()  # tril_ on a matmul output is autograd-safe
+        if decay is not None:
+            q_in, intra, k_out, carry = _decay_factors(decay, chunk, nb, pad, acc)
+            a = a * intra
+            k4 = k4 * k_out
         kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D): each chunk's own contribution
         ks = k4.sum(2)  # (bh, nb, F)
-        S_ex = kv.cumsum(1) - kv + S.unsqueeze(1)
-        z_ex = ks.cumsum(1) - ks + z.unsqueeze(1)
-        S = S_ex[:, -1] + kv[:, -1]
-        z = z_ex[:, -1] + ks[:, -1]
+        if decay is None:
+            S_ex = kv.cumsum(1) - kv + S.unsqueeze(1)
+            z_ex = ks.cumsum(1) - ks + z.unsqueeze(1)
+            S = S_ex[:, -1] + kv[:, -1]
+            z = z_ex[:, -1] + ks[:, -1]
+        else:  # the state entering chunk c: the one entering c - 1, decayed across it, plus its keys
+            S_list, z_list = [], []
+            for c in range(nb):
+                S_list.append(S)
+                z_list.append(z)
+                S = carry[:, c, None, None] * S + kv[:, c]
+                z = carry[:, c, None] * z + ks[:, c]
+            S_ex, z_ex = torch.stack(S_list, 1), torch.stack(z_list, 1)
+            q4 = q4 * q_in
         num = torch.baddbmm(
             (a @ v4).view(bh * nb, chunk, d), q4.reshape(bh * nb, chunk, fd), S_ex.view(bh * nb, fd, d)
         ).view(bh, nb * chunk, d)[:, :L]
@@ -209,7 +245,7 @@ def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None):
     return y, (S, z)
 
 
-def _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra):
+def _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra, decay=None):
     """``_causal_blocks`` without autograd: values augmented with a ones column (see there), the
     state carried as one ``[S, z]`` tensor (BH, F, D + 1), one output tensor written block by block."""
     bh, _, d = v_blocks[0].shape
@@ -233,12 +269,22 @@ def _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, 
             va[:, L:] = 0.0
         v4 = va.view(bh, nb, chunk, d + 1)
         a = (q4 @ k4.transpose(-1, -2)).tril_()
+        if decay is not None:  # see _decay_factors
+            q_in, intra, k_out, carry = _decay_factors(decay, chunk, nb, pad, acc)
+            a.mul_(intra)
+            k4 = k4 * k_out
         kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D + 1): each chunk's [S, z] contribution
         Sz_ex = torch.empty_like(kv)  # [S, z] entering each chunk (exclusive prefix sum)
         Sz_ex[:, 0] = Sz
-        for c in range(1, nb):
-            torch.add(Sz_ex[:, c - 1], kv[:, c - 1], out=Sz_ex[:, c])
-        Sz = Sz_ex[:, -1] + kv[:, -1]
+        if decay is None:
+            for c in range(1, nb):
+                torch.add(Sz_ex[:, c - 1], kv[:, c - 1], out=Sz_ex[:, c])
+            Sz = Sz_ex[:, -1] + kv[:, -1]
+        else:
+            for c in range(1, nb):
+                torch.addcmul(kv[:, c - 1], Sz_ex[:, c - 1], carry[:, c - 1, None, None], out=Sz_ex[:, c])
+            Sz = torch.addcmul(kv[:, -1], Sz_ex[:, -1], carry[:, -1, None, None])
+            q4 = q4 * q_in
         nd = torch.baddbmm(
             (a @ v4).view(bh * nb, chunk, d + 1), q4.reshape(bh * nb, chunk, fd), Sz_ex.view(bh * nb, fd, d + 1)
         ).view(bh, nb * chunk, d + 1)[:, :L]

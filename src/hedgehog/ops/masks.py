@@ -45,8 +45,14 @@ def window_drop_mask(nq: int, nk: int, window: int, device, q_offset: Optional[i
     return i <= n - window
 
 
-def hybrid_masks(nq: int, nk: int, window: int, device,
-                 q_positions: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(in_window, older)``: ``n - w < i <= n`` (exact softmax part) and ``i <= n - w`` (linear part)."""
+def hybrid_masks(nq: int, nk: int, window: int, device, q_positions: Optional[torch.Tensor] = None,
+                 sinks: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(exact, linear)``: the keys of the exact softmax part, ``n - w < i <= n`` and the ``sinks`` first keys
+    ``i < sinks`` (attention sinks, once they have left the window), and the older keys of the linear part,
+    ``sinks <= i <= n - w``."""
     older = window_drop_mask(nq, nk, window, device, q_positions=q_positions)
-    return causal_mask(nq, nk, device, q_positions=q_positions) & ~older, older
+    exact = causal_mask(nq, nk, device, q_positions=q_positions) & ~older
+    if sinks:
+        sink = older & (torch.arange(nk, device=device) < sinks)[None, :]
+        return exact | sink, older & ~sink
+    return exact, older
