@@ -12,6 +12,35 @@ def rand_features(*shape, dtype=torch.float64):
     return torch.rand(*shape, dtype=dtype) + 0.05
 
 
+def first_layer_qkv(model, ids):
+    """``(layer, (q, k, v))``: the first converted layer of ``model`` and the post-RoPE q/k/v it saw in a softmax
+    forward of ``ids``; the model is left in linear mode."""
+    from hedgehog.attention import hedgehog_layers, set_attention_mode
+
+    layer = hedgehog_layers(model)[0]
+    layer.start_capture()
+    set_attention_mode(model, "softmax")
+    with torch.no_grad():
+        model(ids)
+    qkv = layer.stop_capture()[0]
+    set_attention_mode(model, "linear")
+    return layer, qkv
+
+
+def assert_greedy_generate_is_argmax_with_a_constant_state(m, vocab):
+    """``generate`` (greedy, recurrent cache) equals repeated argmax over full forwards, and the cache holds as
+    many bytes after 40 new tokens as after 8."""
+    ids = torch.randint(0, vocab, (2, 6))
+    res = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, m(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(res.sequences, seq)
+    res2 = m.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert res2.past_key_values.state_nbytes() == res.past_key_values.state_nbytes() > 0
+
+
 WORDS = ("the king queen lord lady sword crown love death night day fair foul sweet blood heart "
          "thou thee thy art doth hath shall will not and of to in my is be what that with").split()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rand_features
+from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, first_layer_qkv, rand_features
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import (hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention, ring_hybrid_step,
@@ -236,13 +236,7 @@ def test_config_rejects_unknown_kind_and_bad_window():
 def test_layer_forward_matches_reference_with_the_layers_own_qkv(family):
     m = hybrid_model(family)
     ids = torch.randint(0, V, (2, 19))
-    layer = hedgehog_layers(m)[0]
-    layer.start_capture()
-    set_attention_mode(m, "softmax")
-    with torch.no_grad():
-        m(ids)
-    q, k, v = layer.stop_capture()[0]
-    set_attention_mode(m, "linear")
+    layer, (q, k, v) = first_layer_qkv(m, ids)
     rep = lambda t: t.repeat_interleave(layer.n_rep, dim=1)
     with torch.no_grad():
         phi_q, phi_k = layer.features(q, k)
@@ -271,17 +265,7 @@ def test_left_padded_batch_generation_matches_unpadded(family):
 
 
 def test_greedy_generate_equals_argmax_and_cache_size_is_constant():
-    m = hybrid_model("llama")
-    ids = torch.randint(0, V, (2, 6))
-    res = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(8):
-            seq = torch.cat([seq, m(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(res.sequences, seq)
-    short = res.past_key_values.state_nbytes()
-    res2 = m.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    assert res2.past_key_values.state_nbytes() == short > 0
+    assert_greedy_generate_is_argmax_with_a_constant_state(hybrid_model("llama"), V)
 
 
 def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):

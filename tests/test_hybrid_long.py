@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import rand_features
+from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, first_layer_qkv, rand_features
 from hedgehog.ops import hybrid_attention, quadratic_hybrid_attention
 from hedgehog.ops import hybrid as hyb
 
@@ -138,13 +138,7 @@ def test_config_checks_sinks_and_decay():
 def test_layer_forward_matches_the_reference_with_sinks_and_decay(family):
     m = long_model(family)
     ids = torch.randint(0, V, (2, 19))
-    layer = hedgehog_layers(m)[0]
-    layer.start_capture()
-    set_attention_mode(m, "softmax")
-    with torch.no_grad():
-        m(ids)
-    q, k, v = layer.stop_capture()[0]
-    set_attention_mode(m, "linear")
+    layer, (q, k, v) = first_layer_qkv(m, ids)
     rep = lambda t: t.repeat_interleave(layer.n_rep, dim=1)
     with torch.no_grad():
         phi_q, phi_k = layer.features(q, k)
@@ -177,16 +171,7 @@ def test_left_padded_generation_with_sinks_and_decay_matches_unpadded():
 
 
 def test_generate_keeps_a_constant_state_with_sinks_and_decay():
-    m = long_model("llama")
-    ids = torch.randint(0, V, (2, 6))
-    short = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    seq = ids
-    with torch.no_grad():
-        for _ in range(8):
-            seq = torch.cat([seq, m(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(short.sequences, seq)
-    long = m.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    assert long.past_key_values.state_nbytes() == short.past_key_values.state_nbytes() > 0
+    assert_greedy_generate_is_argmax_with_a_constant_state(long_model("llama"), V)
 
 
 def test_save_load_keeps_sinks_and_the_learned_decay(tmp_path):
