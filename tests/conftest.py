@@ -41,6 +41,26 @@ def assert_greedy_generate_is_argmax_with_a_constant_state(m, vocab):
     assert res2.past_key_values.state_nbytes() == res.past_key_values.state_nbytes() > 0
 
 
+def hybrid_layer_case(model, vocab, n=19):
+    """The first converted hybrid layer of ``model`` on random ids: ``(layer, q, k, v_rep, reference)``, where
+    ``reference(**kw)`` is the float64 quadratic hybrid of its captured q/k/v with the layer's own features, window,
+    gamma and scale (``kw``: e.g. ``sinks``, ``decay``)."""
+    from hedgehog.ops import quadratic_hybrid_attention
+
+    layer, (q, k, v) = first_layer_qkv(model, torch.randint(0, vocab, (2, n)))
+    rep = lambda t: t.repeat_interleave(layer.n_rep, dim=1)
+    with torch.no_grad():
+        phi_q, phi_k = layer.features(q, k)
+
+    def reference(**kw):
+        with torch.no_grad():
+            return quadratic_hybrid_attention(q.double(), rep(k).double(), rep(v).double(), phi_q.double(),
+                                              phi_k.double(), layer.hh_config.window, layer.gamma().double(),
+                                              scale=layer.teacher_scale(), **kw)
+
+    return layer, q, k, rep(v), reference
+
+
 WORDS = ("the king queen lord lady sword crown love death night day fair foul sweet blood heart "
          "thou thee thy art doth hath shall will not and of to in my is be what that with").split()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, first_layer_qkv, rand_features
+from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, hybrid_layer_case, rand_features
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import (hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention, ring_hybrid_step,
@@ -234,16 +234,10 @@ def test_config_rejects_unknown_kind_and_bad_window():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_forward_matches_reference_with_the_layers_own_qkv(family):
-    m = hybrid_model(family)
-    ids = torch.randint(0, V, (2, 19))
-    layer, (q, k, v) = first_layer_qkv(m, ids)
-    rep = lambda t: t.repeat_interleave(layer.n_rep, dim=1)
+    layer, q, k, v_rep, reference = hybrid_layer_case(hybrid_model(family), V)
     with torch.no_grad():
-        phi_q, phi_k = layer.features(q, k)
-        want = quadratic_hybrid_attention(q.double(), rep(k).double(), rep(v).double(), phi_q.double(),
-                                          phi_k.double(), 4, layer.gamma().double(), scale=layer.teacher_scale())
-        got = layer._hybrid_full(q, k, rep(v), torch.arange(19), torch.arange(19), None)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None)
+    torch.testing.assert_close(got.double(), reference(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, first_layer_qkv, rand_features
+from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, hybrid_layer_case, rand_features
 from hedgehog.ops import hybrid_attention, quadratic_hybrid_attention
 from hedgehog.ops import hybrid as hyb
 
@@ -136,22 +136,13 @@ def test_config_checks_sinks_and_decay():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
 def test_layer_forward_matches_the_reference_with_sinks_and_decay(family):
-    m = long_model(family)
-    ids = torch.randint(0, V, (2, 19))
-    layer, (q, k, v) = first_layer_qkv(m, ids)
-    rep = lambda t: t.repeat_interleave(layer.n_rep, dim=1)
-    with torch.no_grad():
-        phi_q, phi_k = layer.features(q, k)
-        want = quadratic_hybrid_attention(q.double(), rep(k).double(), rep(v).double(), phi_q.double(),
-                                          phi_k.double(), 4, layer.gamma().double(), scale=layer.teacher_scale(),
-                                          sinks=2, decay=layer.log_decay().double())
-        for grad in (False, True):
-            with torch.set_grad_enabled(grad):
-                got = layer._hybrid_full(q, k, rep(v), torch.arange(19), torch.arange(19), None)
-            torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-5)
-        plain = quadratic_hybrid_attention(q.double(), rep(k).double(), rep(v).double(), phi_q.double(),
-                                           phi_k.double(), 4, layer.gamma().double(), scale=layer.teacher_scale())
-    assert (plain - want).abs().max() > 1e-3
+    layer, q, k, v_rep, reference = hybrid_layer_case(long_model(family), V)
+    want = reference(sinks=2, decay=layer.log_decay().detach().double())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None)
+        torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-5)
+    assert (reference() - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -27,7 +27,9 @@ from hedgehog.evaluate import NextTokenTally, model_device, teacher_mode
 Forward = Callable[..., torch.Tensor]  # (input_ids (B, N), attention_mask=None) -> logits (B, N, V)
 
 DEFAULT_LENGTHS = (512, 2048, 4096, 8192)
+CONTEXT_TOKENS = 4096  # per length and text
 PASSKEY_LENGTHS = (1024, 2048, 4096)
+PASSKEY_TRIALS = 8
 BASELINE_SINKS = 4
 
 
@@ -185,10 +187,10 @@ def window_mode_baseline(model, window: int, sinks: int = BASELINE_SINKS) -> Opt
             lay.teacher_window is not None or lay.teacher_softcap is not None for lay in layers):
         return None
     student, _ = model_forwards(model)
+    for lay in layers:  # what window mode computes; the modes in between leave it alone
+        lay.baseline = (window, sinks)
 
     def fn(ids, attention_mask=None):
-        for lay in layers:
-            lay.baseline = (window, sinks)
         with teacher_mode(model, "window"):
             return student(ids)
 
@@ -223,8 +225,9 @@ def text_ids(texts: Sequence[str], tok, max_tokens: int) -> torch.Tensor:
 
 @torch.no_grad()
 def long_context_report(model, texts: Dict[str, Sequence[str]], tok, window: int, lengths: Sequence[int] = DEFAULT_LENGTHS,
-                        tokens: int = 8192, sinks: int = BASELINE_SINKS, passkey_lengths: Sequence[int] = PASSKEY_LENGTHS,
-                        passkey_trials: int = 8, teacher=None, progress: bool = False) -> Dict:
+                        tokens: int = CONTEXT_TOKENS, sinks: int = BASELINE_SINKS,
+                        passkey_lengths: Sequence[int] = PASSKEY_LENGTHS, passkey_trials: int = PASSKEY_TRIALS,
+                        teacher=None, progress: bool = False) -> Dict:
     """Fidelity at several context lengths on each of ``texts`` (name -> documents) and passkey retrieval, for a
     converted ``model`` (teacher: ``teacher`` or the model in teacher mode), its teacher and the no-training
     baseline (the teacher's softmax over the last ``window`` keys and the first ``sinks``).

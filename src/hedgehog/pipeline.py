@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from hedgehog import long_context as lc
 from hedgehog.atomic import write_json
 from hedgehog.attention import HedgehogConfig, set_attention_mode
 from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
@@ -58,11 +59,11 @@ class ConvertJob:
     # Long context, in every report: fidelity on each held-out text at these lengths (up to the model's maximum),
     # `context_tokens` tokens per length and text, beside the teacher limited to the window + `baseline_sinks`
     # tokens with no training; passkey retrieval at `passkey_lengths` (`passkey_trials` keys each). Empty: skip.
-    context_lengths: Tuple[int, ...] = (512, 2048, 4096, 8192)
-    context_tokens: int = 4096
-    baseline_sinks: int = 4
-    passkey_lengths: Tuple[int, ...] = (1024, 2048, 4096)
-    passkey_trials: int = 8
+    context_lengths: Tuple[int, ...] = lc.DEFAULT_LENGTHS
+    context_tokens: int = lc.CONTEXT_TOKENS
+    baseline_sinks: int = lc.BASELINE_SINKS
+    passkey_lengths: Tuple[int, ...] = lc.PASSKEY_LENGTHS
+    passkey_trials: int = lc.PASSKEY_TRIALS
     revision: Optional[str] = None  # of a hub --model: a branch, tag or commit
     trust_remote_code: bool = False  # let a hub --model run its own modelling code
     save_format: str = "hf"  # "hf": every weight (stands alone); "light": only what conversion changed, on the base
@@ -276,10 +277,8 @@ def run(job: ConvertJob) -> Dict:
     t = time.perf_counter()
     long_context = None
     if job.context_lengths:
-        from hedgehog.long_context import long_context_report
-
         texts = {text_label(name): c.splits["test"] for name, c in held_out.items()}
-        long_context = long_context_report(final, texts, tok, job.window, job.context_lengths, job.context_tokens,
+        long_context = lc.long_context_report(final, texts, tok, job.window, job.context_lengths, job.context_tokens,
                                            job.baseline_sinks, job.passkey_lengths, job.passkey_trials,
                                            progress=job.progress)
     timings["long_context_s"] = time.perf_counter() - t
