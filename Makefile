@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test smoke test-slow bench compare clean
+.PHONY: setup demo test smoke test-slow test-gpu bench compare clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on this machine that is the local CPU wheel.
 $(STAMP): pyproject.toml
@@ -29,6 +29,12 @@ smoke: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The GPU tests (skipped by `make test` without CUDA). Runs with this repo's .venv where there is one, else the
+# machine's python3 with PYTHONPATH=src (and .site, where fla-core can be installed: see README); < 5 min.
+GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+test-gpu:
+	PYTHONPATH=src:.site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -m gpu -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/hedgehog bench attention --out bench_out/attention

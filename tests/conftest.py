@@ -2,6 +2,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (``make test-gpu`` selects them) skip where PyTorch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a machine with one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -10,6 +20,30 @@ def _seed():
 def rand_features(*shape, dtype=torch.float64):
     """Positive features, like every registered map produces."""
     return torch.rand(*shape, dtype=dtype) + 0.05
+
+
+TF32_UNIT_ROUNDOFF = 2.0 ** -11  # 10 explicit mantissa bits
+
+
+def assert_tf32_kernel_matches(y, q, k, v):
+    """``y``: a CUDA kernel's causal linear attention of float32 ``q, k`` (features) and ``v``, where the matmuls
+    may run in TF32 (fla's Triton kernels do for float32 inputs: tl.dot's default precision).
+
+    The bound: each output is a ratio of sums of ``a_ij v_j`` and ``a_ij`` (``a_ij = q_i.k_j >= 0``) taken
+    through two or three TF32 matmuls (q k^T, then times v; the state q S), each rounding its inputs to a relative
+    2^-11; the ratio's error is then within a few units of 2^-11 times the largest |v| (observed 1.9e-3 with
+    max|v| ~ 4.5 on an H200; the bound is 8 units, ~1.6e-2 there). It still catches a wrong formula: the same
+    attention shifted by one key (a causal off-by-one) must miss the reference by 10x the bound."""
+    from hedgehog.ops import quadratic_linear_attention
+
+    q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
+    ref = quadratic_linear_attention(q64, k64, v64)
+    bound = 8 * TF32_UNIT_ROUNDOFF * v64.abs().max().item()
+    err = (y.double().cpu() - ref).abs().max().item()
+    assert err < bound, f"max error {err:.2e} above the TF32 bound {bound:.2e}"
+    shifted = torch.cat([v64[:, :, :1], quadratic_linear_attention(q64[:, :, 1:], k64[:, :, :-1], v64[:, :, :-1])], 2)
+    assert (shifted - ref).abs().max().item() > 10 * bound, "the bound is too loose to see an off-by-one"
+    return ref
 
 
 def first_layer_qkv(model, ids):

@@ -28,6 +28,24 @@ def test_one_process_engine_is_the_plain_loop():
     assert e.mean(2.5) == 2.5 and e.means([1, 2]) == [1.0, 2.0] and e.any(True) and not e.any(False)
 
 
+def test_each_engine_gets_the_device_and_precision_it_asks_for_in_one_process():
+    """accelerate keeps one process-wide state: without a fresh one per request, a CUDA run after a CPU run trained
+    on the CPU (seen on an H200) and a precision change raised. Here: precision changes in any order, and a state
+    left on another device by an earlier run (as a CUDA run leaves it; stood in for on this CPU machine) is not
+    inherited."""
+    from accelerate.state import PartialState
+
+    assert Engine("cpu", mixed_precision="bf16", progress=False).acc.mixed_precision == "bf16"
+    e = Engine("cpu", progress=False)
+    assert e.acc.mixed_precision == "no" and e.device.type == "cpu"
+    PartialState._shared_state["device"] = torch.device("meta")  # an earlier run's device, not the CPU
+    e = Engine("cpu", progress=False)
+    assert e.device.type == "cpu" and e.acc.device.type == "cpu" and PartialState().device.type == "cpu"
+    w = torch.nn.Parameter(torch.ones(2))
+    model, opt = e.prepare(torch.nn.Linear(2, 1), torch.optim.SGD([w], lr=0.1))
+    assert next(model.parameters()).device.type == "cpu"
+
+
 def test_a_batch_that_does_not_split_is_refused_with_the_sizes_that_do():
     e = Engine("cpu", progress=False)
     e.check_batch(4, "the batch", accum=2)
@@ -218,3 +236,31 @@ def test_layer_blocks_train_the_same_maps_with_partial_forwards(tiny_assets, mon
     assert any((a - torch.eye(a.shape[-1])).abs().max() > 1e-3 for a in results[0] if a.dim() == 3)  # trained
     plan = memory_plan(_tiny_converted(tiny_assets), 4, 16, 1)
     assert plan["captures_per_forward_gb"] * 2 == pytest.approx(plan["captures_all_layers_gb"])
+
+
+@pytest.mark.gpu
+def test_a_cuda_conversion_after_a_cpu_one_stays_on_cuda():
+    """Both stages on CUDA after a CPU run in the same process (a notebook's order): every attention input and
+    every trained parameter is on the GPU, none on the CPU."""
+    from hedgehog.attention import hedgehog_layers
+    from hedgehog.convert import convert_model
+    from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
+    from test_convert import V, tiny
+
+    ids = torch.randint(0, V, (2, 16))
+    attention_transfer(convert_model(tiny("llama").eval()), ids, Stage1Config(tokens=32, batch_size=2),
+                       engine=Engine("cpu", progress=False), progress=False)
+    model = convert_model(tiny("llama").eval())
+    devices = set()
+    for layer in hedgehog_layers(model):
+        layer.register_forward_pre_hook(
+            lambda m, a, kw: devices.add((a[0] if a else kw["hidden_states"]).device.type), with_kwargs=True)
+    engine = Engine("cuda", progress=False)
+    assert engine.device.type == "cuda"
+    model.to(engine.device)
+    attention_transfer(model, ids, Stage1Config(tokens=32, batch_size=2), engine=engine, progress=False)
+    pm = add_lora(model, Stage2Config(lora_r=4))
+    lora_finetune(pm, ids, Stage2Config(tokens=32, batch_size=1), engine=Engine("cuda", progress=False),
+                  progress=False)
+    assert devices == {"cuda"}
+    assert {p.device.type for p in pm.parameters()} == {"cuda"}

@@ -80,6 +80,26 @@ def test_teacher_mode_turns_a_lora_adapter_off():
         assert not torch.allclose(student_with_adapter, pm(input_ids=w).logits)
 
 
+def test_teacher_mode_and_captures_restore_the_mode_they_found():
+    from hedgehog.attention import attention_mode, hedgehog_layers
+    from hedgehog.distill import capture_qkv
+
+    model = peaky_converted()
+    modes = lambda: {m.mode for m in hedgehog_layers(model)}
+    w = torch.randint(0, 50, (1, 10))
+    set_attention_mode(model, "mimic")
+    with teacher_mode(model):
+        assert modes() == {"softmax"}
+    assert modes() == {"mimic"}  # was reset to "linear"
+    capture_qkv(model, w)
+    assert modes() == {"mimic"}  # was left in softmax mode
+    with pytest.raises(RuntimeError, match="boom"), attention_mode(model, "window"):
+        assert modes() == {"window"}
+        raise RuntimeError("boom")
+    assert modes() == {"mimic"}
+    set_attention_mode(model, "linear")
+
+
 def test_eval_batches_is_the_one_loop_and_restores_the_mode():
     import torch.nn as nn
 

@@ -152,3 +152,26 @@ def test_a_soft_capped_base_loads_with_the_eager_teacher(tmp_path):
     assert model.config._attn_implementation == "eager"
     convert_model(model).save_pretrained(tmp_path / "c")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "c").config._attn_implementation == "eager"
+
+
+def test_kv_heads_are_read_from_the_projections_not_a_disagreeing_config():
+    """GPT-NeoX has no GQA, but its config may still carry num_key_value_heads; the fused projection decides."""
+    from test_convert import V, tiny
+
+    torch.manual_seed(0)
+    model = tiny("gpt_neox").eval()
+    model.config.num_key_value_heads = 2  # disagrees with the 4 heads its query_key_value projects
+    for layer in model.gpt_neox.layers:
+        layer.attention.config.num_key_value_heads = 2
+    ids = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        convert_model(model)
+        layers = hedgehog_layers(model)
+        assert [(m.num_q_heads, m.num_kv_heads) for m in layers] == [(4, 4), (4, 4)]
+        set_attention_mode(model, "softmax")
+        assert torch.equal(model(ids).logits, ref)
+        set_attention_mode(model, "linear")
+        assert torch.isfinite(model(ids).logits).all()
+    llama = convert_model(tiny("llama").eval())
+    assert {(m.num_q_heads, m.num_kv_heads) for m in hedgehog_layers(llama)} == {(4, 2)}  # real GQA kept

@@ -14,7 +14,7 @@ from hedgehog.ops import (
     softmax_attention_weights,
 )
 from hedgehog.feature_maps import get_feature_map
-from conftest import rand_features
+from conftest import assert_tf32_kernel_matches, rand_features
 
 LENGTHS = [1, 7, 63, 64, 65, 513]
 
@@ -278,18 +278,42 @@ def test_bad_state_and_chunk_errors():
             linear_attention(q, k, v, backend="fla")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def _tf32(x):
+    """float32 rounded to TF32's 10 explicit mantissa bits (round to nearest), as a tensor core reads it."""
+    i = x.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_the_tf32_bound_passes_tf32_rounding_and_fails_an_off_by_one():
+    """The GPU tests' tolerance, checked here: attention of TF32-rounded inputs (what the kernel's matmuls see)
+    is within it, and the right formula shifted by one key is not."""
+    q, k = rand_features(2, 4, 300, 64, dtype=torch.float32), rand_features(2, 4, 300, 64, dtype=torch.float32)
+    v = torch.randn(2, 4, 300, 64)
+    assert (_tf32(v) != v).any() and (_tf32(v) - v).abs().max() <= 2.0 ** -11 * v.abs().max()
+    y = quadratic_linear_attention(_tf32(q), _tf32(k), _tf32(v))
+    assert_tf32_kernel_matches(y, q, k, v)
+    wrong = torch.cat([v[:, :, :1], quadratic_linear_attention(q[:, :, 1:], k[:, :, :-1], v[:, :, :-1])], 2)
+    with pytest.raises(AssertionError, match="above the TF32 bound"):
+        assert_tf32_kernel_matches(wrong, q, k, v)
+
+
+@pytest.mark.gpu
 def test_gpu_paths_match_reference():
     dev = "cuda"
     q, k = rand_features(2, 4, 300, 64, dtype=torch.float32), rand_features(2, 4, 300, 64, dtype=torch.float32)
     v = torch.randn(2, 4, 300, 64)
     ref = quadratic_linear_attention(q.double(), k.double(), v.double())
-    for backend in ("torch", "auto"):
-        y, st = linear_attention(q.to(dev), k.to(dev), v.to(dev), backend=backend, return_state=True)
-        assert (y.double().cpu() - ref).abs().max() < 1e-4, backend
-        torch.testing.assert_close(st[1].cpu(), k.sum(2), rtol=1e-4, atol=1e-3)
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: the torch path is plain float32
+    y, st = linear_attention(q.to(dev), k.to(dev), v.to(dev), backend="torch", return_state=True)
+    assert (y.double().cpu() - ref).abs().max() < 1e-4  # fp32 rounding over 300 keys, ~1e-6 relative
+    torch.testing.assert_close(st[1].cpu(), k.sum(2), rtol=1e-4, atol=1e-3)
+    # "auto" takes fla's kernel where installed, whose matmuls run in TF32 for float32 inputs
+    y, st = linear_attention(q.to(dev), k.to(dev), v.to(dev), backend="auto", return_state=True)
+    assert_tf32_kernel_matches(y, q, k, v)
+    torch.testing.assert_close(st[1].cpu(), k.sum(2), rtol=1e-4, atol=1e-3)
+    # bf16 inputs: 7 explicit mantissa bits (unit roundoff 2^-8), inputs and outputs rounded
     yb = linear_attention(q.to(dev, torch.bfloat16), k.to(dev, torch.bfloat16), v.to(dev, torch.bfloat16))
-    assert (yb.double().cpu() - ref).abs().max() < 5e-2
+    assert (yb.double().cpu() - ref).abs().max() < 8 * 2.0 ** -8 * v.abs().max().item()
 
 
 def grouped_heads_case(B=2, Hq=6, Hk=2, n=9, F=5, D=3):

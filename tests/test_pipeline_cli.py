@@ -93,6 +93,8 @@ def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsy
     assert 0.0 <= kl < float("inf")
     err = user_error(capsys, ["compare", "--out", str(out), "--feature-maps", "hybrid:nope"])
     assert re.search("unknown feature map", err)
+    err = user_error(capsys, ["compare", "--out", str(out), "--feature-maps", " , "])
+    assert re.search("at least one feature map", err)  # was an UnboundLocalError
 
 
 def test_analyze_writes_json_summary_and_pngs(tiny_assets, tmp_path):

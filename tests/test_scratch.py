@@ -406,7 +406,7 @@ def test_cli_device_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["hedgehog", "taylor", "softmax", "hybrid"])
 def test_train_lm_on_cuda_matches_the_cpu_run_and_resumes_on_the_cpu(tiny_assets, tmp_path, kind):
     """Same init and data on both devices: the first step's loss agrees to rounding, the run ends near the CPU

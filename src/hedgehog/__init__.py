@@ -1,5 +1,5 @@
 """hedgehog: learned linear attention (Hedgehog, Zhang et al. ICLR 2024) for transformers."""
-from hedgehog.attention import HedgehogConfig, set_attention_mode
+from hedgehog.attention import HedgehogConfig, attention_mode, set_attention_mode
 from hedgehog.checkpoint import load
 from hedgehog.formats import save_converted
 from hedgehog.convert import convert_model
@@ -18,6 +18,7 @@ __all__ = [
     "convert_model",
     "load",
     "save_converted",
+    "attention_mode",
     "set_attention_mode",
     "available_feature_maps",
     "get_feature_map",

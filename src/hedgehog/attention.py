@@ -9,7 +9,8 @@ LoRA finds the same target names. It adds two feature maps:
 - ``feature_map_k``: one per *key/value* head (GQA), applied to the post-RoPE key, then shared by
   the query heads of its group, so a decoding state needs only one ``(S, z)`` per KV head.
 
-Modes (``set_attention_mode(model, mode)``):
+Modes (``set_attention_mode(model, mode)``, or for a block ``with attention_mode(model, mode):``, which restores
+the modes it found):
 
 - ``softmax``: the original attention, exactly (the teacher);
 - ``linear``: normalised linear attention ``phi(q).phi(k)`` (the student);
@@ -27,11 +28,12 @@ distillation uses to train every layer's maps from one teacher forward.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -333,6 +335,20 @@ class HedgehogAttention(StudentPaths, nn.Module):
 
 def hedgehog_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, HedgehogAttention)]
+
+
+@contextlib.contextmanager
+def attention_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Inside the block every converted layer of ``model`` computes in ``mode``; afterwards each is back in the
+    mode it was in before (not a fixed one), also when the block raises."""
+    layers = hedgehog_layers(model)
+    before = [m.mode for m in layers]
+    set_attention_mode(model, mode)
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.mode = b
 
 
 def set_attention_mode(model: nn.Module, mode: str) -> None:

@@ -203,6 +203,16 @@ class InterfaceAdapter(Adapter):
         return m.config.num_attention_heads
 
     def num_kv_heads(self, m):
+        """Read from the module's projections where it has them (a config may carry a ``num_key_value_heads`` its
+        attention does not use: GPT-NeoX's fused projection has none), else from the config."""
+        d, hq = self.head_dim(m), self.num_heads(m)
+        k = getattr(m, "k_proj", None)
+        if isinstance(getattr(k, "out_features", None), int):
+            return k.out_features // d
+        for fused in ("query_key_value", "qkv_proj", "Wqkv"):  # q, k, v stacked: (Hq + 2 Hkv) * d outputs
+            out = getattr(getattr(m, fused, None), "out_features", None)
+            if isinstance(out, int) and out % d == 0 and (out // d - hq) % 2 == 0 and out // d > hq:
+                return (out // d - hq) // 2
         return getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
 
     def head_dim(self, m):

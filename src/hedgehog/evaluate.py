@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hedgehog.attention import hedgehog_layers, set_attention_mode
+from hedgehog.attention import attention_mode, hedgehog_layers
 from hedgehog.heads import repeat_heads
 from hedgehog.metrics import attention_fidelity
 
@@ -86,14 +86,10 @@ class NextTokenTally:
 def teacher_mode(model: nn.Module, mode: str = "softmax") -> Iterator[nn.Module]:
     """Inside the block ``model`` (converted, maybe LoRA-wrapped) computes as its softmax teacher: exact
     softmax attention, adapter off (``mode="window"``: the teacher limited to each layer's ``baseline`` window
-    and sinks). Afterwards it is back in linear mode."""
+    and sinks). Afterwards it is back in the mode it was in, adapter on."""
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with adapter_off:
-        set_attention_mode(model, mode)
-        try:
-            yield model
-        finally:
-            set_attention_mode(model, "linear")
+    with adapter_off, attention_mode(model, mode):
+        yield model
 
 
 @torch.no_grad()
@@ -141,5 +137,4 @@ def layer_attention_kl(model: nn.Module, windows: torch.Tensor) -> List[Dict[str
                                    scale=layer.teacher_scale(), **layer.hybrid_kwargs(), **layer.teacher_kwargs())
             for key, val in f.items():
                 sums[i][key] = sums[i].get(key, 0.0) + val.mean().item() / len(windows)
-    set_attention_mode(model, "linear")
     return [{"layer": layer.layer_idx, **s} for layer, s in zip(layers, sums)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -47,6 +47,11 @@ class ConvertJob:
     sinks: int = 4
     state_decay: Optional[float] = 0.99
     seq_len: int = 512
+    # Training windows start at random positions up to this offset (both stages), so the maps see the post-RoPE
+    # q/k of every position the model is used at. None ("auto"): the model's context less seq_len (at most
+    # 8192 - seq_len); 0: positions 0..seq_len-1 only (the default until the default job is measured with it,
+    # docs/results.md). The stage configs' own position_offsets are set from this.
+    position_offsets: Optional[int] = 0
     qk_scale: float = 1.0
     distill_loss: str = "ce"
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -79,6 +84,25 @@ def hybrid_settings(job: ConvertJob) -> Dict:
     """The long-context settings of the hybrid (``sinks``, ``state_decay``) for :class:`HedgehogConfig`; none for
     pure linear attention, which they do not apply to."""
     return {"sinks": job.sinks, "state_decay": job.state_decay} if job.attention == "hybrid" else {}
+
+
+LONGEST_OFFSET_CONTEXT = 8192  # auto position offsets reach at most this context
+
+
+def position_offsets(job: ConvertJob, model_config) -> int:
+    """The largest training position offset: ``job.position_offsets``, or with None the model's maximum context
+    (``max_position_embeddings``, at most :data:`LONGEST_OFFSET_CONTEXT`) less ``seq_len``."""
+    if job.position_offsets is not None:
+        return job.position_offsets
+    top = min(getattr(model_config, "max_position_embeddings", None) or job.seq_len, LONGEST_OFFSET_CONTEXT)
+    return max(0, top - job.seq_len)
+
+
+def with_position_offsets(job: ConvertJob, model_config) -> ConvertJob:
+    """``job`` with its stage configs' ``position_offsets`` set from :func:`position_offsets`."""
+    off = position_offsets(job, model_config)
+    return replace(job, position_offsets=off, stage1=replace(job.stage1, position_offsets=off),
+                   stage2=job.stage2 and replace(job.stage2, position_offsets=off))
 
 
 def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code: bool = False,
@@ -166,6 +190,7 @@ def run(job: ConvertJob) -> Dict:
 
     t = time.perf_counter()
     model, tok, base_path = load_base(job.model, job.revision, job.trust_remote_code, dtype=dtype)
+    job = with_position_offsets(job, model.config)
     model.to(engine.device)
     corpus = load_corpus(job.data, tok, job.text_field, job.data_format)
     held_out = {name: eval_documents(name, job.data, tok) for name in eval_names(job)}
@@ -357,7 +382,13 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Dict:
     """
     import copy
 
-    rows = []
+    from hedgehog.errors import UserError
+
+    if not maps:
+        raise UserError("compare needs at least one feature map: pass --feature-maps with comma-separated names, "
+                        "e.g. --feature-maps hedgehog,elu,hybrid")
+    rows: List[Dict] = []
+    result: Dict = {"rows": rows, "settings": asdict(base_job)}
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     for name in maps:

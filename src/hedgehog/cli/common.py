@@ -65,8 +65,8 @@ def add_record_options(p: argparse.ArgumentParser) -> None:
                         "two through the tokenizer's chat template); auto detects it from the columns")
 
 
-def add_device(parser, what: str) -> None:
-    parser.add_argument("--device", default="auto",
+def add_device(parser, what: str, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default,
                         help=f"'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N': {what}")
 
 

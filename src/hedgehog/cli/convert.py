@@ -23,7 +23,8 @@ def _job_from_args(args):
                           grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
-                     sinks=args.sinks, state_decay=args.state_decay, context_lengths=lengths(args.context_lengths),
+                     sinks=args.sinks, state_decay=args.state_decay, position_offsets=args.position_offsets,
+                     context_lengths=lengths(args.context_lengths),
                      context_tokens=args.context_tokens, baseline_sinks=args.baseline_sinks,
                      passkey_lengths=lengths(args.passkey_lengths), passkey_trials=args.passkey_trials,
                      qk_scale=args.qk_scale, distill_loss=args.distill_loss, stage1=s1, stage2=s2,
@@ -35,6 +36,10 @@ def _job_from_args(args):
     return job
 
 
+def _offsets(arg: str):
+    return None if arg.lower() == "auto" else int(arg)
+
+
 def _decay(arg: str):
     return None if arg.lower() in ("none", "0", "off") else float(arg)
 
@@ -42,7 +47,7 @@ def _decay(arg: str):
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     """The convert/compare flags; every default is read from the job's dataclasses (one source)."""
     from hedgehog.distill import Stage1Config, Stage2Config
-    from hedgehog.pipeline import ConvertJob
+    from hedgehog.pipeline import LONGEST_OFFSET_CONTEXT, ConvertJob
 
     job, s1, s2 = ConvertJob(), Stage1Config(), Stage2Config()
     c.add_argument("--out", default=out_default, help="run directory (report, checkpoints, model)")
@@ -71,6 +76,11 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                         "running sum (the LoLCATs hybrid)")
     add_long_context_options(c, job)
     c.add_argument("--seq-len", type=int, default=job.seq_len, help="tokens per training/eval window")
+    c.add_argument("--position-offsets", type=_offsets, default="auto" if job.position_offsets is None else str(job.position_offsets),
+                   help="training windows start at a random position up to this offset (both stages), so the "
+                        "feature maps, which read post-RoPE q/k, learn the positions the model is used at and not "
+                        f"only 0..--seq-len; 'auto': the model's context less --seq-len (at most "
+                        f"{LONGEST_OFFSET_CONTEXT} - --seq-len); 0: none. No extra compute")
     c.add_argument("--qk-scale", type=float, default=job.qk_scale,
                    help="q and k are multiplied by this before the feature maps")
     c.add_argument("--distill-loss", choices=["ce", "mse"], default=job.distill_loss,
@@ -122,7 +132,7 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="continue from OUT/checkpoints: finished stages are reused and an interrupted stage goes on "
                         "where it stopped (refused if the checkpoint's settings differ)")
     c.add_argument("--seed", type=int, default=job.seed, help="data order seed")
-    add_device(c, "where the model converts; under torchrun / accelerate launch each process takes its own")
+    add_device(c, "where the model converts; under torchrun / accelerate launch each process takes its own", job.device)
     add_dtype(c, job.dtype)
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -166,9 +176,10 @@ def register_convert(sub) -> None:
                     "run the real SmolLM2-135M-Instruct on general English text, scored on held-out texts, in "
                     "about 30 min on 2 CPU cores.")
     _add_job_options(c, out_default="runs/smollm2-hedgehog")
-    c.add_argument("--feature-map", default="hedgehog", help="hedgehog | hedgehog_exp | elu | relu | performer | "
-                   "cosformer | t2r | taylor")
     from hedgehog.pipeline import ConvertJob
+
+    c.add_argument("--feature-map", default=ConvertJob.feature_map, help="hedgehog | hedgehog_exp | elu | relu | "
+                   "performer | cosformer | t2r | taylor")
 
     c.add_argument("--attention", choices=["linear", "hybrid"], default=ConvertJob.attention,
                    help="hybrid (default, LoLCATs): the last --window keys with exact softmax (a learned per-head "
@@ -186,5 +197,7 @@ def register_compare(sub) -> None:
     _add_job_options(cp, out_default="runs/compare")
     cp.add_argument("--feature-maps", default="hedgehog,elu,relu,performer,cosformer,t2r,taylor",
                     help="comma-separated feature maps; 'hybrid' (or 'hybrid:MAP') adds the sliding-window hybrid")
-    cp.set_defaults(func=_compare, feature_map="hedgehog")
+    from hedgehog.pipeline import ConvertJob
+
+    cp.set_defaults(func=_compare, feature_map=ConvertJob.feature_map)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -62,6 +63,31 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _launched() -> bool:
+    """True under a multi-process launcher (torchrun, accelerate launch): its ranks own the device setup."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _fresh_state_unless_launched(dev: torch.device, mixed_precision: Optional[str]) -> None:
+    """accelerate keeps one process-wide state (device, precision) from the first ``Accelerator`` on; a later one
+    asking for another device silently gets the first one's (a CUDA run after a CPU run trains on the CPU), and
+    another precision raises. In a single process nothing else depends on that state between our stages, so an
+    engine asking for something else starts it afresh. Under a launcher the state is the launcher's: kept."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if _launched() or not PartialState._shared_state:
+        return
+    state = PartialState()
+    same_device = state.device.type == dev.type and (dev.index is None or state.device.index == dev.index)
+    acc = AcceleratorState._shared_state
+    want = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    same_precision = not acc or acc.get("_mixed_precision") == want
+    if not (same_device and same_precision):
+        log.debug("accelerate state reset: it held %s/%s, this engine asks for %s/%s", state.device,
+                  acc.get("_mixed_precision"), dev, mixed_precision)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0.1 of the peak at ``total``."""
     if step < warmup:
@@ -103,8 +129,13 @@ class Engine:
         # Unused parameters are normal here: the hybrid's feature maps get no gradient from a window no longer
         # than --window, and a frozen-map stage 2 leaves some trainable tensors idle on a step.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        _fresh_state_unless_launched(dev, mixed_precision)
         self.acc = Accelerator(cpu=dev.type == "cpu", mixed_precision=mixed_precision, kwargs_handlers=[ddp])
         self.device = self.acc.device if self.world > 1 or dev.index is None else dev
+        if self.world == 1 and self.acc.device.type != dev.type:  # never train somewhere else than asked
+            raise UserError(f"asked to train on {dev} but accelerate placed this process on {self.acc.device} "
+                            "(its process-wide state was set up earlier for another device); start a new process, "
+                            "or pass the same --device to every run in this one.")
         self.progress = progress and self.is_main
         self._bad: Optional[Tuple[str, float]] = None
 
