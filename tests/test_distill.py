@@ -115,6 +115,6 @@ def test_the_job_offsets_reach_the_model_context():
     assert position_offsets(ConvertJob(seq_len=512, position_offsets=None), cfg) == 2048 - 512  # auto
     cfg.max_position_embeddings = 131072
     assert position_offsets(ConvertJob(seq_len=512, position_offsets=None), cfg) == 8192 - 512  # capped
-    assert position_offsets(ConvertJob(), cfg) == 0 == ConvertJob().position_offsets
+    assert position_offsets(ConvertJob(position_offsets=0), cfg) == 0 and ConvertJob().position_offsets is None
     job = with_position_offsets(ConvertJob(seq_len=256, position_offsets=None), cfg)
     assert job.position_offsets == job.stage1.position_offsets == job.stage2.position_offsets == 8192 - 256

@@ -48,10 +48,10 @@ class ConvertJob:
     state_decay: Optional[float] = 0.99
     seq_len: int = 512
     # Training windows start at random positions up to this offset (both stages), so the maps see the post-RoPE
-    # q/k of every position the model is used at. None ("auto"): the model's context less seq_len (at most
-    # 8192 - seq_len); 0: positions 0..seq_len-1 only (the default until the default job is measured with it,
-    # docs/results.md). The stage configs' own position_offsets are set from this.
-    position_offsets: Optional[int] = 0
+    # q/k of every position the model is used at (without it the student collapses past the training length,
+    # docs/results.md). None ("auto"): the model's context less seq_len (at most 8192 - seq_len); 0: positions
+    # 0..seq_len-1 only. The stage configs' own position_offsets are set from this.
+    position_offsets: Optional[int] = None
     qk_scale: float = 1.0
     distill_loss: str = "ce"
     stage1: Stage1Config = field(default_factory=Stage1Config)
