@@ -3,6 +3,8 @@ tokens/s = batch / step time, rows over the memory budget skipped, the largest b
 cache bytes (constant for Hedgehog, linear in the context for softmax), and both models decoded there."""
 import json
 
+import torch
+
 import pytest
 
 
@@ -54,3 +56,24 @@ def test_every_benchmark_writes_json_and_png(tiny_assets, tmp_path, argv, stem, 
     assert main(["bench", *argv, "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
+
+
+def test_prefill_bench_runs_on_the_device_it_is_given(tiny_assets, tmp_path, capsys):
+    from hedgehog.bench import prefill
+    from conftest import user_error
+
+    res = prefill.run(tiny_assets["model"], [16], device="cpu", log=lambda *_: None)
+    row = res["rows"][0]
+    assert res["device"] == "cpu" and row["hedgehog_tokens_per_s"] == pytest.approx(16 / row["hedgehog_s"])
+    if not torch.cuda.is_available():
+        err = user_error(capsys, ["bench", "prefill", "--model", tiny_assets["model"], "--device", "cuda",
+                                  "--out", str(tmp_path)])
+        assert "sees no CUDA device" in err
+
+
+@pytest.mark.gpu
+def test_prefill_bench_on_cuda_records_peak_memory(tiny_assets):
+    from hedgehog.bench import prefill
+
+    res = prefill.run(tiny_assets["model"], [64], device="cuda", log=lambda *_: None)
+    assert res["device"].startswith("cuda") and res["rows"][0]["hedgehog_peak_mb"] > 0

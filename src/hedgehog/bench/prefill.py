@@ -1,12 +1,13 @@
 """Whole-model prefill: a converted model's decoder stack vs the same model with softmax attention.
 
-Run:  hedgehog bench prefill [--model smollm2|RUN/model] [--lengths 1024,4096,16384]
+Run:  hedgehog bench prefill [--model smollm2|RUN/model] [--lengths 1024,4096,16384] [--device cuda]
 
 Times one no-grad forward of the decoder stack (embeddings, every layer, final norm; no LM head, whose
 (N x vocab) logits would dominate memory) over N tokens, for the Hedgehog model (attention through the
 fused CPU kernel where it builds) and for the softmax base model (torch SDPA). Both share everything but
 attention, so the ratio is what conversion buys on a real prefill; the op-level ratio is
-``hedgehog bench attention``. Token ids are drawn at random (speed does not depend on them).
+``hedgehog bench attention``. Token ids are drawn at random (speed does not depend on them). On CUDA each
+point also records the peak memory of one prefill, and the first (compiling) call is left out of the timing.
 """
 from __future__ import annotations
 
@@ -29,32 +30,61 @@ def decoder_stack(model):
     return inner.get_decoder() if hasattr(inner, "get_decoder") else inner
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
+    """Best of ``repeats`` timed forwards of the decoder stack over ``ids`` (after one untimed warm-up on CUDA,
+    where the first call compiles kernels)."""
     stack = decoder_stack(model).eval()
     best = float("inf")
     with torch.no_grad():
+        if ids.is_cuda:
+            stack(input_ids=ids, use_cache=False)
         for _ in range(repeats):
+            _sync(ids.device)
             t = time.perf_counter()
             stack(input_ids=ids, use_cache=False)
+            _sync(ids.device)
             best = min(best, time.perf_counter() - t)
     return best
 
 
-def run(model_name: str, lengths: List[int], repeats: int = 1, log=print) -> Dict:
-    from hedgehog.bench.decode import load_pair
+def peak_cuda_mb(model, ids: torch.Tensor) -> float:
+    """Peak CUDA memory of one prefill above what was allocated before it (MB)."""
+    torch.cuda.synchronize(ids.device)
+    torch.cuda.reset_peak_memory_stats(ids.device)
+    base = torch.cuda.memory_allocated(ids.device)
+    with torch.no_grad():
+        decoder_stack(model)(input_ids=ids, use_cache=False)
+    torch.cuda.synchronize(ids.device)
+    return (torch.cuda.max_memory_allocated(ids.device) - base) / 2 ** 20
 
+
+def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device: str = "cpu") -> Dict:
+    from hedgehog.bench.decode import load_pair
+    from hedgehog.train.engine import resolve_device
+
+    dev = resolve_device(device)
     hedgehog, softmax, tok, source = load_pair(model_name)
+    hedgehog.to(dev)
+    softmax.to(dev)
     vocab = min(getattr(tok, "vocab_size", None) or 1000, softmax.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n in lengths:
-        ids = torch.randint(0, vocab, (1, n), generator=gen)
+        ids = torch.randint(0, vocab, (1, n), generator=gen).to(dev)
         row = {"n": n, "hedgehog_s": prefill_seconds(hedgehog, ids, repeats),
                "softmax_s": prefill_seconds(softmax, ids, repeats)}
         row["speedup"] = row["softmax_s"] / row["hedgehog_s"]
+        row["hedgehog_tokens_per_s"], row["softmax_tokens_per_s"] = n / row["hedgehog_s"], n / row["softmax_s"]
+        if dev.type == "cuda":
+            row["hedgehog_peak_mb"], row["softmax_peak_mb"] = peak_cuda_mb(hedgehog, ids), peak_cuda_mb(softmax, ids)
         rows.append(row)
         log(f"{n:>7} | {row['hedgehog_s']:9.2f} {row['softmax_s']:10.2f} | {row['speedup']:6.2f}x")
-    return {"model": source, "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
+    return {"model": source, "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                    help="comma-separated prompt lengths (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards per point, best kept (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: %(default)s)")
     p.add_argument("--out", default="bench_out/prefill", help="output dir for prefill.json and .png (default: %(default)s)")
 
 
@@ -70,10 +101,16 @@ def run_from_args(args) -> Dict:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or min(lengths) < 1 or args.repeats < 1:
         raise UserError(f"--lengths must be positive integers and --repeats >= 1, got {args.lengths!r}, {args.repeats}")
+    from hedgehog.train.engine import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")
-    result = run(args.model, lengths, args.repeats)
+    result = run(args.model, lengths, args.repeats, device=args.device)
     (out / "prefill.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "prefill.png")
     print(f"wrote {out / 'prefill.json'} and {out / 'prefill.png'}")
@@ -89,5 +126,5 @@ def plot(result: Dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(n, [r["hedgehog_s"] for r in rows], "o-", label="converted (Hedgehog attention)")
     ax.loglog(n, [r["softmax_s"] for r in rows], "s--", label="softmax base (SDPA)")
-    label_axes(ax, "prompt length N", "seconds per prefill (decoder stack)", f"{result['model']}: prefill, {result['threads']} threads")
+    label_axes(ax, "prompt length N", "seconds per prefill (decoder stack)", f"{result['model']}: prefill, {result.get('device', 'cpu')}, {result['threads']} threads")
     save_figure(fig, path, dpi=110)
