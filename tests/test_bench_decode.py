@@ -3,9 +3,8 @@ tokens/s = batch / step time, rows over the memory budget skipped, the largest b
 cache bytes (constant for Hedgehog, linear in the context for softmax), and both models decoded there."""
 import json
 
-import torch
-
 import pytest
+import torch
 
 
 def test_batched_and_equal_memory_rows(tiny_assets, tmp_path):
