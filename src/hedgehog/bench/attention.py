@@ -101,18 +101,20 @@ def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, fe
     return result
 
 
-def peak_forward_cuda_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+def peak_forward_cuda_mb(fn, device=None) -> float:
+    """Peak CUDA memory of ``fn()`` above what was allocated before it (MB), on ``device`` (None: the current)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def _sync(device):
+def sync_device(device):
+    """Wait for ``device``'s queued kernels (CUDA); nothing on the CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def best_time(fn: Callable, repeats: int, device) -> float:
@@ -124,17 +126,18 @@ def first_and_best_time(fn: Callable, repeats: int, device):
     Triton compile/autotune (fla's chunked kernels autotune per shape), which the best time leaves out."""
     t0 = time.perf_counter()
     fn()  # warm-up
-    _sync(device)
+    sync_device(device)
     first = time.perf_counter() - t0
-    return first, _best(fn, repeats, device)
+    return first, best_of(fn, repeats, device)
 
 
-def _best(fn: Callable, repeats: int, device) -> float:
+def best_of(fn: Callable, repeats: int, device) -> float:
+    """The best wall time of ``repeats`` calls of ``fn`` (each waited for on ``device``), no warm-up."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         best = min(best, time.perf_counter() - t0)
     return best
 

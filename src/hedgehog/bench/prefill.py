@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 
+from hedgehog.bench.attention import best_of, peak_forward_cuda_mb, sync_device
 from hedgehog.errors import UserError
 
 DEFAULT_LENGTHS = (1024, 4096, 16384)
@@ -30,37 +30,21 @@ def decoder_stack(model):
     return inner.get_decoder() if hasattr(inner, "get_decoder") else inner
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
     """Best of ``repeats`` timed forwards of the decoder stack over ``ids`` (after one untimed warm-up on CUDA,
     where the first call compiles kernels)."""
     stack = decoder_stack(model).eval()
-    best = float("inf")
     with torch.no_grad():
         if ids.is_cuda:
             stack(input_ids=ids, use_cache=False)
-        for _ in range(repeats):
-            _sync(ids.device)
-            t = time.perf_counter()
-            stack(input_ids=ids, use_cache=False)
-            _sync(ids.device)
-            best = min(best, time.perf_counter() - t)
-    return best
+            sync_device(ids.device)
+        return best_of(lambda: stack(input_ids=ids, use_cache=False), repeats, ids.device)
 
 
 def peak_cuda_mb(model, ids: torch.Tensor) -> float:
     """Peak CUDA memory of one prefill above what was allocated before it (MB)."""
-    torch.cuda.synchronize(ids.device)
-    torch.cuda.reset_peak_memory_stats(ids.device)
-    base = torch.cuda.memory_allocated(ids.device)
     with torch.no_grad():
-        decoder_stack(model)(input_ids=ids, use_cache=False)
-    torch.cuda.synchronize(ids.device)
-    return (torch.cuda.max_memory_allocated(ids.device) - base) / 2 ** 20
+        return peak_forward_cuda_mb(lambda: decoder_stack(model)(input_ids=ids, use_cache=False), ids.device)
 
 
 def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device: str = "cpu") -> Dict:

@@ -180,7 +180,6 @@ def register_convert(sub) -> None:
 
     c.add_argument("--feature-map", default=ConvertJob.feature_map, help="hedgehog | hedgehog_exp | elu | relu | "
                    "performer | cosformer | t2r | taylor")
-
     c.add_argument("--attention", choices=["linear", "hybrid"], default=ConvertJob.attention,
                    help="hybrid (default, LoLCATs): the last --window keys with exact softmax (a learned per-head "
                    "factor), older keys through the feature maps; linear: every key through the feature maps "
