@@ -180,3 +180,132 @@ def other_base_model(model_dir, out_dir) -> str:
     m.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     return str(out_dir)
+
+
+# -- tiny models of every family and checks shared by the layer, generation, family and kernel tests ---------
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from hedgehog.attention import hedgehog_layers  # noqa: E402
+from hedgehog.generation import HedgehogCache, cache_kwargs  # noqa: E402
+from hedgehog.ops import cpu_kernel  # noqa: E402
+
+V = 97
+
+
+def tiny(family):
+    """A tiny random model of ``family``, with the family's distinguishing features switched on: sliding windows
+    (4 keys, shorter than the test sequences), soft-capping, q/k norms, fused qkv, partial rotary."""
+    import transformers as tr
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    gemma = dict(head_dim=8, query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if family == "mistral":  # every layer slides
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=4))
+    if family == "qwen2":  # per-layer windows: layer 0 full, layer 1 sliding
+        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    if family == "qwen3":  # q/k RMS norms
+        return tr.Qwen3ForCausalLM(tr.Qwen3Config(**common, head_dim=8))
+    if family == "gemma":
+        return tr.GemmaForCausalLM(tr.GemmaConfig(**common, **{k: v for k, v in gemma.items() if k != "query_pre_attn_scalar"}))
+    if family == "gemma2":  # alternating sliding / global layers, logit soft-capping, eager teacher
+        return tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, **gemma, sliding_window=4, attn_logit_softcapping=5.0,
+                                                    final_logit_softcapping=30.0))
+    if family == "gemma3_text":  # q/k norms, sliding + global layers
+        return tr.Gemma3ForCausalLM(tr.Gemma3TextConfig(**common, **gemma, sliding_window=4,
+                                                        layer_types=["sliding_attention", "full_attention"]))
+    if family == "phi3":  # fused qkv_proj, partial rotary
+        return tr.Phi3ForCausalLM(tr.Phi3Config(**common, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
+                                                eos_token_id=2))
+    if family == "gpt_neox":  # fused interleaved query_key_value, partial rotary
+        return tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      max_position_embeddings=128, rotary_pct=0.5, bos_token_id=1,
+                                                      eos_token_id=2))
+    if family == "olmo2":  # q/k norms over the whole projection
+        return tr.Olmo2ForCausalLM(tr.Olmo2Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2",
+            "gpt2"]
+
+
+def perturb_maps(model, scale=0.3):
+    with torch.no_grad():
+        for layer in hedgehog_layers(model):
+            for fm in (layer.feature_map_q, layer.feature_map_k):
+                for p in fm.parameters():
+                    p.add_(scale * torch.randn_like(p))
+
+
+
+def assert_decoding_matches_full_forward(m, prefill, n=16):
+    """Prefill ``prefill`` tokens, then decode one token at a time up to ``n``: the logits equal one full
+    forward. Returns the ids and the cache, for checks on top of that state."""
+    ids = torch.randint(0, V, (3, n))
+    with torch.no_grad():
+        full = m(ids).logits
+        cache = HedgehogCache(m)
+        # under the name this transformers release takes (`cache` from 5.24 on); the other tests pass
+        # `past_key_values=`, which 5.24 still accepts (deprecated)
+        outs = [m(ids[:, :prefill], **cache_kwargs(m, cache), use_cache=True).logits]
+        for t in range(prefill, n):
+            outs.append(m(ids[:, t:t + 1], **cache_kwargs(m, cache), use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == n
+    return ids, cache
+
+
+
+def assert_left_padded_generation_matches_unpadded(m, long: int, short: int, new: int):
+    """Greedy generate of a left-padded batch of two prompts equals generating each prompt alone."""
+    a, b = torch.randint(0, V, (1, long)), torch.randint(0, V, (1, short))
+    pad = long - short
+    ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    out_a = m.generate(input_ids=a, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    out_b = m.generate(input_ids=b, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0], out_a[0])
+    assert torch.equal(out[1, pad:], out_b[0])
+
+
+
+def tiny_bert(num_labels=3, vocab=60, dtype=torch.float32):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=num_labels, max_position_embeddings=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    return BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None, reason="fused CPU kernel not built here")
+
+
+
+def spy_on_kernel(monkeypatch, name):
+    """Counts the calls of the kernel function ``name`` (the kernel's other functions still work)."""
+    calls, real = [], cpu_kernel.load()
+
+    class Spy:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+    def counted(*a):
+        calls.append(1)
+        return getattr(real, name)(*a)
+
+    spy = Spy()
+    spy.__dict__[name] = counted
+    monkeypatch.setattr(cpu_kernel, "_module", spy)
+    return calls

@@ -90,7 +90,7 @@ def test_bound_once_and_errors_propagate(monkeypatch):
 
 
 def test_the_attention_layer_binds_its_kernel_at_build():
-    from test_convert import tiny
+    from conftest import tiny
 
     from hedgehog.attention import hedgehog_layers
     from hedgehog.convert import convert_model

@@ -76,3 +76,19 @@ def test_prefill_bench_on_cuda_records_peak_memory(tiny_assets):
 
     res = prefill.run(tiny_assets["model"], [64], device="cuda", log=lambda *_: None)
     assert res["device"].startswith("cuda") and res["rows"][0]["hedgehog_peak_mb"] > 0
+
+
+def test_synthetic_sparse_cache_fill_has_the_shapes_of_a_real_prefill(tiny_assets):
+    """The decode bench's synthetic fill of a sparse-cache state holds as many bytes, field by field, as a real
+    prefill of the same length leaves (so its timing and memory rows stand for real ones)."""
+    from hedgehog.bench import decode
+
+    hh, _, _, desc = decode.load_pair(tiny_assets["model"], "hybrid", sparse_cache=8)
+    assert "sparse cache 8" in desc
+    ids = torch.randint(0, hh.config.vocab_size, (1, 200))
+    for L in (150, 161, 200):
+        real, _ = decode._fill_cache(hh, "hedgehog", L, ids, True)
+        fake, _ = decode._fill_cache(hh, "hedgehog", L, ids, False)
+        for a, b in zip(real.layers, fake.layers):
+            assert [(n, t.shape) for n, t in a.state.tensors()] == [(n, t.shape) for n, t in b.state.tensors()]
+            assert (a.state.seen, a.state.boundary) == (b.state.seen, b.state.boundary)

@@ -11,7 +11,7 @@ from hedgehog.assets import PLAIN_LOAD
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.convert import convert_model
 from hedgehog.distill import Stage2Config, add_lora, lora_finetune
-from test_convert import V, _perturb_maps, tiny
+from conftest import V, perturb_maps, tiny
 
 
 def _lora_model(tmp_path, family):
@@ -22,7 +22,7 @@ def _lora_model(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir, **PLAIN_LOAD).eval())
-    _perturb_maps(model)
+    perturb_maps(model)
     pm = add_lora(model, Stage2Config(lora_r=4, lora_alpha=8))
     lora_finetune(pm, torch.randint(0, V, (4, 16)), Stage2Config(tokens=64, lr=1e-2, warmup_steps=1), progress=False)
     return pm, base_dir
@@ -99,7 +99,7 @@ def test_save_load_without_lora_is_exact_and_partial_layers(tmp_path):
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(base_dir, **PLAIN_LOAD).eval(), HedgehogConfig(layers=[1]))
     assert [m.layer_idx for m in hedgehog_layers(model)] == [1]
-    _perturb_maps(model)
+    perturb_maps(model)
     ids = torch.randint(0, V, (1, 12))
     with torch.no_grad():
         want = model(input_ids=ids).logits

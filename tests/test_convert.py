@@ -1,74 +1,12 @@
 """Conversion (hedgehog.convert) on tiny randomly initialised configs of every supported family."""
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
+from conftest import FAMILIES, V, perturb_maps, tiny
 from hedgehog import checkpoint as ckpt
 from hedgehog.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.convert import UnsupportedArchitectureError, convert_model
 from hedgehog.ops import quadratic_linear_attention
-
-V = 97
-
-
-def tiny(family):
-    """A tiny random model of ``family``, with the family's distinguishing features switched on: sliding windows
-    (4 keys, shorter than the test sequences), soft-capping, q/k norms, fused qkv, partial rotary."""
-    import transformers as tr
-
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
-    gemma = dict(head_dim=8, query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common))
-    if family == "mistral":  # every layer slides
-        return MistralForCausalLM(MistralConfig(**common, sliding_window=4))
-    if family == "qwen2":  # per-layer windows: layer 0 full, layer 1 sliding
-        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=1))
-    if family == "qwen3":  # q/k RMS norms
-        return tr.Qwen3ForCausalLM(tr.Qwen3Config(**common, head_dim=8))
-    if family == "gemma":
-        return tr.GemmaForCausalLM(tr.GemmaConfig(**common, **{k: v for k, v in gemma.items() if k != "query_pre_attn_scalar"}))
-    if family == "gemma2":  # alternating sliding / global layers, logit soft-capping, eager teacher
-        return tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, **gemma, sliding_window=4, attn_logit_softcapping=5.0,
-                                                    final_logit_softcapping=30.0))
-    if family == "gemma3_text":  # q/k norms, sliding + global layers
-        return tr.Gemma3ForCausalLM(tr.Gemma3TextConfig(**common, **gemma, sliding_window=4,
-                                                        layer_types=["sliding_attention", "full_attention"]))
-    if family == "phi3":  # fused qkv_proj, partial rotary
-        return tr.Phi3ForCausalLM(tr.Phi3Config(**common, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
-                                                eos_token_id=2))
-    if family == "gpt_neox":  # fused interleaved query_key_value, partial rotary
-        return tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                                      num_hidden_layers=2, num_attention_heads=4,
-                                                      max_position_embeddings=128, rotary_pct=0.5, bos_token_id=1,
-                                                      eos_token_id=2))
-    if family == "olmo2":  # q/k norms over the whole projection
-        return tr.Olmo2ForCausalLM(tr.Olmo2Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    if family == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128))
-    raise ValueError(family)
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "olmo2",
-            "gpt2"]
-
-
-def _perturb_maps(model, scale=0.3):
-    with torch.no_grad():
-        for layer in hedgehog_layers(model):
-            for fm in (layer.feature_map_q, layer.feature_map_k):
-                for p in fm.parameters():
-                    p.add_(scale * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,7 +22,7 @@ def test_swap_teacher_exact_and_linear_matches_reference(family):
         set_attention_mode(model, "softmax")
         assert torch.equal(model(ids).logits, ref)  # teacher mode is the original model, exactly
         set_attention_mode(model, "linear")
-        _perturb_maps(model)
+        perturb_maps(model)
         lin = model(ids).logits
         assert lin.shape == ref.shape and torch.isfinite(lin).all()
         assert not torch.allclose(lin, ref, atol=1e-6, rtol=0)
@@ -109,7 +47,7 @@ def test_swap_teacher_exact_and_linear_matches_reference(family):
 def test_left_padding_matches_unpadded(family):
     torch.manual_seed(0)
     model = convert_model(tiny(family).eval())
-    _perturb_maps(model)
+    perturb_maps(model)
     a = torch.randint(0, V, (1, 10))
     b = torch.randint(0, V, (1, 6))
     ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])

@@ -6,15 +6,13 @@ import shutil
 import pytest
 import torch
 
+from conftest import needs_kernel, spy_on_kernel
 from hedgehog.feature_maps import get_feature_map
 from hedgehog.ops import cpu_kernel, feature_linear_attention, quadratic_linear_attention
 from hedgehog.ops.cpu_kernel import fused_hedgehog_attention
 
 C = cpu_kernel.CHUNK
 LENGTHS = [1, 7, C - 1, C, C + 1, 63, 257, 513]
-
-needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None, reason="fused CPU kernel not built here")
-
 
 def test_kernel_builds_on_linux_x86_with_gcc():
     """Where it can be built (the CI machine), it is: a silent fallback would hide a broken kernel."""
@@ -154,24 +152,6 @@ def test_fused_stable_at_large_inputs_and_half_precision():
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.double(), reference(qb.float(), kb.float(), vb.float(), fq, fk)[0],
                                rtol=2e-2, atol=2e-2)
-
-
-def spy_on_kernel(monkeypatch, name):
-    """Counts the calls of the kernel function ``name`` (the kernel's other functions still work)."""
-    calls, real = [], cpu_kernel.load()
-
-    class Spy:
-        def __getattr__(self, attr):
-            return getattr(real, attr)
-
-    def counted(*a):
-        calls.append(1)
-        return getattr(real, name)(*a)
-
-    spy = Spy()
-    spy.__dict__[name] = counted
-    monkeypatch.setattr(cpu_kernel, "_module", spy)
-    return calls
 
 
 @needs_kernel

@@ -6,7 +6,7 @@ import torch
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.convert import convert_model
 from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
-from test_convert import FAMILIES, V, _perturb_maps, tiny
+from conftest import FAMILIES, V, perturb_maps, tiny
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,7 +51,7 @@ def test_stage1_nan_raises_clear_error():
 def test_stage2_kd_uses_the_unadapted_softmax_teacher():
     torch.manual_seed(0)
     model = convert_model(tiny("llama").eval())
-    _perturb_maps(model, scale=5.0)  # a student visibly different from its teacher
+    perturb_maps(model, scale=5.0)  # a student visibly different from its teacher
     pm = add_lora(model, Stage2Config(lora_r=4, train_feature_maps=True))
     ids = torch.randint(0, V, (2, 16))
     from hedgehog.distill import _kd_loss

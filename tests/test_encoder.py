@@ -4,19 +4,10 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_bert
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.convert import convert_model
 from hedgehog.ops import quadratic_linear_attention
-
-
-def tiny_bert(num_labels=3, vocab=60, dtype=torch.float32):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, num_labels=num_labels, max_position_embeddings=64,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
-    return BertForSequenceClassification(cfg).to(dtype).eval()
 
 
 def test_softmax_mode_is_the_original_bert_with_padding():

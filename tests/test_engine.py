@@ -245,7 +245,7 @@ def test_a_cuda_conversion_after_a_cpu_one_stays_on_cuda():
     from hedgehog.attention import hedgehog_layers
     from hedgehog.convert import convert_model
     from hedgehog.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
-    from test_convert import V, tiny
+    from conftest import V, tiny
 
     ids = torch.randint(0, V, (2, 16))
     attention_transfer(convert_model(tiny("llama").eval()), ids, Stage1Config(tokens=32, batch_size=2),

@@ -6,7 +6,7 @@ from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mo
 from hedgehog.convert import InterfaceAdapter, UnsupportedArchitectureError, convert_model, get_adapter
 from hedgehog.distill import capture_qkv
 from hedgehog.ops.softmax import softmax_attention_weights
-from test_convert import FAMILIES, V, _perturb_maps, tiny
+from conftest import FAMILIES, V, perturb_maps, tiny
 
 GENERIC = FAMILIES  # GPT-2 included: its attention calls the interface too
 
@@ -52,7 +52,7 @@ def test_distillation_loss_is_minimal_at_the_teacher(family):
 
     torch.manual_seed(0)
     model = convert_model(tiny(family).eval())
-    _perturb_maps(model)
+    perturb_maps(model)
     ids = torch.randint(0, V, (1, 20))
     with torch.no_grad():
         caps = capture_qkv(model, ids)
@@ -68,7 +68,7 @@ def test_distillation_loss_is_minimal_at_the_teacher(family):
 def test_cached_greedy_decoding_equals_full_forwards(family, attention):
     torch.manual_seed(0)
     model = convert_model(tiny(family).eval(), HedgehogConfig(attention=attention, window=3))
-    _perturb_maps(model)
+    perturb_maps(model)
     prompt = torch.randint(0, V, (1, 6))
     out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     ids = prompt
@@ -156,7 +156,7 @@ def test_a_soft_capped_base_loads_with_the_eager_teacher(tmp_path):
 
 def test_kv_heads_are_read_from_the_projections_not_a_disagreeing_config():
     """GPT-NeoX has no GQA, but its config may still carry num_key_value_heads; the fused projection decides."""
-    from test_convert import V, tiny
+    from conftest import V, tiny
 
     torch.manual_seed(0)
     model = tiny("gpt_neox").eval()

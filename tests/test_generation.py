@@ -5,31 +5,15 @@ import torch
 from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.convert import convert_model
 from hedgehog.generation import HedgehogCache, HedgehogStateLayer, cache_argument, cache_kwargs, output_cache
-from test_convert import FAMILIES, V, _perturb_maps, tiny
+from conftest import (FAMILIES, V, assert_decoding_matches_full_forward, assert_left_padded_generation_matches_unpadded,
+                      perturb_maps, tiny)
 
 
 def converted(family, **kw):
     torch.manual_seed(0)
     m = convert_model(tiny(family).eval(), HedgehogConfig(**kw))
-    _perturb_maps(m)
+    perturb_maps(m)
     return m
-
-
-def assert_decoding_matches_full_forward(m, prefill, n=16):
-    """Prefill ``prefill`` tokens, then decode one token at a time up to ``n``: the logits equal one full
-    forward. Returns the ids and the cache, for checks on top of that state."""
-    ids = torch.randint(0, V, (3, n))
-    with torch.no_grad():
-        full = m(ids).logits
-        cache = HedgehogCache(m)
-        # under the name this transformers release takes (`cache` from 5.24 on); the other tests pass
-        # `past_key_values=`, which 5.24 still accepts (deprecated)
-        outs = [m(ids[:, :prefill], **cache_kwargs(m, cache), use_cache=True).logits]
-        for t in range(prefill, n):
-            outs.append(m(ids[:, t:t + 1], **cache_kwargs(m, cache), use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert cache.get_seq_length() == n
-    return ids, cache
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,20 +25,6 @@ def test_decode_token_by_token_equals_full_forward(family, prefill):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_left_padded_batch_decoding_matches_unpadded(family):
     assert_left_padded_generation_matches_unpadded(converted(family), long=9, short=5, new=6)
-
-
-def assert_left_padded_generation_matches_unpadded(m, long: int, short: int, new: int):
-    """Greedy generate of a left-padded batch of two prompts equals generating each prompt alone."""
-    a, b = torch.randint(0, V, (1, long)), torch.randint(0, V, (1, short))
-    pad = long - short
-    ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(ids)
-    mask[1, :pad] = 0
-    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
-    out_a = m.generate(input_ids=a, max_new_tokens=new, do_sample=False, pad_token_id=0)
-    out_b = m.generate(input_ids=b, max_new_tokens=new, do_sample=False, pad_token_id=0)
-    assert torch.equal(out[0], out_a[0])
-    assert torch.equal(out[1, pad:], out_b[0])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])

@@ -15,13 +15,13 @@ from hedgehog.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.convert import convert_model
 from hedgehog.distill import Stage2Config, add_lora, lora_finetune
 from hedgehog.generation import HedgehogCache
-from test_convert import FAMILIES, V, _perturb_maps, tiny
+from conftest import FAMILIES, V, perturb_maps, tiny
 
 
 def _converted(family, attention="linear", seed=0):
     torch.manual_seed(seed)
     model = convert_model(tiny(family).eval(), HedgehogConfig(attention=attention, window=4))
-    _perturb_maps(model)
+    perturb_maps(model)
     for layer in hedgehog_layers(model):
         if layer.window_gate is not None:
             with torch.no_grad():
@@ -131,7 +131,7 @@ def test_light_directories_load_onto_their_base_and_convert_to_the_full_format(t
     base = tiny("llama")
     base.save_pretrained(tmp_path / "base")
     model = convert_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base", use_kernels=False).eval())
-    _perturb_maps(model)
+    perturb_maps(model)
     formats.save_converted(model, tmp_path / "light", base_model=str(tmp_path / "base"), format="light")
     assert formats.read_meta(tmp_path / "light")["weights"] == "added"  # the hf layout, without the base's weights
     loaded, _ = hedgehog.load(tmp_path / "light")
@@ -143,11 +143,11 @@ def test_light_directories_load_onto_their_base_and_convert_to_the_full_format(t
 
 
 def test_encoders_register_with_their_own_auto_classes(tmp_path):
-    from test_encoder import tiny_bert
+    from conftest import tiny_bert
 
     torch.manual_seed(0)
     clf = convert_model(tiny_bert().eval())
-    _perturb_maps(clf)
+    perturb_maps(clf)
     ids = torch.randint(1, 60, (2, 11))
     with torch.no_grad():
         want = clf(input_ids=ids).logits

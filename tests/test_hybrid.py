@@ -206,19 +206,19 @@ def test_hybrid_loss_is_teacher_entropy_when_the_window_covers_everything():
 
 
 # -- converted layer -----------------------------------------------------------------------------------
-from test_convert import FAMILIES, V, _perturb_maps, tiny  # noqa: E402
+from conftest import FAMILIES, V, perturb_maps, tiny  # noqa: E402
 
 from hedgehog.assets import PLAIN_LOAD  # noqa: E402
 from hedgehog.convert import convert_model  # noqa: E402
 from hedgehog.generation import HedgehogCache, HybridStateLayer  # noqa: E402
-from test_generation import (assert_decoding_matches_full_forward,  # noqa: E402
+from conftest import (assert_decoding_matches_full_forward,  # noqa: E402
                              assert_left_padded_generation_matches_unpadded)
 
 
 def hybrid_model(family, window=4):
     torch.manual_seed(0)
     m = convert_model(tiny(family).eval(), HedgehogConfig(attention="hybrid", window=window))
-    _perturb_maps(m)
+    perturb_maps(m)
     with torch.no_grad():
         for layer in hedgehog_layers(m):
             layer.window_gate.normal_()

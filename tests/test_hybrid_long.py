@@ -104,8 +104,8 @@ def test_gradcheck_with_sinks_and_decay():
 
 
 # -- the converted layer: prefill, decoding, generate, save/load -----------------------------------------------
-from test_convert import FAMILIES, V, _perturb_maps, tiny  # noqa: E402
-from test_generation import (assert_decoding_matches_full_forward,  # noqa: E402
+from conftest import FAMILIES, V, perturb_maps, tiny  # noqa: E402
+from conftest import (assert_decoding_matches_full_forward,  # noqa: E402
                              assert_left_padded_generation_matches_unpadded)
 
 from hedgehog.attention import HedgehogConfig, hedgehog_layers, set_attention_mode  # noqa: E402
@@ -117,7 +117,7 @@ def long_model(family, window=4, sinks=2, decay=0.8):
     torch.manual_seed(0)
     m = convert_model(tiny(family).eval(), HedgehogConfig(attention="hybrid", window=window, sinks=sinks,
                                                           state_decay=decay))
-    _perturb_maps(m)
+    perturb_maps(m)
     with torch.no_grad():
         for layer in hedgehog_layers(m):
             layer.window_gate.normal_()

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from test_cpu_kernel import needs_kernel, spy_on_kernel
+from conftest import needs_kernel, spy_on_kernel
 
 from hedgehog.attention import HedgehogConfig, set_attention_mode
 from hedgehog.convert import convert_model
@@ -127,7 +127,7 @@ def test_mqar_accuracy_is_grad_free():
 
 
 def test_encoder_accuracy_and_embeddings_are_grad_free():
-    from test_encoder import tiny_bert
+    from conftest import tiny_bert
 
     from hedgehog.encoder import accuracy, sentence_embeddings
 

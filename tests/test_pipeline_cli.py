@@ -64,6 +64,16 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     assert "softmax model" in capsys.readouterr().out
     main(["generate", "--model", str(out / "model"), "--prompt", "the king", "--max-new-tokens", "5"])
     assert "recurrent state" in capsys.readouterr().out
+    # the sparse cache is an inference setting of eval and generate; the report says what the student holds
+    main(["eval", "--model", str(out / "model"), "--data", tiny_assets["data"], "--eval-data", tiny_assets["heldout"],
+          "--seq-len", "32", "--tokens", "128", "--context-lengths", "256", "--passkey-lengths", "",
+          "--sparse-cache", "4", "--sparse-chunk", "8", "--no-progress", "--json", str(tmp_path / "sparse.json")])
+    assert "a sparse cache of 4 keys" in capsys.readouterr().out
+    sparse = json.loads((tmp_path / "sparse.json").read_text())["long_context"]["mean"]["256"]["student"]
+    assert sparse["ppl_ratio"] != saved["long_context"]["mean"]["256"]["student"]["ppl_ratio"]
+    main(["generate", "--model", str(out / "model"), "--prompt", "the king", "--max-new-tokens", "5",
+          "--sparse-cache", "4"])
+    assert "recurrent state" in capsys.readouterr().out
 
 
 def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsys):
@@ -83,6 +93,9 @@ def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsy
     assert "hybrid" in printed and "teacher ppl" in printed
     main(["generate", "--model", str(out / "hybrid" / "model"), "--prompt", "the king", "--max-new-tokens", "12"])
     assert "recurrent state" in capsys.readouterr().out
+    err = user_error(capsys, ["generate", "--model", str(out / "hedgehog" / "model"), "--prompt", "the king",
+                              "--sparse-cache", "4"])
+    assert "needs a hybrid model" in err
     from hedgehog import analyze
 
     a = analyze.run(str(out / "hybrid" / "model"), str(tmp_path / "an"), ["elu"], data=tiny_assets["data"],

@@ -29,6 +29,7 @@ distillation uses to train every layer's maps from one teacher forward.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import sys
@@ -45,6 +46,7 @@ from hedgehog.heads import GroupedKeyMap, repeat_heads
 from hedgehog.interface import InterfaceView, PassThroughCache, key_valid
 from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import backends, window_softmax_attention
+from hedgehog.ops.sparse_cache import SCORES as SPARSE_SCORES
 
 MODES = ("softmax", "linear", "distill", "mimic", "window")
 # what attention modules call their cache argument: transformers 5.24's name first, then older ones
@@ -76,6 +78,12 @@ class HedgehogConfig:
     # which bounds the linear part's mass so that it stays what it was at the training length.
     sinks: int = 0
     state_decay: Optional[float] = None
+    # Inference (hybrid only, LoLA): `sparse_cache` older keys per KV head stay exact, those the linear state reads
+    # back worst, chosen every `sparse_chunk` tokens (hedgehog.ops.sparse_cache). 0: none. Training ignores it.
+    # `sparse_score`: read back by the state with the other candidates folded ("memory") or as it is ("state", LoLA).
+    sparse_cache: int = 0
+    sparse_chunk: int = 32
+    sparse_score: str = "memory"
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -88,8 +96,13 @@ class HedgehogConfig:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if self.state_decay is not None and not 0.0 < self.state_decay < 1.0:
             raise ValueError(f"state_decay must be in (0, 1) (or None for no decay), got {self.state_decay}")
-        if (self.sinks or self.state_decay is not None) and self.attention != "hybrid":
-            raise ValueError("sinks and state_decay apply to the hybrid attention (attention='hybrid')")
+        if self.sparse_cache < 0 or self.sparse_chunk < 1:
+            raise ValueError(f"sparse_cache must be >= 0 and sparse_chunk >= 1, got {self.sparse_cache} and "
+                             f"{self.sparse_chunk}")
+        if self.sparse_score not in SPARSE_SCORES:
+            raise ValueError(f"unknown sparse_score {self.sparse_score!r}; choose one of {SPARSE_SCORES}")
+        if (self.sinks or self.state_decay is not None or self.sparse_cache) and self.attention != "hybrid":
+            raise ValueError("sinks, state_decay and sparse_cache apply to the hybrid attention (attention='hybrid')")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -327,7 +340,8 @@ class HedgehogAttention(StudentPaths, nn.Module):
 
     def extra_repr(self) -> str:
         c = self.hh_config
-        kind = (f"hybrid(window={c.window}, sinks={c.sinks}, decay={c.state_decay is not None})" if self.hybrid
+        kind = (f"hybrid(window={c.window}, sinks={c.sinks}, decay={c.state_decay is not None}, "
+                f"sparse_cache={c.sparse_cache})" if self.hybrid
                 else "linear")
         return (f"base={self.base_class}, mode={self.mode}, attention={kind}, feature_map={self.hh_config.feature_map}, "
                 f"q_heads={self.num_q_heads}, kv_heads={self.num_kv_heads}")
@@ -349,6 +363,21 @@ def attention_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     finally:
         for m, b in zip(layers, before):
             m.mode = b
+
+
+def set_sparse_cache(model: nn.Module, cache_size: int, chunk: Optional[int] = None,
+                     score: Optional[str] = None) -> None:
+    """Give every hybrid layer of a converted ``model`` a sparse cache of ``cache_size`` exact older keys per KV
+    head (0: none), chosen every ``chunk`` tokens by ``score`` (None: keep the layer's); an inference setting,
+    saved with the model (:mod:`hedgehog.ops.sparse_cache`)."""
+    layers = [m for m in hedgehog_layers(model) if m.hybrid]
+    if cache_size and not layers:
+        raise ValueError("a sparse cache needs hybrid attention layers (convert with --attention hybrid); this "
+                         "model has none")
+    for m in layers:
+        m.hh_config = dataclasses.replace(m.hh_config, sparse_cache=cache_size,
+                                          sparse_chunk=m.hh_config.sparse_chunk if chunk is None else chunk,
+                                          sparse_score=m.hh_config.sparse_score if score is None else score)
 
 
 def set_attention_mode(model: nn.Module, mode: str) -> None:

@@ -4,6 +4,8 @@
 heads, window and kernels and never the teacher. ``_linear`` routes a call: a decode-state layer of the cache
 (``HedgehogStateLayer`` / ``HybridStateLayer``) gets the recurrent forms, which extend its state or ring buffer;
 any other cache keeps k/v and attends over all of them; without a cache the causal (chunked or fused) form runs.
+A hybrid layer with a sparse cache (``hh_config.sparse_cache``, inference only: not under autograd) takes
+:meth:`StudentPaths._sparse_hybrid` for all three, which carries a :class:`SparseStateLayer` between calls.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_atten
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 from hedgehog.ops.recurrent import ring_hybrid_step
-from hedgehog.state import HedgehogStateLayer, HybridStateLayer
+from hedgehog.ops.sparse_cache import sparse_hybrid_attention
+from hedgehog.state import HedgehogStateLayer, HybridStateLayer, SparseStateLayer
 
 
 
@@ -27,6 +30,8 @@ class StudentPaths:
     def _linear(self, q, k, v, call, cache):
         """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d) causal linear attention."""
         n = q.shape[2]
+        if self.hybrid and self.hh_config.sparse_cache and self.causal and not torch.is_grad_enabled():
+            return self._sparse_hybrid(q, k, v, call, cache)
         if cache is not None:
             idx = self.adapter.cache_index(self)
             layer = cache.layers[idx] if idx < len(cache.layers) else None
@@ -72,6 +77,37 @@ class StudentPaths:
             q * s, k * s, v_rep, self.feature_map_q, self._grouped_k, positions=pos_q,
             chunk_size=self.hh_config.chunk_size, backend=self.kernels,
         )
+
+    def _sparse_hybrid(self, q, k, v, call, cache):
+        """The hybrid with a sparse cache of exact keys (inference only): a prefill, decoding steps that extend the
+        :class:`SparseStateLayer`'s state, or, with any other cache, the whole sequence so far recomputed."""
+        c = self.hh_config
+        n = q.shape[2]
+        layer = None
+        if cache is not None:
+            idx = self.adapter.cache_index(self)
+            layer = cache.layers[idx] if idx < len(cache.layers) else None
+            if not isinstance(layer, SparseStateLayer):
+                layer = None
+                k, v = cache.update(k, v, idx)  # a generic cache: every key so far
+        nk = k.shape[2]
+        start = layer.seen if layer is not None else 0
+        pos = self._positions(call, nk, start, q.device) if nk == n else torch.arange(nk, device=q.device)
+        s = c.qk_scale
+        phi_q = self.feature_map_q(q * s, pos[..., nk - n:])
+        phi_k = self.feature_map_k(k * s, pos)  # per KV head, like the state
+        if nk > n:  # the state depends on keys and values only: earlier rows need no queries
+            pad = lambda t: torch.cat([t.new_zeros(*t.shape[:2], nk - n, t.shape[-1]), t], 2)
+            q, phi_q = pad(q), pad(phi_q)
+        y, state = sparse_hybrid_attention(q, k, v, phi_q, phi_k, c.window, c.sparse_cache, self.gamma(),
+                                           self.teacher_scale(), c.sinks, self.log_decay(per_query_head=False),
+                                           c.sparse_chunk, self._valid(call, nk),
+                                           state=None if layer is None else layer.state, score=c.sparse_score)
+        if layer is not None:
+            layer.state = state
+            layer.seen += n
+            layer.is_initialized = True
+        return y[:, :, nk - n:]
 
     def _kernel_form(self, n: int) -> bool:
         """True where the maps have a closed-form kernel (same map for q and k) and N < F makes it cheaper."""

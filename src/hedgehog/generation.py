@@ -22,10 +22,17 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from hedgehog.attention import hedgehog_layers
-from hedgehog.state import HedgehogStateLayer, HybridStateLayer
+from hedgehog.state import HedgehogStateLayer, HybridStateLayer, SparseStateLayer
 
-__all__ = ["HedgehogCache", "HedgehogStateLayer", "HybridStateLayer", "cache_argument", "cache_kwargs",
+__all__ = ["HedgehogCache", "HedgehogStateLayer", "HybridStateLayer", "SparseStateLayer", "cache_argument", "cache_kwargs",
            "install_generation_cache", "output_cache"]
+
+
+def state_layer(layer) -> HedgehogStateLayer:
+    """The decoding state a converted attention layer keeps: sparse-cache hybrid, hybrid ring, or linear state."""
+    if layer.hybrid and layer.hh_config.sparse_cache:
+        return SparseStateLayer()
+    return HybridStateLayer() if layer.hybrid else HedgehogStateLayer()
 
 
 class HedgehogCache(Cache):
@@ -33,11 +40,10 @@ class HedgehogCache(Cache):
 
     def __init__(self, model):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        converted = {m.layer_idx: m.hybrid for m in hedgehog_layers(inner)}
+        converted = {m.layer_idx: m for m in hedgehog_layers(inner)}
         cfg = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
         n_slots = max(getattr(cfg, "num_hidden_layers", 0) or 0, max(converted, default=-1) + 1)
-        layers = [DynamicLayer() if i not in converted else HybridStateLayer() if converted[i] else HedgehogStateLayer()
-                  for i in range(n_slots)]
+        layers = [DynamicLayer() if i not in converted else state_layer(converted[i]) for i in range(n_slots)]
         super().__init__(layers=layers)
 
     def state_nbytes(self) -> int:

@@ -263,4 +263,22 @@ def long_context_report(model, texts: Dict[str, Sequence[str]], tok, window: int
     passkey = passkey_scores({"teacher": teach, "student": student, "baseline": baseline}, tok, p_lengths,
                              passkey_trials, min_distance=window, progress=progress)
     return {"lengths": lengths, "tokens_per_length": tokens, "window": window, "sinks": sinks, "texts": per_text,
-            "mean": mean, "passkey": {str(L): r for L, r in passkey.items()}}
+            "mean": mean, "passkey": {str(L): r for L, r in passkey.items()}, "student_memory": student_memory(model)}
+
+
+def student_memory(model) -> str:
+    """What a converted model's attention holds per KV head, in words (the exact keys it may read, and the state)."""
+    from hedgehog.attention import hedgehog_layers
+
+    layers = hedgehog_layers(model)
+    if not layers:
+        return "softmax attention"
+    c = layers[0].hh_config
+    if c.attention != "hybrid":
+        return "linear state only"
+    parts = [f"the last {c.window} keys"] + ([f"{c.sinks} sinks"] if c.sinks else [])
+    if c.sparse_cache:
+        parts.append(f"a sparse cache of {c.sparse_cache} keys (+ up to {c.sparse_chunk - 1} recent, chunk "
+                     f"{c.sparse_chunk}, score {c.sparse_score})")
+    decay = "decayed " if c.state_decay is not None else ""
+    return " + ".join(parts) + f" exact, the rest in a {decay}linear state"

@@ -20,8 +20,10 @@ def _long_context_rows(lc: Optional[Dict]) -> list:
     if not lc:
         return []
     base = f"teacher, last {lc['window']} keys + {lc['sinks']} sinks, no training"
-    rows = ["", f"## Long context (mean of {len(lc['texts'])} held-out texts)", "",
-            f"| context | ppl ratio | top-1 agreement | {base}: ratio | agreement |", "|---|---|---|---|---|"]
+    rows = ["", f"## Long context (mean of {len(lc['texts'])} held-out texts)", ""]
+    if lc.get("student_memory"):
+        rows += [f"This model's attention: {lc['student_memory']}.", ""]
+    rows += [f"| context | ppl ratio | top-1 agreement | {base}: ratio | agreement |", "|---|---|---|---|---|"]
     for L, m in lc["mean"].items():
         s, b = m["student"], m["baseline"]
         rows.append(f"| {L} | {s['ppl_ratio']:.2f}x | {s['top1_agreement']:.3f} | {b['ppl_ratio']:.2f}x | "

@@ -46,6 +46,11 @@ class ConvertJob:
     # hybrid's linear part outgrows its window past the training length (docs/results.md, long context).
     sinks: int = 4
     state_decay: Optional[float] = 0.99
+    # Inference (hybrid, LoLA): `sparse_cache` older keys per KV head kept exact, those the linear state reads back
+    # worst, re-chosen every `sparse_chunk` tokens; training is unchanged. 0: none (docs/results.md, passkey).
+    sparse_cache: int = 0
+    sparse_chunk: int = 32
+    sparse_score: str = "memory"
     seq_len: int = 512
     # Training windows start at random positions up to this offset (both stages), so the maps see the post-RoPE
     # q/k of every position the model is used at (without it the student collapses past the training length,
@@ -81,9 +86,12 @@ class ConvertJob:
 
 
 def hybrid_settings(job: ConvertJob) -> Dict:
-    """The long-context settings of the hybrid (``sinks``, ``state_decay``) for :class:`HedgehogConfig`; none for
-    pure linear attention, which they do not apply to."""
-    return {"sinks": job.sinks, "state_decay": job.state_decay} if job.attention == "hybrid" else {}
+    """The long-context settings of the hybrid (``sinks``, ``state_decay``, the sparse cache) for
+    :class:`HedgehogConfig`; none for pure linear attention, which they do not apply to."""
+    if job.attention != "hybrid":
+        return {}
+    return {"sinks": job.sinks, "state_decay": job.state_decay, "sparse_cache": job.sparse_cache,
+            "sparse_chunk": job.sparse_chunk, "sparse_score": job.sparse_score}
 
 
 LONGEST_OFFSET_CONTEXT = 8192  # auto position offsets reach at most this context

@@ -116,9 +116,11 @@ def plot_compare(rows: List[Dict], path: Path) -> None:
 def format_long_context(r: Dict) -> str:
     """The long-context table (held-out mean per length: student | baseline) and the passkey table."""
     base = f"window {r['window']} + {r['sinks']} sinks, no training"
-    lines = [f"long context: the student and the teacher limited to {base} (mean of {len(r['texts'])} held-out texts)",
-             f"{'context':>8}  {'ppl ratio':>15}  {'top-1 agreement':>15}  {'KL / token':>13}",
-             f"{'':>8}  {'student | base':>15}  {'student | base':>15}  {'student | base':>13}"]
+    lines = [f"long context: the student and the teacher limited to {base} (mean of {len(r['texts'])} held-out texts)"]
+    if r.get("student_memory"):
+        lines.append(f"student attention: {r['student_memory']}")
+    lines += [f"{'context':>8}  {'ppl ratio':>15}  {'top-1 agreement':>15}  {'KL / token':>13}",
+              f"{'':>8}  {'student | base':>15}  {'student | base':>15}  {'student | base':>13}"]
     for L, m in r["mean"].items():
         s, b = m["student"], m["baseline"]
         lines.append(f"{L:>8}  {s['ppl_ratio']:>6.2f}x | {b['ppl_ratio']:.2f}x  {s['top1_agreement']:>7.3f} | "

@@ -1,5 +1,5 @@
-"""Decode-state layers of converted attention: the recurrent ``(S, z)`` per key/value head, and the hybrid's
-ring buffer of the last ``w`` keys/values. ``HedgehogAttention`` updates them; ``HedgehogCache``
+"""Decode-state layers of converted attention: the recurrent ``(S, z)`` per key/value head, the hybrid's
+ring buffer of the last ``w`` keys/values, and the sparse-cache hybrid's :class:`SparseCacheState`. ``HedgehogAttention`` updates them; ``HedgehogCache``
 (:mod:`hedgehog.generation`) holds one per converted layer."""
 from __future__ import annotations
 
@@ -141,3 +141,23 @@ class HybridStateLayer(HedgehogStateLayer):
     def reset(self) -> None:
         super().reset()
         self.k_win = self.v_win = self.valid = None
+
+
+class SparseStateLayer(HedgehogStateLayer):
+    """A sparse-cache hybrid layer's decoding state: one :class:`hedgehog.ops.sparse_cache.SparseCacheState`
+    (recent keys, cached exact keys, sinks, linear state), constant in size, which the op extends call by call."""
+
+    def __init__(self):
+        super().__init__()
+        self.state = None
+
+    def _map_tensors(self, fn) -> None:
+        if self.state is not None:
+            self.state.map(fn)
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes()
+
+    def reset(self) -> None:
+        super().reset()
+        self.state = None

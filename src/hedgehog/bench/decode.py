@@ -61,7 +61,10 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
         for layer, attn in zip(cache.layers, hedgehog_layers(model)):
             f = attn.feature_map_k.feature_dim
             S, z = torch.rand(batch, kvh, f, hd, generator=g), torch.rand(batch, kvh, f, generator=g) + 1.0
-            if attn.hybrid:  # the last w keys/values of the context, plus the state of the older ones
+            if attn.hybrid and attn.hh_config.sparse_cache:
+                layer.state = synthetic_sparse_state(attn.hh_config, batch, kvh, hd, f, L, S, z, g)
+                layer.seen = L
+            elif attn.hybrid:  # the last w keys/values of the context, plus the state of the older ones
                 w = min(L, attn.hh_config.window)
                 kw, vw = (torch.randn(batch, kvh, w, hd, generator=g) * 0.5 for _ in range(2))
                 layer.set_window(S, z, kw, vw, torch.ones(batch, w, dtype=torch.bool), L, window=attn.hh_config.window)
@@ -75,6 +78,26 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
             v = torch.randn(batch, kvh, L, hd, generator=g) * 0.5
             cache.update(k, v, i)
     return cache, ids[:, -1:].expand(batch, 1)
+
+
+def synthetic_sparse_state(c, batch: int, kvh: int, hd: int, f: int, L: int, S, z, g):
+    """A sparse-cache state of exactly the shapes ``L`` tokens of prefill leave (full cache and sinks, the recent
+    keys since the last boundary), for decode timing without the prefill."""
+    from hedgehog.ops.sparse_cache import empty_state
+
+    st = empty_state(batch, kvh, hd, hd, f, c.sparse_cache, c.sinks, torch.float32, torch.float32, "cpu")
+    st.S, st.z, st.seen, st.boundary = S, z, L, L - L % c.sparse_chunk
+    r = L - max(0, st.boundary - c.window + 1)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.5
+    st.recent_k, st.recent_v, st.recent_phi = rnd(batch, kvh, r, hd), rnd(batch, kvh, r, hd), rnd(batch, kvh, r, f).abs()
+    st.recent_ok = torch.ones(batch, r, dtype=torch.bool)
+    n = c.sparse_cache
+    st.cache_k, st.cache_v, st.cache_phi = rnd(batch, kvh, n, hd), rnd(batch, kvh, n, hd), rnd(batch, kvh, n, f).abs()
+    st.cache_ok = torch.ones(batch, kvh, n, dtype=torch.bool)
+    st.cache_pos = torch.arange(n).expand(batch, kvh, n).clone()
+    st.sink_k, st.sink_v = rnd(batch, kvh, c.sinks, hd), rnd(batch, kvh, c.sinks, hd)
+    st.sink_ok = torch.ones(batch, c.sinks, dtype=torch.bool)
+    return st
 
 
 def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real: bool, batch: int = 1) -> Dict:
@@ -98,7 +121,7 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
             "cache_mb": cache_bytes / 2 ** 20, "peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
 
 
-def load_pair(model_name: str, attention: str = "hybrid"):
+def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
     from hedgehog.checkpoint import load
@@ -108,14 +131,22 @@ def load_pair(model_name: str, attention: str = "hybrid"):
 
     torch.manual_seed(0)
     softmax, tok, _ = load_base(read_meta(model_name)["base_model"] if is_converted_dir(model_name) else model_name)
+    from hedgehog.attention import HedgehogConfig, set_sparse_cache
+
     if is_converted_dir(model_name):
         hedgehog, _ = load(model_name)
-        return hedgehog, softmax, tok, f"converted model {model_name}"
-    from hedgehog.attention import HedgehogConfig
-
-    hedgehog, _, _ = load_base(model_name)
-    convert_model(hedgehog, HedgehogConfig(attention=attention))
-    return hedgehog, softmax, tok, f"{model_name} converted ({attention}) with identity-initialised maps"
+        desc = f"converted model {model_name}"
+    else:
+        hedgehog, _, _ = load_base(model_name)
+        convert_model(hedgehog, HedgehogConfig(attention=attention))
+        desc = f"{model_name} converted ({attention}) with identity-initialised maps"
+    if sparse_cache is not None:
+        try:
+            set_sparse_cache(hedgehog, sparse_cache)
+        except ValueError as e:
+            raise UserError(f"--sparse-cache: {e}") from None
+        desc += f", sparse cache {sparse_cache}"
+    return hedgehog, softmax, tok, desc
 
 
 GB = 2 ** 30
@@ -138,12 +169,13 @@ def largest_batch(model, kind: str, L: int, ids: torch.Tensor, memory_gb: float)
 
 
 def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch=1, log=print,
-        memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare", attention: str = "hybrid") -> Dict:
+        memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare", attention: str = "hybrid",
+        sparse_cache=None) -> Dict:
     """The benchmark as a function (the CLI's ``run_from_args`` calls it); ``text`` feeds the real prefills."""
     from hedgehog.data import load_corpus, tokenize_windows
 
     batches = [batch] if isinstance(batch, int) else list(batch)
-    hedgehog, softmax, tok, source = load_pair(model_name, attention)
+    hedgehog, softmax, tok, source = load_pair(model_name, attention, sparse_cache)
     need = min(max(contexts), max_real_prefill)
     corpus = load_corpus(text, tok)
     ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]
@@ -279,6 +311,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap on the equal-memory batch (Hedgehog fits thousands of sequences) (default: %(default)s)")
     p.add_argument("--attention", choices=["hybrid", "linear"], default="hybrid",
                    help="with a base --model: the attention it is converted to (default: %(default)s, the default job's)")
+    p.add_argument("--sparse-cache", type=int, default=None,
+                   help="hybrid: decode with a sparse cache of this many exact keys per KV head (LoLA; 0: none; "
+                        "default: as the model has it)")
     p.add_argument("--max-real-prefill", type=int, default=4096,
                    help="real prefill up to this context; synthetic cache fill above (default: %(default)s)")
     p.add_argument("--out", default="bench_out/decode", help="output dir for JSON + PNG (default: %(default)s)")
@@ -303,7 +338,7 @@ def run_from_args(args) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
     result = run(args.model, contexts, args.steps, args.max_real_prefill, batches, memory_gb=args.memory_gb,
-                 max_batch=args.max_batch, attention=args.attention)
+                 max_batch=args.max_batch, attention=args.attention, sparse_cache=args.sparse_cache)
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "decode.png")
     rows = [r for r in result["rows"] if "hedgehog_latency_vs_first" in r]

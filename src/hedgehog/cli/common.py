@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from hedgehog.errors import UserError
+from hedgehog.ops.sparse_cache import SCORES as SPARSE_SCORES
 
 
 def setup_logging():
@@ -54,6 +55,42 @@ def add_long_context_options(p: argparse.ArgumentParser, job=None) -> None:
                         "spread depths beyond the window, scored for the teacher, the baseline and the model "
                         "(one forward each)")
     p.add_argument("--passkey-trials", type=int, default=job.passkey_trials, help="passkey keys per length")
+
+
+def add_sparse_cache_options(p: argparse.ArgumentParser, cache_default, chunk_default, score_default=None) -> None:
+    """--sparse-cache / --sparse-chunk / --sparse-score (defaults: the convert job's; None on eval and generate: as
+    saved)."""
+    saved = " (default: as saved with the model)" if cache_default is None else ""
+    p.add_argument("--sparse-cache", type=int, default=cache_default,
+                   help="hybrid, at inference (LoLA): keep this many older keys per KV head exact beside the window, "
+                        "the ones the linear state reads back worst, so a detail far back (a passkey) stays "
+                        "retrievable; costs that many more keys per query and per decoding state, constant in "
+                        "length; training is unchanged; 0: none" + saved)
+    p.add_argument("--sparse-chunk", type=int, default=chunk_default,
+                   help="sparse cache: keys leave the window and the cache is re-chosen every this many tokens "
+                        "(a query then sees between window and window + chunk - 1 recent keys exactly)" + saved)
+    p.add_argument("--sparse-score", choices=SPARSE_SCORES, default=score_default,
+                   help="sparse cache: which keys stay, those read back worst by the linear state with every other "
+                        "candidate folded in ('memory': a token repeated through the text leaves, a unique one "
+                        "stays) or by the state as it is ('state', LoLA's rule, which fills the cache with copies "
+                        "of repeated tokens)" + saved)
+
+
+def apply_sparse_cache(model, args) -> None:
+    """Set a loaded converted model's sparse cache from --sparse-cache/--sparse-chunk where given."""
+    from hedgehog.attention import hedgehog_layers, set_sparse_cache
+
+    if args.sparse_cache is None and args.sparse_chunk is None and args.sparse_score is None:
+        return
+    hybrid = [m for m in hedgehog_layers(model) if m.hybrid]
+    if not hybrid:
+        raise UserError(f"--sparse-cache needs a hybrid model; {args.model} is pure linear attention (convert with "
+                        "--attention hybrid), so drop --sparse-cache/--sparse-chunk/--sparse-score")
+    if (args.sparse_chunk is not None and args.sparse_chunk < 1) or (args.sparse_cache or 0) < 0:
+        raise UserError(f"--sparse-cache must be >= 0 and --sparse-chunk >= 1 (got {args.sparse_cache} and "
+                        f"{args.sparse_chunk})")
+    cache = hybrid[0].hh_config.sparse_cache if args.sparse_cache is None else args.sparse_cache
+    set_sparse_cache(model, cache, args.sparse_chunk, args.sparse_score)
 
 
 def add_record_options(p: argparse.ArgumentParser) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options, add_record_options, check_maps, lengths,
-                                  seconds_or_none, split_names, setup_logging)
+from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options, add_record_options,
+                                 add_sparse_cache_options, check_maps, lengths, seconds_or_none, split_names,
+                                 setup_logging)
 
 
 def _job_from_args(args):
@@ -23,7 +24,8 @@ def _job_from_args(args):
                           grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
-                     sinks=args.sinks, state_decay=args.state_decay, position_offsets=args.position_offsets,
+                     sinks=args.sinks, state_decay=args.state_decay, sparse_cache=args.sparse_cache,
+                     sparse_chunk=args.sparse_chunk, sparse_score=args.sparse_score, position_offsets=args.position_offsets,
                      context_lengths=lengths(args.context_lengths),
                      context_tokens=args.context_tokens, baseline_sinks=args.baseline_sinks,
                      passkey_lengths=lengths(args.passkey_lengths), passkey_trials=args.passkey_trials,
@@ -74,6 +76,7 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="hybrid: initial per-KV-head decay lambda of the linear state (learned from there), which "
                         "keeps the linear part's weight at long context what it was at --seq-len; 'none': a plain "
                         "running sum (the LoLCATs hybrid)")
+    add_sparse_cache_options(c, job.sparse_cache, job.sparse_chunk, job.sparse_score)
     add_long_context_options(c, job)
     c.add_argument("--seq-len", type=int, default=job.seq_len, help="tokens per training/eval window")
     c.add_argument("--position-offsets", type=_offsets, default="auto" if job.position_offsets is None else str(job.position_offsets),

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 
 from hedgehog.errors import UserError
-from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options, add_record_options, lengths as _lengths,
-                                  load_any, split_names, placement, setup_logging)
+from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options, add_record_options,
+                                 add_sparse_cache_options, apply_sparse_cache, lengths as _lengths,
+                                 load_any, split_names, placement, setup_logging)
 
 
 def _eval(args):
@@ -26,6 +27,7 @@ def _eval(args):
     model, tok, kind = load_any(args.model, args.base_model, device, dtype)
     teacher = None
     if kind == "hedgehog":
+        apply_sparse_cache(model, args)
         from hedgehog.checkpoint import load_teacher, needs_separate_teacher
 
         # LoRA merged into the weights: the teacher is the recorded base, not this model in softmax mode
@@ -55,7 +57,7 @@ def _eval(args):
         from hedgehog.report import format_long_context
 
         hh = hedgehog_layers(model)[0].hh_config
-        window = hh.window if hh.attention == "hybrid" else args.baseline_window
+        window = args.baseline_window or (hh.window if hh.attention == "hybrid" else 64)
         lc = long_context_report(model, held, tok, window, lengths, args.context_tokens, args.baseline_sinks,
                                  _lengths(args.passkey_lengths), args.passkey_trials, teacher=teacher,
                                  progress=not args.no_progress)
@@ -130,10 +132,12 @@ def register_eval(sub) -> None:
     e.add_argument("--tokens", type=int, default=16384, help="max tokens evaluated on --data's split")
     e.add_argument("--fidelity-tokens", type=int, default=4096, help="tokens per held-out text")
     add_long_context_options(e)
-    e.add_argument("--baseline-window", type=int, default=64,
-                   help="the no-training baseline's window for a pure linear model (a hybrid uses its own window)")
+    e.add_argument("--baseline-window", type=int, default=None,
+                   help="the no-training baseline's window (default: a hybrid's own window, 64 for a pure linear "
+                        "model); e.g. window + sparse cache + chunk to compare at the same number of exact keys")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     add_device(e, "where the models score the windows")
+    add_sparse_cache_options(e, None, None)
     add_dtype(e)
     e.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks: score the converted model and its teacher side by side "

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from hedgehog.errors import UserError
-from hedgehog.cli.common import add_device, add_dtype, load_any, placement, setup_logging
+from hedgehog.cli.common import (add_device, add_dtype, add_sparse_cache_options, apply_sparse_cache, load_any,
+                                 placement, setup_logging)
 
 
 def _generate(args):
@@ -20,6 +21,8 @@ def _generate(args):
     model, tok, kind = load_any(args.model, args.base_model, device, dtype)
     if tok is None:
         raise UserError(f"{args.model} has no tokenizer; save one with the model")
+    if kind == "hedgehog":
+        apply_sparse_cache(model, args)
     prompt = args.prompt
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -58,5 +61,6 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_device(g, "where the model runs")
     add_dtype(g)
+    add_sparse_cache_options(g, None, None)
     g.set_defaults(func=_generate)
 

@@ -1,0 +1,301 @@
+"""The hybrid with a sparse cache of exact keys (LoLA, McDermott et al. 2025): long-range recall at constant memory.
+
+A decayed linear state forgets (a key ``a`` tokens old weighs ``lambda^a``) and an undecayed one blurs: neither can
+give back one passkey from thousands of filler tokens. LoLA keeps three memories per key/value head:
+
+* the **recent** keys, exact (the hybrid's sliding window);
+* a **sparse cache** of ``cache_size`` older keys, exact, chosen because the linear state represents them worst;
+* the **linear state** ``(S, z)`` of every other older key (decayed as the layer's state is).
+
+Keys leave the window a chunk at a time. At a boundary ``t`` (a multiple of ``chunk``) the keys ``i <= t - w``
+still in the recent buffer leave it; the first ``sinks`` keys go to their own exact slots (attention sinks), the
+others join the cache's keys as candidates. Each candidate ``j`` is scored by its *self-recall error*,
+``|| v_j - S_j^T phi(k_j) / (z_j . phi(k_j)) ||^2`` (how badly reading a state with its own key returns its value);
+the ``cache_size`` worst stay in the cache and the rest are folded into the state. Two states to read (``score``):
+
+* ``"state"`` (LoLA's rule): ``S_j = S``, the state as it is. A token repeated through the text (every "There"
+  of a filler) is read back badly each time, so its copies fill the cache and push out the one key that matters;
+* ``"memory"`` (the default): ``S_j = S + sum_{i != j} w_i phi(k_i) v_i^T`` over the other candidates, the
+  state as it would be if every other candidate were folded (:func:`leave_one_out_error`): a repeated key is read
+  back by its copies and leaves, a unique one stays. Measured in docs/results.md (passkey at 2k).
+ Between boundaries the
+queries ``n`` in ``[t, t + chunk)`` see, with one normalisation (see :mod:`hedgehog.ops.hybrid`):
+
+    exact:  the sinks, the cache, and the recent keys t - w < i <= n      g * exp(s_ni - c_n) v_i
+    linear: the state (keys folded by boundary t)                          lambda^(n - w - i) phi(q_n) . phi(k_i) v_i
+
+with ``c_n`` the max of the row's exact scores. So a query sees between ``w`` and ``w + chunk - 1`` recent keys
+exactly; ``chunk = 1`` and ``cache_size = 0`` is the plain hybrid. Which keys are cached depends on keys and values
+only, never on queries, so a prefill and token-by-token decoding follow the same schedule and give the same output:
+:func:`sparse_hybrid_attention` takes and returns a :class:`SparseCacheState` and is used for both. Memory per KV
+head: ``sinks + cache_size + w + chunk - 1`` exact keys/values plus ``(S, z)``, whatever the context length.
+
+Training is unchanged (LoLA is training-free): the cache is an inference setting of a trained hybrid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Tuple
+
+import torch
+
+from hedgehog.ops.hybrid import Gamma
+from hedgehog.ops.linear_attention import DEFAULT_EPS, _acc_dtype
+
+SCORES = ("memory", "state")
+
+
+@dataclass
+class SparseCacheState:
+    """What a sparse-cache hybrid layer carries from one call to the next (per batch row and KV head).
+
+    ``S`` (B, Hk, F, D), ``z`` (B, Hk, F): the linear state of the folded keys, each weighted
+    ``lambda^(boundary - w - i)`` (exactly 1 without decay). ``recent_*``: the keys ``boundary - w < i < seen``
+    in order, ``recent_ok`` (B, r) False for padding. ``cache_*``: ``cache_size`` slots, ``cache_ok`` (B, Hk, λ)
+    False for empty ones, ``cache_pos`` their positions. ``sink_*``: ``sinks`` slots for the first tokens, filled as
+    they arrive (``sink_ok`` False before that and for padding); a query sees sink ``j`` there once ``j`` has left
+    the recent keys.
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    recent_k: torch.Tensor
+    recent_v: torch.Tensor
+    recent_phi: torch.Tensor
+    recent_ok: torch.Tensor
+    cache_k: torch.Tensor
+    cache_v: torch.Tensor
+    cache_phi: torch.Tensor
+    cache_ok: torch.Tensor
+    cache_pos: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sink_ok: torch.Tensor
+    seen: int = 0
+    boundary: int = 0
+
+    def tensors(self):
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def map(self, fn) -> None:
+        """Apply ``fn`` to every tensor along the batch axis (beam reordering, batch selection)."""
+        for name, t in self.tensors():
+            setattr(self, name, fn(t))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+
+
+def empty_state(B: int, Hk: int, d: int, D: int, F: int, cache_size: int, sinks: int, dtype, acc,
+                device) -> SparseCacheState:
+    z = lambda *s, dt=dtype: torch.zeros(*s, dtype=dt, device=device)
+    return SparseCacheState(
+        S=z(B, Hk, F, D, dt=acc), z=z(B, Hk, F, dt=acc),
+        recent_k=z(B, Hk, 0, d), recent_v=z(B, Hk, 0, D), recent_phi=z(B, Hk, 0, F, dt=acc),
+        recent_ok=z(B, 0, dt=torch.bool),
+        cache_k=z(B, Hk, cache_size, d), cache_v=z(B, Hk, cache_size, D), cache_phi=z(B, Hk, cache_size, F, dt=acc),
+        cache_ok=z(B, Hk, cache_size, dt=torch.bool), cache_pos=z(B, Hk, cache_size, dt=torch.long),
+        sink_k=z(B, Hk, sinks, d), sink_v=z(B, Hk, sinks, D), sink_ok=z(B, sinks, dt=torch.bool))
+
+
+def self_recall_error(phi: torch.Tensor, v: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+                      eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``|| v - S^T phi / (z . phi) ||^2`` per key: phi (B, Hk, P, F), v (B, Hk, P, D), S (B, Hk, F, D), z (B, Hk, F)
+    -> (B, Hk, P). With an empty state the read-out is 0 and the error is ``||v||^2``."""
+    pred = (phi @ S) / (phi @ z.unsqueeze(-1)).clamp_min(eps)
+    return (v.to(pred.dtype) - pred).pow(2).sum(-1)
+
+
+def leave_one_out_error(phi: torch.Tensor, v: torch.Tensor, w: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+                        eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """The self-recall error of each of ``P`` candidates against the state with every *other* candidate folded in
+    (weights ``w`` (B, Hk, P)): ``|| v_j - S_j^T phi_j / (z_j . phi_j) ||^2`` with ``S_j = S + sum_{i != j} w_i
+    phi_i v_i^T``. A key repeated many times is recalled by its copies and leaves; a unique one stays."""
+    acc = S.dtype
+    phi_w = phi.to(acc) * w.unsqueeze(-1)
+    S_tot = S + phi_w.transpose(-1, -2) @ v.to(acc)
+    z_tot = z + phi_w.sum(2)
+    self_w = (phi_w * phi.to(acc)).sum(-1)  # w_j phi_j . phi_j
+    num = phi.to(acc) @ S_tot - self_w.unsqueeze(-1) * v.to(acc)
+    den = (phi.to(acc) @ z_tot.unsqueeze(-1)).squeeze(-1) - self_w
+    pred = num / den.clamp_min(eps).unsqueeze(-1)
+    return (v.to(acc) - pred).pow(2).sum(-1)
+
+
+class _Keys:
+    """The keys a call can reach by position: the state's recent keys followed by the call's own, from ``base``."""
+
+    def __init__(self, st: SparseCacheState, k, v, phi_k, ok, base: int):
+        self.k = torch.cat([st.recent_k, k], 2)
+        self.v = torch.cat([st.recent_v, v], 2)
+        self.phi = torch.cat([st.recent_phi, phi_k.to(st.recent_phi.dtype)], 2)
+        self.ok = torch.cat([st.recent_ok, ok], 1)
+        self.base = base
+
+
+def _boundary(st: SparseCacheState, t: int, keys: _Keys, window: int, sinks: int, cache_size: int,
+              decay: Optional[torch.Tensor], eps: float, score: str = "memory") -> None:
+    """Keys ``i <= t - w`` leave the recent keys (sinks have slots of their own); the others are scored with the
+    cache's, the ``cache_size`` worst represented stay exact and the rest are folded into the state (which first
+    decays to ``t``). Replaces the state's tensors (earlier segments keep the ones they read)."""
+    first, last = max(0, st.boundary - window + 1, sinks), t - window
+    if decay is not None and t > st.boundary:
+        lam = torch.exp(decay.to(st.S.dtype) * (t - st.boundary))  # (Hk,)
+        st.S = st.S * lam[None, :, None, None]
+        st.z = st.z * lam[None, :, None]
+    st.boundary = t
+    if last < first:
+        return
+    B, Hk = st.S.shape[:2]
+    P = last - first + 1
+    sl = slice(first - keys.base, last - keys.base + 1)
+    pool_k = torch.cat([st.cache_k, keys.k[:, :, sl]], 2)
+    pool_v = torch.cat([st.cache_v, keys.v[:, :, sl]], 2)
+    pool_phi = torch.cat([st.cache_phi, keys.phi[:, :, sl]], 2)
+    pool_ok = torch.cat([st.cache_ok, keys.ok[:, None, sl].expand(B, Hk, P)], 2)
+    pool_pos = torch.cat([st.cache_pos, torch.arange(first, last + 1, device=st.S.device).expand(B, Hk, P)], 2)
+    fold = pool_ok
+    wt_all = pool_ok.to(st.S.dtype)
+    if decay is not None:  # key i weighs lambda^(t - w - i) at the boundary
+        wt_all = wt_all * torch.exp(decay.to(st.S.dtype)[None, :, None] * (t - window - pool_pos).to(st.S.dtype))
+    if cache_size:
+        if score == "memory":
+            err = leave_one_out_error(pool_phi, pool_v, wt_all, st.S, st.z, eps)
+        else:
+            err = self_recall_error(pool_phi, pool_v, st.S, st.z, eps)
+        err = err.masked_fill(~pool_ok, float("-inf"))
+        keep = err.topk(cache_size, dim=-1).indices  # (B, Hk, λ)
+        pick = lambda x: x.gather(2, keep if x.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+        st.cache_k, st.cache_v, st.cache_phi = pick(pool_k), pick(pool_v), pick(pool_phi)
+        st.cache_ok, st.cache_pos = pick(pool_ok), pick(pool_pos)
+        fold = pool_ok & ~torch.zeros_like(pool_ok).scatter_(2, keep, True)
+    wt = wt_all * fold.to(st.S.dtype)
+    phi_w = pool_phi * wt.unsqueeze(-1)
+    st.S = st.S + phi_w.transpose(-1, -2) @ pool_v.to(st.S.dtype)
+    st.z = st.z + phi_w.sum(2)
+
+
+def _attend(segs, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: int, gamma: Gamma, scale: float,
+            decay, eps: float) -> torch.Tensor:
+    """Every query of the call at once, segment by segment in one batch: (B, Hq, n, D) in acc.
+
+    ``segs``: per segment ``(start, end, t, S, z, cache_k, cache_v, cache_ok)``, the queries ``start..end-1`` read
+    the state and cache as they were at boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``.
+    """
+    B, Hq, n, d = q.shape
+    Hk = st.S.shape[1]
+    g = Hq // Hk
+    acc, dev = st.S.dtype, q.device
+    M = len(segs)
+    starts = torch.tensor([s[0] for s in segs], device=dev)
+    ends = torch.tensor([s[1] for s in segs], device=dev)
+    ts = torch.tensor([s[2] for s in segs], device=dev)
+    L = int((ends - starts).max())
+    R = int((ends - ts).max()) + window - 1  # recent keys a segment may see
+    qpos = starts[:, None] + torch.arange(L, device=dev)[None, :]  # (M, L)
+    qrow = qpos < ends[:, None]
+    qi = (qpos - p0).clamp(max=n - 1).flatten()
+    # rows of a segment: its L queries for each of the g query heads of a KV head, (B, Hk, M, g * L, .)
+    rows = lambda t: t.to(acc)[:, :, qi].view(B, Hk, g, M, L, -1).transpose(2, 3).reshape(B, Hk, M, g * L, -1)
+    qg, fq = rows(q) * scale, rows(phi_q)
+    # recent keys t - w < i <= query, by position from the call's key table
+    rpos = (ts - window + 1)[:, None] + torch.arange(R, device=dev)[None, :]  # (M, R)
+    ri = (rpos - keys.base).clamp(0, keys.k.shape[2] - 1).flatten()
+    Kr = keys.k.to(acc)[:, :, ri].view(B, Hk, M, R, d)
+    Vr = keys.v.to(acc)[:, :, ri].view(B, Hk, M, R, -1)
+    see_r = ((rpos >= 0)[:, None, :] & (rpos[:, None, :] <= qpos[:, :, None]))[None] & keys.ok[:, ri].view(B, M, 1, R)
+    # cache as of each segment's boundary; sinks that have left the recent keys
+    Kc = torch.stack([s[5] for s in segs], 2).to(acc)  # (B, Hk, M, λ, d)
+    Vc = torch.stack([s[6] for s in segs], 2).to(acc)
+    see_c = torch.stack([s[7] for s in segs], 2)[:, :, :, None, None, :]  # (B, Hk, M, 1, 1, λ)
+    ns, nc = st.sink_k.shape[2], Kc.shape[-2]
+    see_s = (torch.arange(ns, device=dev)[None, :] <= (ts - window)[:, None])[None] & st.sink_ok[:, None, :]
+    ss = (qg.reshape(B, Hk, M * g * L, d) @ st.sink_k.to(acc).transpose(-1, -2)).view(B, Hk, M, g * L, ns)
+    scores = torch.cat([ss, qg @ Kc.transpose(-1, -2), qg @ Kr.transpose(-1, -2)], -1).view(B, Hk, M, g, L, -1)
+    see = torch.cat([see_s[:, None, :, None, None, :].expand(B, Hk, M, 1, L, ns),
+                     see_c.expand(B, Hk, M, 1, L, nc), see_r[:, None, :, None].expand(B, Hk, M, 1, L, R)], -1)
+    scores = scores.masked_fill_(~see, float("-inf"))
+    c = scores.amax(-1, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # a padding query that sees no key
+    gam = torch.as_tensor(gamma, device=dev).to(acc)
+    gam = gam.view(1, Hk, 1, g, 1, 1) if gam.dim() == 1 else gam
+    e = scores.sub_(c).exp_().mul_(gam).view(B, Hk, M, g * L, -1)
+    es, ec, er = e.split((ns, nc, R), -1)
+    num = (es.reshape(B, Hk, M * g * L, ns) @ st.sink_v.to(acc)).view(B, Hk, M, g * L, -1) + ec @ Vc + er @ Vr
+    den = e.sum(-1, keepdim=True)
+    S = torch.stack([s[3] for s in segs], 2)  # (B, Hk, M, F, D)
+    z = torch.stack([s[4] for s in segs], 2).unsqueeze(-1)  # (B, Hk, M, F, 1)
+    lin, lin_den = fq @ S, fq @ z
+    if decay is not None:  # lambda^(query - t), per KV head, segment and row
+        age = torch.exp(decay.to(acc)[:, None, None] * (qpos - ts[:, None]).to(acc)[None])  # (Hk, M, L)
+        age = age[None, :, :, None, :, None].expand(1, Hk, M, g, L, 1).reshape(1, Hk, M, g * L, 1)
+        lin, lin_den = lin * age, lin_den * age
+    y = ((num + lin) / (den + lin_den).clamp_min(eps))  # (B, Hk, M, g * L, D)
+    y = y.view(B, Hk, M, g, L, -1).transpose(2, 3).reshape(B, Hq, M * L, -1)
+    return y if M * L == n else y[:, :, qrow.flatten()]
+
+
+def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor,
+                            phi_k: torch.Tensor, window: int, cache_size: int, gamma: Gamma = 0.5,
+                            scale: Optional[float] = None, sinks: int = 0, decay: Optional[torch.Tensor] = None,
+                            chunk: Optional[int] = None, key_valid: Optional[torch.Tensor] = None,
+                            state: Optional[SparseCacheState] = None, eps: float = DEFAULT_EPS,
+                            score: str = "memory") -> Tuple[torch.Tensor, SparseCacheState]:
+    """Causal hybrid attention with a sparse cache (module docstring), for ``n`` new tokens after ``state``.
+
+    The cache schedule runs boundary by boundary (a few small ops each); the attention of every query then runs
+    in one batch over all segments, each against the state and cache of its boundary.
+
+    Args:
+        q (B, Hq, n, d), phi_q (B, Hq, n, F): the queries and their features.
+        k (B, Hk, n, d), v (B, Hk, n, D), phi_k (B, Hk, n, F): per key/value head (``Hk`` divides ``Hq``; query
+            head h reads KV head ``h // (Hq / Hk)``).
+        window: recent keys seen exactly (at least); cache_size: exact slots for older keys (0: none).
+        gamma: the window factor, scalar or (Hq,); scale: softmax scale (``d^-1/2``); sinks: first keys kept exact;
+        decay: (Hk,) ``log lambda`` of a decayed state, or None; chunk: keys leave the window every ``chunk``
+        tokens (default ``window``); key_valid (B, n): False for padding keys (never cached nor summed).
+        state: what an earlier call returned, with the same settings (None: the sequence starts here).
+        score: ``"memory"`` or ``"state"``, how candidates are scored (module docstring).
+    Returns: ``(y (B, Hq, n, D) in v's dtype, state)``; the state passed in is updated and returned.
+    """
+    B, Hq, n, d = q.shape
+    Hk, D, Fd = k.shape[1], v.shape[-1], phi_q.shape[-1]
+    if (n == 0 or k.shape != (B, Hk, n, d) or v.shape[:3] != (B, Hk, n) or phi_q.shape[:3] != (B, Hq, n)
+            or phi_k.shape != (B, Hk, n, Fd) or Hq % Hk):
+        raise ValueError(f"sparse_hybrid_attention: shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}")
+    if window < 1 or cache_size < 0 or sinks < 0 or (chunk is not None and chunk < 1):
+        raise ValueError(f"need window >= 1, chunk >= 1, cache_size >= 0, sinks >= 0; got window={window}, "
+                         f"chunk={chunk}, cache_size={cache_size}, sinks={sinks}")
+    if score not in SCORES:
+        raise ValueError(f"unknown sparse-cache score {score!r}; choose one of {SCORES}")
+    chunk = chunk or window
+    acc = _acc_dtype(v)
+    scale = d ** -0.5 if scale is None else scale
+    st = state if state is not None else empty_state(B, Hk, d, D, Fd, cache_size, sinks, k.dtype, acc, q.device)
+    p0, base = st.seen, max(0, st.boundary - window + 1)
+    if st.recent_k.shape[2] != p0 - base or st.cache_k.shape[2] != cache_size or st.sink_k.shape[2] != sinks:
+        raise ValueError("this sparse-cache state was built with another window, cache_size or sinks")
+    ok = torch.ones(B, n, dtype=torch.bool, device=q.device) if key_valid is None else key_valid.to(q.device).bool()
+    if p0 < sinks:  # the first tokens also take their sink slots
+        m = min(sinks, p0 + n) - p0
+        for name, src in (("sink_k", k), ("sink_v", v)):
+            t = getattr(st, name).clone()
+            t[:, :, p0:p0 + m] = src[:, :, :m]
+            setattr(st, name, t)
+        st.sink_ok = st.sink_ok.clone()
+        st.sink_ok[:, p0:p0 + m] = ok[:, :m]
+    keys = _Keys(st, k, v, phi_k, ok, base)
+    segs, pos = [], p0
+    while pos < p0 + n:
+        if pos % chunk == 0 and pos != st.boundary:
+            _boundary(st, pos, keys, window, sinks, cache_size, decay, eps, score)
+        end = min(p0 + n, (pos // chunk + 1) * chunk)
+        segs.append((pos, end, st.boundary, st.S, st.z, st.cache_k, st.cache_v, st.cache_ok))
+        pos = end
+    y = _attend(segs, st, keys, q, phi_q, p0, window, gamma, scale, decay, eps)
+    keep = max(0, st.boundary - window + 1) - base
+    st.recent_k, st.recent_v = keys.k[:, :, keep:], keys.v[:, :, keep:]
+    st.recent_phi, st.recent_ok = keys.phi[:, :, keep:], keys.ok[:, keep:]
+    st.seen = p0 + n
+    return y.to(v.dtype), st
