@@ -3,13 +3,13 @@ the ``hedgehog`` model type without importing hedgehog first.
 
 lm-eval (0.4.x) has no plugin discovery: its model table is a fixed mapping in ``lm_eval.models``. This module
 waits for that module to be imported, then registers ``hedgehog`` beside the built-in entries as a lazy target
-(``hedgehog.lmeval:HedgehogLM``), so torch and hedgehog load only when that model type is asked for. At start-up
+(``hedgehog.eval.lmeval:HedgehogLM``), so torch and hedgehog load only when that model type is asked for. At start-up
 it imports nothing and adds one entry to ``sys.meta_path``; it never raises.
 """
 import sys
 
 NAME = "hedgehog"
-TARGET = "hedgehog.lmeval:HedgehogLM"
+TARGET = "hedgehog.eval.lmeval:HedgehogLM"
 WATCHED = "lm_eval.models"
 
 

@@ -49,7 +49,7 @@ def assert_tf32_kernel_matches(y, q, k, v):
 def first_layer_qkv(model, ids):
     """``(layer, (q, k, v))``: the first converted layer of ``model`` and the post-RoPE q/k/v it saw in a softmax
     forward of ``ids``; the model is left in linear mode."""
-    from hedgehog.attention import hedgehog_layers, set_attention_mode
+    from hedgehog.layers.attention import hedgehog_layers, set_attention_mode
 
     layer = hedgehog_layers(model)[0]
     layer.start_capture()
@@ -61,16 +61,21 @@ def first_layer_qkv(model, ids):
     return layer, qkv
 
 
-def assert_greedy_generate_is_argmax_with_a_constant_state(m, vocab):
-    """``generate`` (greedy, recurrent cache) equals repeated argmax over full forwards, and the cache holds as
-    many bytes after 40 new tokens as after 8."""
-    ids = torch.randint(0, vocab, (2, 6))
-    res = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+def assert_greedy_generate_is_argmax(m, ids, new: int = 8):
+    """``generate`` (greedy, recurrent cache) equals repeated argmax over full forwards; returns its output."""
+    res = m.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     seq = ids
     with torch.no_grad():
-        for _ in range(8):
+        for _ in range(new):
             seq = torch.cat([seq, m(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(res.sequences, seq)
+    return res
+
+
+def assert_greedy_generate_is_argmax_with_a_constant_state(m, vocab):
+    """:func:`assert_greedy_generate_is_argmax`, and the cache holds as many bytes after 40 new tokens as after 8."""
+    ids = torch.randint(0, vocab, (2, 6))
+    res = assert_greedy_generate_is_argmax(m, ids)
     res2 = m.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     assert res2.past_key_values.state_nbytes() == res.past_key_values.state_nbytes() > 0
 
@@ -186,8 +191,8 @@ def other_base_model(model_dir, out_dir) -> str:
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from hedgehog.attention import hedgehog_layers  # noqa: E402
-from hedgehog.generation import HedgehogCache, cache_kwargs  # noqa: E402
+from hedgehog.layers.attention import hedgehog_layers  # noqa: E402
+from hedgehog.layers.generation import HedgehogCache, cache_kwargs  # noqa: E402
 from hedgehog.ops import cpu_kernel  # noqa: E402
 
 V = 97

@@ -6,46 +6,29 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hedgehog"
 
-# module -> the hedgehog modules it may import (its own layer and those below)
-BELOW = {"state": set(), "errors": set(), "atomic": set(), "cachedir": set()}
-BELOW["feature_maps"] = {"ops", "errors"}
-BELOW["losses"] = {"ops", "errors"}
-BELOW["metrics"] = {"ops", "errors"}
-BELOW["heads"] = set()
-BELOW["interface"] = set()
-BELOW["attention_paths"] = {"ops", "feature_maps", "heads", "state"}
-BELOW["attention"] = {"ops", "feature_maps", "losses", "state", "errors", "heads", "interface", "attention_paths"}
-BELOW["generation"] = {"attention", "state", "errors"} | BELOW["attention"]
-# the model layer, bottom up: config, on-disk formats, the converted class, conversion, Auto classes, loading
-BELOW["modelcard"] = {"atomic"}
-BELOW["hf_config"] = set()
-BELOW["formats"] = {"atomic", "attention", "errors", "hf_config", "modelcard"} | BELOW["attention"]
-BELOW["modelclass"] = {"formats"} | BELOW["formats"]
-BELOW["convert"] = {"attention", "generation", "modelclass"} | BELOW["generation"] | BELOW["modelclass"]
-BELOW["hf"] = {"assets", "convert", "errors", "formats", "hf_config", "modelclass"} | BELOW["convert"]
-BELOW["checkpoint"] = {"assets", "hf"} | BELOW["hf"]
-BELOW["train/engine"] = {"errors"}  # the training engine knows devices and processes, not models or jobs
-BELOW["ops/backends"] = set()
-# the op layer takes tensors: it imports only itself and the leaf that says where the kernel is built
-for _op in ("ops/__init__", "ops/masks", "ops/softmax", "ops/linear_attention", "ops/hybrid", "ops/recurrent", "ops/cpu_kernel"):
-    BELOW[_op] = {"cachedir"}
+# The layers, bottom up: a module may import from its own folder and the folders below it, never above (docs/DESIGN.md).
+LAYERS = ["errors", "utils", "ops", "modules", "layers", "data", "models", "eval", "train", "jobs", "bench", "cli",
+          "__init__", "__main__"]
 
 
-def _imports(path: Path):
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hedgehog"):
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if a.name.startswith("hedgehog"))
-    return {n.split(".")[1] for n in names if "." in n}
+def _layer(module: str) -> int:
+    """``hedgehog.ops.masks`` -> the rank of ``ops``; a module outside every layer folder is an error."""
+    top = module.split(".")[1] if "." in module else "__init__"
+    assert top in LAYERS, f"{module} is in no layer folder: add it to docs/DESIGN.md and LAYERS"
+    return LAYERS.index(top)
 
 
-@pytest.mark.parametrize("module", sorted(BELOW))
-def test_module_imports_only_from_below(module):
-    found = _imports(SRC / f"{module}.py") - {module.split("/")[0]}
-    assert found <= BELOW[module], f"hedgehog.{module} imports {sorted(found - BELOW[module])} from above it"
+def test_every_module_sits_in_a_layer_and_imports_only_from_its_layer_or_below():
+    graph = _module_graph()
+    up = sorted(f"{m} imports {t}" for m, ts in graph.items() for t in ts if _layer(t) > _layer(m))
+    assert not up, "imports from above: " + "; ".join(up)
 
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _layer("hedgehog.jobs.pipeline") > _layer("hedgehog.eval.fidelity") > _layer("hedgehog.ops.masks")
+    assert _layer("hedgehog") == LAYERS.index("__init__")
+    with pytest.raises(AssertionError, match="no layer folder"):
+        _layer("hedgehog.misc.thing")
 
 
 def _module_graph():

@@ -1,13 +1,13 @@
 """hedgehog: learned linear attention (Hedgehog, Zhang et al. ICLR 2024) for transformers."""
-from hedgehog.attention import HedgehogConfig, attention_mode, set_attention_mode
-from hedgehog.checkpoint import load
-from hedgehog.formats import save_converted
-from hedgehog.convert import convert_model
-from hedgehog.feature_maps import available_feature_maps, get_feature_map, register_feature_map
-from hedgehog.losses import attention_distillation_loss, attention_output_mse_loss
+from hedgehog.layers.attention import HedgehogConfig, attention_mode, set_attention_mode
+from hedgehog.models.checkpoint import load
+from hedgehog.models.convert import convert_model
+from hedgehog.models.formats import save_converted
+from hedgehog.modules.feature_maps import available_feature_maps, get_feature_map, register_feature_map
+from hedgehog.modules.losses import attention_distillation_loss, attention_output_mse_loss
 from hedgehog.ops import linear_attention, quadratic_linear_attention, recurrent_step
 
-from hedgehog.hf import register as _register
+from hedgehog.models.hf import register as _register
 
 _register()  # AutoConfig / AutoModelForCausalLM / AutoModel know the "hedgehog" model type
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.errors import UserError
-from hedgehog.train.engine import parse_dtype
-from hedgehog.feature_maps import get_feature_map
+from hedgehog.modules.feature_maps import get_feature_map
 from hedgehog.ops import backends, cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention
+from hedgehog.train.engine import parse_dtype
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -282,7 +282,7 @@ def _fmt_row(r: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import label_axes, pyplot, save_figure
+    from hedgehog.eval.plotting import label_axes, pyplot, save_figure
 
     plt = pyplot()
 

@@ -33,7 +33,7 @@ import torch
 
 from hedgehog.bench.attention import _vm_kb, reset_peak_rss
 from hedgehog.errors import UserError
-from hedgehog.generation import cache_kwargs, cache_nbytes
+from hedgehog.layers.generation import cache_kwargs, cache_nbytes
 
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
 
@@ -42,7 +42,7 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
     """Returns (cache, next_token) with L tokens of context in the cache."""
     from transformers import DynamicCache
 
-    from hedgehog.generation import HedgehogCache, HedgehogStateLayer
+    from hedgehog.layers.generation import HedgehogCache, HedgehogStateLayer
 
     if real:
         cache = HedgehogCache(model) if kind == "hedgehog" else DynamicCache(config=model.config)
@@ -55,7 +55,7 @@ def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: 
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kvh = cfg.num_key_value_heads
     if kind == "hedgehog":
-        from hedgehog.attention import hedgehog_layers
+        from hedgehog.layers.attention import hedgehog_layers
 
         cache = HedgehogCache(model)
         for layer, attn in zip(cache.layers, hedgehog_layers(model)):
@@ -124,14 +124,14 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
 def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
-    from hedgehog.checkpoint import load
-    from hedgehog.formats import is_converted_dir, read_meta
-    from hedgehog.convert import convert_model
-    from hedgehog.pipeline import load_base
+    from hedgehog.models.checkpoint import load
+    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.convert import convert_model
+    from hedgehog.models.formats import is_converted_dir, read_meta
 
     torch.manual_seed(0)
     softmax, tok, _ = load_base(read_meta(model_name)["base_model"] if is_converted_dir(model_name) else model_name)
-    from hedgehog.attention import HedgehogConfig, set_sparse_cache
+    from hedgehog.layers.attention import HedgehogConfig, set_sparse_cache
 
     if is_converted_dir(model_name):
         hedgehog, _ = load(model_name)
@@ -172,7 +172,7 @@ def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int,
         memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare", attention: str = "hybrid",
         sparse_cache=None) -> Dict:
     """The benchmark as a function (the CLI's ``run_from_args`` calls it); ``text`` feeds the real prefills."""
-    from hedgehog.data import load_corpus, tokenize_windows
+    from hedgehog.data.corpora import load_corpus, tokenize_windows
 
     batches = [batch] if isinstance(batch, int) else list(batch)
     hedgehog, softmax, tok, source = load_pair(model_name, attention, sparse_cache)
@@ -257,7 +257,7 @@ def _fmt(r: Dict) -> str:
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import pyplot, save_figure
+    from hedgehog.eval.plotting import pyplot, save_figure
 
     plt = pyplot()
 

@@ -102,7 +102,7 @@ def run_from_args(args) -> Dict:
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import label_axes, pyplot, save_figure
+    from hedgehog.eval.plotting import label_axes, pyplot, save_figure
 
     plt = pyplot()
     rows = result["rows"]

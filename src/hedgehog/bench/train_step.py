@@ -28,7 +28,7 @@ DEFAULT_LENGTHS = (256, 1024, 4096)
 def step_seconds(kind: str, n: int, tokens: int, mimic_rows: Optional[int], repeats: int, short_conv: int) -> float:
     """Best wall time of one training step of ``kind`` on (tokens // n, n) random bytes."""
     from hedgehog.train.engine import Engine
-    from hedgehog.scratch.model import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
+    from hedgehog.train.scratch.model import (ByteTokenizer, ModelSpec, _with_mimic, build_model, mimic_rows_for_step,
                                         set_mimic_rows, set_train_mode)
 
     spec = ModelSpec(short_conv=short_conv, max_len=max(4096, n))
@@ -73,7 +73,7 @@ def run(lengths: List[int], tokens: int, mimic_rows: int, repeats: int = 1, shor
 
 
 def plot(result: Dict, path: Path) -> None:
-    from hedgehog.plotting import label_axes, pyplot, save_figure
+    from hedgehog.eval.plotting import label_axes, pyplot, save_figure
 
     plt = pyplot()
     rows = result["rows"]

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     else:
         args = build_parser().parse_args(argv)
     if getattr(args, "func", None) not in BENCHMARKS:
-        from hedgehog.runtime import keep_freed_memory
+        from hedgehog.utils.runtime import keep_freed_memory
 
         # training and evaluation allocate many large autograd temporaries: keep freed memory for reuse
         # (HEDGEHOG_MALLOC_TUNING=0: off). The benchmarks measure what a library caller gets, so they leave

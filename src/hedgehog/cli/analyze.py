@@ -7,7 +7,7 @@ from hedgehog.cli.common import check_maps, setup_logging
 
 
 def _analyze(args):
-    from hedgehog import analyze
+    from hedgehog.eval import analyze
 
     maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
     check_maps(maps)

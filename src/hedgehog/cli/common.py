@@ -37,7 +37,7 @@ def lengths(arg: str):
 def add_long_context_options(p: argparse.ArgumentParser, job=None) -> None:
     """The long-context evaluation flags (defaults from the convert job's dataclass)."""
     if job is None:
-        from hedgehog.pipeline import ConvertJob
+        from hedgehog.jobs.config import ConvertJob
 
         job = ConvertJob()
     p.add_argument("--context-lengths", default=",".join(map(str, job.context_lengths)),
@@ -78,7 +78,7 @@ def add_sparse_cache_options(p: argparse.ArgumentParser, cache_default, chunk_de
 
 def apply_sparse_cache(model, args) -> None:
     """Set a loaded converted model's sparse cache from --sparse-cache/--sparse-chunk where given."""
-    from hedgehog.attention import hedgehog_layers, set_sparse_cache
+    from hedgehog.layers.attention import hedgehog_layers, set_sparse_cache
 
     if args.sparse_cache is None and args.sparse_chunk is None and args.sparse_score is None:
         return
@@ -114,7 +114,7 @@ def add_dtype(parser, default: str = "fp32") -> None:
 
 
 def check_maps(names):
-    from hedgehog.feature_maps import available_feature_maps
+    from hedgehog.modules.feature_maps import available_feature_maps
 
     bad = [n for n in names if n not in available_feature_maps()]
     if bad:
@@ -136,9 +136,9 @@ def load_any(model_arg, base_model=None, device="cpu", dtype=None):
     """A converted dir -> (model, tok, 'hedgehog'); otherwise the plain softmax model."""
     import torch
 
-    from hedgehog.checkpoint import load
-    from hedgehog.formats import is_converted_dir
-    from hedgehog.pipeline import load_base
+    from hedgehog.models.checkpoint import load
+    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.formats import is_converted_dir
 
     dtype = dtype or torch.float32
     if is_converted_dir(model_arg):

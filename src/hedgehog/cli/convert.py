@@ -9,8 +9,8 @@ from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options
 
 
 def _job_from_args(args):
-    from hedgehog.distill import Stage1Config, Stage2Config
-    from hedgehog.pipeline import ConvertJob
+    from hedgehog.jobs.config import ConvertJob
+    from hedgehog.train.distill import Stage1Config, Stage2Config
 
     s1 = Stage1Config(tokens=args.stage1_tokens, lr=args.stage1_lr, batch_size=args.stage1_batch,
                       steps_per_capture=args.stage1_steps_per_batch, time_budget_s=seconds_or_none(args.stage1_minutes),
@@ -48,8 +48,8 @@ def _decay(arg: str):
 
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     """The convert/compare flags; every default is read from the job's dataclasses (one source)."""
-    from hedgehog.distill import Stage1Config, Stage2Config
-    from hedgehog.pipeline import LONGEST_OFFSET_CONTEXT, ConvertJob
+    from hedgehog.jobs.config import LONGEST_OFFSET_CONTEXT, ConvertJob
+    from hedgehog.train.distill import Stage1Config, Stage2Config
 
     job, s1, s2 = ConvertJob(), Stage1Config(), Stage2Config()
     c.add_argument("--out", default=out_default, help="run directory (report, checkpoints, model)")
@@ -141,29 +141,29 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def _convert(args):
-    from hedgehog.pipeline import run
-    from hedgehog.report import format_report
+    from hedgehog.eval.report import format_report
+    from hedgehog.jobs.pipeline import run
 
     check_maps([args.feature_map])
     setup_logging()
     report = run(_job_from_args(args))
-    if "rank" in report:  # a worker process of a multi-process run: the main process reports
+    if report is None:  # a worker process of a multi-process run: the main process reports
         return
     print(format_report(report))
     print(f"wrote {args.out}/report.json and {report['model_dir']}")
 
 
 def _compare(args):
-    from hedgehog.pipeline import compare
-    from hedgehog.report import format_compare
+    from hedgehog.eval.report import format_compare
+    from hedgehog.jobs.pipeline import compare
 
-    from hedgehog.pipeline import parse_compare_entry
+    from hedgehog.jobs.config import parse_compare_entry
 
     maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
     check_maps([parse_compare_entry(m)[1] for m in maps])
     setup_logging()
     result = compare(maps, _job_from_args(args), args.out)
-    if "rank" in result:  # a worker process of a multi-process run: the main process reports
+    if result is None:  # a worker process of a multi-process run: the main process reports
         return
     print(format_compare(result["rows"]))
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
@@ -179,7 +179,7 @@ def register_convert(sub) -> None:
                     "run the real SmolLM2-135M-Instruct on general English text, scored on held-out texts, in "
                     "about 30 min on 2 CPU cores.")
     _add_job_options(c, out_default="runs/smollm2-hedgehog")
-    from hedgehog.pipeline import ConvertJob
+    from hedgehog.jobs.config import ConvertJob
 
     c.add_argument("--feature-map", default=ConvertJob.feature_map, help="hedgehog | hedgehog_exp | elu | relu | "
                    "performer | cosformer | t2r | taylor")
@@ -199,7 +199,7 @@ def register_compare(sub) -> None:
     _add_job_options(cp, out_default="runs/compare")
     cp.add_argument("--feature-maps", default="hedgehog,elu,relu,performer,cosformer,t2r,taylor",
                     help="comma-separated feature maps; 'hybrid' (or 'hybrid:MAP') adds the sliding-window hybrid")
-    from hedgehog.pipeline import ConvertJob
+    from hedgehog.jobs.config import ConvertJob
 
     cp.set_defaults(func=_compare, feature_map=ConvertJob.feature_map)
 

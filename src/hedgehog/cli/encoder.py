@@ -7,8 +7,8 @@ from hedgehog.cli.common import check_maps, seconds_or_none, setup_logging
 
 
 def _convert_encoder(args):
-    from hedgehog.distill import Stage1Config
-    from hedgehog.encoder import EncoderJob, format_report, run
+    from hedgehog.jobs.encoder import EncoderJob, format_report, run
+    from hedgehog.train.distill import Stage1Config
 
     maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
     check_maps(maps)

@@ -10,11 +10,11 @@ from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options
 
 
 def _eval(args):
-    from hedgehog.checks import check_text_source
-    from hedgehog.data import HELD_OUT_TEXTS, eval_documents, load_corpus, text_label, tokenize_windows
-    from hedgehog.evaluate import fidelity, perplexity
-    from hedgehog.pipeline import _windows
-    from hedgehog.report import format_fidelity
+    from hedgehog.jobs.checks import check_text_source
+    from hedgehog.data.corpora import (HELD_OUT_TEXTS, eval_documents, load_corpus, split_windows, text_label,
+                                       tokenize_windows)
+    from hedgehog.eval.fidelity import fidelity, perplexity
+    from hedgehog.eval.report import format_fidelity
 
     setup_logging()
     names = split_names(args.eval_data)
@@ -28,7 +28,7 @@ def _eval(args):
     teacher = None
     if kind == "hedgehog":
         apply_sparse_cache(model, args)
-        from hedgehog.checkpoint import load_teacher, needs_separate_teacher
+        from hedgehog.models.checkpoint import load_teacher, needs_separate_teacher
 
         # LoRA merged into the weights: the teacher is the recorded base, not this model in softmax mode
         if needs_separate_teacher(args.model) or args.base_model:
@@ -46,15 +46,15 @@ def _eval(args):
         if name != args.data:
             docs = eval_documents(name, args.data, tok)
             held[text_label(name)] = docs.splits["test"]
-            sets[f"{text_label(name)} (held out)"] = _windows(docs, "test", tok, args.seq_len,
+            sets[f"{text_label(name)} (held out)"] = split_windows(docs, "test", tok, args.seq_len,
                                                               max_tokens=args.fidelity_tokens, shuffle_seed=0)
     res = {k: fidelity(model, w, progress=not args.no_progress, desc=k, teacher=teacher) for k, w in sets.items()}
     print(format_fidelity({"this model": res}))
     lengths = _lengths(args.context_lengths)
     if lengths and held:
-        from hedgehog.attention import hedgehog_layers
-        from hedgehog.long_context import long_context_report
-        from hedgehog.report import format_long_context
+        from hedgehog.eval.long_context import long_context_report
+        from hedgehog.eval.report import format_long_context
+        from hedgehog.layers.attention import hedgehog_layers
 
         hh = hedgehog_layers(model)[0].hh_config
         window = args.baseline_window or (hh.window if hh.attention == "hybrid" else 64)
@@ -67,7 +67,7 @@ def _eval(args):
     if args.json:
         from pathlib import Path
 
-        from hedgehog.atomic import write_json
+        from hedgehog.utils.atomic import write_json
 
         write_json(Path(args.json), res)
         print(f"wrote {args.json}")
@@ -78,9 +78,9 @@ def _eval_tasks(args):
     """``hedgehog eval --tasks``: lm-eval tasks, teacher vs converted model, one table (JSON + Markdown)."""
     from pathlib import Path
 
-    from hedgehog import lmeval
-    from hedgehog.formats import is_converted_dir, read_meta
-    from hedgehog.atomic import write_json
+    from hedgehog.eval import lmeval
+    from hedgehog.models.formats import is_converted_dir, read_meta
+    from hedgehog.utils.atomic import write_json
 
     if not is_converted_dir(args.model):
         raise UserError(f"--tasks compares a converted model with its teacher; {args.model!r} is not a directory "
@@ -90,7 +90,7 @@ def _eval_tasks(args):
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     include = args.include_path
     if "heldout_cloze" in tasks and include is None:  # the built-in offline task, from a held-out text
-        from hedgehog.data import eval_documents
+        from hedgehog.data.corpora import eval_documents
 
         docs = eval_documents(args.cloze_text, "general").splits["test"]
         include = str(lmeval.write_cloze_task(docs, Path(args.out) / "tasks", n=args.cloze_items))
@@ -107,7 +107,7 @@ def _eval_tasks(args):
 
 
 def _lm_eval_cli(args):
-    from hedgehog import lmeval
+    from hedgehog.eval import lmeval
 
     lmeval.run_cli(args.lm_eval_args)
 

@@ -14,7 +14,7 @@ def _generate(args):
     import torch
     from transformers import TextStreamer
 
-    from hedgehog.generation import cache_nbytes, output_cache
+    from hedgehog.layers.generation import cache_nbytes, output_cache
 
     setup_logging()
     device, dtype = placement(args)

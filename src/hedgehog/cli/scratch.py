@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from hedgehog.errors import UserError
 from hedgehog.cli.common import add_device, add_record_options, seconds_or_none, setup_logging
+from hedgehog.errors import UserError
 
 
 def _train(args):
-    from hedgehog.scratch.model import ModelSpec, mimic_rows_for_step, parse_kinds
-    from hedgehog.scratch.lm import TrainJob, format_train_table, train_compare, train_lm
     from hedgehog.train import resolve_device
+    from hedgehog.train.scratch.lm import TrainJob, format_train_table, train_compare, train_lm
+    from hedgehog.train.scratch.model import ModelSpec, mimic_rows_for_step, parse_kinds
 
     spec = ModelSpec(d_model=args.d_model, layers=args.layers, heads=args.heads, window=args.window, arch=args.arch,
                      short_conv=args.short_conv, feature_dim=args.feature_dim,
@@ -44,9 +44,9 @@ def _train(args):
 
 
 def _paired(args):
-    from hedgehog.scratch.model import parse_kinds
-    from hedgehog.scratch.lm import format_paired_table, paired_eval
     from hedgehog.train import resolve_device
+    from hedgehog.train.scratch.lm import format_paired_table, paired_eval
+    from hedgehog.train.scratch.model import parse_kinds
 
     try:
         kinds = parse_kinds(args.attention)
@@ -66,15 +66,15 @@ def _paired(args):
 
 
 def _mqar(args):
-    from hedgehog.scratch.model import parse_kinds
-    from hedgehog.scratch.mqar import MQARConfig, MQARJob, format_mqar_table, mqar_compare
     from hedgehog.train import resolve_device
+    from hedgehog.train.scratch.model import parse_kinds
+    from hedgehog.train.scratch.mqar import MQARConfig, MQARJob, format_mqar_table, mqar_compare
 
     try:
         kinds = parse_kinds(args.attention)
         resolve_device(args.device)
         task = MQARConfig(vocab_size=args.vocab_size, num_kv_pairs=args.kv_pairs, seq_len=args.seq_len)
-        from hedgehog.scratch.mqar import mqar_batch
+        from hedgehog.train.scratch.mqar import mqar_batch
 
         mqar_batch(1, task, __import__("torch").Generator())  # validates the task settings
     except ValueError as e:
@@ -90,7 +90,7 @@ def _mqar(args):
 
 
 def kinds_help() -> str:
-    from hedgehog.scratch.model import KINDS
+    from hedgehog.train.scratch.model import KINDS
 
     return (f"attention kind, a comma list, or 'all' (= softmax,hedgehog,taylor,t2r,elu,performer,cosformer); "
             f"kinds: {', '.join(KINDS)}")

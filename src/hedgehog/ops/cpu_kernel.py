@@ -70,7 +70,7 @@ def load():
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        from hedgehog.cachedir import cache_dir
+        from hedgehog.utils.cachedir import cache_dir
 
         name = _build_name()
         build = cache_dir() / "kernels" / name

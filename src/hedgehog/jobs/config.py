@@ -1,0 +1,128 @@
+"""The main job's settings: :class:`ConvertJob` (every default the CLI shows) and what is derived from it (the
+hybrid's long-context settings, position offsets, the settings a resumed checkpoint must share, the texts scored)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+from hedgehog.eval import long_context as lc
+from hedgehog.train.distill import Stage1Config, Stage2Config
+
+
+@dataclass
+class ConvertJob:
+    out: str = "runs/smollm2-hedgehog"
+    model: str = "smollm2"
+    data: str = "general"
+    text_field: Optional[str] = None  # record data (.jsonl, .parquet, ...): the column holding plain text
+    data_format: str = "auto"  # record data: "auto", "plain", "instruction" (Alpaca) or "chat" (messages)
+    # Held-out texts never trained on, each scored against the teacher after stage 1 and at the end
+    # (None: git-docs, debian-devref and Shakespeare's test plays, less any the job trains on).
+    eval_data: Optional[Tuple[str, ...]] = None
+    feature_map: str = "hedgehog"
+    # "hybrid" (LoLCATs): sliding-window softmax + linear attention; "linear": pure Hedgehog (the paper's).
+    # The hybrid is the default because it keeps the teacher's quality on held-out text (docs/results.md).
+    attention: str = "hybrid"
+    window: int = 64
+    # Long context (hybrid): the first `sinks` tokens stay in the exact softmax part, and the linear state decays
+    # by a learned per-KV-head factor lambda (initially `state_decay`; None: a plain sum). Without them the
+    # hybrid's linear part outgrows its window past the training length (docs/results.md, long context).
+    sinks: int = 4
+    state_decay: Optional[float] = 0.99
+    # Inference (hybrid, LoLA): `sparse_cache` older keys per KV head kept exact, those the linear state reads back
+    # worst, re-chosen every `sparse_chunk` tokens; training is unchanged. 0: none (docs/results.md, passkey).
+    sparse_cache: int = 0
+    sparse_chunk: int = 32
+    sparse_score: str = "memory"
+    seq_len: int = 512
+    # Training windows start at random positions up to this offset (both stages), so the maps see the post-RoPE
+    # q/k of every position the model is used at (without it the student collapses past the training length,
+    # docs/results.md). None ("auto"): the model's context less seq_len (at most 8192 - seq_len); 0: positions
+    # 0..seq_len-1 only. The stage configs' own position_offsets are set from this.
+    position_offsets: Optional[int] = None
+    qk_scale: float = 1.0
+    distill_loss: str = "ce"
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Optional[Stage2Config] = field(default_factory=Stage2Config)
+    eval_tokens: int = 16384  # the training data's own test split
+    fidelity_tokens: int = 4096  # per held-out text
+    val_tokens: int = 2048
+    kl_windows: int = 2
+    curve_points: int = 4
+    # Long context, in every report: fidelity on each held-out text at these lengths (up to the model's maximum),
+    # `context_tokens` tokens per length and text, beside the teacher limited to the window + `baseline_sinks`
+    # tokens with no training; passkey retrieval at `passkey_lengths` (`passkey_trials` keys each). Empty: skip.
+    context_lengths: Tuple[int, ...] = lc.DEFAULT_LENGTHS
+    context_tokens: int = lc.CONTEXT_TOKENS
+    baseline_sinks: int = lc.BASELINE_SINKS
+    passkey_lengths: Tuple[int, ...] = lc.PASSKEY_LENGTHS
+    passkey_trials: int = lc.PASSKEY_TRIALS
+    revision: Optional[str] = None  # of a hub --model: a branch, tag or commit
+    trust_remote_code: bool = False  # let a hub --model run its own modelling code
+    save_format: str = "hf"  # "hf": every weight (stands alone); "light": only what conversion changed, on the base
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+    # 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'; under torchrun / accelerate launch, each rank's own
+    device: str = "auto"
+    dtype: str = "fp32"  # the base model's weights: fp32, bf16 or fp16 (feature maps and LoRA train in fp32)
+
+
+def hybrid_settings(job: ConvertJob) -> Dict:
+    """The long-context settings of the hybrid (``sinks``, ``state_decay``, the sparse cache) for
+    :class:`HedgehogConfig`; none for pure linear attention, which they do not apply to."""
+    if job.attention != "hybrid":
+        return {}
+    return {"sinks": job.sinks, "state_decay": job.state_decay, "sparse_cache": job.sparse_cache,
+            "sparse_chunk": job.sparse_chunk, "sparse_score": job.sparse_score}
+
+
+LONGEST_OFFSET_CONTEXT = 8192  # auto position offsets reach at most this context
+
+
+def position_offsets(job: ConvertJob, model_config) -> int:
+    """The largest training position offset: ``job.position_offsets``, or with None the model's maximum context
+    (``max_position_embeddings``, at most :data:`LONGEST_OFFSET_CONTEXT`) less ``seq_len``."""
+    if job.position_offsets is not None:
+        return job.position_offsets
+    top = min(getattr(model_config, "max_position_embeddings", None) or job.seq_len, LONGEST_OFFSET_CONTEXT)
+    return max(0, top - job.seq_len)
+
+
+def with_position_offsets(job: ConvertJob, model_config) -> ConvertJob:
+    """``job`` with its stage configs' ``position_offsets`` set from :func:`position_offsets`."""
+    off = position_offsets(job, model_config)
+    return replace(job, position_offsets=off, stage1=replace(job.stage1, position_offsets=off),
+                   stage2=job.stage2 and replace(job.stage2, position_offsets=off))
+
+
+def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:
+    """What a mid-stage checkpoint must share with the job resuming it: everything that shapes training
+    (not the output, evaluation sizes, progress bars, time caps or checkpoint spacing)."""
+    def stage(cfg):
+        return None if cfg is None else {k: v for k, v in asdict(cfg).items()
+                                         if k not in ("time_budget_s", "checkpoint_every", "layer_block")}
+
+    return {"base_fingerprint": fingerprint, "data": job.data, "feature_map": job.feature_map,
+            "attention": job.attention, "window": job.window, "sinks": job.sinks, "state_decay": job.state_decay,
+            "seq_len": job.seq_len, "qk_scale": job.qk_scale,
+            "distill_loss": job.distill_loss, "seed": job.seed, "dtype": job.dtype, "stage1": stage(job.stage1),
+            "stage2": stage(job.stage2)}
+
+
+def eval_names(job: ConvertJob) -> List[str]:
+    from hedgehog.data.corpora import HELD_OUT_TEXTS, training_sources
+
+    if job.eval_data is not None:
+        return list(job.eval_data)
+    own = training_sources(job.data)
+    return [n for n in (*HELD_OUT_TEXTS, "shakespeare") if n not in own]
+
+
+def parse_compare_entry(name: str):
+    """'elu' -> ('linear', 'elu'); 'hybrid' -> ('hybrid', 'hedgehog'); 'hybrid:elu' -> ('hybrid', 'elu')."""
+    if name == "hybrid" or name.startswith("hybrid:"):
+        return "hybrid", name.partition(":")[2] or "hedgehog"
+    return "linear", name
+
+

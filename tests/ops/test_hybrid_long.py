@@ -1,0 +1,178 @@
+"""The long-context hybrid: attention sinks in the exact part and a decayed linear state, against float64
+references (the quadratic weights written out by hand, token-by-token decoding) on every path."""
+import math
+
+import pytest
+import torch
+
+from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, hybrid_layer_case, rand_features
+from hedgehog.ops import hybrid_attention, quadratic_hybrid_attention
+from hedgehog.ops import hybrid as hyb
+
+B, H, D, FD = 2, 3, 8, 16
+
+
+def inputs(n, dtype=torch.float64):
+    q, k, v = (torch.randn(B, H, n, D, dtype=dtype) for _ in range(3))
+    return q, k, v, rand_features(B, H, n, FD, dtype=dtype), rand_features(B, H, n, FD, dtype=dtype)
+
+
+def by_hand(q, k, v, pq, pk, w, g, sinks, lam):
+    """The formula, one row at a time: exact keys (window, and sinks that left it) under one row max,
+    older non-sink keys through the features weighed lambda^(n - w - i)."""
+    n_, d = q.shape[2], q.shape[-1]
+    y = torch.zeros_like(v)
+    for n in range(n_):
+        exact = [i for i in range(n + 1) if i > n - w or i < sinks]
+        older = [i for i in range(n + 1) if i <= n - w and i >= sinks]
+        s = (q[:, :, n, None] @ k[:, :, exact].transpose(-1, -2)).squeeze(2) * d ** -0.5  # (B, H, E)
+        e = g.view(1, H, 1) * torch.exp(s - s.amax(-1, keepdim=True))
+        num = (e[..., None] * v[:, :, exact]).sum(2)
+        den = e.sum(-1)
+        for i in older:
+            a = (pq[:, :, n] * pk[:, :, i]).sum(-1) * lam.view(1, H) ** (n - w - i)
+            num = num + a[..., None] * v[:, :, i]
+            den = den + a
+        y[:, :, n] = num / den[..., None]
+    return y
+
+
+def test_reference_weights_match_the_formula_written_out():
+    q, k, v, pq, pk = inputs(23)
+    g, lam = torch.rand(H, dtype=torch.float64), torch.tensor([0.9, 0.5, 1.0], dtype=torch.float64)
+    ref = quadratic_hybrid_attention(q, k, v, pq, pk, 5, g, sinks=3, decay=lam.log())
+    torch.testing.assert_close(ref, by_hand(q, k, v, pq, pk, 5, g, 3, lam), atol=1e-12, rtol=1e-10)
+    plain = quadratic_hybrid_attention(q, k, v, pq, pk, 5, g)
+    assert (plain - ref).abs().max() > 1e-3  # sinks and decay change the output
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd-path", "no-grad-path"])
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 200])
+@pytest.mark.parametrize("window,chunk,sinks", [(4, 4, 2), (16, 8, 4), (8, 12, 1), (40, 8, 5), (8, 8, 0)])
+def test_chunked_with_sinks_and_decay_equals_quadratic_reference(n, window, chunk, sinks, grad):
+    q, k, v, pq, pk = inputs(n)
+    g = torch.rand(H, dtype=torch.float64)
+    decay = torch.log(torch.tensor([0.95, 0.7, 0.999], dtype=torch.float64))
+    ref = quadratic_hybrid_attention(q, k, v, pq, pk, window, g, sinks=sinks, decay=decay)
+    with torch.set_grad_enabled(grad):
+        out = hybrid_attention(q, k, v, pq, pk, window, g, chunk_size=chunk, sinks=sinks, decay=decay)
+        many = hybrid_attention(q, k, v, pq, pk, window, g, chunk_size=chunk, sinks=sinks, decay=decay,
+                                block_size=math.lcm(chunk, window))  # the state carried across blocks
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(many, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_decayed_state_after_a_pass_is_the_decayed_sum_of_older_keys():
+    n, w, sinks = 37, 8, 3
+    q, k, v, pq, pk = inputs(n)
+    lam = torch.tensor([0.9, 0.8, 0.99], dtype=torch.float64)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            _, ((S, z), kt, vt) = hybrid_attention(q, k, v, pq, pk, w, 0.5, chunk_size=5, sinks=sinks,
+                                                   decay=lam.log(), return_state=True)
+        wts = torch.stack([lam ** (n - 1 - w - i) if i >= sinks else torch.zeros(H, dtype=torch.float64)
+                           for i in range(n - w)], -1)  # (H, older keys)
+        want_S = torch.einsum("hi,bhif,bhid->bhfd", wts, pk[:, :, :n - w], v[:, :, :n - w])
+        torch.testing.assert_close(S, want_S, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(z, torch.einsum("hi,bhif->bhf", wts, pk[:, :, :n - w]), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("sub,piece", [(8, 8), (5, 15), (32, 64)])
+def test_window_inference_with_sinks_equals_the_autograd_form(sub, piece):
+    n, w = 101, 12
+    q, k, v, _, _ = inputs(n)
+    g = torch.rand(H, dtype=torch.float64)
+    BH = B * H
+    rows = hyb._gamma_rows(g, B, H, torch.float64, q.device)
+    q3, k3, v3 = (t.reshape(BH, n, -1) for t in (q, k, v))
+    rows_of = lambda t: (lambda lo, hi: t[:, lo:hi])
+    want = hyb._window_part(rows_of(q3), rows_of(k3), rows_of(v3), w, 0.3, rows, torch.float64, sinks=4)(0, 0, n)
+    with torch.no_grad():
+        got = hyb._window_inference(q3, k3, v3, w, 0.3, rows, sub=sub, piece=piece, sinks=4)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_gradcheck_with_sinks_and_decay():
+    q, k, v, pq, pk = inputs(19)
+    g = torch.rand(H, dtype=torch.float64)
+    decay = torch.log(torch.tensor([0.9, 0.6], dtype=torch.float64))
+    args = [t[:1, :2].clone().requires_grad_() for t in (q, k, v, pq, pk)] + [g[:2].clone().requires_grad_(),
+                                                                             decay.clone().requires_grad_()]
+    fn = lambda q, k, v, pq, pk, g, dc: hybrid_attention(q, k, v, pq, pk, window=3, gamma=g, chunk_size=4,
+                                                         block_size=12, sinks=2, decay=dc)
+    assert torch.autograd.gradcheck(fn, args)
+
+
+# -- the converted layer: prefill, decoding, generate, save/load -----------------------------------------------
+from conftest import FAMILIES, V, perturb_maps, tiny  # noqa: E402
+from conftest import (assert_decoding_matches_full_forward,  # noqa: E402
+                             assert_left_padded_generation_matches_unpadded)
+
+from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers, set_attention_mode  # noqa: E402
+from hedgehog.layers.generation import HybridStateLayer  # noqa: E402
+from hedgehog.models.convert import convert_model  # noqa: E402
+
+
+def long_model(family, window=4, sinks=2, decay=0.8):
+    torch.manual_seed(0)
+    m = convert_model(tiny(family).eval(), HedgehogConfig(attention="hybrid", window=window, sinks=sinks,
+                                                          state_decay=decay))
+    perturb_maps(m)
+    with torch.no_grad():
+        for layer in hedgehog_layers(m):
+            layer.window_gate.normal_()
+            layer.state_decay.add_(torch.randn_like(layer.state_decay))  # a different lambda per KV head
+    return m
+
+
+def test_config_checks_sinks_and_decay():
+    with pytest.raises(ValueError, match="state_decay"):
+        HedgehogConfig(attention="hybrid", state_decay=1.0)
+    with pytest.raises(ValueError, match="sinks"):
+        HedgehogConfig(attention="hybrid", sinks=-1)
+    with pytest.raises(ValueError, match="hybrid"):
+        HedgehogConfig(attention="linear", sinks=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_layer_forward_matches_the_reference_with_sinks_and_decay(family):
+    layer, q, k, v_rep, reference = hybrid_layer_case(long_model(family), V)
+    want = reference(sinks=2, decay=layer.log_decay().detach().double())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None)
+        torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-5)
+    assert (reference() - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prefill", [1, 3, 9], ids=lambda p: f"prefill{p}")
+def test_decode_equals_full_forward_past_the_window_with_sinks_and_decay(family, prefill):
+    m = long_model(family)
+    ids, cache = assert_decoding_matches_full_forward(m, prefill, n=24)
+    with torch.no_grad():
+        more = m(ids[:, :3], past_key_values=cache, use_cache=True).logits  # several tokens on a state
+        want_more = m(torch.cat([ids, ids[:, :3]], 1)).logits[:, 24:]
+    torch.testing.assert_close(more, want_more, atol=1e-5, rtol=1e-5)
+    assert isinstance(cache.layers[0], HybridStateLayer) and cache.layers[0].k_win.shape[2] == 4 + 2
+
+
+def test_left_padded_generation_with_sinks_and_decay_matches_unpadded():
+    assert_left_padded_generation_matches_unpadded(long_model("llama", sinks=0), long=9, short=3, new=8)
+
+
+def test_generate_keeps_a_constant_state_with_sinks_and_decay():
+    assert_greedy_generate_is_argmax_with_a_constant_state(long_model("llama"), V)
+
+
+def test_save_load_keeps_sinks_and_the_learned_decay(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = long_model("llama")
+    m.save_pretrained(tmp_path / "m")
+    r = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    a, b = hedgehog_layers(m)[1], hedgehog_layers(r)[1]
+    assert b.hh_config.sinks == 2 and torch.equal(a.state_decay, b.state_decay)
+    ids = torch.randint(0, V, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(r(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)

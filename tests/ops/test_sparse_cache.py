@@ -1,0 +1,266 @@
+"""The hybrid with a sparse cache (LoLA) against a float64 reference that follows the definition key by key."""
+import math
+
+import pytest
+import torch
+
+from conftest import rand_features
+from hedgehog.ops.hybrid import quadratic_hybrid_attention
+from hedgehog.ops.sparse_cache import sparse_hybrid_attention
+
+
+def reference(q, k, v, pq, pk, window, cache_size, gamma, sinks=0, decay=None, chunk=None, key_valid=None,
+              score="memory"):
+    """Per query, the sets the definition names: sinks, cache, recent keys exact; the folded keys through phi.
+    Cache selection by explicit self-recall errors against the explicitly summed state ("state"), or that state
+    plus every other candidate ("memory"). Float64, loops."""
+    B, Hq, n, d = q.shape
+    Hk = k.shape[1]
+    g = Hq // Hk
+    chunk = chunk or window
+    scale = d ** -0.5
+    gam = torch.as_tensor(gamma, dtype=torch.float64).expand(Hq)
+    lam = torch.ones(Hk, dtype=torch.float64) if decay is None else torch.exp(decay.double())
+    ok = torch.ones(B, n, dtype=torch.bool) if key_valid is None else key_valid
+    y = torch.zeros(B, Hq, n, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for hk in range(Hk):
+            cache, folded, handled = [], [], 0  # handled: keys < handled have left the recent buffer
+            t = 0
+            for i in range(n):
+                if i and i % chunk == 0:
+                    t = i
+                    leaving = [j for j in range(handled, t - window + 1)]
+                    handled = max(handled, t - window + 1)
+                    cands = [j for j in cache + leaving if j >= sinks and ok[b, j]]
+                    if cache_size:
+                        def read_back(j):
+                            summed = folded + ([i for i in cands if i != j] if score == "memory" else [])
+                            S = sum((lam[hk] ** (t - window - i) * torch.outer(pk[b, hk, i], v[b, hk, i])
+                                     for i in summed), torch.zeros(pk.shape[-1], v.shape[-1], dtype=torch.float64))
+                            z = sum((lam[hk] ** (t - window - i) * pk[b, hk, i] for i in summed),
+                                    torch.zeros(pk.shape[-1], dtype=torch.float64))
+                            return pk[b, hk, j] @ S / max(float(pk[b, hk, j] @ z), 1e-6)
+                        err = {j: (v[b, hk, j] - read_back(j)).pow(2).sum().item() for j in cands}
+                        cache = sorted(cands, key=lambda j: -err[j])[:cache_size]
+                    else:
+                        cache = []
+                    folded += [j for j in cands if j not in cache]
+                exact = [j for j in range(n) if ok[b, j] and j <= i and (j > t - window or j < sinks or j in cache)]
+                for h in range(hk * g, (hk + 1) * g):
+                    s = torch.tensor([q[b, h, i] @ k[b, hk, j] * scale for j in exact], dtype=torch.float64)
+                    c = s.max() if len(exact) else 0.0
+                    num = sum((gam[h] * math.exp(float(sj - c)) * v[b, hk, j] for sj, j in zip(s, exact)), 0.0)
+                    den = sum((gam[h] * math.exp(float(sj - c)) for sj in s), 0.0)
+                    for j in folded:
+                        a = lam[hk] ** (i - window - j) * (pq[b, h, i] @ pk[b, hk, j])
+                        num = num + a * v[b, hk, j]
+                        den = den + a
+                    y[b, h, i] = num / max(float(den), 1e-6)
+    return y
+
+
+def inputs(B=2, Hq=4, Hk=2, n=40, d=4, D=3, F=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hk, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hk, n, D, generator=g, dtype=torch.float64)
+    return q, k, v, rand_features(B, Hq, n, F), rand_features(B, Hk, n, F)
+
+
+@pytest.mark.parametrize("score", ["memory", "state"])
+@pytest.mark.parametrize("window,chunk,cache_size,sinks,decayed", [
+    (6, 4, 3, 0, False), (5, 5, 4, 2, True), (4, 7, 2, 1, True), (8, 3, 0, 0, False), (3, 2, 6, 0, True)])
+def test_equals_the_definition(window, chunk, cache_size, sinks, decayed, score):
+    q, k, v, pq, pk = inputs()
+    decay = torch.log(torch.tensor([0.9, 0.97], dtype=torch.float64)) if decayed else None
+    gamma = torch.tensor([0.3, 0.5, 0.6, 0.8], dtype=torch.float64)
+    y, _ = sparse_hybrid_attention(q, k, v, pq, pk, window, cache_size, gamma, sinks=sinks, decay=decay, chunk=chunk,
+                                   score=score)
+    ref = reference(q, k, v, pq, pk, window, cache_size, gamma, sinks, decay, chunk, score=score)
+    assert torch.allclose(y, ref, atol=1e-10), (y - ref).abs().max()
+
+
+def test_the_cache_changes_the_output():
+    """Guards the reference test against a cache that is never read: 0 slots and 4 slots differ."""
+    q, k, v, pq, pk = inputs()
+    y0, _ = sparse_hybrid_attention(q, k, v, pq, pk, 4, 0, 0.5, chunk=4)
+    y4, _ = sparse_hybrid_attention(q, k, v, pq, pk, 4, 4, 0.5, chunk=4)
+    assert (y0 - y4).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sinks,decayed", [(0, False), (2, True)])
+def test_one_token_chunks_without_cache_are_the_plain_hybrid(sinks, decayed):
+    q, k, v, pq, pk = inputs(Hk=4)
+    decay = torch.log(torch.tensor([0.9, 0.95, 0.97, 0.99], dtype=torch.float64)) if decayed else None
+    y, _ = sparse_hybrid_attention(q, k, v, pq, pk, 6, 0, 0.4, sinks=sinks, decay=decay, chunk=1)
+    ref = quadratic_hybrid_attention(q, k, v, pq, pk, window=6, gamma=0.4, sinks=sinks, decay=decay)
+    assert torch.allclose(y, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", [[1] * 40, [13, 1, 1, 25], [8, 8, 24], [39, 1]])
+def test_calls_in_pieces_continue_the_state_exactly(split):
+    """Decoding token by token (or any split of the sequence) equals one call over all of it."""
+    q, k, v, pq, pk = inputs()
+    decay = torch.log(torch.tensor([0.9, 0.97], dtype=torch.float64))
+    full, st_full = sparse_hybrid_attention(q, k, v, pq, pk, 5, 3, 0.5, sinks=1, decay=decay, chunk=4)
+    st, ys, a = None, [], 0
+    for m in split:
+        sl = slice(a, a + m)
+        y, st = sparse_hybrid_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], pq[:, :, sl], pk[:, :, sl], 5, 3, 0.5,
+                                        sinks=1, decay=decay, chunk=4, state=st)
+        ys.append(y)
+        a += m
+    assert torch.allclose(torch.cat(ys, 2), full, atol=1e-12)
+    assert torch.equal(st.cache_pos, st_full.cache_pos)
+
+
+def test_state_size_does_not_grow_with_length():
+    sizes = []
+    for n in (40, 80, 160):
+        q, k, v, pq, pk = inputs(n=n)
+        _, st = sparse_hybrid_attention(q, k, v, pq, pk, 6, 4, 0.5, sinks=2, chunk=4)
+        sizes.append(st.nbytes())
+    assert sizes[1] == sizes[2]
+    assert sizes[0] <= sizes[1]
+
+
+def test_padding_keys_are_never_cached_or_summed():
+    q, k, v, pq, pk = inputs()
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[0, :7] = False  # left padding in row 0
+    y, st = sparse_hybrid_attention(q, k, v, pq, pk, 5, 3, 0.5, sinks=1, chunk=4, key_valid=valid)
+    ref = reference(q, k, v, pq, pk, 5, 3, 0.5, sinks=1, chunk=4, key_valid=valid)
+    assert torch.allclose(y[0, :, 7:], ref[0, :, 7:], atol=1e-10)
+    assert torch.allclose(y[1], ref[1], atol=1e-10)
+    assert (st.cache_pos[0][st.cache_ok[0]] >= 7).all()
+
+
+def test_a_badly_represented_key_is_kept():
+    """A key whose value the state cannot read back (one outlier among repeated filler) stays in the cache."""
+    B, H, n, d, F = 1, 1, 64, 4, 6
+    base_k = torch.randn(4, d, dtype=torch.float64)
+    k = base_k.repeat(n // 4, 1)[None, None].clone()
+    v = torch.randn(4, 3, dtype=torch.float64).repeat(n // 4, 1)[None, None].clone()
+    pk = torch.softmax(k @ torch.randn(d, F, dtype=torch.float64), -1)
+    v[0, 0, 10] = 25.0  # the needle
+    q = torch.randn(B, H, n, d, dtype=torch.float64)
+    pq = torch.softmax(q @ torch.randn(d, F, dtype=torch.float64), -1)
+    _, st = sparse_hybrid_attention(q, k, v, pq, pk, 8, 2, 0.5, chunk=8)
+    assert 10 in st.cache_pos[0, 0].tolist()
+
+
+@pytest.mark.parametrize("score", ["memory", "state"])
+def test_copies_of_a_repeated_key_do_not_push_out_a_unique_one(score):
+    """Filler, a unique needle (|v| = 3) and four copies of a repeated key with a larger value (|v| = 5), each on
+    its own feature. Read by the state as it is (LoLA's rule) every copy looks unrepresented, so the copies take
+    both slots when the needle competes and it is folded; read with the other candidates folded in, the copies recall one another
+    and the needle stays."""
+    n, F, D, needle, copies = 20, 3, 3, 3, [5, 8, 11, 14]
+    pk = torch.zeros(1, 1, n, F, dtype=torch.float64)
+    pk[..., 0] = 1.0
+    v = 0.1 * torch.randn(1, 1, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pk[0, 0, needle] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    v[0, 0, needle] = torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64)
+    for j in copies:
+        pk[0, 0, j] = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+        v[0, 0, j] = torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)
+    q, k = torch.randn(1, 1, n, 4, dtype=torch.float64), torch.randn(1, 1, n, 4, dtype=torch.float64)
+    _, st = sparse_hybrid_attention(q, k, v, pk.clone(), pk, 2, 2, 0.5, chunk=1, score=score)
+    kept = set(st.cache_pos[0, 0].tolist())
+    if score == "memory":
+        assert needle in kept, kept
+    else:
+        assert needle not in kept, kept  # folded while the copies held the slots
+
+
+def test_bad_shapes_raise():
+    q, k, v, pq, pk = inputs()
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        sparse_hybrid_attention(q, k[:, :1].expand(2, 3, 40, 4), v, pq, pk, 5, 2)
+    with pytest.raises(ValueError, match="window >= 1"):
+        sparse_hybrid_attention(q, k, v, pq, pk, 0, 2)
+
+
+# -- in a converted model ------------------------------------------------------------------------------
+from conftest import FAMILIES, V, perturb_maps, tiny  # noqa: E402
+from conftest import assert_decoding_matches_full_forward, assert_greedy_generate_is_argmax  # noqa: E402
+
+from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers  # noqa: E402
+from hedgehog.layers.generation import SparseStateLayer  # noqa: E402
+from hedgehog.models.convert import convert_model  # noqa: E402
+
+
+def sparse_model(family, cache=3, chunk=3):
+    torch.manual_seed(0)
+    m = convert_model(tiny(family).eval(), HedgehogConfig(attention="hybrid", window=4, sinks=1, state_decay=0.8,
+                                                          sparse_cache=cache, sparse_chunk=chunk))
+    perturb_maps(m)
+    with torch.no_grad():
+        for layer in hedgehog_layers(m):
+            layer.window_gate.normal_()
+            layer.state_decay.add_(torch.randn_like(layer.state_decay))
+    return m
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma2"])
+@pytest.mark.parametrize("prefill", [1, 7, 20], ids=lambda p: f"prefill{p}")
+def test_decode_equals_the_full_forward_across_chunks(family, prefill):
+    m = sparse_model(family)
+    ids, cache = assert_decoding_matches_full_forward(m, prefill, n=30)
+    assert isinstance(cache.layers[0], SparseStateLayer)
+    assert cache.layers[0].state.cache_ok.all()  # 30 tokens, window 4: the cache is full
+    with torch.no_grad():
+        more = m(ids[:, :5], past_key_values=cache, use_cache=True).logits  # several tokens on a state
+        want_more = m(torch.cat([ids, ids[:, :5]], 1)).logits[:, 30:]
+    torch.testing.assert_close(more, want_more, atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_transformers_cache_recomputes_the_same_output():
+    from transformers import DynamicCache
+
+    m = sparse_model("llama")
+    ids = torch.randint(0, V, (2, 26))
+    with torch.no_grad():
+        full = m(ids).logits
+        cache = DynamicCache()
+        first = m(ids[:, :20], past_key_values=cache, use_cache=True).logits
+        rest = m(ids[:, 20:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_training_runs_the_plain_hybrid_and_inference_the_cache():
+    """Under autograd (training) the layer is the hybrid it was trained as; without it, the sparse cache."""
+    m, plain = sparse_model("llama"), sparse_model("llama", cache=0)
+    for lay in hedgehog_layers(plain):
+        lay.hh_config.sparse_cache = 0
+    ids = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        inference, reference = m(ids).logits, plain(ids).logits
+    trained = m(ids).logits.detach()
+    torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-5)
+    assert (inference - reference).abs().max() > 1e-3
+
+
+def test_generate_is_greedy_argmax_and_the_state_is_bounded():
+    """The state holds sinks + cache + between w - 1 and w + chunk - 1 recent keys: the same size at the same
+    phase of the chunk, whatever the length, and never more than at the end of a chunk."""
+    m = sparse_model("llama")
+    ids = torch.randint(0, V, (2, 6))
+    assert_greedy_generate_is_argmax(m, ids)
+    size = lambda new: m.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                                  return_dict_in_generate=True).past_key_values.state_nbytes()
+    sizes = [size(n) for n in (40, 41, 42, 79, 80, 81)]  # 6 + n tokens, chunk 3: phases 1, 2, 0 twice
+    assert sizes[:3] == sizes[3:] and len(set(sizes[:3])) == 3
+
+
+def test_config_checks_the_cache():
+    with pytest.raises(ValueError, match="sparse_cache"):
+        HedgehogConfig(attention="linear", sparse_cache=4)
+    with pytest.raises(ValueError, match="sparse_chunk"):
+        HedgehogConfig(attention="hybrid", sparse_cache=4, sparse_chunk=0)
+    with pytest.raises(ValueError, match="sparse_score"):
+        HedgehogConfig(attention="hybrid", sparse_cache=4, sparse_score="loo")
+    q, k, v, pq, pk = inputs()
+    with pytest.raises(ValueError, match="score"):
+        sparse_hybrid_attention(q, k, v, pq, pk, 4, 2, score="loo")
