@@ -72,8 +72,7 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         windows: int = 2, seq_len: int = 256, layer: Optional[int] = None, head: int = 0, span: int = 32) -> Dict:
     from hedgehog.data.corpora import load_corpus, tokenize_windows
     from hedgehog.layers.capture import capture_qkv
-    from hedgehog.models.checkpoint import load, load_teacher, needs_separate_teacher
-    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.checkpoint import load, load_base, load_teacher, needs_separate_teacher
     from hedgehog.models.convert import convert_model
     from hedgehog.models.formats import is_converted_dir, read_meta
 

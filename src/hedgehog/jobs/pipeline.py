@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from hedgehog.eval import long_context as lc
 from hedgehog.eval.report import mean_fidelity, plot_compare, slim_stage_report
-from hedgehog.jobs.config import (LONGEST_OFFSET_CONTEXT, ConvertJob, eval_names, hybrid_settings,  # noqa: F401
-                                  parse_compare_entry, position_offsets, resume_settings, with_position_offsets)
+from hedgehog.jobs.config import (ConvertJob, eval_names, hybrid_settings, parse_compare_entry, resume_settings,
+                                  with_position_offsets)
 from hedgehog.layers.attention import HedgehogConfig, set_attention_mode
 from hedgehog.train.distill import add_lora, attention_transfer, lora_finetune
 from hedgehog.train.engine import Engine
@@ -57,8 +57,8 @@ class JobContext:
     test: torch.Tensor
     eval_sets: Dict[str, torch.Tensor]  # label -> windows scored for fidelity (the test split first)
     in_domain: str
-    checkpoints: Dict[str, Optional[StageCheckpoint]]
     t_start: float
+    checkpoints: Dict[str, Optional[StageCheckpoint]] = field(default_factory=dict)  # stage -> its file
     timings: Dict[str, float] = field(default_factory=dict)
     curve: List[Dict] = field(default_factory=list)
     teacher_val_ppl: Optional[float] = None
@@ -170,7 +170,7 @@ def prepare(job: ConvertJob) -> JobContext:
 
     ctx = JobContext(job=job, out=out, engine=engine, dtype=dtype, model=model, tok=tok, base_path=str(base_path),
                      model_ref=portable_model_ref(job.model), corpus=corpus, held_out=held_out, train=train, val=val,
-                     test=test, eval_sets=eval_sets, in_domain=in_domain, checkpoints={}, t_start=t_start,
+                     test=test, eval_sets=eval_sets, in_domain=in_domain, t_start=t_start,
                      timings={"load_s": load_s})
     ctx.checkpoints = _stage_checkpoints(ctx, resume_settings(job, formats.base_fingerprint(model)))
 

@@ -16,7 +16,7 @@ from hedgehog.models.hf import recorded_base, register as register_auto_classes
 from hedgehog.models.formats import (FEATURES_NAME, MERGED_NAME, BaseModelMismatchError, check_fingerprint,
                               check_weight_files, load_feature_map_state, read_checked, read_meta)
 
-__all__ = ["BaseModelMismatchError", "load", "load_teacher", "needs_separate_teacher"]
+__all__ = ["BaseModelMismatchError", "load", "load_base", "load_teacher", "needs_separate_teacher"]
 
 
 def load(path, base_model: Optional[str] = None, dtype=torch.float32, device="cpu", merge_lora: bool = True):

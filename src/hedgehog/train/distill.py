@@ -13,7 +13,6 @@ feature maps optionally trainable.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
