@@ -53,11 +53,11 @@ def first_layer_qkv(model, ids):
 
     layer = hedgehog_layers(model)[0]
     layer.start_capture()
-    set_attention_mode(model, "softmax")
+    set_attention_mode(model, "teacher")
     with torch.no_grad():
         model(ids)
-    qkv = layer.stop_capture()[0]
-    set_attention_mode(model, "linear")
+    qkv = tuple(layer.stop_capture()[0][:3])
+    set_attention_mode(model, "student")
     return layer, qkv
 
 
@@ -95,7 +95,7 @@ def hybrid_layer_case(model, vocab, n=19):
         with torch.no_grad():
             return quadratic_hybrid_attention(q.double(), rep(k).double(), rep(v).double(), phi_q.double(),
                                               phi_k.double(), layer.hh_config.window, layer.gamma().double(),
-                                              scale=layer.teacher_scale(), **kw)
+                                              scale=layer.teacher.scale, **kw)
 
     return layer, q, k, rep(v), reference
 

@@ -1,6 +1,6 @@
 """hedgehog: learned linear attention (Hedgehog, Zhang et al. ICLR 2024) for transformers."""
 from hedgehog.layers.attention import HedgehogConfig, attention_mode, set_attention_mode
-from hedgehog.models.checkpoint import load
+from hedgehog.models.loading import load
 from hedgehog.models.convert import convert_model
 from hedgehog.models.formats import save_converted
 from hedgehog.modules.feature_maps import available_feature_maps, get_feature_map, register_feature_map

@@ -54,14 +54,14 @@ def test_teacher_of_a_converted_model_is_the_original_model():
     model = peaky_converted()
     w = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(2))
     f = fidelity(model, w, progress=False)
-    set_attention_mode(model, "softmax")
+    set_attention_mode(model, "teacher")
     assert f["teacher_ppl"] == pytest.approx(perplexity(model, w, progress=False), rel=1e-6)
-    set_attention_mode(model, "linear")
+    set_attention_mode(model, "student")
     assert f["student_ppl"] == pytest.approx(perplexity(model, w, progress=False), rel=1e-6)
 
 
 def test_teacher_mode_turns_a_lora_adapter_off():
-    from hedgehog.train.distill import Stage2Config, add_lora
+    from hedgehog.train.stage2 import Stage2Config, add_lora
 
     model = peaky_converted()
     w = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -89,15 +89,15 @@ def test_teacher_mode_and_captures_restore_the_mode_they_found():
     w = torch.randint(0, 50, (1, 10))
     set_attention_mode(model, "mimic")
     with teacher_mode(model):
-        assert modes() == {"softmax"}
-    assert modes() == {"mimic"}  # was reset to "linear"
+        assert modes() == {"teacher"}
+    assert modes() == {"mimic"}  # the mode it found, not "student"
     capture_qkv(model, w)
     assert modes() == {"mimic"}  # was left in softmax mode
-    with pytest.raises(RuntimeError, match="boom"), attention_mode(model, "window"):
-        assert modes() == {"window"}
+    with pytest.raises(RuntimeError, match="boom"), attention_mode(model, "baseline"):
+        assert modes() == {"baseline"}
         raise RuntimeError("boom")
     assert modes() == {"mimic"}
-    set_attention_mode(model, "linear")
+    set_attention_mode(model, "student")
 
 
 def test_eval_batches_is_the_one_loop_and_restores_the_mode():

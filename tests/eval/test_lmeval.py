@@ -68,8 +68,8 @@ def test_batched_loglikelihood_equals_a_float64_forward(tiny_run, teacher):
     """lm-eval's batched (padded) loglikelihood of the hedgehog model type against our own forward."""
     from lm_eval.api.instance import Instance
 
-    from hedgehog.models.checkpoint import load
-    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.loading import load
+    from hedgehog.models.loading import load_base
     from hedgehog.models.formats import read_meta
 
     lm = lmeval.model_class()(pretrained=str(tiny_run / "model"), teacher=teacher, batch_size=3)

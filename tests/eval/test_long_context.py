@@ -215,4 +215,4 @@ def test_a_converted_models_window_mode_is_the_masked_teacher_float64(lora):
     torch.testing.assert_close(fast(ids), want, atol=1e-10, rtol=1e-9)
     student, _ = model_forwards(converted)
     assert (student(ids) - want).abs().max() > 1e-3  # the student (hybrid, maybe LoRA) is not the baseline
-    assert all(m.mode == "linear" for m in converted.modules() if hasattr(m, "baseline"))
+    assert all(m.mode == "student" for m in converted.modules() if hasattr(m, "baseline"))

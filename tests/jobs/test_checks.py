@@ -161,7 +161,7 @@ def test_revision_and_remote_code_reach_transformers(tiny_assets, monkeypatch):
     import transformers
 
     from hedgehog.jobs.checks import check_model
-    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.loading import load_base
 
     seen, depth = [], [0]
     for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):

@@ -18,7 +18,7 @@ def test_softmax_mode_is_the_original_bert_with_padding():
     ref = m(input_ids=ids, attention_mask=mask).logits
     convert_model(m, HedgehogConfig())
     assert all(not layer.causal for layer in hedgehog_layers(m))
-    set_attention_mode(m, "softmax")
+    set_attention_mode(m, "teacher")
     torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).logits, ref, rtol=0, atol=0)
     from hedgehog.layers.capture import capture_qkv
 
@@ -47,7 +47,7 @@ def test_bidirectional_layer_equals_float64_reference():
 def test_padding_keys_are_ignored_in_linear_mode():
     m = tiny_bert()
     convert_model(m, HedgehogConfig())
-    set_attention_mode(m, "linear")
+    set_attention_mode(m, "student")
     ids = torch.randint(5, 60, (1, 9))
     short = m(input_ids=ids).logits
     padded_ids = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
@@ -59,11 +59,11 @@ def test_padding_keys_are_ignored_in_linear_mode():
 @pytest.mark.parametrize("kernel_form", [True, False], ids=["kernel", "features"])
 def test_taylor_encoder_kernel_form_and_padding(kernel_form, monkeypatch):
     """Taylor's closed-form kernel (short N) and its feature form agree, padding keys ignored in both."""
-    from hedgehog.layers import attention_paths as attn_mod
+    from hedgehog.layers import student as attn_mod
 
     m = tiny_bert(dtype=torch.float64)
     convert_model(m, HedgehogConfig(feature_map="taylor"))
-    set_attention_mode(m, "linear")
+    set_attention_mode(m, "student")
     layer = hedgehog_layers(m)[0]
     x = torch.randn(2, 10, 32, dtype=torch.float64)
     q, k, v = layer.adapter.qkv(layer, x, {})
@@ -91,7 +91,7 @@ def test_hybrid_is_refused_for_encoders():
 
 def test_bidirectional_stage1_lowers_the_noncausal_kl():
     from hedgehog.eval.fidelity import layer_attention_kl
-    from hedgehog.train.distill import Stage1Config, attention_transfer
+    from hedgehog.train.stage1 import Stage1Config, attention_transfer
 
     m = tiny_bert()
     convert_model(m, HedgehogConfig())
@@ -169,9 +169,9 @@ def test_encoder_pipeline_end_to_end(encoder_assets, tmp_path):
     assert hh["mean_kl_after"] < hh["mean_kl_before"]
     model = load_encoder(out / "hedgehog" / "model")
     assert len(hedgehog_layers(model)) == 2
-    from hedgehog.models.formats import checkpoint_format
+    from hedgehog.models.formats import saved_format
 
-    assert checkpoint_format(out / "hedgehog" / "model") == "hf"  # the one converted-model format
+    assert saved_format(out / "hedgehog" / "model") == "hf"  # the one converted-model format
     # resume reuses the finetuned teacher (same teacher accuracy, no second finetune)
     main(["convert-encoder", "--model", encoder_assets["model"], "--out", str(out), "--feature-maps", "elu",
           "--seq-len", "18", "--teacher-steps", "30", "--stage1-tokens", "0", "--stage2-steps", "1", "--resume",

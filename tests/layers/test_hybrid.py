@@ -10,6 +10,8 @@ from hedgehog.modules.losses import attention_distillation_loss, attention_outpu
 from hedgehog.ops import (hybrid_attention, hybrid_recurrent_step, quadratic_hybrid_attention, ring_hybrid_step,
                           softmax_attention)
 from hedgehog.ops import hybrid as hyb
+from hedgehog.ops.window import window_inference, window_part
+from hedgehog.ops.settings import HybridSettings
 from hedgehog.ops.softmax import softmax_attention_weights
 
 B, H, D, FD = 2, 3, 8, 16
@@ -56,9 +58,9 @@ def test_window_inference_pieces_and_subchunks_agree(sub, piece):
     rows = hyb._gamma_rows(g, q.shape[0], H, torch.float64, q.device)
     q3, k3, v3 = (t.reshape(BH, n, -1) for t in (q, k, v))
     rows_of = lambda t: (lambda lo, hi: t[:, lo:hi])
-    want = hyb._window_part(rows_of(q3), rows_of(k3), rows_of(v3), w, 0.125, rows, torch.float64)(0, 0, n)
+    want = window_part(rows_of(q3), rows_of(k3), rows_of(v3), w, 0.125, rows, torch.float64)(0, 0, n)
     with torch.no_grad():
-        got = hyb._window_inference(q3, k3, v3, w, 0.125, rows, sub=sub, piece=piece)
+        got = window_inference(q3, k3, v3, w, 0.125, rows, sub=sub, piece=piece)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
     assert torch.all(got[0::H] == 0)  # gamma 0 (head 0 of each batch row): its window weighs nothing
 
@@ -190,9 +192,9 @@ def test_hybrid_loss_equals_cross_entropy_of_reference_weights_and_blocks_agree(
     p = softmax_attention_weights(q, k, causal=True)
     _, w = quadratic_hybrid_attention(q, k, v, pq, pk, 8, g, return_weights=True)
     want = -(p * w.clamp_min(1e-300).log()).sum(-1).mean()
-    got = attention_distillation_loss(q, k, pq, pk, window=8, gamma=g)
+    got = attention_distillation_loss(q, k, pq, pk, hybrid=HybridSettings(8, g))
     torch.testing.assert_close(got, want)
-    blocked = attention_distillation_loss(q, k, pq, pk, window=8, gamma=g, query_block=7)
+    blocked = attention_distillation_loss(q, k, pq, pk, hybrid=HybridSettings(8, g), query_block=7)
     torch.testing.assert_close(blocked, want)
 
 
@@ -200,9 +202,9 @@ def test_hybrid_loss_is_teacher_entropy_when_the_window_covers_everything():
     q, k, _, pq, pk = inputs(20)
     p = softmax_attention_weights(q, k, causal=True)
     entropy = -(p * p.clamp_min(1e-300).log()).sum(-1).mean()
-    torch.testing.assert_close(attention_distillation_loss(q, k, pq, pk, window=32, gamma=0.3), entropy)
+    torch.testing.assert_close(attention_distillation_loss(q, k, pq, pk, hybrid=HybridSettings(32, 0.3)), entropy)
     v = torch.randn_like(q)
-    assert attention_output_mse_loss(q, k, v, pq, pk, window=32, gamma=0.3).item() < 1e-20
+    assert attention_output_mse_loss(q, k, v, pq, pk, hybrid=HybridSettings(32, 0.3)).item() < 1e-20
 
 
 # -- converted layer -----------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def test_config_rejects_unknown_kind_and_bad_window():
 def test_layer_forward_matches_reference_with_the_layers_own_qkv(family):
     layer, q, k, v_rep, reference = hybrid_layer_case(hybrid_model(family), V)
     with torch.no_grad():
-        got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None)
+        got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None, layer.teacher.scale)
     torch.testing.assert_close(got.double(), reference(), atol=1e-5, rtol=1e-5)
 
 
@@ -265,9 +267,9 @@ def test_greedy_generate_equals_argmax_and_cache_size_is_constant():
 def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from hedgehog.models import checkpoint as ckpt
+    from hedgehog.models import loading
     from hedgehog.models import formats
-    from hedgehog.train.distill import Stage1Config, attention_transfer
+    from hedgehog.train.stage1 import Stage1Config, attention_transfer
 
     torch.manual_seed(0)
     tiny("llama").save_pretrained(tmp_path / "base")
@@ -283,7 +285,7 @@ def test_stage1_trains_maps_and_gate_and_save_load_round_trip(tmp_path):
     with torch.no_grad():
         want = m(input_ids=ids).logits
     formats.save_converted(m, tmp_path / "c", base_model=str(tmp_path / "base"))
-    loaded, _ = ckpt.load(tmp_path / "c")
+    loaded, _ = loading.load(tmp_path / "c")
     assert hedgehog_layers(loaded)[0].hybrid and hedgehog_layers(loaded)[0].hh_config.window == 4
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, want)

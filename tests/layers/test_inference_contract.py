@@ -89,7 +89,7 @@ def test_model_level_perplexity_takes_the_fused_kernel(converted, monkeypatch):
     from hedgehog.eval.fidelity import perplexity
 
     calls = spy_on_kernel(monkeypatch, "causal_forward")
-    set_attention_mode(converted, "linear")
+    set_attention_mode(converted, "student")
     perplexity(converted, windows(4), batch_size=2, progress=False)
     assert len(calls) == 2 * converted.config.num_hidden_layers
 

@@ -4,7 +4,8 @@ import torch
 
 from conftest import FAMILIES, V, perturb_maps, tiny
 from hedgehog.layers.attention import HedgehogAttention, HedgehogConfig, hedgehog_layers, set_attention_mode
-from hedgehog.models import checkpoint as ckpt
+from hedgehog.layers.interface import AttentionCall
+from hedgehog.models import loading
 from hedgehog.models.convert import UnsupportedArchitectureError, convert_model
 from hedgehog.ops import quadratic_linear_attention
 
@@ -19,26 +20,26 @@ def test_swap_teacher_exact_and_linear_matches_reference(family):
         convert_model(model)
         layers = hedgehog_layers(model)
         assert len(layers) == 2 and all(isinstance(m, HedgehogAttention) for m in layers)
-        set_attention_mode(model, "softmax")
+        set_attention_mode(model, "teacher")
         assert torch.equal(model(ids).logits, ref)  # teacher mode is the original model, exactly
-        set_attention_mode(model, "linear")
+        set_attention_mode(model, "student")
         perturb_maps(model)
         lin = model(ids).logits
         assert lin.shape == ref.shape and torch.isfinite(lin).all()
         assert not torch.allclose(lin, ref, atol=1e-6, rtol=0)
         # the layer's linear path equals the float64 quadratic reference on captured q/k/v
         layer = layers[0]
-        set_attention_mode(model, "softmax")
+        set_attention_mode(model, "teacher")
         layer.start_capture()
         model(ids)
-        q, k, v = layer.stop_capture()[0]
-        set_attention_mode(model, "linear")
+        q, k, v, _ = layer.stop_capture()[0]
+        set_attention_mode(model, "student")
         layer.start_capture()
-        layer.mode = "linear"
+        layer.mode = "student"
         phi_q, phi_k = layer.features(q.double(), k.double())
         v_rep = v.double().repeat_interleave(layer.n_rep, 1)
         want = quadratic_linear_attention(phi_q, phi_k, v_rep)
-        got = layer._linear(q, k, v, {}, None)
+        got = layer.student(q, k, v, AttentionCall(teacher=layer.teacher))
         layer.stop_capture()
         assert (got.double() - want).abs().max() < 1e-5
 
@@ -89,7 +90,7 @@ def test_unsupported_architecture_and_bad_paths():
     assert all(t in msg for t in ("llama", "gpt2", "qwen3", "gemma2", "phi3", "gpt_neox", "bert"))
     assert "model_types" not in msg  # no advice to edit an adapter's list (that silently skips q/k norms)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ckpt.load("/nonexistent/run/model")
+        loading.load("/nonexistent/run/model")
     with pytest.raises(ValueError, match="already converted"):
         convert_model(convert_model(tiny("llama")))
     with pytest.raises(ValueError, match="out of range"):
@@ -111,7 +112,7 @@ def test_baseline_maps_convert_and_run(fm):
 
 def test_taylor_kernel_form_in_the_layer_equals_feature_form(monkeypatch):
     """Short sequences take Taylor's closed-form kernel (O(N^2 d)); logits and gradients equal the feature path."""
-    from hedgehog.layers import attention_paths as attn_mod
+    from hedgehog.layers import student as attn_mod
 
     torch.manual_seed(0)
     model = convert_model(tiny("llama").eval(), HedgehogConfig(feature_map="taylor"))  # GQA: 4 q heads, 2 kv heads

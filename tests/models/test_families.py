@@ -33,11 +33,11 @@ def test_teacher_targets_are_the_models_own_attention_weights(family):
     convert_model(model)
     with torch.no_grad():
         caps = capture_qkv(model, ids)
-    for layer, (q, k, _), want in zip(hedgehog_layers(model), caps, own):
+    for layer, (q, k, _, teacher), want in zip(hedgehog_layers(model), caps, own):
         k_rep = k.repeat_interleave(layer.n_rep, 1)
-        got = softmax_attention_weights(q, k_rep, scale=layer.teacher_scale(), **layer.teacher_kwargs())
+        got = softmax_attention_weights(q, k_rep, scale=teacher.scale, **teacher.masking())
         torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
-    kinds = [layer.teacher_kwargs() for layer in hedgehog_layers(model)]
+    kinds = [cap.teacher.masking() for cap in caps]
     expect = {"mistral": [{"sliding_window": 4}] * 2, "qwen2": [{}, {"sliding_window": 4}],
               "gemma2": [{"sliding_window": 4, "softcap": 5.0}, {"softcap": 5.0}],
               "gemma3_text": [{"sliding_window": 4}, {}]}
@@ -56,9 +56,9 @@ def test_distillation_loss_is_minimal_at_the_teacher(family):
     ids = torch.randint(0, V, (1, 20))
     with torch.no_grad():
         caps = capture_qkv(model, ids)
-        for layer, (q, k, v) in zip(hedgehog_layers(model), caps):
-            p = softmax_attention_weights(q, k.repeat_interleave(layer.n_rep, 1), scale=layer.teacher_scale(),
-                                          **layer.teacher_kwargs())
+        for layer, (q, k, v, teacher) in zip(hedgehog_layers(model), caps):
+            p = softmax_attention_weights(q, k.repeat_interleave(layer.n_rep, 1), scale=teacher.scale,
+                                          **teacher.masking())
             floor = row_entropy(p.double()).mean().item()
             assert layer.layer_distill_loss(q, k, v).item() > floor - 1e-6
 
@@ -88,7 +88,7 @@ def test_softmax_mode_with_padding_is_the_original_model(family):
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
         convert_model(model)
-        set_attention_mode(model, "softmax")
+        set_attention_mode(model, "teacher")
         for layer in hedgehog_layers(model):
             layer.start_capture()  # the generic route (not the softmax fast path)
         got = model(input_ids=ids, attention_mask=mask).logits
@@ -110,13 +110,13 @@ def test_a_llama_layout_family_outside_the_list_converts_without_new_code():
     with torch.no_grad():
         want = model(input_ids=ids).logits
     convert_model(model)
-    set_attention_mode(model, "softmax")
+    set_attention_mode(model, "teacher")
     for layer in hedgehog_layers(model):
         layer.start_capture()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
-    assert hedgehog_layers(model)[0].teacher_scale() == pytest.approx(0.3)
-    set_attention_mode(model, "linear")
+    assert hedgehog_layers(model)[0].teacher.scale == pytest.approx(0.3)
+    set_attention_mode(model, "student")
     out = model.generate(ids[:, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8)
 
@@ -140,7 +140,7 @@ def test_a_soft_capped_base_loads_with_the_eager_teacher(tmp_path):
     """sdpa has no soft-cap (transformers refuses it there): Gemma2 bases load eager, as teacher and as student."""
     from transformers import AutoModelForCausalLM
 
-    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.loading import load_base
 
     tiny("gemma2").save_pretrained(tmp_path / "g2")
     from transformers import PreTrainedTokenizerFast  # a tokenizer for load_base
@@ -169,9 +169,9 @@ def test_kv_heads_are_read_from_the_projections_not_a_disagreeing_config():
         convert_model(model)
         layers = hedgehog_layers(model)
         assert [(m.num_q_heads, m.num_kv_heads) for m in layers] == [(4, 4), (4, 4)]
-        set_attention_mode(model, "softmax")
+        set_attention_mode(model, "teacher")
         assert torch.equal(model(ids).logits, ref)
-        set_attention_mode(model, "linear")
+        set_attention_mode(model, "student")
         assert torch.isfinite(model(ids).logits).all()
     llama = convert_model(tiny("llama").eval())
     assert {(m.num_q_heads, m.num_kv_heads) for m in hedgehog_layers(llama)} == {(4, 2)}  # real GQA kept

@@ -11,10 +11,10 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 import hedgehog
 from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.layers.generation import HedgehogCache
-from hedgehog.models import checkpoint as ckpt
+from hedgehog.models import loading
 from hedgehog.models import formats
 from hedgehog.models.convert import convert_model
-from hedgehog.train.distill import Stage2Config, add_lora, lora_finetune
+from hedgehog.train.stage2 import Stage2Config, add_lora, lora_finetune
 from conftest import FAMILIES, V, perturb_maps, tiny
 
 
@@ -93,7 +93,7 @@ def test_lora_is_merged_into_the_self_contained_weights(tmp_path):
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     torch.testing.assert_close(_logits(auto, ids), _logits(merged, ids), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(auto, ids), _logits(pm, ids), atol=1e-4, rtol=1e-4)  # merge rounding only
-    assert ckpt.needs_separate_teacher(tmp_path / "c")
+    assert loading.needs_separate_teacher(tmp_path / "c")
 
 
 def test_round_trip_keeps_the_record_and_the_model_card(tmp_path):
@@ -163,7 +163,7 @@ def test_encoders_register_with_their_own_auto_classes(tmp_path):
 
 def test_the_main_job_saves_the_hf_format(tiny_run):
     d = tiny_run / "model"
-    assert formats.checkpoint_format(d) == "hf"
+    assert formats.saved_format(d) == "hf"
     auto = AutoModelForCausalLM.from_pretrained(d)
     assert hedgehog_layers(auto)
     card = (d / "README.md").read_text()
@@ -221,7 +221,7 @@ def test_eval_scores_a_merged_model_against_its_recorded_base(tiny_assets, tmp_p
                 p.normal_(0, 0.5)  # LoRA that changes the projections a lot
     formats.save_converted(pm, tmp_path / "c", base_model=tiny_assets["model"],
                            tokenizer=AutoTokenizer.from_pretrained(tiny_assets["model"]))
-    assert ckpt.needs_separate_teacher(tmp_path / "c")
+    assert loading.needs_separate_teacher(tmp_path / "c")
     common = ["--data", tiny_assets["data"], "--seq-len", "32", "--tokens", "64", "--no-progress"]
     main(["eval", "--model", str(tmp_path / "c"), "--eval-data", tiny_assets["heldout"], *common,
           "--json", str(tmp_path / "e.json")])
@@ -232,4 +232,4 @@ def test_eval_scores_a_merged_model_against_its_recorded_base(tiny_assets, tmp_p
     assert teacher == pytest.approx(base_ppl, rel=1e-3)
     with hedgehog.eval.fidelity.teacher_mode(AutoModelForCausalLM.from_pretrained(tmp_path / "c")) as wrong:
         ids = torch.randint(0, wrong.config.vocab_size, (1, 16))
-        assert not torch.allclose(_logits(wrong, ids), _logits(ckpt.load_teacher(tmp_path / "c"), ids), atol=1e-3)
+        assert not torch.allclose(_logits(wrong, ids), _logits(loading.load_teacher(tmp_path / "c"), ids), atol=1e-3)

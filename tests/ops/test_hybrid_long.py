@@ -8,6 +8,7 @@ import torch
 from conftest import assert_greedy_generate_is_argmax_with_a_constant_state, hybrid_layer_case, rand_features
 from hedgehog.ops import hybrid_attention, quadratic_hybrid_attention
 from hedgehog.ops import hybrid as hyb
+from hedgehog.ops.window import window_inference, window_part
 
 B, H, D, FD = 2, 3, 8, 16
 
@@ -86,9 +87,9 @@ def test_window_inference_with_sinks_equals_the_autograd_form(sub, piece):
     rows = hyb._gamma_rows(g, B, H, torch.float64, q.device)
     q3, k3, v3 = (t.reshape(BH, n, -1) for t in (q, k, v))
     rows_of = lambda t: (lambda lo, hi: t[:, lo:hi])
-    want = hyb._window_part(rows_of(q3), rows_of(k3), rows_of(v3), w, 0.3, rows, torch.float64, sinks=4)(0, 0, n)
+    want = window_part(rows_of(q3), rows_of(k3), rows_of(v3), w, 0.3, rows, torch.float64, sinks=4)(0, 0, n)
     with torch.no_grad():
-        got = hyb._window_inference(q3, k3, v3, w, 0.3, rows, sub=sub, piece=piece, sinks=4)
+        got = window_inference(q3, k3, v3, w, 0.3, rows, sub=sub, piece=piece, sinks=4)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
@@ -140,7 +141,7 @@ def test_layer_forward_matches_the_reference_with_sinks_and_decay(family):
     want = reference(sinks=2, decay=layer.log_decay().detach().double())
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None)
+            got = layer._hybrid_full(q, k, v_rep, torch.arange(19), torch.arange(19), None, layer.teacher.scale)
         torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-5)
     assert (reference() - want).abs().max() > 1e-3
 

@@ -91,7 +91,7 @@ def _tiny_converted(tiny_assets):
 @pytest.mark.parametrize("loss", ["kd", "ce"])
 def test_accumulation_and_checkpointing_leave_stage_2_unchanged(tiny_assets, loss):
     """Two micro-batches of 2 (and recomputed layers) take the same steps as one batch of 4."""
-    from hedgehog.train.distill import Stage2Config, add_lora, lora_finetune
+    from hedgehog.train.stage2 import Stage2Config, add_lora, lora_finetune
 
     windows = torch.randint(2, 12, (8, 16), generator=torch.Generator().manual_seed(1))
     finals = []
@@ -114,7 +114,7 @@ def test_bf16_weights_convert_with_float32_maps(tiny_assets, tmp_path):
     """--dtype bf16: the teacher's weights in bf16, the maps and LoRA in fp32; the saved model reloads in bf16
     with its maps still fp32 and the same logits."""
     from hedgehog.cli import main
-    from hedgehog.models.checkpoint import load
+    from hedgehog.models.loading import load
 
     out = tmp_path / "bf16"
     assert main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data",
@@ -217,7 +217,7 @@ def test_layer_blocks_train_the_same_maps_with_partial_forwards(tiny_assets, mon
     """Block-wise stage 1 (one layer per teacher forward) ends at the maps of the all-layers run, and each
     forward stops after its block: the last layer never runs for the first block."""
     from hedgehog.layers.attention import hedgehog_layers
-    from hedgehog.train.distill import Stage1Config, attention_transfer, feature_map_parameters, memory_plan
+    from hedgehog.train.stage1 import Stage1Config, attention_transfer, feature_map_parameters, memory_plan
 
     windows = torch.randint(2, 12, (8, 16), generator=torch.Generator().manual_seed(3))
     results = []
@@ -244,7 +244,8 @@ def test_a_cuda_conversion_after_a_cpu_one_stays_on_cuda():
     every trained parameter is on the GPU, none on the CPU."""
     from hedgehog.layers.attention import hedgehog_layers
     from hedgehog.models.convert import convert_model
-    from hedgehog.train.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
+    from hedgehog.train.stage1 import Stage1Config, attention_transfer
+    from hedgehog.train.stage2 import Stage2Config, add_lora, lora_finetune
     from conftest import V, tiny
 
     ids = torch.randint(0, V, (2, 16))

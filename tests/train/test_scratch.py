@@ -73,7 +73,7 @@ def test_build_model_feature_dim(kind, width):
 def test_mimic_mode_same_output_and_loss_trains_only_feature_maps(kind):
     m = build_model(kind, TINY)
     ids = torch.randint(0, TINY.vocab_size, (2, 24))
-    set_attention_mode(m, "linear")
+    set_attention_mode(m, "student")
     ref = m(input_ids=ids).logits
     set_attention_mode(m, "mimic")
     out = m(input_ids=ids).logits
@@ -119,11 +119,11 @@ def test_mimic_rows_take_the_loss_over_those_rows_in_float64():
     set_mimic_rows(m, rows)
     m(input_ids=ids)
     for layer in layers:
-        (q, k, _), = layer.captured
+        (q, k, _, teacher), = layer.captured
         phi_q, phi_k = layer.features(q, k)
-        kr, scale = repeat_heads(k, layer.n_rep), layer.teacher_scale()
-        want = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, scale=scale, query_index=rows)
-        full = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, scale=scale)
+        kr = repeat_heads(k, layer.n_rep)
+        want = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, teacher=teacher, query_index=rows)
+        full = attention_distillation_loss(q, kr, phi_q, phi_k, causal=True, teacher=teacher)
         assert layer.distill_loss.dtype == torch.float64
         torch.testing.assert_close(layer.distill_loss, want, rtol=1e-12, atol=1e-12)
         assert abs(layer.distill_loss.item() - full.item()) > 1e-6  # a subset, not every row

@@ -124,14 +124,13 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
 def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
-    from hedgehog.models.checkpoint import load
-    from hedgehog.models.checkpoint import load_base
+    from hedgehog.layers.attention import HedgehogConfig, set_sparse_cache
     from hedgehog.models.convert import convert_model
     from hedgehog.models.formats import is_converted_dir, read_meta
+    from hedgehog.models.loading import load, load_base
 
     torch.manual_seed(0)
     softmax, tok, _ = load_base(read_meta(model_name)["base_model"] if is_converted_dir(model_name) else model_name)
-    from hedgehog.layers.attention import HedgehogConfig, set_sparse_cache
 
     if is_converted_dir(model_name):
         hedgehog, _ = load(model_name)

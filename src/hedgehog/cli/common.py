@@ -136,7 +136,7 @@ def load_any(model_arg, base_model=None, device="cpu", dtype=None):
     """A converted dir -> (model, tok, 'hedgehog'); otherwise the plain softmax model."""
     import torch
 
-    from hedgehog.models.checkpoint import load, load_base
+    from hedgehog.models.loading import load, load_base
     from hedgehog.models.formats import is_converted_dir
 
     dtype = dtype or torch.float32

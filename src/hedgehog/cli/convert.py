@@ -10,7 +10,8 @@ from hedgehog.cli.common import (add_device, add_dtype, add_long_context_options
 
 def _job_from_args(args):
     from hedgehog.jobs.config import ConvertJob
-    from hedgehog.train.distill import Stage1Config, Stage2Config
+    from hedgehog.train.stage1 import Stage1Config
+    from hedgehog.train.stage2 import Stage2Config
 
     s1 = Stage1Config(tokens=args.stage1_tokens, lr=args.stage1_lr, batch_size=args.stage1_batch,
                       steps_per_capture=args.stage1_steps_per_batch, time_budget_s=seconds_or_none(args.stage1_minutes),
@@ -49,7 +50,8 @@ def _decay(arg: str):
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     """The convert/compare flags; every default is read from the job's dataclasses (one source)."""
     from hedgehog.jobs.config import LONGEST_OFFSET_CONTEXT, ConvertJob
-    from hedgehog.train.distill import Stage1Config, Stage2Config
+    from hedgehog.train.stage1 import Stage1Config
+    from hedgehog.train.stage2 import Stage2Config
 
     job, s1, s2 = ConvertJob(), Stage1Config(), Stage2Config()
     c.add_argument("--out", default=out_default, help="run directory (report, checkpoints, model)")
@@ -146,18 +148,17 @@ def _convert(args):
 
     check_maps([args.feature_map])
     setup_logging()
-    report = run(_job_from_args(args))
-    if report is None:  # a worker process of a multi-process run: the main process reports
+    result = run(_job_from_args(args))
+    if result is None:  # a worker process of a multi-process run: the main process reports
         return
-    print(format_report(report))
-    print(f"wrote {args.out}/report.json and {report['model_dir']}")
+    print(format_report(result.report))
+    print(f"wrote {result.report_path} and {result.model_dir}")
 
 
 def _compare(args):
     from hedgehog.eval.report import format_compare
-    from hedgehog.jobs.pipeline import compare
-
     from hedgehog.jobs.config import parse_compare_entry
+    from hedgehog.jobs.pipeline import compare
 
     maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
     check_maps([parse_compare_entry(m)[1] for m in maps])

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from hedgehog.cli.common import check_maps, seconds_or_none, setup_logging
+from hedgehog.cli.common import check_maps, setup_logging
 
 
 def _convert_encoder(args):
     from hedgehog.jobs.encoder import EncoderJob, format_report, run
-    from hedgehog.train.distill import Stage1Config
+    from hedgehog.train.stage1 import Stage1Config
 
     maps = [m.strip() for m in args.feature_maps.split(",") if m.strip()]
     check_maps(maps)

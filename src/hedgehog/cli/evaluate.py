@@ -28,9 +28,9 @@ def _eval(args):
     teacher = None
     if kind == "hedgehog":
         apply_sparse_cache(model, args)
-        from hedgehog.models.checkpoint import load_teacher, needs_separate_teacher
+        from hedgehog.models.loading import load_teacher, needs_separate_teacher
 
-        # LoRA merged into the weights: the teacher is the recorded base, not this model in softmax mode
+        # LoRA merged into the weights: the teacher is the recorded base, not this model in teacher mode
         if needs_separate_teacher(args.model) or args.base_model:
             teacher = load_teacher(args.model, args.base_model, dtype=dtype, device=device)
     corpus = load_corpus(args.data, tok, args.text_field, args.data_format)

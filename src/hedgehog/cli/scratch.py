@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from hedgehog.cli.common import add_device, add_record_options, seconds_or_none, setup_logging
+from hedgehog.cli.common import add_device, add_record_options, setup_logging
 from hedgehog.errors import UserError
 
 

@@ -20,6 +20,7 @@ from hedgehog.modules.feature_maps import get_feature_map
 from hedgehog.modules.heads import repeat_heads
 from hedgehog.modules.metrics import attention_fidelity, spearman_rows
 from hedgehog.ops import quadratic_hybrid_attention, quadratic_linear_attention
+from hedgehog.ops.settings import TeacherSettings
 from hedgehog.ops.softmax import softmax_attention_weights
 
 DEFAULT_MAPS = ["hedgehog", "elu", "relu", "performer", "cosformer", "t2r", "taylor"]
@@ -32,12 +33,11 @@ def _fresh_maps(name: str, d: int, hq: int, hkv: int, max_len: int, layer_idx: i
 
 
 @torch.no_grad()
-def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: Dict[str, List[tuple]],
-                     teachers: Optional[List[Dict]] = None) -> Dict:
-    """caps: per layer [(q (1,Hq,N,d), k (1,Hkv,N,d)) per window]; maps: label -> per layer (fq, fk, qk_scale[,
-    hybrid kwargs {window, gamma[, sinks, decay]}]).
+def analyze_captures(caps: List[tuple], teachers: List[TeacherSettings], n_rep: int,
+                     maps: Dict[str, List[tuple]]) -> Dict:
+    """caps: per layer [(q (1,Hq,N,d), k (1,Hkv,N,d)) per window]; ``teachers``: per layer, the softmax it is
+    compared with; maps: label -> per layer (fq, fk, qk_scale[, HybridSettings or None]).
 
-    ``teachers``: per layer, the teacher's own sliding window / soft-cap (``HedgehogAttention.teacher_kwargs``).
     Returns {label: {metric: [[per head] per layer]}} with every metric averaged over rows and windows.
     """
     out: Dict[str, Dict[str, list]] = {}
@@ -45,12 +45,12 @@ def analyze_captures(caps: List[tuple], scales: List[float], n_rep: int, maps: D
         res = {m: [] for m in METRICS}
         for li, windows in enumerate(caps):
             fq, fk, s, *hyb = per_layer[li]
-            hyb = hyb[0] if hyb else {}
+            hyb = hyb[0] if hyb else None
             acc = None
             for q, k in windows:
                 kr = repeat_heads(k, n_rep)
-                f = attention_fidelity(q, kr, fq(q * s), repeat_heads(fk(k * s), n_rep), scale=scales[li], **hyb,
-                                       **(teachers[li] if teachers else {}))
+                f = attention_fidelity(q, kr, fq(q * s), repeat_heads(fk(k * s), n_rep), teacher=teachers[li],
+                                       hybrid=hyb)
                 acc = f if acc is None else {m: acc[m] + f[m] for m in f}
             for m in METRICS:
                 res[m].append((acc[m] / len(windows)).tolist())
@@ -72,7 +72,7 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         windows: int = 2, seq_len: int = 256, layer: Optional[int] = None, head: int = 0, span: int = 32) -> Dict:
     from hedgehog.data.corpora import load_corpus, tokenize_windows
     from hedgehog.layers.capture import capture_qkv
-    from hedgehog.models.checkpoint import load, load_base, load_teacher, needs_separate_teacher
+    from hedgehog.models.loading import load, load_base, load_teacher, needs_separate_teacher
     from hedgehog.models.convert import convert_model
     from hedgehog.models.formats import is_converted_dir, read_meta
 
@@ -85,7 +85,7 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         base_name = read_meta(model)["base_model"]
         trained = conv
         teacher = conv
-        if needs_separate_teacher(model):  # LoRA is in the weights: softmax mode would not be the teacher
+        if needs_separate_teacher(model):  # LoRA is in the weights: teacher mode would not be the teacher
             teacher = convert_model(load_teacher(model))
     else:
         teacher, tok, _ = load_base(model)
@@ -97,10 +97,11 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     corpus = load_corpus(data)
     win = tokenize_windows(corpus.splits["test"], tok, seq_len, max_tokens=windows * seq_len)[:windows]
     caps = [[] for _ in layers]
+    teachers = [lay.teacher for lay in layers]
     for w in win:
-        for li, (q, k, _) in enumerate(capture_qkv(teacher, w[None])):
-            caps[li].append((q, k))
-    scales = [lay.teacher_scale() for lay in layers]
+        for li, cap in enumerate(capture_qkv(teacher, w[None])):
+            caps[li].append((cap.q, cap.k))
+            teachers[li] = cap.teacher  # the settings the model's forward passed, where the call says them
     maps = {}
     for name in feature_maps:
         maps[name] = [(*_fresh_maps(name, d, hq, hkv, seq_len, lay.layer_idx), 1.0) for lay in layers]
@@ -110,8 +111,8 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
         if tl[0].hybrid:
             tname = f"hybrid w={tl[0].hh_config.window} + {tname}"
         maps[f"{tname} (trained)"] = [(lay.feature_map_q, lay.feature_map_k, lay.hh_config.qk_scale,
-                                       lay.hybrid_kwargs()) for lay in tl]
-    results = analyze_captures(caps, scales, n_rep, maps, [lay.teacher_kwargs() for lay in layers])
+                                       lay.hybrid_settings()) for lay in tl]
+    results = analyze_captures(caps, teachers, n_rep, maps)
 
     # one layer/head, one span of text: the pictures
     li = layer if layer is not None else len(layers) // 2
@@ -119,21 +120,20 @@ def run(model: str, out: str, feature_maps: Optional[List[str]] = None, data: st
     n = min(span, q.shape[2])
     tokens = [tok.decode([t]) for t in win[0, :n].tolist()]
     qs, ks = q[:, head:head + 1, :n], repeat_heads(k, n_rep)[:, head:head + 1, :n]
-    pictures = {"softmax": softmax_attention_weights(qs, ks, scale=scales[li], **layers[li].teacher_kwargs())[0, 0]}
-    scores = (qs @ ks.transpose(-1, -2))[0, 0] * scales[li]
+    scale = teachers[li].scale_for(qs.shape[-1])
+    pictures = {"softmax": softmax_attention_weights(qs, ks, scale=scale, **teachers[li].masking())[0, 0]}
+    scores = (qs @ ks.transpose(-1, -2))[0, 0] * scale
     for label, per_layer in maps.items():
         fq, fk, s = per_layer[li][:3]
         phi_q = fq(q[:, :, :n] * s)[:, head:head + 1]
         phi_k = repeat_heads(fk(k[:, :, :n] * s), n_rep)[:, head:head + 1]
-        hyb = per_layer[li][3] if len(per_layer[li]) > 3 else {}
+        hyb = per_layer[li][3] if len(per_layer[li]) > 3 else None
         zeros = phi_q.new_zeros(1, 1, n, 1).double()
-        if hyb:
-            g = hyb["gamma"][head:head + 1].double()
-            decay = hyb.get("decay")
+        if hyb is not None:
             _, w = quadratic_hybrid_attention(qs.double(), ks.double(), zeros, phi_q.double(), phi_k.double(),
-                                              hyb["window"], g, scale=scales[li], return_weights=True,
-                                              sinks=hyb.get("sinks", 0),
-                                              decay=None if decay is None else decay[head:head + 1].double())
+                                              hyb.window, hyb.gamma[head:head + 1].double(), scale=scale,
+                                              return_weights=True, sinks=hyb.sinks,
+                                              decay=None if hyb.decay is None else hyb.decay[head:head + 1].double())
         else:
             _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), zeros, return_weights=True)
         pictures[label] = w[0, 0].float()

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hedgehog.layers.attention import attention_mode, hedgehog_layers
+from hedgehog.layers.attention import Mode, attention_mode, hedgehog_layers
 from hedgehog.modules.heads import repeat_heads
 from hedgehog.modules.metrics import attention_fidelity
 
@@ -83,9 +83,9 @@ class NextTokenTally:
 
 
 @contextlib.contextmanager
-def teacher_mode(model: nn.Module, mode: str = "softmax") -> Iterator[nn.Module]:
+def teacher_mode(model: nn.Module, mode: Mode = Mode.TEACHER) -> Iterator[nn.Module]:
     """Inside the block ``model`` (converted, maybe LoRA-wrapped) computes as its softmax teacher: exact
-    softmax attention, adapter off (``mode="window"``: the teacher limited to each layer's ``baseline`` window
+    softmax attention, adapter off (``Mode.BASELINE``: the teacher limited to each layer's ``baseline`` window
     and sinks). Afterwards it is back in the mode it was in, adapter on."""
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with adapter_off, attention_mode(model, mode):
@@ -131,10 +131,10 @@ def layer_attention_kl(model: nn.Module, windows: torch.Tensor) -> List[Dict[str
     sums: List[Dict[str, float]] = [dict() for _ in layers]
     for w in windows:
         caps = capture_qkv(model, w[None].to(model_device(model)))
-        for i, (layer, (q, k, _)) in enumerate(zip(layers, caps)):
-            phi_q, phi_k = layer.features(q, k)
-            f = attention_fidelity(q, repeat_heads(k, layer.n_rep), phi_q, phi_k, causal=layer.causal,
-                                   scale=layer.teacher_scale(), **layer.hybrid_kwargs(), **layer.teacher_kwargs())
+        for i, (layer, cap) in enumerate(zip(layers, caps)):
+            phi_q, phi_k = layer.features(cap.q, cap.k)
+            f = attention_fidelity(cap.q, repeat_heads(cap.k, layer.n_rep), phi_q, phi_k, causal=layer.causal,
+                                   teacher=cap.teacher, hybrid=layer.hybrid_settings())
             for key, val in f.items():
                 sums[i][key] = sums[i].get(key, 0.0) + val.mean().item() / len(windows)
     return [{"layer": layer.layer_idx, **s} for layer, s in zip(layers, sums)]

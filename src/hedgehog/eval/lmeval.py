@@ -42,8 +42,8 @@ def _register():
         """``--model hedgehog --model_args pretrained=DIR[,teacher=True][,base_model=PATH][,batch_size=N]``."""
 
         def __init__(self, pretrained: str, teacher: bool = False, base_model: Optional[str] = None, **kwargs):
-            from hedgehog.models.checkpoint import load
-            from hedgehog.models.checkpoint import load_base
+            from hedgehog.models.loading import load
+            from hedgehog.models.loading import load_base
             from hedgehog.models.formats import read_meta
 
             if teacher:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hedgehog.eval.fidelity import NextTokenTally, model_device, teacher_mode
+from hedgehog.layers.attention import Mode
 
 Forward = Callable[..., torch.Tensor]  # (input_ids (B, N), attention_mask=None) -> logits (B, N, V)
 
@@ -177,21 +178,21 @@ def model_forwards(model, teacher=None) -> Tuple[Forward, Forward]:
 
 
 def window_mode_baseline(model, window: int, sinks: int = BASELINE_SINKS) -> Optional[Forward]:
-    """The no-training baseline computed by a converted ``model`` itself (its window mode: adapter off, exact
+    """The no-training baseline computed by a converted ``model`` itself (its baseline mode: adapter off, exact
     softmax over the last ``window`` keys and the first ``sinks`` in O(N * window)), or None where that is not
     the teacher: some attention layers left unconverted, or a teacher with its own sliding window or soft-cap."""
     from hedgehog.layers.attention import hedgehog_layers
 
     layers = hedgehog_layers(model)
     if len(layers) != getattr(model.config, "num_hidden_layers", -1) or any(
-            lay.teacher_window is not None or lay.teacher_softcap is not None for lay in layers):
+            lay.teacher.window is not None or lay.teacher.softcap is not None for lay in layers):
         return None
     student, _ = model_forwards(model)
-    for lay in layers:  # what window mode computes; the modes in between leave it alone
+    for lay in layers:  # what baseline mode computes; the modes in between leave it alone
         lay.baseline = (window, sinks)
 
     def fn(ids, attention_mask=None):
-        with teacher_mode(model, "window"):
+        with teacher_mode(model, Mode.BASELINE):
             return student(ids)
 
     return fn

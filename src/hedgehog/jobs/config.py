@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from hedgehog.eval import long_context as lc
-from hedgehog.train.distill import Stage1Config, Stage2Config
+from hedgehog.train.stage1 import Stage1Config
+from hedgehog.train.stage2 import Stage2Config
 
 
 @dataclass

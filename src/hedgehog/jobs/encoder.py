@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hedgehog.eval.fidelity import eval_batches
-from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
-from hedgehog.train.distill import Stage1Config, attention_transfer
+from hedgehog.layers.attention import Mode, HedgehogConfig, hedgehog_layers, set_attention_mode
+from hedgehog.train.stage1 import Stage1Config, attention_transfer
 from hedgehog.train.engine import Engine
 from hedgehog.utils.atomic import write_json
 
@@ -233,7 +233,7 @@ def run(job: EncoderJob) -> Dict:
         kl_before = layer_attention_kl(student, data.splits["validation"][: job.kl_windows])
         acc_init = accuracy(student, te_x, te_y)
         s1 = attention_transfer(student, tr_x, job.stage1, progress=job.progress)
-        set_attention_mode(student, "linear")
+        set_attention_mode(student, Mode.STUDENT)
         kl_after = layer_attention_kl(student, data.splits["validation"][: job.kl_windows])
         acc1 = accuracy(student, te_x, te_y)
         cos1 = embedding_cosine(teacher_emb, sentence_embeddings(student, te_x))
@@ -241,7 +241,7 @@ def run(job: EncoderJob) -> Dict:
             p.requires_grad_(True)
         s2 = finetune(student, tr_x, tr_y, job.stage2_steps, job.stage2_lr, job.batch_size, job.seed + 1,
                       f"finetune {fm} encoder", job.progress)
-        set_attention_mode(student, "linear")
+        set_attention_mode(student, Mode.STUDENT)
         acc2 = accuracy(student, te_x, te_y)
         cos2 = embedding_cosine(teacher_emb, sentence_embeddings(student, te_x))
         model_dir = out / fm / "model"

@@ -7,8 +7,8 @@
     finalize fidelity, long context and passkey; LoRA merged, the model saved with its card, reloaded and checked;
              ``OUT/report.json`` and ``long_context.png``
 
-Stage 1 and stage 2 checkpoint into ``OUT/checkpoints/stage{1,2}.pt`` every few steps and at their end (atomic
-writes); ``resume=True`` continues an interrupted stage where it stopped, and refuses a checkpoint written with
+Stage 1 and stage 2 checkpoint their training state into ``OUT/checkpoints/stage{1,2}.pt`` every few steps and
+at their end (atomic writes; nothing else lives under ``checkpoints/``); ``resume=True`` continues an interrupted stage where it stopped, and refuses a checkpoint written with
 other settings. Under ``torchrun`` every rank trains its share; the main process alone evaluates, saves and reports,
 so :func:`run` returns the report there and None on the other ranks. :func:`compare` runs the job once per
 feature map under the same budgets.
@@ -29,8 +29,9 @@ from hedgehog.eval import long_context as lc
 from hedgehog.eval.report import mean_fidelity, plot_compare, slim_stage_report
 from hedgehog.jobs.config import (ConvertJob, eval_names, hybrid_settings, parse_compare_entry, resume_settings,
                                   with_position_offsets)
-from hedgehog.layers.attention import HedgehogConfig, set_attention_mode
-from hedgehog.train.distill import add_lora, attention_transfer, lora_finetune
+from hedgehog.layers.attention import Mode, HedgehogConfig, set_attention_mode
+from hedgehog.train.stage1 import attention_transfer
+from hedgehog.train.stage2 import add_lora, lora_finetune
 from hedgehog.train.engine import Engine
 from hedgehog.train.resume import StageCheckpoint
 from hedgehog.utils.atomic import write_json
@@ -109,15 +110,26 @@ class JobContext:
         return layer_attention_kl(self.model, self.val[: self.job.kl_windows]) if self.main else None
 
 
-def run(job: ConvertJob) -> Optional[Dict]:
-    """The main job (see the module docstring): the report on the main process, None on the other ranks."""
+@dataclass(frozen=True)
+class ConvertResult:
+    """What the main job made: ``report`` (``report.json``'s content), the converted model's directory and the
+    report's file, both under the job's ``out``."""
+
+    report: Dict[str, Any]
+    model_dir: Path
+    report_path: Path
+
+
+def run(job: ConvertJob) -> Optional[ConvertResult]:
+    """The main job (see the module docstring): its result on the main process, None on the other ranks."""
     ctx = prepare(job)
     stage_1(ctx)
     stage_2(ctx)
     if not ctx.main:  # the main process evaluates, saves and reports; this rank's training work is done
         ctx.engine.wait()
         return None
-    return finalize(ctx)
+    report = finalize(ctx)
+    return ConvertResult(report=report, model_dir=ctx.out / "model", report_path=ctx.out / "report.json")
 
 
 def prepare(job: ConvertJob) -> JobContext:
@@ -128,7 +140,7 @@ def prepare(job: ConvertJob) -> JobContext:
     from hedgehog.eval.fidelity import perplexity
     from hedgehog.jobs.checks import check_convert_job, check_model, check_out_dir, check_text_source
     from hedgehog.models import formats
-    from hedgehog.models.checkpoint import load_base
+    from hedgehog.models.loading import load_base
     from hedgehog.models.convert import convert_model
     from hedgehog.train.engine import parse_dtype
 
@@ -206,7 +218,8 @@ def _stage_checkpoints(ctx: JobContext, settings: Dict) -> Dict[str, Optional[St
 
 
 def stage_1(ctx: JobContext) -> None:
-    """Attention transfer; the stage-1 model saved (light) to ``OUT/checkpoints/stage1``; KL and fidelity after it."""
+    """Attention transfer; the model after it saved (light: the maps, on the recorded base) to
+    ``OUT/stage1_model``, which ``hedgehog eval`` and ``generate`` load; KL and fidelity after it."""
     from hedgehog.models import formats
 
     job, model, L = ctx.job, ctx.model, ctx.job.seq_len
@@ -214,15 +227,15 @@ def stage_1(ctx: JobContext) -> None:
 
     def on_batch(rec):
         if rec["batch"] % every == 0:
-            set_attention_mode(model, "linear")
+            set_attention_mode(model, Mode.STUDENT)
             ctx.val_point("stage1", rec["tokens"], model)
 
     ctx.s1_report = attention_transfer(model, ctx.train, job.stage1, callback=on_batch, progress=job.progress,
                                        checkpoint=ctx.checkpoints["stage1"], engine=ctx.engine)
     if ctx.main:
-        formats.save_converted(model, ctx.out / "checkpoints" / "stage1", base_model=ctx.model_ref,
+        formats.save_converted(model, ctx.out / "stage1_model", base_model=ctx.model_ref,
                                extra={"stage1_report": slim_stage_report(ctx.s1_report)}, format="light")
-    set_attention_mode(model, "linear")
+    set_attention_mode(model, Mode.STUDENT)
     with ctx.timed("stage1_eval_s"):
         ctx.kl_after = ctx.attention_kl()
         ctx.fid_stage1 = ctx.score("after stage 1", model)
@@ -253,8 +266,7 @@ def finalize(ctx: JobContext) -> Dict:
     """Main process: final fidelity, long context, the saved model (LoRA merged, its card written once from the
     report), the reload check, ``report.json`` and the long-context figure. Returns the report."""
     from hedgehog.data.corpora import text_label
-    from hedgehog.models import checkpoint as ckpt
-    from hedgehog.models import formats
+    from hedgehog.models import formats, loading
 
     job, final = ctx.job, ctx.final
     with ctx.timed("final_eval_s"):
@@ -277,7 +289,7 @@ def finalize(ctx: JobContext) -> Dict:
                                   "stage1_tokens": job.stage1.tokens,
                                   "stage2_tokens": job.stage2.tokens if job.stage2 else 0},
                            format=job.save_format, report=report)
-    reloaded, _ = ckpt.load(model_dir, dtype=ctx.dtype, device=ctx.engine.device)
+    reloaded, _ = loading.load(model_dir, dtype=ctx.dtype, device=ctx.engine.device)
     with torch.no_grad():
         probe = ctx.test[:1, :128].to(ctx.engine.device)
         final.eval()
@@ -358,10 +370,11 @@ def compare(maps: List[str], base_job: ConvertJob, out: str) -> Optional[Dict]:
         job.attention, job.feature_map = parse_compare_entry(name)
         job.out = str(root / name.replace(":", "-"))
         log.info("=== compare: %s ===", name)
-        r = run(job)
-        if r is None:  # a worker of a multi-process run
+        res = run(job)
+        if res is None:  # a worker of a multi-process run
             result = None
             continue
+        r = res.report
         rows.append({"feature_map": name, "teacher_ppl": r["teacher_ppl"], "student_ppl_stage1": r["student_ppl_stage1"],
                      "student_ppl": r["student_ppl"], "ppl_ratio": r["ppl_ratio"], "ppl_ratio_stage1": r["ppl_ratio_stage1"],
                      "mean_kl_before": r["mean_kl_before"], "mean_kl_after": r["mean_kl_after"],

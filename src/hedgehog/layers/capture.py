@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from hedgehog.layers.attention import attention_mode, hedgehog_layers
+from hedgehog.layers.attention import Capture, Mode, attention_mode, hedgehog_layers
 
 
 def positions_kw(position_ids: Optional[torch.Tensor]) -> Dict:
@@ -21,8 +21,9 @@ class _EnoughLayers(Exception):
 
 @torch.no_grad()
 def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Optional[List[nn.Module]] = None,
-                position_ids: Optional[torch.Tensor] = None) -> List[tuple]:
-    """Teacher forward; returns per converted layer (or per layer of ``layers``) the post-RoPE (q, k, v). With
+                position_ids: Optional[torch.Tensor] = None) -> List[Capture]:
+    """Teacher forward; returns per converted layer (or per layer of ``layers``) the post-RoPE (q, k, v) and the
+    teacher settings they ran under (:class:`~hedgehog.layers.attention.Capture`). With
     ``layers``, the forward stops after the last of them; ``position_ids`` as the model takes them (None: 0..N-1)."""
     everything = layers is None
     layers = hedgehog_layers(model) if everything else layers
@@ -34,7 +35,7 @@ def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Optional[List
             raise _EnoughLayers
         stop = layers[-1].register_forward_hook(enough)
     try:
-        with attention_mode(model, "softmax"):
+        with attention_mode(model, Mode.TEACHER):
             model(input_ids=input_ids, use_cache=False, **positions_kw(position_ids))
     except _EnoughLayers:
         pass

@@ -18,7 +18,6 @@ import functools
 import inspect
 import types
 
-import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from hedgehog.layers.attention import hedgehog_layers

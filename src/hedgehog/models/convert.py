@@ -75,7 +75,7 @@ class Adapter:
 
         eager = sys.modules[m._base_forward.__module__].eager_attention_forward
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, eager)
-        y, _ = fn(m, q, k, v, call.get("attention_mask"), dropout=0.0, scaling=m.scaling)
+        y, _ = fn(m, q, k, v, call.attention_mask, dropout=0.0, scaling=m.scaling)
         return y
 
     def output(self, m, y):

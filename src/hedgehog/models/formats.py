@@ -13,7 +13,7 @@ Its ``weights`` say what the file holds:
   was merged into); loading reads the recorded base (an absolute path, alias or hub id with revision, or
   ``base_model=``) and refuses one whose fingerprint differs. Stage checkpoints use it (small).
 
-Whole models load through :mod:`hedgehog.models.checkpoint`, which also reads directories of the earlier light layout
+Whole models load through :mod:`hedgehog.models.loading`, which also reads directories of the earlier light layout
 (``hedgehog_config.json``, ``feature_maps.safetensors``, a peft adapter or ``merged_attention.safetensors``);
 nothing writes that layout any more.
 """
@@ -118,7 +118,7 @@ def _lora_settings(model) -> Optional[Dict]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """peft's ``merge_and_unload``, recording the LoRA settings on the merged model's config (``hedgehog_origin``):
-    a save then says the weights are no longer the base's, so softmax mode is not the teacher. A model without
+    a save then says the weights are no longer the base's, so teacher mode is not the teacher. A model without
     LoRA is returned as it is."""
     settings = _lora_settings(model)
     if settings is None:
@@ -294,7 +294,7 @@ def _merged_attention_state(peft_model) -> Dict[str, torch.Tensor]:
     return state
 
 
-def checkpoint_format(path) -> Optional[str]:
+def saved_format(path) -> Optional[str]:
     """``"hf"``, ``"light"`` or None (not a converted directory)."""
     path = Path(path)
     if (path / CONFIG_NAME).exists():
@@ -306,7 +306,7 @@ def checkpoint_format(path) -> Optional[str]:
 
 
 def is_converted_dir(path) -> bool:
-    return checkpoint_format(path) is not None
+    return saved_format(path) is not None
 
 
 def read_meta(path) -> Dict:
@@ -316,7 +316,7 @@ def read_meta(path) -> Dict:
     if not path.exists():
         raise MissingPathError(f"{path} does not exist; pass the model directory that `hedgehog convert` wrote "
                                "(OUT/model)")
-    fmt = checkpoint_format(path)
+    fmt = saved_format(path)
     if fmt is None:
         raise MissingPathError(f"{path} is not a converted hedgehog model (no {CONFIG_NAME}, and its "
                                f"{HF_CONFIG_NAME} is not of model type 'hedgehog'); create one with "

@@ -11,6 +11,7 @@ it never materialises weights at all.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from hedgehog.ops import linear_attention, softmax_attention
 from hedgehog.ops.hybrid import hybrid_attention, hybrid_weights
 from hedgehog.ops.masks import causal_drop_mask
+from hedgehog.ops.settings import HybridSettings, TeacherSettings
 from hedgehog.ops.softmax import softmax_attention_weights
 
 LOSSES = ("ce", "mse")
@@ -37,8 +39,8 @@ def _check_qk(q, k, phi_q, phi_k):
         )
 
 
-def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float, eps: float, window=None,
-              gamma=None, teacher=None, sinks: int = 0, decay=None):
+def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, teacher: TeacherSettings, eps: float,
+              hybrid: Optional[HybridSettings] = None):
     """Summed cross-entropy of a set of query rows (absolute positions ``row_pos``) against their keys.
 
     With student rows ``w_ij = a_ij / den_i`` and teacher rows summing to 1,
@@ -47,11 +49,12 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, scale: float,
     (this loss dominates stage-1 time).
     """
     with torch.no_grad():
-        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=scale, q_positions=row_pos, **(teacher or {}))
+        p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=teacher.scale, q_positions=row_pos,
+                                      **teacher.masking())
     acc = p.dtype
-    if window is not None:  # hybrid student: exact logs on the window part
-        a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, window, gamma, scale, q_positions=row_pos,
-                                         sinks=sinks, decay=decay)
+    if hybrid is not None:  # hybrid student: exact logs on the window part
+        a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, scale=teacher.scale, q_positions=row_pos,
+                                         **hybrid.op_kwargs())
         log_den = a.sum(-1).clamp_min(eps).log()
         log_a = torch.where(win, log_win, a.clamp_min(eps).log())
         return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
@@ -103,16 +106,11 @@ def attention_distillation_loss(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
     causal: bool = True,
-    scale: Optional[float] = None,
+    teacher: Optional[TeacherSettings] = None,
+    hybrid: Optional[HybridSettings] = None,
     query_block: int = 512,
     eps: float = 1e-12,
     query_index: Optional[torch.Tensor] = None,
-    window: Optional[int] = None,
-    gamma=None,
-    sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    sinks: int = 0,
-    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Hedgehog's attention-distillation cross-entropy, mean over (batch, heads, query rows).
 
@@ -120,27 +118,24 @@ def attention_distillation_loss(
         q, k: (B, H, N, d) the teacher's queries/keys (post-RoPE; gradients are not taken through
             the teacher rows, which are computed in float32 under no_grad).
         phi_q, phi_k: (B, H, N, F) the student's features of the same q/k.
-        scale: teacher logit scale, ``d^-1/2`` by default.
+        teacher: the softmax teacher's scale (default ``d^-1/2``) and its own sliding window / logit soft-cap
+            (its rows are then the model's real attention; see :func:`hedgehog.ops.softmax.softmax_attention_weights`).
+        hybrid: score a *hybrid* student instead (:mod:`hedgehog.ops.hybrid`; causal only): exact softmax over the
+            last ``window`` keys scaled by ``gamma`` (differentiable), the features for older keys.
         query_block: query rows per block; peak memory is O(query_block * N).
         query_index: optional 1-D tensor of row positions: the loss over just those rows (each still
             against all the keys it sees), an unbiased estimate of the full loss at a fraction of the cost.
-        window, gamma: score a *hybrid* student instead (:mod:`hedgehog.ops.hybrid`): exact softmax
-            over the last ``window`` keys scaled by ``gamma`` (scalar or (H,), differentiable), the
-            features for older keys (causal only); ``sinks``/``decay`` as in
-            :func:`hedgehog.ops.hybrid.hybrid_weights`.
-        sliding_window, softcap: the *teacher's* own sliding window and logit soft-cap (its rows are then the
-            model's real attention; see :func:`hedgehog.ops.softmax.softmax_attention_weights`).
     Returns: a scalar; its minimum over students is the teacher's mean row entropy (KL = 0).
     """
     _check_qk(q, k, phi_q, phi_k)
-    if window is not None and not causal:
+    if hybrid is not None and not causal:
         raise ValueError("the hybrid (sliding-window) student is causal only")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    teacher = teacher or TeacherSettings()
+    teacher = dataclasses.replace(teacher, scale=teacher.scale_for(q.shape[-1]))
     B, H, N, _ = q.shape
     rows = torch.arange(N, device=q.device) if query_index is None else query_index.to(q.device).sort().values
     total = q.new_zeros((), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     track = torch.is_grad_enabled() and (phi_q.requires_grad or phi_k.requires_grad)
-    teacher = {k: v for k, v in (("sliding_window", sliding_window), ("softcap", softcap)) if v is not None}
     for s in range(0, len(rows), query_block):
         pos = rows[s:s + query_block]
         contiguous = query_index is None
@@ -148,10 +143,9 @@ def attention_distillation_loss(
         sel = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
         args = (q[:, :, sel], k[:, :, :kend], phi_q[:, :, sel], phi_k[:, :, :kend], pos)
         if track and query_block < len(rows):  # several blocks: recompute each in backward to bound memory
-            part = checkpoint(_block_ce, *args, causal, scale, eps, window, gamma, teacher, sinks, decay,
-                              use_reentrant=False)
+            part = checkpoint(_block_ce, *args, causal, teacher, eps, hybrid, use_reentrant=False)
         else:
-            part = _block_ce(*args, causal, scale, eps, window, gamma, teacher, sinks, decay)
+            part = _block_ce(*args, causal, teacher, eps, hybrid)
         total = total + part
     return total / (B * H * len(rows))
 
@@ -163,25 +157,21 @@ def attention_output_mse_loss(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
     causal: bool = True,
-    scale: Optional[float] = None,
+    teacher: Optional[TeacherSettings] = None,
+    hybrid: Optional[HybridSettings] = None,
     chunk_size: int = 64,
-    window: Optional[int] = None,
-    gamma=None,
-    sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    sinks: int = 0,
-    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """LoLCATs' attention-output MSE: ``mean((softmax_attn(q,k,v) - linear_attn(phi_q,phi_k,v))^2)``
-    (the hybrid student's output with ``window``/``gamma``; the teacher's own ``sliding_window``/``softcap``)."""
+    (the ``hybrid`` student's output where given; ``teacher`` as in :func:`attention_distillation_loss`)."""
     _check_qk(q, k, phi_q, phi_k)
+    teacher = teacher or TeacherSettings()
     with torch.no_grad():
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        y_t = softmax_attention(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=scale,
-                                sliding_window=sliding_window, softcap=softcap)
-    if window is not None:
-        y_s = hybrid_attention(q, k, v.to(acc), phi_q, phi_k, window=window, gamma=gamma, scale=scale,
-                               chunk_size=chunk_size, sinks=sinks, decay=decay)
+        y_t = softmax_attention(q.to(acc), k.to(acc), v.to(acc), causal=causal, scale=teacher.scale,
+                                **teacher.masking())
+    if hybrid is not None:
+        y_s = hybrid_attention(q, k, v.to(acc), phi_q, phi_k, scale=teacher.scale, chunk_size=chunk_size,
+                               **hybrid.op_kwargs())
     else:
         y_s = linear_attention(phi_q, phi_k, v.to(acc), causal=causal, chunk_size=chunk_size)
     return torch.mean((y_s.to(acc) - y_t) ** 2)

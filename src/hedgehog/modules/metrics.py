@@ -14,6 +14,7 @@ import torch
 
 from hedgehog.ops import quadratic_linear_attention
 from hedgehog.ops.masks import causal_mask
+from hedgehog.ops.settings import HybridSettings, TeacherSettings
 from hedgehog.ops.softmax import softmax_attention_weights
 
 
@@ -76,36 +77,30 @@ def attention_fidelity(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
     causal: bool = True,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    gamma=None,
-    sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None,
-    sinks: int = 0,
-    decay: Optional[torch.Tensor] = None,
+    teacher: Optional[TeacherSettings] = None,
+    hybrid: Optional[HybridSettings] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-head fidelity of linear attention to the softmax teacher, averaged over batch and rows.
 
-    Args: q, k (B, H, N, d); phi_q, phi_k (B, H, N, F).
+    Args: q, k (B, H, N, d); phi_q, phi_k (B, H, N, F); ``teacher`` the softmax rows' scale and the model's own
+    sliding window / soft-cap (its rows are the model's real attention); ``hybrid``: the student is the hybrid
+    layer (exact softmax on the last ``window`` keys and the first ``sinks``, its linear state decayed).
     Returns dict of (H,) float64 tensors: ``kl`` KL(softmax || linear), ``entropy_softmax``,
     ``entropy_linear``, ``spearman_linear`` (rank correlation of q.k vs linear weight per row;
     rows with < 2 keys are skipped) and ``spearman_softmax`` (1 by construction; a sanity check).
-    With ``window``/``gamma`` the student is the hybrid layer (exact softmax on the last ``window`` keys, and on
-    the first ``sinks``; ``decay`` the log-decay of its linear state);
-    ``sliding_window``/``softcap`` are the teacher's own (its rows are the model's real attention).
     """
+    teacher = teacher or TeacherSettings()
     with torch.no_grad():
-        scale_ = q.shape[-1] ** -0.5 if scale is None else scale
-        p = softmax_attention_weights(q, k, causal=causal, scale=scale_, sliding_window=sliding_window,
-                                      softcap=softcap).to(torch.float64)
+        scale_ = teacher.scale_for(q.shape[-1])
+        p = softmax_attention_weights(q, k, causal=causal, scale=scale_, **teacher.masking()).to(torch.float64)
         v_dummy = phi_k.new_zeros(phi_k.shape[:-1] + (1,), dtype=torch.float64)
-        if window is not None:
+        if hybrid is not None:
             from hedgehog.ops.hybrid import quadratic_hybrid_attention
 
-            g = gamma.double() if torch.is_tensor(gamma) else gamma
-            _, w = quadratic_hybrid_attention(q.double(), k.double(), v_dummy, phi_q.double(), phi_k.double(), window,
-                                              g, scale=scale_, return_weights=True, sinks=sinks,
-                                              decay=None if decay is None else decay.double())
+            g = hybrid.gamma.double() if torch.is_tensor(hybrid.gamma) else hybrid.gamma
+            _, w = quadratic_hybrid_attention(q.double(), k.double(), v_dummy, phi_q.double(), phi_k.double(),
+                                              hybrid.window, g, scale=scale_, return_weights=True, sinks=hybrid.sinks,
+                                              decay=None if hybrid.decay is None else hybrid.decay.double())
         else:
             _, w = quadratic_linear_attention(phi_q.double(), phi_k.double(), v_dummy, causal=causal,
                                               return_weights=True)

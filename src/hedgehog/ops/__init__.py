@@ -6,10 +6,10 @@ from hedgehog.ops.linear_attention import (
     linear_attention,
     quadratic_linear_attention,
 )
-from hedgehog.ops.hybrid import (feature_hybrid_attention, hybrid_attention, quadratic_hybrid_attention,
-                                 window_softmax_attention)
+from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_attention, quadratic_hybrid_attention
 from hedgehog.ops.recurrent import hybrid_recurrent_step, packed_recurrent_step, recurrent_step, ring_hybrid_step
 from hedgehog.ops.softmax import softmax_attention, softmax_attention_weights
+from hedgehog.ops.window import window_softmax_attention
 
 __all__ = [
     "DEFAULT_EPS",

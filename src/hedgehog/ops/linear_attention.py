@@ -23,18 +23,14 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from hedgehog.ops import backends, cpu_kernel
+from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks
 from hedgehog.ops.masks import causal_drop_mask
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
 DEFAULT_EPS = 1e-6
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_inputs(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> None:
@@ -87,7 +83,7 @@ def quadratic_linear_attention(
         (B, H, Nq, Nk) in the accumulation dtype (rows sum to 1 unless the guard fired).
     """
     _check_inputs(phi_q, phi_k, v)
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v)
     a = phi_q.to(acc) @ phi_k.to(acc).transpose(-1, -2)
     if causal:
         nq, nk = a.shape[-2:]
@@ -107,7 +103,7 @@ def kernel_linear_attention(a: torch.Tensor, v: torch.Tensor, causal: bool = Tru
     if a.dim() != 4 or v.dim() != 4 or a.shape[:2] != v.shape[:2] or a.shape[-1] != v.shape[2]:
         raise ValueError(f"kernel matrix (B, H, Nq, Nk) and v (B, H, Nk, D) do not match: "
                          f"{tuple(a.shape)}, {tuple(v.shape)}")
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v)
     a = a.to(acc)
     if causal:
         nq, nk = a.shape[-2:]
@@ -122,178 +118,6 @@ def _noncausal(phi_q, phi_k, v, eps):
     num = phi_q @ S
     den = (phi_q @ z.unsqueeze(-1)).clamp_min(eps)
     return num / den, (S, z)
-
-
-def _auto_block(bh: int, f: int, chunk: int, n: int) -> int:
-    """Tokens per block so that per-block temporaries stay around a few MB (malloc reuses them)."""
-    target = max(chunk, (1 << 19) // max(1, bh * f) // chunk * chunk)
-    return min(target, -(-n // chunk) * chunk)
-
-
-def _block_chunks(get_q, get_k, i, L, chunk, bh, acc):
-    """Block i's features as chunks: (q4, k4) (bh, nb, chunk, F), nb, and the zero rows ``pad`` appended
-    to reach a multiple of ``chunk`` (zero keys add nothing; padded query rows are dropped by callers)."""
-    pq, pk = get_q(i).to(acc), get_k(i).to(acc)
-    pad = (-L) % chunk
-    if pad:
-        pq, pk = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk))
-    nb = (L + pad) // chunk
-    return pq.reshape(bh, nb, chunk, -1), pk.reshape(bh, nb, chunk, -1), nb, pad
-
-
-def _decay_factors(decay: torch.Tensor, chunk: int, nb: int, pad: int, acc):
-    """Per-chunk factors of a decayed state, ``S_t = lambda S_{t-1} + phi_k_t v_t^T`` (query t then weighs key
-    j <= t by ``lambda^(t - j)``), for ``decay = log lambda`` (bh,) and nb chunks, the last ``pad`` rows short:
-
-    * ``q_in`` (bh, 1, C, 1): ``lambda^(t + 1)``, a query's view of the state entering its chunk;
-    * ``intra`` (bh, 1, C, C): ``lambda^(t - j)`` on and below the diagonal;
-    * ``k_out`` (bh, nb, C, 1): ``lambda^(len - 1 - j)``, a key's weight in the state leaving its chunk;
-    * ``carry`` (bh, nb): ``lambda^len``, the decay of the state across a chunk (``len``: its real rows).
-    Exponents are never negative, so every factor is in (0, 1] (padding keys are zero anyway)."""
-    ld = decay.to(acc)
-    t = torch.arange(chunk, device=ld.device, dtype=acc)
-    lens = torch.full((nb,), float(chunk), device=ld.device, dtype=acc)
-    lens[-1] = chunk - pad
-    q_in = torch.exp(ld[:, None] * (t + 1)).view(-1, 1, chunk, 1)
-    diff = t[:, None] - t[None, :]
-    intra = torch.exp(ld[:, None, None] * diff.clamp_min(0)).masked_fill(diff < 0, 0.0).unsqueeze(1)
-    k_out = torch.exp(ld[:, None, None] * (lens[:, None] - 1 - t[None, :]).clamp_min(0)).unsqueeze(-1)
-    carry = torch.exp(ld[:, None] * lens)
-    return q_in, intra, k_out, carry
-
-
-def _causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None, decay=None):
-    """Blocked, chunked causal linear attention with a carried state.
-
-    The sequence comes as blocks (``v_blocks``: (BH, L_i, D) each, every L_i but the last a multiple of
-    ``chunk``); features are fetched per block through ``get_q(i)`` / ``get_k(i)`` -> (BH, L_i, F), so a
-    caller can apply its feature maps block by block and never hold N-sized features. Inputs are
-    split once with ``Tensor.split`` (its backward is one concat; slicing per block would make
-    autograd zero-fill a full-size gradient per block). Within a block all
-    chunks are processed in batched matmuls:
-
-      * intra-chunk: the (C x C) masked product ``phi_q phi_k^T`` times v (and its row sums),
-      * inter-chunk: ``phi_q @ S_excl`` (and ``phi_q . z_excl``), where the state entering each chunk
-        is the carried state plus an exclusive prefix sum of the block's per-chunk ``phi_k^T v``.
-
-    Cost O(N * C * (F + D) + N * F * D); memory O(block * (F + D)) besides the output. Blocks keep
-    every temporary a few MB, which malloc recycles: on this class of CPU fresh large allocations
-    (page faults) cost more than the arithmetic.
-
-    Without autograd (inference, prefill) the values carry a column of ones, ``[v, 1]``: then the
-    same three matmuls that give the numerator also give the denominator (``a @ [v, 1]`` holds the
-    row sums of ``a``, ``phi_k^T [v, 1]`` holds ``z``, ``phi_q @ [S, z]`` holds ``phi_q . z``), instead
-    of separate row sums and matrix-vector products. With autograd the plain form is kept (its
-    backward does not go through in-place buffers).
-
-    Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)); ``extra(i, start, L)``, if given,
-        returns ``[num, den]`` packed as (BH, L, D + 1), added to block i's numerator/denominator before
-        the division (the hybrid layer's sliding-window softmax part); ``decay`` (BH,) ``log lambda`` of a
-        decayed state (see :func:`_decay_factors`), None for the plain sum.
-    Returns: y (BH, N, D) in ``acc``, (S, z).
-    """
-    n = sum(b.shape[1] for b in v_blocks)
-    if n == 0:
-        raise ValueError("linear attention needs at least one position (got seq length 0)")
-    if not torch.is_grad_enabled():
-        return _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra, decay)
-    bh, _, d = v_blocks[0].shape
-    outs = []
-    S = z = None
-    if state is not None:
-        S, z = state
-    s = 0
-    for i, vb in enumerate(v_blocks):
-        L = vb.shape[1]
-        q4, k4, nb, pad = _block_chunks(get_q, get_k, i, L, chunk, bh, acc)
-        fd = q4.shape[-1]
-        if S is None:
-            S, z = vb.new_zeros(bh, fd, d), vb.new_zeros(bh, fd)
-        v4 = (F.pad(vb, (0, 0, 0, pad)) if pad else vb).reshape(bh, nb, chunk, d)
-        a = (q4 @ k4.transpose(-1, -2)).tril_()  # tril_ on a matmul output is autograd-safe
-        if decay is not None:
-            q_in, intra, k_out, carry = _decay_factors(decay, chunk, nb, pad, acc)
-            a = a * intra
-            k4 = k4 * k_out
-        kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D): each chunk's own contribution
-        ks = k4.sum(2)  # (bh, nb, F)
-        if decay is None:
-            S_ex = kv.cumsum(1) - kv + S.unsqueeze(1)
-            z_ex = ks.cumsum(1) - ks + z.unsqueeze(1)
-            S = S_ex[:, -1] + kv[:, -1]
-            z = z_ex[:, -1] + ks[:, -1]
-        else:  # the state entering chunk c: the one entering c - 1, decayed across it, plus its keys
-            S_list, z_list = [], []
-            for c in range(nb):
-                S_list.append(S)
-                z_list.append(z)
-                S = carry[:, c, None, None] * S + kv[:, c]
-                z = carry[:, c, None] * z + ks[:, c]
-            S_ex, z_ex = torch.stack(S_list, 1), torch.stack(z_list, 1)
-            q4 = q4 * q_in
-        num = torch.baddbmm(
-            (a @ v4).view(bh * nb, chunk, d), q4.reshape(bh * nb, chunk, fd), S_ex.view(bh * nb, fd, d)
-        ).view(bh, nb * chunk, d)[:, :L]
-        den = ((q4 @ z_ex.unsqueeze(-1)).squeeze(-1) + a.sum(-1)).view(bh, nb * chunk, 1)[:, :L]
-        if extra is not None:
-            nd_x = extra(i, s, L)
-            num, den = num + nd_x[..., :d], den + nd_x[..., d:]
-        # a list + one cat: slice-assigning into y would make autograd copy y's whole
-        outs.append(num / den.clamp_min(eps))  # gradient once per block (O(N^2 / block))
-        s += L
-    y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-    return y, (S, z)
-
-
-def _causal_blocks_inference(get_q, get_k, v_blocks, n, chunk, state, eps, acc, extra, decay=None):
-    """``_causal_blocks`` without autograd: values augmented with a ones column (see there), the
-    state carried as one ``[S, z]`` tensor (BH, F, D + 1), one output tensor written block by block."""
-    bh, _, d = v_blocks[0].shape
-    y = v_blocks[0].new_empty(bh, n, d)
-    L0 = v_blocks[0].shape[1]
-    va_buf = v_blocks[0].new_empty(bh, L0 + (-L0) % chunk, d + 1)
-    Sz = None
-    s = 0
-    for i, vb in enumerate(v_blocks):
-        L = vb.shape[1]
-        q4, k4, nb, pad = _block_chunks(get_q, get_k, i, L, chunk, bh, acc)
-        fd = q4.shape[-1]
-        if Sz is None:
-            Sz = vb.new_zeros(bh, fd, d + 1)
-            if state is not None:
-                Sz[..., :d], Sz[..., d] = state
-        va = va_buf[:, : L + pad]
-        va[:, :L, :d] = vb
-        va[:, :L, d] = 1.0
-        if pad:
-            va[:, L:] = 0.0
-        v4 = va.view(bh, nb, chunk, d + 1)
-        a = (q4 @ k4.transpose(-1, -2)).tril_()
-        if decay is not None:  # see _decay_factors
-            q_in, intra, k_out, carry = _decay_factors(decay, chunk, nb, pad, acc)
-            a.mul_(intra)
-            k4 = k4 * k_out
-        kv = k4.transpose(-1, -2) @ v4  # (bh, nb, F, D + 1): each chunk's [S, z] contribution
-        Sz_ex = torch.empty_like(kv)  # [S, z] entering each chunk (exclusive prefix sum)
-        Sz_ex[:, 0] = Sz
-        if decay is None:
-            for c in range(1, nb):
-                torch.add(Sz_ex[:, c - 1], kv[:, c - 1], out=Sz_ex[:, c])
-            Sz = Sz_ex[:, -1] + kv[:, -1]
-        else:
-            for c in range(1, nb):
-                torch.addcmul(kv[:, c - 1], Sz_ex[:, c - 1], carry[:, c - 1, None, None], out=Sz_ex[:, c])
-            Sz = torch.addcmul(kv[:, -1], Sz_ex[:, -1], carry[:, -1, None, None])
-            q4 = q4 * q_in
-        nd = torch.baddbmm(
-            (a @ v4).view(bh * nb, chunk, d + 1), q4.reshape(bh * nb, chunk, fd), Sz_ex.view(bh * nb, fd, d + 1)
-        ).view(bh, nb * chunk, d + 1)[:, :L]
-        if extra is not None:
-            nd.add_(extra(i, s, L))
-        num, den = nd[..., :d], nd[..., d:]
-        torch.div(num, den.clamp_min_(eps), out=y[:, s:s + L])
-        s += L
-    return y, (Sz[..., :d].contiguous(), Sz[..., d].contiguous())
 
 
 def _check_chunking(chunk_size: int, block_size: Optional[int]) -> None:
@@ -354,7 +178,7 @@ def linear_attention(
             y, st = out
             return (y, st) if return_state else y
 
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v)
     q, k, vv = phi_q.to(acc), phi_k.to(acc), v.to(acc)
     if causal:
         B, H, N, Fd = q.shape
@@ -363,9 +187,9 @@ def linear_attention(
         if initial_state is not None:
             st = (initial_state[0].to(acc).reshape(B * H, Fd, D), initial_state[1].to(acc).reshape(B * H, Fd))
         chunk = max(1, min(chunk_size, N))
-        blk = block_size or _auto_block(B * H, Fd, chunk, N)
+        blk = block_size or auto_block(B * H, Fd, chunk, N)
         qb, kb, vb = (t.reshape(B * H, N, -1).split(blk, 1) for t in (q, k, vv))
-        y, (S, z) = _causal_blocks(qb.__getitem__, kb.__getitem__, vb, chunk, st, eps, acc)
+        y, (S, z) = causal_blocks(qb.__getitem__, kb.__getitem__, vb, chunk, st, eps, acc)
         y = y.reshape(B, H, N, D)
         st = (S.reshape(B, H, Fd, D), z.reshape(B, H, Fd))
     else:
@@ -423,11 +247,11 @@ def feature_linear_attention(
                                 eps=eps, backend=backend, block_size=block_size)
     _check_chunking(chunk_size, block_size)
     D = v.shape[-1]
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v)
 
     fd = feature_map_q.feature_dim if hasattr(feature_map_q, "feature_dim") else feature_map_q(q[:, :, :1]).shape[-1]
     chunk = max(1, min(chunk_size, N))
-    blk = block_size or _auto_block(B * H, fd, chunk, N)
+    blk = block_size or auto_block(B * H, fd, chunk, N)
     pos_blocks = positions.split(blk, -1)
 
     def getter(fm, x):
@@ -446,7 +270,7 @@ def feature_linear_attention(
     if initial_state is not None:
         st = (initial_state[0].to(acc).reshape(B * H, fd, D), initial_state[1].to(acc).reshape(B * H, fd))
     v_blocks = v.to(acc).reshape(B * H, N, D).split(blk, 1)
-    y, (S, z) = _causal_blocks(getter(feature_map_q, q), getter(feature_map_k, k), v_blocks, chunk, st, eps, acc)
+    y, (S, z) = causal_blocks(getter(feature_map_q, q), getter(feature_map_k, k), v_blocks, chunk, st, eps, acc)
     y = y.reshape(B, H, N, D).to(v.dtype)
     if return_state:
         return y, (S.reshape(B, H, fd, D), z.reshape(B, H, fd))

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.ops.hybrid import Gamma
-from hedgehog.ops.linear_attention import DEFAULT_EPS, State, _acc_dtype
+from hedgehog.ops.chunked import acc_dtype
+from hedgehog.ops.linear_attention import DEFAULT_EPS, State
 
 def recurrent_step(
     phi_q: torch.Tensor,
@@ -50,7 +51,7 @@ def recurrent_step(
     if phi_k.shape[0] != B or v.shape[:2] != phi_k.shape[:2] or phi_k.shape[-1] != Fd or Hq % Hk:
         raise ValueError(f"shapes do not fit: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, "
                          f"v {tuple(v.shape)} (key heads must divide query heads)")
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v)
     k, vv = phi_k[:, :, 0].to(acc), v[:, :, 0].to(acc)
     kv = k.unsqueeze(-1) * vv.unsqueeze(-2)
     if state is None:
@@ -136,7 +137,7 @@ def hybrid_recurrent_step(
     if Hq % Hk or k_window.shape[0] != B or v_window.shape[:3] != k_window.shape[:3] or W == 0:
         raise ValueError(f"window shapes do not fit: q {tuple(q.shape)}, k_window {tuple(k_window.shape)}, "
                          f"v_window {tuple(v_window.shape)} (key heads must divide query heads; W >= 1)")
-    acc = _acc_dtype(v_window)
+    acc = acc_dtype(v_window)
     g_heads = Hq // Hk
     scale = d ** -0.5 if scale is None else scale
     qq = q[:, :, 0].to(acc).reshape(B, Hk, g_heads, d)

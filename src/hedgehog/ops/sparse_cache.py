@@ -40,7 +40,8 @@ from typing import Optional, Tuple
 import torch
 
 from hedgehog.ops.hybrid import Gamma
-from hedgehog.ops.linear_attention import DEFAULT_EPS, _acc_dtype
+from hedgehog.ops.chunked import acc_dtype
+from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 SCORES = ("memory", "state")
 
@@ -270,7 +271,7 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if score not in SCORES:
         raise ValueError(f"unknown sparse-cache score {score!r}; choose one of {SCORES}")
     chunk = chunk or window
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v)
     scale = d ** -0.5 if scale is None else scale
     st = state if state is not None else empty_state(B, Hk, d, D, Fd, cache_size, sinks, k.dtype, acc, q.device)
     p0, base = st.seen, max(0, st.boundary - window + 1)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from hedgehog.eval.fidelity import perplexity
-from hedgehog.layers.attention import hedgehog_layers, set_attention_mode
+from hedgehog.layers.attention import Mode, hedgehog_layers, set_attention_mode
 from hedgehog.train.engine import Engine, resolve_device
 from hedgehog.train.resume import StageCheckpoint, restore_params, restore_training_state, training_state
 from hedgehog.utils.atomic import write_json
@@ -157,7 +157,7 @@ def train_lm(job: TrainJob) -> Dict:
         bar.set_postfix(lm=f"{rec['lm_loss']:.3f}")
         if engine.is_main and (state["step"] % eval_every == 0 or state["step"] == total):
             if kind != "softmax":
-                set_attention_mode(model, "linear")
+                set_attention_mode(model, Mode.STUDENT)
             ppl = _lm_perplexity(model, val)
             set_train_mode(model, kind, job.mimic_weight)
             state["curve"].append({"step": state["step"], "tokens": state["tokens"], "val_ppl": ppl})
@@ -167,7 +167,7 @@ def train_lm(job: TrainJob) -> Dict:
     bar.close()
     set_mimic_rows(model, None)
     if kind != "softmax":
-        set_attention_mode(model, "linear")
+        set_attention_mode(model, Mode.STUDENT)
     model.eval()
     engine.on_main(save)
     if not engine.is_main:  # the main process evaluates and writes the report
@@ -243,7 +243,7 @@ def load_trained(run: Path, device: str = "cpu"):
     model = build_model(rep["attention"], _lm_spec(ModelSpec(**st["model"]), st["seq_len"]), seed=st.get("seed", 0))
     restore_params(saved, list(model.parameters()), run / CHECKPOINT_NAME)
     if rep["attention"] != "softmax":
-        set_attention_mode(model, "linear")
+        set_attention_mode(model, Mode.STUDENT)
     return model.to(resolve_device(device)).eval(), rep
 
 

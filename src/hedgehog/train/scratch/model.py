@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers, set_attention_mode
+from hedgehog.layers.attention import Mode, HedgehogConfig, hedgehog_layers, set_attention_mode
 from hedgehog.layers.generation import cache_argument
 
 
@@ -243,4 +243,4 @@ def set_train_mode(model: nn.Module, kind: str, mimic_weight: float) -> None:
     """``mimic`` mode for Hedgehog kinds with a positive weight, plain ``linear`` otherwise (eval too)."""
     if kind == "softmax":
         return
-    set_attention_mode(model, "mimic" if kind in MIMIC_KINDS and mimic_weight > 0 else "linear")
+    set_attention_mode(model, Mode.MIMIC if kind in MIMIC_KINDS and mimic_weight > 0 else Mode.STUDENT)

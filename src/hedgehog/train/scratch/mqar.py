@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.eval.fidelity import eval_batches
-from hedgehog.layers.attention import set_attention_mode
+from hedgehog.layers.attention import Mode, set_attention_mode
 from hedgehog.train.engine import Engine
 from hedgehog.utils.atomic import write_json
 from hedgehog.train.scratch.model import (ModelSpec, PAPER_KINDS, _with_mimic, build_model, set_train_mode)
@@ -123,7 +123,7 @@ def train_mqar(kind: str, job: MQARJob) -> Dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % job.eval_every == 0 or step + 1 == job.steps:
             if kind != "softmax":
-                set_attention_mode(model, "linear")
+                set_attention_mode(model, Mode.STUDENT)
             acc = mqar_accuracy(model, eval_ids, eval_t)
             set_train_mode(model, kind, job.mimic_weight)
             curve.append({"step": step + 1, "loss": loss.item(), "accuracy": acc})

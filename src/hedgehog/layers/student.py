@@ -1,11 +1,17 @@
-"""The student's attention inside a converted layer: linear or hybrid, as a prefill or one decoding step.
+"""The student's attention inside a converted layer: linear or hybrid, as a prefill or decoding steps.
 
-:class:`StudentPaths` is a mixin of :class:`hedgehog.layers.attention.HedgehogAttention`; it reads the layer's maps,
-heads, window and kernels and never the teacher. ``_linear`` routes a call: a decode-state layer of the cache
-(``HedgehogStateLayer`` / ``HybridStateLayer``) gets the recurrent forms, which extend its state or ring buffer;
-any other cache keeps k/v and attends over all of them; without a cache the causal (chunked or fused) form runs.
-A hybrid layer with a sparse cache (``hh_config.sparse_cache``, inference only: not under autograd) takes
-:meth:`StudentPaths._sparse_hybrid` for all three, which carries a :class:`SparseStateLayer` between calls.
+:class:`StudentPaths` is a mixin of :class:`hedgehog.layers.attention.HedgehogAttention`: it reads the layer's maps
+(``feature_map_q``/``feature_map_k``, ``_grouped_k``), heads (``n_rep``, ``num_kv_heads``), ``hh_config``, the
+hybrid's ``gamma()``/``log_decay()`` and the kernels bound at build (``kernels``, ``cpu_fused``); from the call
+(:class:`~hedgehog.layers.interface.AttentionCall`) its mask, positions, cache and the teacher's scale, which the
+hybrid's exact part uses. :meth:`StudentPaths.student` routes a call, in this order:
+
+1. a hybrid layer with a sparse cache (``hh_config.sparse_cache``; inference only) -> :meth:`_sparse_hybrid`, which
+   carries a :class:`SparseStateLayer` between calls;
+2. a decode-state layer in the cache (``HybridStateLayer`` / ``HedgehogStateLayer``) -> the recurrent forms, which
+   extend its ring buffer or state;
+3. any other cache keeps k/v and attends over all of them; no cache: the causal form over the sequence
+   (chunked, or the fused CPU kernel for inference), or the non-causal one for encoders.
 """
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ from hedgehog.ops.sparse_cache import sparse_hybrid_attention
 class StudentPaths:
     """Prefill and decode for linear and hybrid attention (a mixin: ``self`` is the converted layer)."""
 
-    def _linear(self, q, k, v, call, cache):
-        """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d) causal linear attention."""
+    def student(self, q, k, v, call):
+        """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d): the layer's linear or hybrid attention for this call."""
         n = q.shape[2]
+        cache = call.cache
         if self.hybrid and self.hh_config.sparse_cache and self.causal and not torch.is_grad_enabled():
             return self._sparse_hybrid(q, k, v, call, cache)
         if cache is not None:
@@ -44,9 +51,9 @@ class StudentPaths:
             # recurrent-state cache replaces this with O(1) state updates).
             k, v = cache.update(k, v, self.adapter.cache_index(self))
         nk = k.shape[2]
-        pos_k = self._positions(call, nk, 0, q.device) if nk == n else torch.arange(nk, device=q.device)
+        pos_k = call.positions(nk, 0, q.device) if nk == n else torch.arange(nk, device=q.device)
         pos_q = pos_k[..., nk - n:]
-        valid = self._valid(call, nk)
+        valid = call.valid_keys(nk)
         s = self.hh_config.qk_scale
         v_rep = repeat_heads(v, self.n_rep)
         if not self.causal:  # encoder: every query sees every real key
@@ -58,7 +65,7 @@ class StudentPaths:
                 phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
             return linear_attention(phi_q, phi_k, v_rep, causal=False)
         if self.hybrid:
-            return self._hybrid_full(q, k, v_rep, pos_q, pos_k, valid)
+            return self._hybrid_full(q, k, v_rep, pos_q, pos_k, valid, call.teacher.scale)
         if nk != n or valid is not None:
             phi_q = self.feature_map_q(q * s, pos_q)
             phi_k = self._grouped_k(k * s, pos_k)
@@ -70,7 +77,8 @@ class StudentPaths:
             return quadratic_linear_attention(phi_q, phi_k, v_rep, causal=True)
         if self._kernel_form(n):  # e.g. Taylor on short sequences: O(N^2 d) beats O(N F d)
             return self._kernel_attention(q, k, v_rep, causal=True)
-        fused = fused_hedgehog_attention(q * s, k * s, v, self.feature_map_q, self.feature_map_k)
+        fused = fused_hedgehog_attention(q * s, k * s, v, self.feature_map_q, self.feature_map_k) \
+            if self._cpu_inference(q) else None
         if fused is not None:  # CPU, no autograd: one pass per key head, no repeated k/v
             return fused[0]
         return feature_linear_attention(
@@ -92,7 +100,7 @@ class StudentPaths:
                 k, v = cache.update(k, v, idx)  # a generic cache: every key so far
         nk = k.shape[2]
         start = layer.seen if layer is not None else 0
-        pos = self._positions(call, nk, start, q.device) if nk == n else torch.arange(nk, device=q.device)
+        pos = call.positions(nk, start, q.device) if nk == n else torch.arange(nk, device=q.device)
         s = c.qk_scale
         phi_q = self.feature_map_q(q * s, pos[..., nk - n:])
         phi_k = self.feature_map_k(k * s, pos)  # per KV head, like the state
@@ -100,14 +108,19 @@ class StudentPaths:
             pad = lambda t: torch.cat([t.new_zeros(*t.shape[:2], nk - n, t.shape[-1]), t], 2)
             q, phi_q = pad(q), pad(phi_q)
         y, state = sparse_hybrid_attention(q, k, v, phi_q, phi_k, c.window, c.sparse_cache, self.gamma(),
-                                           self.teacher_scale(), c.sinks, self.log_decay(per_query_head=False),
-                                           c.sparse_chunk, self._valid(call, nk),
+                                           call.teacher.scale, c.sinks, self.log_decay(per_query_head=False),
+                                           c.sparse_chunk, call.valid_keys(nk),
                                            state=None if layer is None else layer.state, score=c.sparse_score)
         if layer is not None:
             layer.state = state
             layer.seen += n
             layer.is_initialized = True
         return y[:, :, nk - n:]
+
+    def _cpu_inference(self, x) -> bool:
+        """Whether the fused CPU kernel bound at build serves this call (CPU tensors; the kernel itself declines
+        under autograd and for float64)."""
+        return self.cpu_fused and x.device.type == "cpu"
 
     def _kernel_form(self, n: int) -> bool:
         """True where the maps have a closed-form kernel (same map for q and k) and N < F makes it cheaper."""
@@ -133,9 +146,10 @@ class StudentPaths:
             pos = torch.arange(layer.seen, layer.seen + n, device=q.device)
         if s != 1.0:
             q, k = q * s, k * s
-        if n > 1 and (layer.Sz is not None or self._valid(call, n) is None):
+        if n > 1 and (layer.Sz is not None or call.valid_keys(n) is None):
             init = None if layer.Sz is None else (layer.S, layer.z)
-            fused = fused_hedgehog_attention(q, k, v, self.feature_map_q, self.feature_map_k, init)
+            fused = fused_hedgehog_attention(q, k, v, self.feature_map_q, self.feature_map_k, init) \
+                if self._cpu_inference(q) else None
             if fused is not None:  # prefill in the fused CPU kernel; its state is per key head already
                 y, (S, z) = fused
                 layer.set_state(S, z, n)
@@ -148,7 +162,7 @@ class StudentPaths:
             phi_q = self.feature_map_q(q, pos)
             phi_k = self.feature_map_k(k, pos)  # (B, Hkv, n, F): not repeated
         if layer.Sz is None:
-            valid = self._valid(call, n)
+            valid = call.valid_keys(n)
             if valid is not None:  # padding never enters the state
                 phi_k = phi_k * valid[:, None, :, None].to(phi_k.dtype)
         elif n == 1:
@@ -167,7 +181,7 @@ class StudentPaths:
         layer.set_state(S, z, n)
         return y
 
-    def _hybrid_full(self, q, k, v_rep, pos_q, pos_k, valid, return_state=False):
+    def _hybrid_full(self, q, k, v_rep, pos_q, pos_k, valid, scale, return_state=False):
         """Hybrid attention of n queries (the last n positions) over all nk keys; chunked when n == nk
         and there is no padding, else the O(n * nk) form (short prompts, generic caches). With
         ``return_state`` returns ``(y, state)``: the chunked path's linear state of keys ``0..n-w-1`` per KV
@@ -177,14 +191,14 @@ class StudentPaths:
         k_rep = repeat_heads(k, self.n_rep)
         n, nk = q.shape[2], k.shape[2]
         if n == nk and valid is None:
-            if not sinks and decay is None:  # the fused kernel computes the plain hybrid
+            if not sinks and decay is None and self._cpu_inference(q):  # the fused kernel: the plain hybrid
                 fused = fused_hybrid_attention(q, k, v_rep[:, ::self.n_rep], self.feature_map_q, self.feature_map_k,
-                                               w, self.gamma(), self.teacher_scale(), feature_scale=s)
+                                               w, self.gamma(), scale, feature_scale=s)
                 if fused is not None:  # CPU, no autograd: the fused kernel, state per KV head already
                     return fused if return_state else fused[0]
             out = feature_hybrid_attention(q, k_rep, v_rep, ScaledMap(self.feature_map_q, s),
                                            ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
-                                           scale=self.teacher_scale(), positions=pos_q,
+                                           scale=scale, positions=pos_q,
                                            chunk_size=self.hh_config.chunk_size, return_state=return_state,
                                            sinks=sinks, decay=decay)
             if not return_state:
@@ -193,7 +207,7 @@ class StudentPaths:
             return y, (S[:, ::self.n_rep].contiguous(), z[:, ::self.n_rep].contiguous())
         phi_q = self.feature_map_q(q * s, pos_q)
         phi_k = self._grouped_k(k * s, pos_k)
-        a, _, _ = hybrid_weights(q, k_rep, phi_q, phi_k, w, self.gamma(), self.teacher_scale(),
+        a, _, _ = hybrid_weights(q, k_rep, phi_q, phi_k, w, self.gamma(), scale,
                                  q_positions=torch.arange(nk - n, nk, device=q.device), key_valid=valid,
                                  sinks=sinks, decay=decay)
         y = (a / a.sum(-1, keepdim=True).clamp_min(DEFAULT_EPS)) @ v_rep.to(a.dtype)
@@ -205,9 +219,10 @@ class StudentPaths:
         s, w, sinks = self.hh_config.qk_scale, self.hh_config.window, self.hh_config.sinks
         b, _, n, _ = q.shape
         if layer.Sz is None:  # prefill: one parallel pass, then build the cache from its keys
-            valid = self._valid(call, n)
+            valid = call.valid_keys(n)
             pos = torch.arange(n, device=q.device)
-            y, state = self._hybrid_full(q, k, repeat_heads(v, self.n_rep), pos, pos, valid, return_state=True)
+            y, state = self._hybrid_full(q, k, repeat_heads(v, self.n_rep), pos, pos, valid, call.teacher.scale,
+                                         return_state=True)
             valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
             old = max(0, n - w)
             acc = torch.float64 if v.dtype == torch.float64 else torch.float32
@@ -262,6 +277,6 @@ class StudentPaths:
             pos = torch.tensor([layer.seen - 1], device=q.device) if needs_pos else None
             phi_q = self.feature_map_q(qt * s if s != 1.0 else qt, pos)
             ys.append(ring_hybrid_step(qt, phi_q, layer.k_win, layer.v_win, layer.valid, layer.Sz, self.gamma(),
-                                       self.teacher_scale()))
+                                       call.teacher.scale))
         return ys[0] if n == 1 else torch.cat(ys, 2)
 

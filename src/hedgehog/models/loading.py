@@ -99,7 +99,7 @@ def load_base(model_name: str, revision: Optional[str] = None, trust_remote_code
 
 
 def needs_separate_teacher(path) -> bool:
-    """True when the saved weights are not the base's (LoRA merged in), so softmax mode is not the teacher."""
+    """True when the saved weights are not the base's (LoRA merged in), so teacher mode is not the teacher."""
     meta = read_meta(path)
     lora = meta.get("lora")
     return bool(lora) and (meta["format"] == "hf" or lora.get("merged", False))

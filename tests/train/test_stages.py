@@ -1,11 +1,12 @@
-"""Attention distillation (hedgehog.train.distill): stage 1 lowers the distillation loss for every family and stops on a
+"""The two training stages (hedgehog.train.stage1, hedgehog.train.stage2): stage 1 lowers the distillation loss for every family and stops on a
 non-finite loss; stage 2's KD loss is taken against the unadapted softmax teacher."""
 import pytest
 import torch
 
 from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers
 from hedgehog.models.convert import convert_model
-from hedgehog.train.distill import Stage1Config, Stage2Config, add_lora, attention_transfer, lora_finetune
+from hedgehog.train.stage1 import Stage1Config, attention_transfer
+from hedgehog.train.stage2 import Stage2Config, add_lora, lora_finetune
 from conftest import FAMILIES, V, perturb_maps, tiny
 
 
@@ -27,12 +28,12 @@ def test_stage1_decreases_distillation_loss(family, loss):
     def loss_on(batch):
         with torch.no_grad():
             caps = capture_qkv(model, batch)
-            return sum(layer.layer_distill_loss(q, k, v).item() for layer, (q, k, v) in zip(layers, caps))
+            return sum(layer.layer_distill_loss(c.q, c.k, c.v, teacher=c.teacher).item() for layer, c in zip(layers, caps))
 
     before = loss_on(windows[:2])
     rep = attention_transfer(model, windows, Stage1Config(tokens=8 * 32 * 4, lr=3e-2, batch_size=2, warmup_steps=1),
                              progress=False)
-    assert all(layer.mode == "linear" for layer in layers)
+    assert all(layer.mode == "student" for layer in layers)
     after = loss_on(windows[:2])
     assert rep["captures"] == 16 and rep["steps"] == (16 if loss == "mse" else 64)
     assert after < 0.995 * before, (before, after)
@@ -54,7 +55,7 @@ def test_stage2_kd_uses_the_unadapted_softmax_teacher():
     perturb_maps(model, scale=5.0)  # a student visibly different from its teacher
     pm = add_lora(model, Stage2Config(lora_r=4, train_feature_maps=True))
     ids = torch.randint(0, V, (2, 16))
-    from hedgehog.train.distill import _kd_loss
+    from hedgehog.train.stage2 import _kd_loss
 
     with torch.no_grad():
         base = _kd_loss(pm, pm, ids).item()
@@ -65,12 +66,12 @@ def test_stage2_kd_uses_the_unadapted_softmax_teacher():
         after = _kd_loss(pm, pm, ids).item()
     assert after < base
     # the teacher path left everything in linear mode with the adapter on
-    assert all(m.mode == "linear" for m in hedgehog_layers(pm))
+    assert all(m.mode == "student" for m in hedgehog_layers(pm))
     assert any(p.requires_grad for n, p in pm.named_parameters() if "feature_map" in n)
 
 
 def test_batch_positions_are_seeded_offsets_within_the_range():
-    from hedgehog.train.distill import batch_positions
+    from hedgehog.train.stage1 import batch_positions
 
     assert batch_positions(0, 3, 8) is None
     pos = [batch_positions(100, i, 8) for i in range(50)]
@@ -84,13 +85,13 @@ def test_both_stages_train_at_the_offset_positions():
     """Stage 1's captures and stage 2's student and teacher forwards run at the batch's offset positions (the
     feature maps read post-RoPE q/k, which depend on them), and the offsets change what the maps see."""
     from hedgehog.layers.capture import capture_qkv
-    from hedgehog.train.distill import batch_positions
+    from hedgehog.train.stage1 import batch_positions
 
     torch.manual_seed(0)
     model = convert_model(tiny("llama").eval())
     ids = torch.randint(0, V, (2, 16))
-    (q0, k0, _), = capture_qkv(model, ids, hedgehog_layers(model)[:1])
-    (q1, k1, _), = capture_qkv(model, ids, hedgehog_layers(model)[:1], torch.arange(40, 56)[None])
+    (q0, k0, _, _), = capture_qkv(model, ids, hedgehog_layers(model)[:1])
+    (q1, k1, _, _), = capture_qkv(model, ids, hedgehog_layers(model)[:1], torch.arange(40, 56)[None])
     assert not torch.allclose(k0, k1)  # RoPE at other positions
     scores = lambda q, k: q[:, 0] @ k[:, 0].transpose(-1, -2)
     torch.testing.assert_close(scores(q0, k0), scores(q1, k1), rtol=1e-4, atol=1e-4)  # RoPE is relative

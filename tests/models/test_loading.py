@@ -1,4 +1,4 @@
-"""Saving and loading converted models (hedgehog.models.formats, hedgehog.models.checkpoint): both weight sets of the one
+"""Saving and loading converted models (hedgehog.models.formats, hedgehog.models.loading): both weight sets of the one
 directory format, LoRA merged in, the base checked by fingerprint, the earlier light layout still read."""
 import json
 
@@ -7,10 +7,10 @@ import torch
 
 from hedgehog.data.assets import PLAIN_LOAD
 from hedgehog.layers.attention import HedgehogConfig, hedgehog_layers
-from hedgehog.models import checkpoint as ckpt
+from hedgehog.models import loading
 from hedgehog.models import formats
 from hedgehog.models.convert import convert_model
-from hedgehog.train.distill import Stage2Config, add_lora, lora_finetune
+from hedgehog.train.stage2 import Stage2Config, add_lora, lora_finetune
 from conftest import V, perturb_maps, tiny
 
 
@@ -48,12 +48,12 @@ def test_light_format_round_trip_with_lora(tmp_path, family, merged_first):
         saved = set(fh.keys())
     assert saved == {k for k in saved if "feature_map" in k} | set(meta["lora"]["weights"])
     assert len(saved) < len(formats.export_state(pm))  # the base's other weights stay with the base
-    loaded, _tok = ckpt.load(out)
+    loaded, _tok = loading.load(out)
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # merged weights: fp32 rounding
-    assert [m.mode for m in hedgehog_layers(loaded)] == ["linear", "linear"]
-    assert ckpt.needs_separate_teacher(out)
+    assert [m.mode for m in hedgehog_layers(loaded)] == ["student", "student"]
+    assert loading.needs_separate_teacher(out)
 
 
 def _write_earlier_light_layout(pm, out, base_dir, adapter: bool):
@@ -83,8 +83,8 @@ def test_directories_of_the_earlier_light_layout_still_load(tmp_path, adapter):
     with torch.no_grad():
         want = pm(input_ids=ids).logits
     _write_earlier_light_layout(pm, tmp_path / "old", base_dir, adapter)
-    assert formats.checkpoint_format(tmp_path / "old") == "light"
-    loaded, _ = ckpt.load(tmp_path / "old", merge_lora=False) if adapter else ckpt.load(tmp_path / "old")
+    assert formats.saved_format(tmp_path / "old") == "light"
+    loaded, _ = loading.load(tmp_path / "old", merge_lora=False) if adapter else loading.load(tmp_path / "old")
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     tol = 1e-6 if adapter else 1e-4  # the adapter kept: exactly the saved computation
@@ -104,7 +104,7 @@ def test_save_load_without_lora_is_exact_and_partial_layers(tmp_path):
     with torch.no_grad():
         want = model(input_ids=ids).logits
     formats.save_converted(model, tmp_path / "c", base_model=str(base_dir), format="light")
-    loaded, _ = ckpt.load(tmp_path / "c")
+    loaded, _ = loading.load(tmp_path / "c")
     assert [m.layer_idx for m in hedgehog_layers(loaded)] == [1]
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, want)
@@ -120,13 +120,13 @@ def test_loading_onto_a_different_base_is_refused(tmp_path):
 
     model = convert_model(AutoModelForCausalLM.from_pretrained(a, **PLAIN_LOAD))
     formats.save_converted(model, tmp_path / "c", base_model=str(a), format="light")
-    with pytest.raises(ckpt.BaseModelMismatchError, match="different base model"):
-        ckpt.load(tmp_path / "c", base_model=str(b))
+    with pytest.raises(loading.BaseModelMismatchError, match="different base model"):
+        loading.load(tmp_path / "c", base_model=str(b))
 
 
 def test_load_refuses_non_converted_dir(tmp_path):
     tiny("llama").save_pretrained(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="not a converted hedgehog model"):
-        ckpt.load(tmp_path / "plain")
+        loading.load(tmp_path / "plain")
 
 
