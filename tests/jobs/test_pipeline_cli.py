@@ -23,7 +23,7 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     assert report["stage1"]["tokens"] == 256 and report["stage2"]["tokens"] == 128
     assert report["reload_max_abs_logit_diff"] < 1e-5
     # LoRA is merged into the saved weights: the directory says so, so `eval` loads the base as the teacher
-    from hedgehog.models.checkpoint import needs_separate_teacher
+    from hedgehog.models.loading import needs_separate_teacher
     from hedgehog.models.formats import read_meta
 
     assert read_meta(out / "model")["lora"]["r"] == 8 and needs_separate_teacher(out / "model")
@@ -151,6 +151,15 @@ def test_bench_prefill_small_writes_outputs(tiny_assets, tmp_path, capsys):
     err = user_error(capsys, [
         "bench", "prefill", "--model", tiny_assets["model"], "--lengths", "0", "--out", str(tmp_path)])
     assert re.search("--lengths", err)
+    # the sparse cache's prefill cost, measured in the same run: one time per cache size, the first the baseline
+    main(["bench", "prefill", "--model", tiny_assets["model"], "--lengths", "100", "--sparse-cache", "0,8",
+          "--out", str(tmp_path)])
+    row, = json.loads((tmp_path / "prefill.json").read_text())["rows"]
+    assert set(row["sparse_cache_s"]) == {"0", "8"} and row["hedgehog_s"] == row["sparse_cache_s"]["0"]
+    assert "cache 8:" in capsys.readouterr().out
+    err = user_error(capsys, ["bench", "prefill", "--model", tiny_assets["model"], "--sparse-cache", "-1", "--out",
+                              str(tmp_path)])
+    assert "--sparse-cache" in err
 
 
 def test_bench_train_step_small_writes_outputs(tmp_path, capsys):

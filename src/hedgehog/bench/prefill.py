@@ -1,6 +1,7 @@
 """Whole-model prefill: a converted model's decoder stack vs the same model with softmax attention.
 
 Run:  hedgehog bench prefill [--model smollm2|RUN/model] [--lengths 1024,4096,16384] [--device cuda]
+                              [--sparse-cache 0,128]
 
 Times one no-grad forward of the decoder stack (embeddings, every layer, final norm; no LM head, whose
 (N x vocab) logits would dominate memory) over N tokens, for the Hedgehog model (attention through the
@@ -8,13 +9,15 @@ fused CPU kernel where it builds) and for the softmax base model (torch SDPA). B
 attention, so the ratio is what conversion buys on a real prefill; the op-level ratio is
 ``hedgehog bench attention``. Token ids are drawn at random (speed does not depend on them). On CUDA each
 point also records the peak memory of one prefill, and the first (compiling) call is left out of the timing.
+``--sparse-cache 0,128`` times a hybrid model once per sparse-cache size (LoLA's exact keys, inference only),
+so the cache's prefill cost is a ratio measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -47,8 +50,12 @@ def peak_cuda_mb(model, ids: torch.Tensor) -> float:
         return peak_forward_cuda_mb(lambda: decoder_stack(model)(input_ids=ids, use_cache=False), ids.device)
 
 
-def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device: str = "cpu") -> Dict:
+def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device: str = "cpu",
+        sparse_caches: Optional[List[int]] = None) -> Dict:
+    """Per length: the converted model's and the softmax base's prefill seconds (and, with ``sparse_caches``, the
+    converted model's at each sparse-cache size, the first of them being ``hedgehog_s``)."""
     from hedgehog.bench.decode import load_pair
+    from hedgehog.layers.attention import set_sparse_cache
     from hedgehog.train.engine import resolve_device
 
     dev = resolve_device(device)
@@ -60,15 +67,26 @@ def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device
     rows = []
     for n in lengths:
         ids = torch.randint(0, vocab, (1, n), generator=gen).to(dev)
-        row = {"n": n, "hedgehog_s": prefill_seconds(hedgehog, ids, repeats),
-               "softmax_s": prefill_seconds(softmax, ids, repeats)}
+        row = {"n": n}
+        if sparse_caches:
+            row["sparse_cache_s"] = {}
+            for c in sparse_caches:
+                set_sparse_cache(hedgehog, c)
+                row["sparse_cache_s"][str(c)] = prefill_seconds(hedgehog, ids, repeats)
+            row["hedgehog_s"] = row["sparse_cache_s"][str(sparse_caches[0])]
+        else:
+            row["hedgehog_s"] = prefill_seconds(hedgehog, ids, repeats)
+        row["softmax_s"] = prefill_seconds(softmax, ids, repeats)
         row["speedup"] = row["softmax_s"] / row["hedgehog_s"]
         row["hedgehog_tokens_per_s"], row["softmax_tokens_per_s"] = n / row["hedgehog_s"], n / row["softmax_s"]
         if dev.type == "cuda":
             row["hedgehog_peak_mb"], row["softmax_peak_mb"] = peak_cuda_mb(hedgehog, ids), peak_cuda_mb(softmax, ids)
         rows.append(row)
-        log(f"{n:>7} | {row['hedgehog_s']:9.2f} {row['softmax_s']:10.2f} | {row['speedup']:6.2f}x")
-    return {"model": source, "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
+        extra = "".join(f" | cache {c}: {t:.2f} s ({t / row['hedgehog_s']:.2f}x)"
+                        for c, t in list(row.get("sparse_cache_s", {}).items())[1:])
+        log(f"{n:>7} | {row['hedgehog_s']:9.2f} {row['softmax_s']:10.2f} | {row['speedup']:6.2f}x{extra}")
+    return {"model": source, "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats,
+            "sparse_caches": sparse_caches, "rows": rows}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,13 +96,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards per point, best kept (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: %(default)s)")
+    p.add_argument("--sparse-cache", default="", help="comma-separated sparse-cache sizes to time the (hybrid) model "
+                   "at, e.g. 0,128 (the first is the hedgehog column; default: the model's own)")
     p.add_argument("--out", default="bench_out/prefill", help="output dir for prefill.json and .png (default: %(default)s)")
 
 
 def run_from_args(args) -> Dict:
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    if not lengths or min(lengths) < 1 or args.repeats < 1:
-        raise UserError(f"--lengths must be positive integers and --repeats >= 1, got {args.lengths!r}, {args.repeats}")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+        caches = [int(x) for x in args.sparse_cache.split(",") if x.strip()]
+    except ValueError:
+        lengths, caches = [], [-1]
+    if not lengths or min(lengths) < 1 or args.repeats < 1 or (caches and min(caches) < 0):
+        raise UserError(f"--lengths must be positive integers, --sparse-cache non-negative integers and --repeats "
+                        f">= 1, got {args.lengths!r}, {args.sparse_cache!r}, {args.repeats}")
     from hedgehog.train.engine import resolve_device
 
     try:
@@ -94,7 +119,7 @@ def run_from_args(args) -> Dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")
-    result = run(args.model, lengths, args.repeats, device=args.device)
+    result = run(args.model, lengths, args.repeats, device=args.device, sparse_caches=caches or None)
     (out / "prefill.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "prefill.png")
     print(f"wrote {out / 'prefill.json'} and {out / 'prefill.png'}")
