@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test smoke test-slow test-gpu bench compare clean
+.PHONY: setup demo test smoke test-slow test-gpu gpu-check bench compare clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on this machine that is the local CPU wheel.
 $(STAMP): pyproject.toml
@@ -35,6 +35,18 @@ test-slow: $(STAMP)
 GPU_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 test-gpu:
 	PYTHONPATH=src:.site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -m gpu -p no:cacheprovider
+
+# The one prepared check for a lent GPU (#37): fla from .whl/ where carried, the GPU tests, then the attention
+# benchmark on CUDA in bf16 (hybrid and linear against SDPA, forward and backward, peak memory) into GPU_OUT.
+GPU_OUT ?= $(if $(OUT),$(OUT),bench_out/gpu)
+GPU_RUN := PYTHONPATH=src:.site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY)
+gpu-check:
+	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --target .site .whl/*.whl; fi
+	$(MAKE) test-gpu
+	$(GPU_RUN) -m hedgehog bench attention --device cuda --dtype bf16 --attention hybrid --repeats 3 \
+		--lengths 2048,8192,32768,65536 --max-sdpa-len 65536 --out $(GPU_OUT)/attention-hybrid
+	$(GPU_RUN) -m hedgehog bench attention --device cuda --dtype bf16 --attention linear --repeats 3 \
+		--lengths 2048,8192,32768,65536 --max-sdpa-len 65536 --out $(GPU_OUT)/attention-linear
 
 bench: $(STAMP)
 	$(BIN)/hedgehog bench attention --out bench_out/attention

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from hedgehog.errors import UserError
 from hedgehog.modules.feature_maps import get_feature_map
-from hedgehog.ops import backends, cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention
+from hedgehog.ops import (backends, cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention,
+                          triton_window)
 from hedgehog.train.engine import parse_dtype
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -59,7 +60,8 @@ def student_forward(q, k, v, fq, fk, chunk_size: int, window=None):
     """The timed linear-attention forward: pure (feature maps per block) or hybrid (window softmax + linear)."""
     if window is None:
         return feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
-    return feature_hybrid_attention(q, k, v, fq, fk, window=window, gamma=0.5, chunk_size=chunk_size)
+    return feature_hybrid_attention(q, k, v, fq, fk, window=window, gamma=0.5, chunk_size=chunk_size,
+                                    backend=backends.bind("auto"))
 
 
 def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, window, conn):
@@ -167,7 +169,12 @@ def sdpa_flops(n: int, b: int, h: int, d: int) -> float:
 def forward_kernel(fq, fk, device, dtype, window) -> str:
     """Which implementation the timed no-grad forward takes: the fused CPU kernel or the PyTorch ops."""
     if device.type != "cpu":
-        return "torch" if window else backends.bind("auto").name  # fla's chunked kernel when it imports
+        if not window:
+            return backends.bind("auto").name  # fla's chunked kernel when it imports
+        x = torch.zeros(1, 1, 1, 1, device=device)
+        if not triton_window.serves(x):
+            return "torch"
+        return "triton-window+fla-gla" if backends.bind("auto").hybrid_linear(x) else "triton-window+torch"
     x = torch.zeros(1, fq.num_heads, 1, fq.head_dim, dtype=dtype)
     with torch.no_grad():
         ok = cpu_kernel.applicable(x, x, x, fq, fk) and cpu_kernel.load() is not None

@@ -200,7 +200,7 @@ class StudentPaths:
                                            ScaledMap(self._grouped_k, s, self.n_rep), window=w, gamma=self.gamma(),
                                            scale=scale, positions=pos_q,
                                            chunk_size=self.hh_config.chunk_size, return_state=return_state,
-                                           sinks=sinks, decay=decay)
+                                           sinks=sinks, decay=decay, backend=self.kernels)
             if not return_state:
                 return out
             y, (S, z) = out  # per query head; the heads of a group hold the same state

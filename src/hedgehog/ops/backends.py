@@ -28,6 +28,7 @@ log = logging.getLogger("hedgehog")
 
 BACKENDS = ("auto", "torch", "fla")
 FLA_PARAMS = ("q", "k", "v", "scale", "initial_state", "output_final_state", "normalize")
+GLA_PARAMS = ("q", "k", "v", "g", "scale", "initial_state", "output_final_state")
 
 _logged = set()
 
@@ -44,6 +45,16 @@ def _import_fla() -> Optional[Callable]:
     except Exception:  # not installed, or no Triton/driver: the torch path
         return None
     return chunk_linear_attn
+
+
+def _import_fla_gla() -> Optional[Callable]:
+    """fla's ``chunk_simple_gla`` (a head-wise gated linear attention: the hybrid's decayed linear part), or None."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:
+        return None
+    params = inspect.signature(chunk_simple_gla).parameters
+    return chunk_simple_gla if all(p in params for p in GLA_PARAMS) else None
 
 
 def check_fla_signature(fn: Callable) -> None:
@@ -64,6 +75,12 @@ class Backend:
     name: str
     requested: str
     fla: Optional[Callable] = None
+    gla: Optional[Callable] = None  # fla's chunk_simple_gla, for the hybrid's linear part
+
+    def hybrid_linear(self, x: torch.Tensor) -> Optional[Callable]:
+        """fla's gated chunk kernel for the hybrid's linear part of CUDA tensors like ``x`` (see
+        :func:`hedgehog.ops.hybrid.device_hybrid_attention`), or None: the PyTorch form."""
+        return self.gla if x.is_cuda else None
 
     def causal(self, x: torch.Tensor) -> Optional[Callable]:
         """The fast causal kernel for tensors like ``x`` (``fn(phi_q, phi_k, v, state, eps)``), or None: torch."""
@@ -95,7 +112,7 @@ def bind(backend: str = "auto") -> Backend:
             raise ImportError("backend='fla' needs flash-linear-attention: pip install flash-linear-attention")
         return Backend("torch", backend)
     check_fla_signature(fn)
-    return Backend("fla", backend, fn)
+    return Backend("fla", backend, fn, _import_fla_gla())
 
 
 def resolve(backend: Union[str, Backend]) -> Backend:

@@ -26,11 +26,12 @@ Decoding keeps the last ``w`` keys/values plus the state of everything older
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
-from hedgehog.ops import cpu_kernel, triton_window
+from hedgehog.ops import backends, cpu_kernel, triton_window
 from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks
 from hedgehog.ops.masks import hybrid_masks, row_positions
 from hedgehog.ops.linear_attention import DEFAULT_EPS
@@ -199,6 +200,46 @@ def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, s
     return causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra, decay=decay_rows)
 
 
+def _device_kernel(backend, x: torch.Tensor) -> Optional[Callable]:
+    """fla's gated kernel when ``backend`` binds one for tensors like ``x`` and the Triton window kernel runs."""
+    if backend is None or not triton_window.serves(x):
+        return None
+    return backends.resolve(backend).hybrid_linear(x)
+
+
+def device_hybrid_attention(q, k, v, phi_q, phi_k, window: int, gamma: Gamma, scale: float, gla: Callable,
+                            sinks: int = 0, decay: Optional[torch.Tensor] = None, eps: float = DEFAULT_EPS):
+    """The hybrid on CUDA in two library-grade kernels, joined under the one normalisation: the exact part (window
+    and sinks, with its row max) from our Triton kernel (:mod:`hedgehog.ops.triton_window`), the linear part from
+    fla's ``chunk_simple_gla`` over keys shifted right by the window (key ``i`` at position ``i + w``, so query
+    ``n`` sees ``i <= n - w``), the decay as its head-wise gate ``g = log lambda`` (key weight ``lambda^(n-w-i)``),
+    and the normaliser carried as a column of ones in v. Differentiable in q, k, v, the features, gamma and decay.
+
+    Args as :func:`hybrid_attention` (q, k (B, H, N, d); v (B, H, N, D); phi_q, phi_k (B, H, N, F)); ``gla``: fla's
+    ``chunk_simple_gla`` (or a function with its signature). Returns ``(y (B, H, N, D), (S (B, H, F, D),
+    z (B, H, F)))``, the state of keys ``0 .. N - w - 1`` as the last query sees it.
+    """
+    B, H, N, d = q.shape
+    D = v.shape[-1]
+    f32 = torch.float32
+    num, den = triton_window.window_num_den(q.reshape(B * H, N, d), k.reshape(B * H, N, d),
+                                            v.reshape(B * H, N, D), window, scale, sinks)
+    g = _gamma_rows(gamma, B, H, f32, q.device).view(B, H, 1, 1)
+    pk = phi_k
+    if sinks:  # the sinks are seen exactly, never through the state
+        pk = pk * (torch.arange(N, device=q.device) >= sinks).to(pk.dtype)[:, None]
+    Dp = -(-(D + 1) // 16) * 16  # v, a ones column (the normaliser), padding to the kernel's tiles
+    v_aug = F.pad(torch.cat([v, torch.ones_like(v[..., :1])], -1), (0, Dp - D - 1))
+    shift = lambda t: F.pad(t, (0, 0, window, 0))[:, :, :N]
+    dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else f32
+    qq, kk, vv = (t.to(dtype).transpose(1, 2).contiguous() for t in (phi_q, shift(pk), shift(v_aug)))  # [B, N, H, *]
+    gate = None if decay is None else decay.to(f32).view(1, 1, H).expand(B, N, H)
+    o, st = gla(qq, kk, vv, g=gate, scale=1.0, initial_state=None, output_final_state=True)
+    o = o.transpose(1, 2).to(f32)
+    y = (g * num.view(B, H, N, D) + o[..., :D]) / (g * den.view(B, H, N, 1) + o[..., D:D + 1]).clamp_min(eps)
+    return y.to(v.dtype), (st[..., :D].to(f32), st[..., D].to(f32))
+
+
 def hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,6 +255,7 @@ def hybrid_attention(
     block_size: Optional[int] = None,
     sinks: int = 0,
     decay: Optional[torch.Tensor] = None,
+    backend=None,
 ):
     """Causal hybrid attention without an N x N tensor (see the module docstring for the formula).
 
@@ -228,6 +270,8 @@ def hybrid_attention(
             from with :func:`hybrid_recurrent_step`.
         sinks: the first ``sinks`` keys stay in the exact part after they leave the window (attention sinks).
         decay: (H,) ``log lambda`` of a decayed linear state (key i weighs ``lambda^(n - w - i)``), or None.
+        backend: a kernel choice (:func:`hedgehog.ops.backends.bind`); on CUDA with fla and Triton it runs
+            :func:`device_hybrid_attention`. None: the PyTorch form (with the Triton window part on CUDA).
     Returns: y (B, H, N, D) in v's dtype (and the state as above).
     """
     _check_hybrid(q, k, v, phi_q, phi_k, window)
@@ -236,6 +280,11 @@ def hybrid_attention(
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
+    gla = _device_kernel(backend, q)
+    if gla is not None:
+        y, state = device_hybrid_attention(q, k, v, phi_q, phi_k, window, gamma, scale, gla, sinks, decay, eps)
+        tail = max(0, N - window)
+        return (y, (state, k[:, :, tail:], v[:, :, tail:])) if return_state else y
     plain = not sinks and decay is None  # what the fused CPU kernel computes
     fused = cpu_kernel.fused_hybrid_features(q, k, v, phi_q, phi_k, window, gamma, scale, eps) if plain else None
     if fused is not None:  # CPU, no autograd: the fused kernel on the given features
@@ -259,13 +308,15 @@ def hybrid_attention(
 def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int = 64, gamma: Gamma = 0.5,
                              scale: Optional[float] = None, positions: Optional[torch.Tensor] = None,
                              chunk_size: int = 64, eps: float = DEFAULT_EPS, block_size: Optional[int] = None,
-                             return_state: bool = False, sinks: int = 0, decay: Optional[torch.Tensor] = None):
+                             return_state: bool = False, sinks: int = 0, decay: Optional[torch.Tensor] = None,
+                             backend=None):
     """Hybrid attention of raw q/k with the feature maps applied block by block (never holding N-sized
     features); equal to ``hybrid_attention(q, k, v, fm_q(q), fm_k(k), ...)``. ``feature_map_k`` returns q's
     head count (grouped maps repeat); positions (N,) go to the maps (default 0..N-1).
     With ``return_state`` also returns ``(S (B, H, F, D), z (B, H, F))``, the linear state of keys
     ``0..N-w-1`` (what decoding continues from, next to the last ``w`` keys/values).
-    Hedgehog maps on the CPU without autograd go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`)."""
+    Hedgehog maps on the CPU without autograd go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`); CUDA
+    tensors with a ``backend`` that has fla's kernels through :func:`device_hybrid_attention` (features whole)."""
     B, H, N, d = q.shape
     if k.shape[:3] != (B, H, N) or v.shape[:3] != (B, H, N):
         raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -273,6 +324,11 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     if positions is None:
         positions = torch.arange(N, device=q.device)
+    gla = _device_kernel(backend, q)
+    if gla is not None:
+        out = device_hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window,
+                                      gamma, d ** -0.5 if scale is None else scale, gla, sinks, decay, eps)
+        return out if return_state else out[0]
     if not all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k)):
         out = hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,
                                scale, chunk_size, return_state=return_state, eps=eps, block_size=block_size,
