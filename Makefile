@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # The main job on the real SmolLM2 at a tiny budget (fetch, convert, both stages, save, reload, report,
-# generate) under a peak-memory bound; about 8 minutes. CI runs it after the unit tests.
+# generate) under a peak-memory bound; 3 to 8 minutes. CI runs it after the unit tests.
 smoke: $(STAMP)
 	$(BIN)/python -m pytest -m smoke -s
 
