@@ -129,6 +129,18 @@ if triton is not None:
         return ds - tl.where(vis & (cols[None, :] == arg[:, None]), delta[:, None], 0.0)
 
     @triton.jit
+    def _row_stats(GNUM, GDEN, M, ARG, DELTA, rows, rmask, bh, so_b, so_n, sm_b, D_V: tl.constexpr):
+        """What the backward reads per query row: the upstream gradients, the forward's max and argmax, and
+        ``delta = g_num . num + g_den den`` (the max's own gradient)."""
+        g = tl.load(GNUM + bh * so_b + rows[:, None] * so_n + tl.arange(0, D_V)[None, :], mask=rmask[:, None],
+                    other=0.0)
+        gden = tl.load(GDEN + bh * sm_b + rows, mask=rmask, other=0.0)
+        m = tl.load(M + bh * sm_b + rows, mask=rmask, other=0.0)
+        arg = tl.load(ARG + bh * sm_b + rows, mask=rmask, other=-1)
+        delta = tl.load(DELTA + bh * sm_b + rows, mask=rmask, other=0.0)
+        return g, gden, m, arg, delta
+
+    @triton.jit
     def _bwd_dq(Q, K, V, GNUM, GDEN, M, ARG, DELTA, DQ, n, scale, window, sinks,
                 sq_b, sq_n, sk_b, sk_n, sv_b, sv_n, so_b, so_n, sm_b,
                 D_QK: tl.constexpr, D_V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -138,12 +150,7 @@ if triton is not None:
         dq_ = tl.arange(0, D_QK)
         rmask = rows < n
         q = tl.load(Q + bh * sq_b + rows[:, None] * sq_n + dq_[None, :], mask=rmask[:, None], other=0.0)
-        g = tl.load(GNUM + bh * so_b + rows[:, None] * so_n + tl.arange(0, D_V)[None, :], mask=rmask[:, None],
-                    other=0.0)
-        gden = tl.load(GDEN + bh * sm_b + rows, mask=rmask, other=0.0)
-        m = tl.load(M + bh * sm_b + rows, mask=rmask, other=0.0)
-        arg = tl.load(ARG + bh * sm_b + rows, mask=rmask, other=-1)
-        delta = tl.load(DELTA + bh * sm_b + rows, mask=rmask, other=0.0)
+        g, gden, m, arg, delta = _row_stats(GNUM, GDEN, M, ARG, DELTA, rows, rmask, bh, so_b, so_n, sm_b, D_V)
         dq = tl.zeros([BM, D_QK], tl.float32)
         lo = tl.maximum(pid_m * BM - window + 1, 0) // BN * BN
         hi = tl.minimum(pid_m * BM + BM, n)
@@ -179,11 +186,7 @@ if triton is not None:
             rows = r0 + tl.arange(0, BM)
             rmask = rows < n
             q = tl.load(Q + bh * sq_b + rows[:, None] * sq_n + dq_[None, :], mask=rmask[:, None], other=0.0)
-            g = tl.load(GNUM + bh * so_b + rows[:, None] * so_n + dv_[None, :], mask=rmask[:, None], other=0.0)
-            gden = tl.load(GDEN + bh * sm_b + rows, mask=rmask, other=0.0)
-            m = tl.load(M + bh * sm_b + rows, mask=rmask, other=0.0)
-            arg = tl.load(ARG + bh * sm_b + rows, mask=rmask, other=-1)
-            delta = tl.load(DELTA + bh * sm_b + rows, mask=rmask, other=0.0)
+            g, gden, m, arg, delta = _row_stats(GNUM, GDEN, M, ARG, DELTA, rows, rmask, bh, so_b, so_n, sm_b, D_V)
             vis = _visible(rows, cols, n, window, sinks)
             p = tl.where(vis, tl.exp(tl.dot(q, tl.trans(k)) * scale - m[:, None]), 0.0)
             dv += tl.dot(tl.trans(p), g)
