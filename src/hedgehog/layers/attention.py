@@ -82,11 +82,12 @@ class HedgehogAttention(StudentPaths, nn.Module):
         self.base_class = type(base).__name__
         self.adapter = adapter
         self._hedgehog_generic = getattr(adapter, "generic", False)
+        # the family's eager attention function: the teacher where the config names no other implementation
+        self.family_eager_attention = getattr(sys.modules[type(base).forward.__module__], "eager_attention_forward",
+                                              None)
         if self._hedgehog_generic:
             self._cache_param = adapter.cache_param(type(base))
             self._signature = inspect.signature(type(base).forward)
-            # the family's eager attention function: the teacher where the config names no other
-            self.family_eager_attention = sys.modules[type(base).forward.__module__].eager_attention_forward
         # The teacher's scale, sliding window and logit soft-cap as the module has them; a generic family's
         # call passes its own to the attention function, and those then hold for that call.
         generic = self._hedgehog_generic
@@ -104,12 +105,11 @@ class HedgehogAttention(StudentPaths, nn.Module):
         self.feature_map_q = get_feature_map(config.feature_map, self.hh_head_dim, self.num_q_heads, **kw)
         self.feature_map_k = get_feature_map(config.feature_map, self.hh_head_dim, self.num_kv_heads, **kw)
         self._grouped_k = GroupedKeyMap(self.feature_map_k, self.n_rep)
+        # Hedgehog maps on both sides: the fused CPU kernel serves them (CPU inference takes it; it declines for
+        # what a call brings -- autograd, float64 -- and when HEDGEHOG_CPU_KERNEL=0 or it could not be built), and
+        # a decoding token runs both maps in one matmul
         self._pair_maps = all(type(fm) is HedgehogFeatureMap for fm in (self.feature_map_q, self.feature_map_k))
-        # Kernels, chosen once here: the causal kernel for CUDA tensors, and whether the fused CPU kernel serves
-        # these maps (then CPU inference takes it; it declines for what a call brings -- autograd, float64 -- and
-        # when HEDGEHOG_CPU_KERNEL=0 or it could not be built)
-        self.kernels = backends.bind("auto")
-        self.cpu_fused = self._pair_maps
+        self.kernels = backends.bind("auto")  # the kernels for CUDA tensors (fla), chosen once here
         self.window_gate = None
         if config.attention == "hybrid":  # per query head; gamma = sigmoid(gate)
             self.window_gate = nn.Parameter(torch.full((self.num_q_heads,), float(config.window_gate_init)))

@@ -2,7 +2,7 @@
 
 :class:`StudentPaths` is a mixin of :class:`hedgehog.layers.attention.HedgehogAttention`: it reads the layer's maps
 (``feature_map_q``/``feature_map_k``, ``_grouped_k``), heads (``n_rep``, ``num_kv_heads``), ``hh_config``, the
-hybrid's ``gamma()``/``log_decay()`` and the kernels bound at build (``kernels``, ``cpu_fused``); from the call
+hybrid's ``gamma()``/``log_decay()`` and the kernels bound at build (``kernels``; ``_pair_maps``: the fused CPU kernel fits); from the call
 (:class:`~hedgehog.layers.interface.AttentionCall`) its mask, positions, cache and the teacher's scale, which the
 hybrid's exact part uses. :meth:`StudentPaths.student` routes a call, in this order:
 
@@ -120,7 +120,7 @@ class StudentPaths:
     def _cpu_inference(self, x) -> bool:
         """Whether the fused CPU kernel bound at build serves this call (CPU tensors; the kernel itself declines
         under autograd and for float64)."""
-        return self.cpu_fused and x.device.type == "cpu"
+        return self._pair_maps and x.device.type == "cpu"
 
     def _kernel_form(self, n: int) -> bool:
         """True where the maps have a closed-form kernel (same map for q and k) and N < F makes it cheaper."""

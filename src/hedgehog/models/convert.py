@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import sys
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
@@ -73,8 +72,7 @@ class Adapter:
         """The model's own attention function (its configured implementation) -> (B, N, H, d)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        eager = sys.modules[m._base_forward.__module__].eager_attention_forward
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, eager)
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(m.config._attn_implementation, m.family_eager_attention)
         y, _ = fn(m, q, k, v, call.attention_mask, dropout=0.0, scaling=m.scaling)
         return y
 

@@ -47,21 +47,32 @@ def _import_fla() -> Optional[Callable]:
     return chunk_linear_attn
 
 
+def _missing(fn: Callable, wanted) -> list:
+    """The arguments of ``wanted`` that ``fn`` does not take."""
+    params = inspect.signature(fn).parameters
+    return [p for p in wanted if p not in params]
+
+
 def _import_fla_gla() -> Optional[Callable]:
-    """fla's ``chunk_simple_gla`` (a head-wise gated linear attention: the hybrid's decayed linear part), or None."""
+    """fla's ``chunk_simple_gla`` (a head-wise gated linear attention: the hybrid's decayed linear part), or None
+    (with one log line when this fla's takes other arguments: the hybrid's linear part then runs in PyTorch)."""
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception:
         return None
-    params = inspect.signature(chunk_simple_gla).parameters
-    return chunk_simple_gla if all(p in params for p in GLA_PARAMS) else None
+    missing = _missing(chunk_simple_gla, GLA_PARAMS)
+    if missing:
+        _log_once(f"hedgehog: this flash-linear-attention's chunk_simple_gla lacks {missing}; the hybrid's linear "
+                  "part on CUDA uses the PyTorch form (fla-core 0.6 has them)")
+        return None
+    return chunk_simple_gla
 
 
 def check_fla_signature(fn: Callable) -> None:
     """Refuse an fla whose ``chunk_linear_attn`` does not take the arguments we pass, at bind time."""
-    params = inspect.signature(fn).parameters
-    missing = [p for p in FLA_PARAMS if p not in params]
+    missing = _missing(fn, FLA_PARAMS)
     if missing:
+        params = inspect.signature(fn).parameters
         raise ImportError(f"this flash-linear-attention's chunk_linear_attn lacks {missing} (it takes "
                           f"{list(params)}); hedgehog needs fla-core >= 0.6 (pip install -U flash-linear-attention)"
                           ", or use backend='torch'")
