@@ -92,3 +92,51 @@ def test_synthetic_sparse_cache_fill_has_the_shapes_of_a_real_prefill(tiny_asset
         for a, b in zip(real.layers, fake.layers):
             assert [(n, t.shape) for n, t in a.state.tensors()] == [(n, t.shape) for n, t in b.state.tensors()]
             assert (a.state.seen, a.state.boundary) == (b.state.seen, b.state.boundary)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_synthetic_hybrid_fill_has_the_tensors_of_a_real_prefill(tiny_assets, dtype):
+    """The decode bench's synthetic fill of a hybrid state (window ring, sink slots, packed state) has the shapes,
+    dtypes and devices a real prefill of the same length leaves, in the model's own dtype."""
+    from hedgehog.bench import decode
+
+    hh, sm, _, _ = decode.load_pair(tiny_assets["model"], "hybrid", dtype=dtype)
+    ids = torch.randint(0, hh.config.vocab_size, (1, 200))
+    for model, kind in ((hh, "hedgehog"), (sm, "softmax")):
+        real, _ = decode._fill_cache(model, kind, 150, ids, True, batch=2)
+        fake, _ = decode._fill_cache(model, kind, 150, ids, False, batch=2)
+        for a, b in zip(real.layers, fake.layers):
+            names = a._tensors if kind == "hedgehog" else ("keys", "values")
+            shape = lambda layer: [(n, getattr(layer, n).shape, getattr(layer, n).dtype, getattr(layer, n).device)
+                                   for n in names]
+            assert shape(a) == shape(b)
+            assert a.get_seq_length() == b.get_seq_length() == 150
+
+
+def test_decode_and_train_step_benches_run_on_the_device_they_are_given(tiny_assets, tmp_path, capsys):
+    from conftest import user_error
+
+    from hedgehog.bench import decode, train_step
+
+    res = decode.run(tiny_assets["model"], [8, 16], 1, 8, [1], text=tiny_assets["data"], device="cpu",
+                     dtype="bf16", log=lambda *_: None)
+    assert res["device"] == "cpu" and res["dtype"] == "bf16" and len(res["rows"]) == 2
+    res = train_step.run([16], 32, 4, log=lambda *_: None, device="cpu")
+    row = res["rows"][0]
+    assert res["device"] == "cpu" and row["softmax_tokens_per_s"] == pytest.approx(32 / row["softmax_s"])
+    if not torch.cuda.is_available():
+        for argv in (["decode", "--model", tiny_assets["model"]], ["train-step"]):
+            err = user_error(capsys, ["bench", *argv, "--device", "cuda", "--out", str(tmp_path)])
+            assert "sees no CUDA device" in err
+
+
+@pytest.mark.gpu
+def test_decode_and_train_step_benches_on_cuda_record_peak_memory(tiny_assets):
+    from hedgehog.bench import decode, train_step
+
+    res = decode.run(tiny_assets["model"], [64], 2, 64, [2], text=tiny_assets["data"], device="cuda", dtype="bf16",
+                     log=lambda *_: None)
+    row = res["rows"][0]
+    assert res["device"].startswith("cuda") and row["hedgehog_peak_mb"] > 0 and row["softmax_peak_mb"] > 0
+    res = train_step.run([64], 256, 8, log=lambda *_: None, device="cuda", mixed_precision="bf16")
+    assert res["rows"][0]["hedgehog_rows_peak_mb"] > 0

@@ -23,7 +23,8 @@ def tiny_llama(layers=2, attn="sdpa", dtype=torch.float64, seed=0):
 
 
 def forward(model):
-    return lambda ids, attention_mask=None: model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    return lambda ids, attention_mask=None, keep=0: model(input_ids=ids, attention_mask=attention_mask,
+                                                          use_cache=False).logits
 
 
 def baseline_of(model, window, sinks=4):
@@ -104,7 +105,11 @@ def test_baseline_forgets_tokens_between_the_sinks_and_the_window():
     assert (a[0, -1] - c[0, -1]).abs().max() > 1e-6
 
 
-def test_context_fidelity_matches_float64_reference_and_a_full_window_baseline_is_the_teacher():
+@pytest.mark.parametrize("rows", [512, 4])  # one tally for the window, or 4 positions at a time (19 = 4 * 4 + 3)
+def test_context_fidelity_matches_float64_reference_and_a_full_window_baseline_is_the_teacher(rows, monkeypatch):
+    import hedgehog.eval.long_context as lc
+
+    monkeypatch.setattr(lc, "TALLY_ROWS", rows)
     teacher = tiny_llama()
     student = tiny_llama(seed=1)
     w = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(2))
@@ -160,7 +165,7 @@ def test_passkey_prompt_places_the_key_at_its_depth_beyond_the_window():
         passkey_prompt(tok, 300, 0.5, "12345", min_distance=280)
 
 
-def oracle(ids):
+def oracle(ids, keep=0):
     """Predicts every next token correctly (it reads the input one step ahead): a model that must pass."""
     return torch.nn.functional.one_hot(torch.roll(ids, -1, 1), 256).float()
 
@@ -170,9 +175,9 @@ def test_passkey_scorer_passes_a_model_that_reads_the_key_and_fails_one_that_doe
     cases = passkey_trials(tok, 1500, 4, seed=1, min_distance=100)
     assert len({c["key"] for c in cases}) == 4
     assert all(passkey_hit(oracle, c["prompt"], c["answer"]) for c in cases)
-    constant = lambda ids: torch.zeros(1, ids.shape[1], 256)
+    constant = lambda ids, keep=0: torch.zeros(1, ids.shape[1], 256)
     assert not any(passkey_hit(constant, c["prompt"], c["answer"]) for c in cases)
-    off_by_one = lambda ids: torch.nn.functional.one_hot(
+    off_by_one = lambda ids, keep=0: torch.nn.functional.one_hot(
         torch.roll(ids, -1, 1).clamp_max(254) + (torch.arange(ids.shape[1]) == ids.shape[1] - 2).long(), 256).float()
     assert not any(passkey_hit(off_by_one, c["prompt"], c["answer"]) for c in cases)  # last digit wrong
     res = passkey_scores({"teacher": oracle, "student": constant}, tok, lengths=(1500,), trials=4, min_distance=100)
@@ -216,3 +221,26 @@ def test_a_converted_models_window_mode_is_the_masked_teacher_float64(lora):
     student, _ = model_forwards(converted)
     assert (student(ids) - want).abs().max() > 1e-3  # the student (hybrid, maybe LoRA) is not the baseline
     assert all(m.mode == "student" for m in converted.modules() if hasattr(m, "baseline"))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_forwards_keep_the_last_logits_the_passkey_needs(lora):
+    """``keep=k`` gives the last k positions' logits, equal to the full forward's (the LM head runs on those only),
+    for the student, the teacher (the model in teacher mode, or a separate base) and both baselines."""
+    from hedgehog.eval.long_context import model_forwards, window_mode_baseline
+    from hedgehog.layers.attention import HedgehogConfig
+    from hedgehog.models.convert import convert_model
+
+    teacher = tiny_llama()
+    converted = convert_model(tiny_llama(), HedgehogConfig(attention="hybrid", window=4, sinks=2, state_decay=0.9))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        converted = get_peft_model(converted, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 50, (1, 29), generator=torch.Generator().manual_seed(5))
+    student, teach = model_forwards(converted)
+    _, separate = model_forwards(converted, teacher)
+    for fn in (student, teach, separate, window_mode_baseline(converted, 5, 2), baseline_forward(separate, teacher.config, 5, 2)):
+        full, last = fn(ids), fn(ids, keep=6)
+        assert last.shape[1] == 6
+        torch.testing.assert_close(last, full[:, -6:], atol=1e-12, rtol=1e-10)

@@ -76,6 +76,22 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     assert "recurrent state" in capsys.readouterr().out
 
 
+def test_stage2_trains_on_its_own_longer_windows(tiny_assets, tmp_path):
+    """--stage2-seq-len: stage 2 cuts the training split into windows of that length (same token budget, so fewer
+    steps), its position offsets end where those windows still fit, and stage 1 keeps --seq-len."""
+    out = tmp_path / "run"
+    main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data",
+          tiny_assets["heldout"], "--out", str(out), "--seq-len", "32", "--stage2-seq-len", "64",
+          "--stage1-tokens", "128", "--stage2-tokens", "256", "--eval-tokens", "64", "--context-lengths", "",
+          "--passkey-lengths", "", "--no-progress"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage2"]["tokens"] == 256 and report["stage2"]["steps"] == 256 // 64
+    assert report["stage1"]["tokens"] == 128 and report["stage1"]["captures"] == 128 // (2 * 32)
+    s = report["settings"]
+    assert s["stage2"]["seq_len"] == 64 and s["seq_len"] == 32
+    assert s["stage1"]["position_offsets"] - s["stage2"]["position_offsets"] == 64 - 32
+
+
 def test_compare_with_hybrid_entry_writes_one_table(tiny_assets, tmp_path, capsys):
     out = tmp_path / "cmp"
     main(["compare", "--model", tiny_assets["model"], "--data", tiny_assets["data"],

@@ -31,7 +31,7 @@ from typing import Dict, List
 
 import torch
 
-from hedgehog.bench.attention import _vm_kb, reset_peak_rss
+from hedgehog.bench.attention import _vm_kb, reset_peak_rss, sync_device
 from hedgehog.errors import UserError
 from hedgehog.layers.generation import cache_kwargs, cache_nbytes
 
@@ -39,104 +39,131 @@ DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
 
 
 def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: int = 1):
-    """Returns (cache, next_token) with L tokens of context in the cache."""
+    """Returns (cache, next_token) with L tokens of context in the cache, on the model's device: the keys and
+    values in its dtype, a Hedgehog state in float32 as a prefill leaves it."""
     from transformers import DynamicCache
 
     from hedgehog.layers.generation import HedgehogCache, HedgehogStateLayer
 
+    p = next(model.parameters())
+    dev, dt = p.device, p.dtype
     if real:
         cache = HedgehogCache(model) if kind == "hedgehog" else DynamicCache(config=model.config)
         with torch.no_grad():
-            out = model(input_ids=ids[:, :L].expand(batch, L), **cache_kwargs(model, cache), use_cache=True,
+            out = model(input_ids=ids[:, :L].to(dev).expand(batch, L), **cache_kwargs(model, cache), use_cache=True,
                         logits_to_keep=1)
         return cache, out.logits[:, -1:].argmax(-1)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
+    kv = lambda *shape: (torch.randn(*shape, generator=g) * 0.5).to(dev, dt)  # keys/values: the model's dtype
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kvh = cfg.num_key_value_heads
     if kind == "hedgehog":
         from hedgehog.layers.attention import hedgehog_layers
 
         cache = HedgehogCache(model)
+        ones = lambda *shape: torch.ones(*shape, dtype=torch.bool, device=dev)
         for layer, attn in zip(cache.layers, hedgehog_layers(model)):
-            f = attn.feature_map_k.feature_dim
-            S, z = torch.rand(batch, kvh, f, hd, generator=g), torch.rand(batch, kvh, f, generator=g) + 1.0
-            if attn.hybrid and attn.hh_config.sparse_cache:
-                layer.state = synthetic_sparse_state(attn.hh_config, batch, kvh, hd, f, L, S, z, g)
+            c, f = attn.hh_config, attn.feature_map_k.feature_dim
+            S = torch.rand(batch, kvh, f, hd, generator=g).to(dev)
+            z = (torch.rand(batch, kvh, f, generator=g) + 1.0).to(dev)
+            if attn.hybrid and c.sparse_cache:
+                layer.state = synthetic_sparse_state(c, batch, kvh, hd, f, L, S, z, g, dev, dt)
                 layer.seen = L
-            elif attn.hybrid:  # the last w keys/values of the context, plus the state of the older ones
-                w = min(L, attn.hh_config.window)
-                kw, vw = (torch.randn(batch, kvh, w, hd, generator=g) * 0.5 for _ in range(2))
-                layer.set_window(S, z, kw, vw, torch.ones(batch, w, dtype=torch.bool), L, window=attn.hh_config.window)
+            elif attn.hybrid:  # the last w keys/values of the context, the sinks, the state of the older ones
+                w, s = min(L, c.window), min(L, c.sinks)
+                sinks = (kv(batch, kvh, s, hd), kv(batch, kvh, s, hd), ones(batch, s)) if s else None
+                layer.set_window(S, z, kv(batch, kvh, w, hd), kv(batch, kvh, w, hd), ones(batch, w), L,
+                                 window=c.window, sinks=sinks, sink_slots=c.sinks)
             else:
                 layer.set_state(S, z, L)
         assert all(isinstance(l, HedgehogStateLayer) for l in cache.layers)
     else:
         cache = DynamicCache(config=model.config)
         for i in range(cfg.num_hidden_layers):
-            k = torch.randn(batch, kvh, L, hd, generator=g) * 0.5
-            v = torch.randn(batch, kvh, L, hd, generator=g) * 0.5
-            cache.update(k, v, i)
-    return cache, ids[:, -1:].expand(batch, 1)
+            cache.update(kv(batch, kvh, L, hd), kv(batch, kvh, L, hd), i)
+    return cache, ids[:, -1:].to(dev).expand(batch, 1)
 
 
-def synthetic_sparse_state(c, batch: int, kvh: int, hd: int, f: int, L: int, S, z, g):
+def synthetic_sparse_state(c, batch: int, kvh: int, hd: int, f: int, L: int, S, z, g, device="cpu",
+                           dtype=torch.float32):
     """A sparse-cache state of exactly the shapes ``L`` tokens of prefill leave (full cache and sinks, the recent
-    keys since the last boundary), for decode timing without the prefill."""
+    keys since the last boundary), for decode timing without the prefill; keys/values in ``dtype``, the state
+    and features in float32."""
     from hedgehog.ops.sparse_cache import empty_state
 
-    st = empty_state(batch, kvh, hd, hd, f, c.sparse_cache, c.sinks, torch.float32, torch.float32, "cpu")
+    st = empty_state(batch, kvh, hd, hd, f, c.sparse_cache, c.sinks, dtype, torch.float32, device)
     st.S, st.z, st.seen, st.boundary = S, z, L, L - L % c.sparse_chunk
     r = L - max(0, st.boundary - c.window + 1)
-    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.5
-    st.recent_k, st.recent_v, st.recent_phi = rnd(batch, kvh, r, hd), rnd(batch, kvh, r, hd), rnd(batch, kvh, r, f).abs()
-    st.recent_ok = torch.ones(batch, r, dtype=torch.bool)
+    rnd = lambda *shape, dt=dtype: (torch.randn(*shape, generator=g) * 0.5).to(device, dt)
+    phi = lambda *shape: rnd(*shape, dt=torch.float32).abs()
+    ones = lambda *shape: torch.ones(*shape, dtype=torch.bool, device=device)
+    st.recent_k, st.recent_v, st.recent_phi = rnd(batch, kvh, r, hd), rnd(batch, kvh, r, hd), phi(batch, kvh, r, f)
+    st.recent_ok = ones(batch, r)
     n = c.sparse_cache
-    st.cache_k, st.cache_v, st.cache_phi = rnd(batch, kvh, n, hd), rnd(batch, kvh, n, hd), rnd(batch, kvh, n, f).abs()
-    st.cache_ok = torch.ones(batch, kvh, n, dtype=torch.bool)
-    st.cache_pos = torch.arange(n).expand(batch, kvh, n).clone()
+    st.cache_k, st.cache_v, st.cache_phi = rnd(batch, kvh, n, hd), rnd(batch, kvh, n, hd), phi(batch, kvh, n, f)
+    st.cache_ok = ones(batch, kvh, n)
+    st.cache_pos = torch.arange(n, device=device).expand(batch, kvh, n).clone()
     st.sink_k, st.sink_v = rnd(batch, kvh, c.sinks, hd), rnd(batch, kvh, c.sinks, hd)
-    st.sink_ok = torch.ones(batch, c.sinks, dtype=torch.bool)
+    st.sink_ok = ones(batch, c.sinks)
     return st
 
 
 def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real: bool, batch: int = 1) -> Dict:
-    rss0 = _vm_kb("VmRSS")
-    hwm_ok = reset_peak_rss()  # peak from here: context fill + decode
+    """Median and best time of one decode step after ``L`` tokens of context, and the memory it holds: on the
+    CPU the process RSS high-water mark above the RSS before the fill, on CUDA the device's peak allocation above
+    what was allocated before it."""
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    if cuda:
+        sync_device(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        rss0 = _vm_kb("VmRSS")
+        hwm_ok = reset_peak_rss()  # peak from here: context fill + decode
     cache, nxt = _fill_cache(model, kind, L, ids, real, batch)
     pos = L
     times = []
     with torch.no_grad():
         for i in range(steps + 2):
+            sync_device(dev)
             t0 = time.perf_counter()
             out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True,
-                        cache_position=torch.tensor([pos]), position_ids=torch.tensor([[pos]]).expand(batch, 1))
+                        cache_position=torch.tensor([pos], device=dev),
+                        position_ids=torch.tensor([[pos]], device=dev).expand(batch, 1))
             nxt = out.logits[:, -1:].argmax(-1)
+            sync_device(dev)
             if i >= 2:  # two warm-up steps
                 times.append(time.perf_counter() - t0)
             pos += 1
-    peak = (_vm_kb("VmHWM") - rss0) / 1024 if hwm_ok else None
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
+    else:
+        peak = (_vm_kb("VmHWM") - rss0) / 1024 if hwm_ok else None
     cache_bytes = cache_nbytes(cache)
     return {"ms_per_token": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
             "cache_mb": cache_bytes / 2 ** 20, "peak_mb": peak, "context_fill": "prefill" if real else "synthetic"}
 
 
-def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None):
+def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None, device="cpu", dtype=torch.float32):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
-    a base model and a copy converted with identity-initialised maps (timing does not depend on training)."""
+    a base model and a copy converted with identity-initialised maps (timing does not depend on training); both
+    on ``device``, loaded in ``dtype`` as ``hedgehog eval --dtype`` and ``convert --dtype`` load them."""
     from hedgehog.layers.attention import HedgehogConfig, set_sparse_cache
     from hedgehog.models.convert import convert_model
     from hedgehog.models.formats import is_converted_dir, read_meta
     from hedgehog.models.loading import load, load_base
 
     torch.manual_seed(0)
-    softmax, tok, _ = load_base(read_meta(model_name)["base_model"] if is_converted_dir(model_name) else model_name)
+    base = read_meta(model_name)["base_model"] if is_converted_dir(model_name) else model_name
+    softmax, tok, _ = load_base(base, dtype=dtype)
 
     if is_converted_dir(model_name):
-        hedgehog, _ = load(model_name)
+        hedgehog, _ = load(model_name, dtype=dtype)
         desc = f"converted model {model_name}"
     else:
-        hedgehog, _, _ = load_base(model_name)
+        hedgehog, _, _ = load_base(model_name, dtype=dtype)
         convert_model(hedgehog, HedgehogConfig(attention=attention))
         desc = f"{model_name} converted ({attention}) with identity-initialised maps"
     if sparse_cache is not None:
@@ -145,7 +172,7 @@ def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None):
         except ValueError as e:
             raise UserError(f"--sparse-cache: {e}") from None
         desc += f", sparse cache {sparse_cache}"
-    return hedgehog, softmax, tok, desc
+    return hedgehog.to(device), softmax.to(device), tok, desc
 
 
 GB = 2 ** 30
@@ -169,12 +196,14 @@ def largest_batch(model, kind: str, L: int, ids: torch.Tensor, memory_gb: float)
 
 def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int, batch=1, log=print,
         memory_gb: float = None, max_batch: int = 1024, text: str = "shakespeare", attention: str = "hybrid",
-        sparse_cache=None) -> Dict:
+        sparse_cache=None, device: str = "cpu", dtype: str = "fp32") -> Dict:
     """The benchmark as a function (the CLI's ``run_from_args`` calls it); ``text`` feeds the real prefills."""
     from hedgehog.data.corpora import load_corpus, tokenize_windows
+    from hedgehog.train.engine import parse_dtype, resolve_device
 
     batches = [batch] if isinstance(batch, int) else list(batch)
-    hedgehog, softmax, tok, source = load_pair(model_name, attention, sparse_cache)
+    dev = resolve_device(device)
+    hedgehog, softmax, tok, source = load_pair(model_name, attention, sparse_cache, dev, parse_dtype(dtype))
     need = min(max(contexts), max_real_prefill)
     corpus = load_corpus(text, tok)
     ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]
@@ -201,7 +230,8 @@ def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int,
         if first and "hedgehog_ms_per_token" in r and r["batch"] == batches[0]:
             r["hedgehog_latency_vs_first"] = r["hedgehog_ms_per_token"] / first[0]["hedgehog_ms_per_token"]
     crossover = next((r["context"] for r in rows if r.get("speedup", 0) > 1.0), None)
-    result = {"model": model_name, "source": source, "steps": steps, "batch": batches, "threads": torch.get_num_threads(),
+    result = {"model": model_name, "source": source, "device": str(dev), "dtype": dtype, "steps": steps,
+              "batch": batches, "threads": torch.get_num_threads(),
               "max_real_prefill": max_real_prefill, "rows": rows, "crossover_context": crossover}
     if memory_gb:
         result["capacity"] = capacity(models, contexts, ids, steps, memory_gb, max_batch, log)
@@ -291,7 +321,9 @@ def plot(result: Dict, path: Path) -> None:
         axes[2].set_ylabel("tokens / s")
         axes[2].set_title(f"equal memory: {result['memory_gb']:g} GB")
         axes[2].legend(fontsize=7)
-    fig.suptitle(f"{result['source']}, {result['threads']} CPU threads")
+    where = (f"{result['threads']} CPU threads" if result.get("device", "cpu") == "cpu"
+             else result["device"])
+    fig.suptitle(f"{result['source']}, {where}, {result.get('dtype', 'fp32')}")
     save_figure(fig, path, dpi=110)
 
 
@@ -315,6 +347,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: as the model has it)")
     p.add_argument("--max-real-prefill", type=int, default=4096,
                    help="real prefill up to this context; synthetic cache fill above (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: %(default)s); on "
+                   "CUDA each step is synchronised and the peak is the device's allocation")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="both models' weights and caches (the Hedgehog state stays float32) (default: %(default)s)")
     p.add_argument("--out", default="bench_out/decode", help="output dir for JSON + PNG (default: %(default)s)")
 
 
@@ -328,16 +364,28 @@ def _ints(text: str, what: str, low: int):
     return vals
 
 
+def check_device(name: str) -> None:
+    """A --device this machine does not have is a user error, raised before any model loads."""
+    from hedgehog.train.engine import resolve_device
+
+    try:
+        resolve_device(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def run_from_args(args) -> Dict:
     contexts = _ints(args.contexts, "--contexts", 2)
     batches = _ints(str(args.batch), "--batch", 1)
     if args.memory_gb is not None and args.memory_gb <= 0:
         raise UserError(f"--memory-gb must be positive, got {args.memory_gb}")
+    check_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
     result = run(args.model, contexts, args.steps, args.max_real_prefill, batches, memory_gb=args.memory_gb,
-                 max_batch=args.max_batch, attention=args.attention, sparse_cache=args.sparse_cache)
+                 max_batch=args.max_batch, attention=args.attention, sparse_cache=args.sparse_cache,
+                 device=args.device, dtype=args.dtype)
     (out / "decode.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "decode.png")
     rows = [r for r in result["rows"] if "hedgehog_latency_vs_first" in r]

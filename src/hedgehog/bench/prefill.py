@@ -51,17 +51,15 @@ def peak_cuda_mb(model, ids: torch.Tensor) -> float:
 
 
 def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device: str = "cpu",
-        sparse_caches: Optional[List[int]] = None) -> Dict:
+        sparse_caches: Optional[List[int]] = None, dtype: str = "fp32") -> Dict:
     """Per length: the converted model's and the softmax base's prefill seconds (and, with ``sparse_caches``, the
     converted model's at each sparse-cache size, the first of them being ``hedgehog_s``)."""
     from hedgehog.bench.decode import load_pair
     from hedgehog.layers.attention import set_sparse_cache
-    from hedgehog.train.engine import resolve_device
+    from hedgehog.train.engine import parse_dtype, resolve_device
 
     dev = resolve_device(device)
-    hedgehog, softmax, tok, source = load_pair(model_name)
-    hedgehog.to(dev)
-    softmax.to(dev)
+    hedgehog, softmax, tok, source = load_pair(model_name, device=dev, dtype=parse_dtype(dtype))
     vocab = min(getattr(tok, "vocab_size", None) or 1000, softmax.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -85,7 +83,7 @@ def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device
         extra = "".join(f" | cache {c}: {t:.2f} s ({t / row['hedgehog_s']:.2f}x)"
                         for c, t in list(row.get("sparse_cache_s", {}).items())[1:])
         log(f"{n:>7} | {row['hedgehog_s']:9.2f} {row['softmax_s']:10.2f} | {row['speedup']:6.2f}x{extra}")
-    return {"model": source, "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats,
+    return {"model": source, "device": str(dev), "dtype": dtype, "threads": torch.get_num_threads(), "repeats": repeats,
             "sparse_caches": sparse_caches, "rows": rows}
 
 
@@ -96,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards per point, best kept (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="both models' weights (default: %(default)s)")
     p.add_argument("--sparse-cache", default="", help="comma-separated sparse-cache sizes to time the (hybrid) model "
                    "at, e.g. 0,128 (the first is the hedgehog column; default: the model's own)")
     p.add_argument("--out", default="bench_out/prefill", help="output dir for prefill.json and .png (default: %(default)s)")
@@ -110,16 +110,13 @@ def run_from_args(args) -> Dict:
     if not lengths or min(lengths) < 1 or args.repeats < 1 or (caches and min(caches) < 0):
         raise UserError(f"--lengths must be positive integers, --sparse-cache non-negative integers and --repeats "
                         f">= 1, got {args.lengths!r}, {args.sparse_cache!r}, {args.repeats}")
-    from hedgehog.train.engine import resolve_device
+    from hedgehog.bench.decode import check_device
 
-    try:
-        resolve_device(args.device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    check_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")
-    result = run(args.model, lengths, args.repeats, device=args.device, sparse_caches=caches or None)
+    result = run(args.model, lengths, args.repeats, device=args.device, sparse_caches=caches or None, dtype=args.dtype)
     (out / "prefill.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "prefill.png")
     print(f"wrote {out / 'prefill.json'} and {out / 'prefill.png'}")
@@ -135,5 +132,6 @@ def plot(result: Dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(n, [r["hedgehog_s"] for r in rows], "o-", label="converted (Hedgehog attention)")
     ax.loglog(n, [r["softmax_s"] for r in rows], "s--", label="softmax base (SDPA)")
-    label_axes(ax, "prompt length N", "seconds per prefill (decoder stack)", f"{result['model']}: prefill, {result.get('device', 'cpu')}, {result['threads']} threads")
+    label_axes(ax, "prompt length N", "seconds per prefill (decoder stack)", f"{result['model']}: prefill, {result.get('device', 'cpu')}, {result.get('dtype', 'fp32')}, "
+                                f"{result['threads']} threads")
     save_figure(fig, path, dpi=110)

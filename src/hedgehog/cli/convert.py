@@ -22,7 +22,8 @@ def _job_from_args(args):
                           train_feature_maps=not args.freeze_feature_maps, loss=args.stage2_loss,
                           lora_targets=args.lora_targets, time_budget_s=seconds_or_none(args.stage2_minutes),
                           checkpoint_every=args.stage2_checkpoint_every, batch_size=args.stage2_batch,
-                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
+                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+                          seq_len=args.stage2_seq_len or None)
     job = ConvertJob(out=args.out, model=args.model, data=args.data, feature_map=getattr(args, "feature_map", "hedgehog"),
                      attention=getattr(args, "attention", "linear"), window=args.window, seq_len=args.seq_len,
                      sinks=args.sinks, state_decay=args.state_decay, sparse_cache=args.sparse_cache,
@@ -104,6 +105,10 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--stage1-checkpoint-every", type=int, default=s1.checkpoint_every,
                    help="captured batches between stage 1 checkpoints (for --resume)")
     c.add_argument("--stage2-tokens", type=int, default=s2.tokens, help="stage 2 (LoRA) token budget; 0 skips stage 2")
+    c.add_argument("--stage2-seq-len", type=int, default=0,
+                   help="tokens per stage 2 window (0: --seq-len). Longer windows train what the hybrid's decayed "
+                        "state keeps past the exact window, at the same token budget (fewer, longer windows; "
+                        "the teacher's softmax forward costs more per token as windows grow)")
     c.add_argument("--stage2-lr", type=float, default=s2.lr, help="stage 2 learning rate (AdamW, cosine)")
     c.add_argument("--stage2-batch", type=int, default=s2.batch_size,
                    help="windows per stage 2 optimizer step, over all processes")

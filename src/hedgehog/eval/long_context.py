@@ -9,8 +9,9 @@
   computed teacher-forced: every key token must be the argmax given the prompt and the key's earlier tokens,
   which is exactly when greedy generation produces it (one forward per trial instead of a decode loop).
 
-Both take a ``student`` and a ``teacher`` callable ``(input_ids, attention_mask=None) -> logits`` so they serve
-a LoRA-wrapped model in teacher mode as well as a separate base model.
+Both take a ``student`` and a ``teacher`` callable ``(input_ids, attention_mask=None, keep=0) -> logits`` so they
+serve a LoRA-wrapped model in teacher mode as well as a separate base model; ``keep`` asks for the logits of the last
+``keep`` positions only (0: all), which the passkey check needs (a forward may return all of them anyway).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from hedgehog.eval.fidelity import NextTokenTally, model_device, teacher_mode
 from hedgehog.layers.attention import Mode
 
-Forward = Callable[..., torch.Tensor]  # (input_ids (B, N), attention_mask=None) -> logits (B, N, V)
+Forward = Callable[..., torch.Tensor]  # (input_ids (B, N), attention_mask=None, keep=0) -> logits (B, N or keep, V)
 
 DEFAULT_LENGTHS = (512, 2048, 4096, 8192)
 CONTEXT_TOKENS = 4096  # per length and text
@@ -60,6 +61,9 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
 
+TALLY_ROWS = 512  # positions per log-softmax in context_fidelity: (rows, vocab) temporaries instead of (N, vocab)
+
+
 @torch.no_grad()
 def context_fidelity(student: Forward, teacher: Forward, baseline: Forward, windows: torch.Tensor,
                      progress: bool = False, desc: str = "long context") -> Dict:
@@ -68,19 +72,23 @@ def context_fidelity(student: Forward, teacher: Forward, baseline: Forward, wind
 
     Returns ``{"length", "tokens", "teacher_ppl", "student": {...}, "baseline": {...}}`` where each side holds
     ``ppl``, ``ppl_ratio`` (to the teacher), ``top1_agreement`` and ``kl_per_token`` (KL(teacher || side), nats).
+    The statistics are tallied :data:`TALLY_ROWS` positions at a time: at 8k tokens a whole window's
+    log-probabilities are 1.6 GB per model, and allocating them cost more than the softmaxes themselves.
     """
     tallies = {"student": NextTokenTally(), "baseline": NextTokenTally()}
     t_nll = 0.0
     for w in tqdm(windows, desc=desc, disable=not progress, leave=False):
         ids = w[None]
-        t = _log_probs(teacher(ids))
-        target = ids[:, 1:].unsqueeze(-1).to(t.device)
-        t_nll -= t.gather(-1, target).double().sum().item()
-        for name, fn in (("student", student), ("baseline", baseline)):
-            s = _log_probs(fn(ids)).to(t.device)
-            tallies[name].add(s, t, target)
-            del s
-        del t
+        t_logits = teacher(ids)
+        sides = {name: fn(ids) for name, fn in (("student", student), ("baseline", baseline))}
+        for a in range(0, ids.shape[1] - 1, TALLY_ROWS):
+            b = min(ids.shape[1] - 1, a + TALLY_ROWS)
+            t = _log_probs(t_logits[:, a:b + 1])
+            target = ids[:, a + 1:b + 1].unsqueeze(-1).to(t.device)
+            t_nll -= t.gather(-1, target).double().sum().item()
+            for name, logits in sides.items():
+                tallies[name].add(_log_probs(logits[:, a:b + 1]).to(t.device), t, target)
+        del t_logits, sides
     n = tallies["student"].n
     return {"length": windows.shape[1], "tokens": n, "teacher_ppl": math.exp(t_nll / max(1, n)),
             "student": tallies["student"].result(t_nll), "baseline": tallies["baseline"].result(t_nll)}
@@ -128,9 +136,9 @@ def passkey_trials(tok, length: int, trials: int, seed: int = 0, min_distance: i
 def passkey_hit(fn: Forward, prompt: torch.Tensor, answer: torch.Tensor) -> bool:
     """True when greedy decoding after ``prompt`` gives ``answer`` (checked teacher-forced, see the module doc)."""
     ids = torch.cat([prompt, answer])[None]
-    logits = fn(ids)
-    n = prompt.numel()
-    pred = logits[0, n - 1:ids.shape[1] - 1].argmax(-1).cpu()
+    a = answer.numel()
+    logits = fn(ids, keep=a + 1)  # the positions that predict the answer's tokens, and the last
+    pred = logits[0, -(a + 1):-1].argmax(-1).cpu()
     return bool((pred == answer).all())
 
 
@@ -162,19 +170,33 @@ def model_forwards(model, teacher=None) -> Tuple[Forward, Forward]:
     when given (a separate base, needed once LoRA is merged), else ``model`` itself in teacher mode."""
     dev = model_device(model)
 
-    def student(ids, attention_mask=None):
-        return model(input_ids=ids.to(dev), attention_mask=attention_mask, use_cache=False).logits
+    def student(ids, attention_mask=None, keep=0):
+        return model(input_ids=ids.to(dev), attention_mask=attention_mask, use_cache=False,
+                     **_keep_kw(model, keep)).logits
 
     if teacher is not None:
         t_dev = model_device(teacher)
 
-        def teach(ids, attention_mask=None):
-            return teacher(input_ids=ids.to(t_dev), attention_mask=attention_mask, use_cache=False).logits
+        def teach(ids, attention_mask=None, keep=0):
+            return teacher(input_ids=ids.to(t_dev), attention_mask=attention_mask, use_cache=False,
+                           **_keep_kw(teacher, keep)).logits
     else:
-        def teach(ids, attention_mask=None):
+        def teach(ids, attention_mask=None, keep=0):
             with teacher_mode(model):
-                return student(ids, attention_mask)
+                return student(ids, attention_mask, keep)
     return student, teach
+
+
+def _keep_kw(model, keep: int) -> Dict:
+    """``logits_to_keep=keep`` where ``model``'s forward takes it (every recent causal LM; the LM head then runs
+    on those positions only), else nothing (all logits)."""
+    import inspect
+
+    if not keep:
+        return {}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    takes = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return {"logits_to_keep": keep} if takes else {}
 
 
 def window_mode_baseline(model, window: int, sinks: int = BASELINE_SINKS) -> Optional[Forward]:
@@ -191,9 +213,9 @@ def window_mode_baseline(model, window: int, sinks: int = BASELINE_SINKS) -> Opt
     for lay in layers:  # what baseline mode computes; the modes in between leave it alone
         lay.baseline = (window, sinks)
 
-    def fn(ids, attention_mask=None):
+    def fn(ids, attention_mask=None, keep=0):
         with teacher_mode(model, Mode.BASELINE):
-            return student(ids)
+            return student(ids, keep=keep)
 
     return fn
 
@@ -207,12 +229,12 @@ def baseline_forward(teacher: Forward, config, window: int, sinks: int = BASELIN
                          "teacher with attn_implementation='sdpa' (or 'eager')")
     masks = {}
 
-    def fn(ids, attention_mask=None):
+    def fn(ids, attention_mask=None, keep=0):
         n = ids.shape[1]
         if n not in masks:
             masks[n] = window_mask(n, window, sinks, device=ids.device,
                                    dtype=torch.float32 if impl == "eager" else None)
-        return teacher(ids, attention_mask=masks[n])
+        return teacher(ids, attention_mask=masks[n], keep=keep)
 
     return fn
 

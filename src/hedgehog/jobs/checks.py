@@ -38,6 +38,8 @@ def check_convert_job(job) -> None:
         pairs += [("--stage2-tokens", s2.tokens), ("--stage2-lr", s2.lr), ("--lora-r", s2.lora_r),
                   ("--lora-alpha", s2.lora_alpha), ("stage2 batch_size", s2.batch_size),
                   ("--stage2-checkpoint-every", s2.checkpoint_every)]
+        if s2.seq_len is not None:
+            pairs.append(("--stage2-seq-len", s2.seq_len))
     require_positive(pairs, allow_zero=("--stage1-tokens", "--stage2-tokens"))
     if job.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (a next-token loss needs two tokens), got {job.seq_len}.")
@@ -74,7 +76,8 @@ def check_out_dir(path) -> Path:
     return p
 
 
-def check_model(name: str, seq_len: int, causal: bool = True, revision=None, trust_remote_code: bool = False):
+def check_model(name: str, seq_len: int, causal: bool = True, revision=None, trust_remote_code: bool = False,
+                flag: str = "--seq-len"):
     """Resolve ``--model`` and read its config (no weights): ``(path, config)``.
 
     Refuses a missing or non-model path, an architecture no adapter converts, and a ``seq_len`` beyond
@@ -105,8 +108,8 @@ def check_model(name: str, seq_len: int, causal: bool = True, revision=None, tru
                         "`hedgehog convert-encoder` for encoders.")
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and seq_len > limit:
-        raise UserError(f"--seq-len {seq_len} is longer than the {limit} positions {name!r} was trained for. "
-                        f"Pass --seq-len {limit} or less.")
+        raise UserError(f"{flag} {seq_len} is longer than the {limit} positions {name!r} was trained for. "
+                        f"Pass {flag} {limit} or less.")
     return path, config
 
 

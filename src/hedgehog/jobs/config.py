@@ -90,11 +90,20 @@ def position_offsets(job: ConvertJob, model_config) -> int:
     return max(0, top - job.seq_len)
 
 
+def stage2_seq_len(job: ConvertJob) -> int:
+    """Tokens per stage-2 window: ``stage2.seq_len``, or the job's ``seq_len`` when that is None."""
+    return (job.stage2 and job.stage2.seq_len) or job.seq_len
+
+
 def with_position_offsets(job: ConvertJob, model_config) -> ConvertJob:
-    """``job`` with its stage configs' ``position_offsets`` set from :func:`position_offsets`."""
+    """``job`` with its stage configs' ``position_offsets`` set from :func:`position_offsets` (with "auto", stage 2's
+    range ends where its own, possibly longer, windows still fit in the context)."""
     off = position_offsets(job, model_config)
+    off2 = off
+    if job.stage2 is not None and job.position_offsets is None:
+        off2 = max(0, off + job.seq_len - stage2_seq_len(job))
     return replace(job, position_offsets=off, stage1=replace(job.stage1, position_offsets=off),
-                   stage2=job.stage2 and replace(job.stage2, position_offsets=off))
+                   stage2=job.stage2 and replace(job.stage2, position_offsets=off2))
 
 
 def resume_settings(job: ConvertJob, fingerprint: Dict) -> Dict:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from hedgehog.eval import long_context as lc
 from hedgehog.eval.report import mean_fidelity, plot_compare, slim_stage_report
 from hedgehog.jobs.config import (ConvertJob, eval_names, hybrid_settings, parse_compare_entry, resume_settings,
-                                  with_position_offsets)
+                                  stage2_seq_len, with_position_offsets)
 from hedgehog.layers.attention import Mode, HedgehogConfig, set_attention_mode
 from hedgehog.train.stage1 import attention_transfer
 from hedgehog.train.stage2 import add_lora, lora_finetune
@@ -151,6 +151,9 @@ def prepare(job: ConvertJob) -> JobContext:
     for source in job.eval_data or ():
         check_text_source(source)
     check_model(job.model, job.seq_len, revision=job.revision, trust_remote_code=job.trust_remote_code)
+    if stage2_seq_len(job) > job.seq_len:
+        check_model(job.model, stage2_seq_len(job), revision=job.revision, trust_remote_code=job.trust_remote_code,
+                    flag="--stage2-seq-len")
     # One process by default; under torchrun / accelerate launch every rank trains on its share of each
     # batch, and the main process alone evaluates and writes (the others wait at the next collective).
     engine = Engine(job.device, progress=job.progress)
@@ -244,12 +247,13 @@ def stage_1(ctx: JobContext) -> None:
 
 def stage_2(ctx: JobContext) -> None:
     """LoRA on the converted model (``ctx.final`` becomes the peft model); nothing when the job has no stage 2."""
-    job, L = ctx.job, ctx.job.seq_len
+    job, L = ctx.job, stage2_seq_len(ctx.job)
     if job.stage2 is None or job.stage2.tokens <= 0:
         return
     pm = add_lora(ctx.model, job.stage2)
+    train2 = ctx.train if L == job.seq_len else _stage2_windows(ctx, L)
     offset = job.stage1.tokens // L  # do not start on stage 1's windows
-    train2 = torch.roll(ctx.train, -offset % max(1, len(ctx.train)), 0)
+    train2 = torch.roll(train2, -offset % max(1, len(train2)), 0)
     every = max(1, (job.stage2.tokens // (job.stage2.batch_size * L)) // max(1, job.curve_points))
     s1_tokens = ctx.s1_report.get("tokens", 0)
 
@@ -260,6 +264,17 @@ def stage_2(ctx: JobContext) -> None:
     ctx.s2_report = lora_finetune(pm, train2, job.stage2, callback=on_step, progress=job.progress,
                                   checkpoint=ctx.checkpoints["stage2"], engine=ctx.engine)
     ctx.final = pm
+
+
+def _stage2_windows(ctx: JobContext, L: int) -> torch.Tensor:
+    """The training split cut into stage 2's own windows of ``L`` tokens (the same documents, order and budget as
+    stage 1's windows; shuffled by the job's seed)."""
+    from hedgehog.data.corpora import shuffled_windows, split_windows
+
+    job = ctx.job
+    budget = job.stage1.tokens + job.stage2.tokens + L
+    return shuffled_windows(split_windows(ctx.corpus, "train", ctx.tok, L, max_tokens=budget, shuffle_seed=job.seed),
+                            job.seed)
 
 
 def finalize(ctx: JobContext) -> Dict:

@@ -41,6 +41,9 @@ class Stage2Config:
     time_budget_s: Optional[float] = None  # opt-in cap: stop early when exceeded (logged, and in the report)
     checkpoint_every: int = 25  # steps between mid-stage checkpoints (with a checkpoint file)
     position_offsets: int = 0  # as in Stage1Config: random position offsets up to this, per step
+    # Tokens per stage-2 window; None: the job's --seq-len. Longer windows let the state's decay and the maps
+    # learn what the linear part holds past the exact window (the long-context evaluation).
+    seq_len: Optional[int] = None
 
 
 def add_lora(model: nn.Module, cfg: Stage2Config):
