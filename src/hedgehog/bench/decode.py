@@ -364,22 +364,14 @@ def _ints(text: str, what: str, low: int):
     return vals
 
 
-def check_device(name: str) -> None:
-    """A --device this machine does not have is a user error, raised before any model loads."""
-    from hedgehog.train.engine import resolve_device
-
-    try:
-        resolve_device(name)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def run_from_args(args) -> Dict:
     contexts = _ints(args.contexts, "--contexts", 2)
     batches = _ints(str(args.batch), "--batch", 1)
     if args.memory_gb is not None and args.memory_gb <= 0:
         raise UserError(f"--memory-gb must be positive, got {args.memory_gb}")
-    check_device(args.device)
+    from hedgehog.train.engine import device_arg
+
+    device_arg(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)

@@ -110,9 +110,9 @@ def run_from_args(args) -> Dict:
     if not lengths or min(lengths) < 1 or args.repeats < 1 or (caches and min(caches) < 0):
         raise UserError(f"--lengths must be positive integers, --sparse-cache non-negative integers and --repeats "
                         f">= 1, got {args.lengths!r}, {args.sparse_cache!r}, {args.repeats}")
-    from hedgehog.bench.decode import check_device
+    from hedgehog.train.engine import device_arg
 
-    check_device(args.device)
+    device_arg(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>7} | {'hedgehog s':>9} {'softmax s':>10} | speedup")

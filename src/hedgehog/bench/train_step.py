@@ -127,9 +127,9 @@ def run_from_args(args) -> Dict:
     if not lengths or min(lengths) < 2 or args.repeats < 1 or args.tokens < 1 or args.mimic_rows < 1:
         raise UserError(f"--lengths must be integers >= 2, --tokens, --mimic-rows and --repeats >= 1; got "
                          f"{args.lengths!r}, {args.tokens}, {args.mimic_rows}, {args.repeats}")
-    from hedgehog.bench.decode import check_device
+    from hedgehog.train.engine import device_arg
 
-    check_device(args.device)
+    device_arg(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>6} {'batch':>5} | {'softmax s':>9} {'hh all s':>10} {'hh R s':>10} | "

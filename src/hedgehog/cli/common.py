@@ -123,13 +123,9 @@ def check_maps(names):
 
 def placement(args):
     """``(device, dtype)`` from ``--device``/``--dtype`` (checked before anything loads)."""
-    from hedgehog.train.engine import parse_dtype, resolve_device
+    from hedgehog.train.engine import device_arg, parse_dtype
 
-    try:
-        device = resolve_device(getattr(args, "device", "cpu"))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return device, parse_dtype(getattr(args, "dtype", "fp32"))
+    return device_arg(getattr(args, "device", "cpu")), parse_dtype(getattr(args, "dtype", "fp32"))
 
 
 def load_any(model_arg, base_model=None, device="cpu", dtype=None):

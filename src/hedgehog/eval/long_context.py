@@ -168,18 +168,17 @@ def passkey_scores(models: Dict[str, Forward], tok, lengths: Sequence[int] = PAS
 def model_forwards(model, teacher=None) -> Tuple[Forward, Forward]:
     """``(student, teacher)`` forwards of a converted ``model`` (maybe LoRA-wrapped): the teacher is ``teacher``
     when given (a separate base, needed once LoRA is merged), else ``model`` itself in teacher mode."""
-    dev = model_device(model)
+    dev, keep_kw = model_device(model), _keep_kw(model)
 
     def student(ids, attention_mask=None, keep=0):
-        return model(input_ids=ids.to(dev), attention_mask=attention_mask, use_cache=False,
-                     **_keep_kw(model, keep)).logits
+        return model(input_ids=ids.to(dev), attention_mask=attention_mask, use_cache=False, **keep_kw(keep)).logits
 
     if teacher is not None:
-        t_dev = model_device(teacher)
+        t_dev, t_keep_kw = model_device(teacher), _keep_kw(teacher)
 
         def teach(ids, attention_mask=None, keep=0):
             return teacher(input_ids=ids.to(t_dev), attention_mask=attention_mask, use_cache=False,
-                           **_keep_kw(teacher, keep)).logits
+                           **t_keep_kw(keep)).logits
     else:
         def teach(ids, attention_mask=None, keep=0):
             with teacher_mode(model):
@@ -187,16 +186,14 @@ def model_forwards(model, teacher=None) -> Tuple[Forward, Forward]:
     return student, teach
 
 
-def _keep_kw(model, keep: int) -> Dict:
-    """``logits_to_keep=keep`` where ``model``'s forward takes it (every recent causal LM; the LM head then runs
-    on those positions only), else nothing (all logits)."""
+def _keep_kw(model) -> Callable[[int], Dict]:
+    """``keep -> {"logits_to_keep": keep}`` where ``model``'s forward takes it (every recent causal LM; the LM head
+    then runs on those positions only), else ``keep -> {}`` (all logits); ``keep`` 0 asks for all of them."""
     import inspect
 
-    if not keep:
-        return {}
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     takes = "logits_to_keep" in inspect.signature(inner.forward).parameters
-    return {"logits_to_keep": keep} if takes else {}
+    return lambda keep: {"logits_to_keep": keep} if takes and keep else {}
 
 
 def window_mode_baseline(model, window: int, sinks: int = BASELINE_SINKS) -> Optional[Forward]:

@@ -136,7 +136,7 @@ def prepare(job: ConvertJob) -> JobContext:
     """Every cheap check before any heavy work; then the base, the data, the teacher's validation perplexity,
     the conversion and the attention KL before training."""
     from hedgehog.data.assets import portable_model_ref
-    from hedgehog.data.corpora import eval_documents, load_corpus, shuffled_windows, split_windows, text_label
+    from hedgehog.data.corpora import eval_documents, load_corpus, split_windows, text_label
     from hedgehog.eval.fidelity import perplexity
     from hedgehog.jobs.checks import check_convert_job, check_model, check_out_dir, check_text_source
     from hedgehog.models import formats
@@ -150,10 +150,9 @@ def prepare(job: ConvertJob) -> JobContext:
     check_text_source(job.data, job.text_field, job.data_format)
     for source in job.eval_data or ():
         check_text_source(source)
-    check_model(job.model, job.seq_len, revision=job.revision, trust_remote_code=job.trust_remote_code)
-    if stage2_seq_len(job) > job.seq_len:
-        check_model(job.model, stage2_seq_len(job), revision=job.revision, trust_remote_code=job.trust_remote_code,
-                    flag="--stage2-seq-len")
+    L2 = stage2_seq_len(job)  # stage 2's windows, the longest when they differ from --seq-len's
+    check_model(job.model, max(job.seq_len, L2), revision=job.revision, trust_remote_code=job.trust_remote_code,
+                flag="--stage2-seq-len" if L2 > job.seq_len else "--seq-len")
     # One process by default; under torchrun / accelerate launch every rank trains on its share of each
     # batch, and the main process alone evaluates and writes (the others wait at the next collective).
     engine = Engine(job.device, progress=job.progress)
@@ -168,10 +167,7 @@ def prepare(job: ConvertJob) -> JobContext:
     corpus = load_corpus(job.data, tok, job.text_field, job.data_format)
     held_out = {name: eval_documents(name, job.data, tok) for name in eval_names(job)}
     L = job.seq_len
-    # Tokenise only what the stages use (documents in a seeded order, so the cap samples the whole corpus).
-    budget = job.stage1.tokens + (job.stage2.tokens if job.stage2 else 0) + L
-    train = shuffled_windows(split_windows(corpus, "train", tok, L, max_tokens=budget, shuffle_seed=job.seed),
-                             job.seed)
+    train = train_windows(job, corpus, tok, L)
     val = split_windows(corpus, "validation", tok, L, max_tokens=job.val_tokens)
     test = split_windows(corpus, "test", tok, L, max_tokens=job.eval_tokens)
     in_domain = f"{text_label(job.data)} (test split)"
@@ -251,7 +247,7 @@ def stage_2(ctx: JobContext) -> None:
     if job.stage2 is None or job.stage2.tokens <= 0:
         return
     pm = add_lora(ctx.model, job.stage2)
-    train2 = ctx.train if L == job.seq_len else _stage2_windows(ctx, L)
+    train2 = ctx.train if L == job.seq_len else train_windows(job, ctx.corpus, ctx.tok, L)
     offset = job.stage1.tokens // L  # do not start on stage 1's windows
     train2 = torch.roll(train2, -offset % max(1, len(train2)), 0)
     every = max(1, (job.stage2.tokens // (job.stage2.batch_size * L)) // max(1, job.curve_points))
@@ -266,14 +262,14 @@ def stage_2(ctx: JobContext) -> None:
     ctx.final = pm
 
 
-def _stage2_windows(ctx: JobContext, L: int) -> torch.Tensor:
-    """The training split cut into stage 2's own windows of ``L`` tokens (the same documents, order and budget as
-    stage 1's windows; shuffled by the job's seed)."""
+def train_windows(job: ConvertJob, corpus, tok, L: int) -> torch.Tensor:
+    """The training split in shuffled windows of ``L`` tokens: stage 1's, and stage 2's where its windows are
+    longer. Only what the stages use is tokenised (documents in a seeded order, so the cap samples the whole
+    corpus)."""
     from hedgehog.data.corpora import shuffled_windows, split_windows
 
-    job = ctx.job
-    budget = job.stage1.tokens + job.stage2.tokens + L
-    return shuffled_windows(split_windows(ctx.corpus, "train", ctx.tok, L, max_tokens=budget, shuffle_seed=job.seed),
+    budget = job.stage1.tokens + (job.stage2.tokens if job.stage2 else 0) + L
+    return shuffled_windows(split_windows(corpus, "train", tok, L, max_tokens=budget, shuffle_seed=job.seed),
                             job.seed)
 
 

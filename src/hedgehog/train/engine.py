@@ -40,6 +40,14 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def device_arg(name: str) -> torch.device:
+    """:func:`resolve_device` for a ``--device`` flag: a device this machine lacks is a :class:`UserError`."""
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> the first CUDA device if there is one, else the CPU; 'cpu', 'cuda', 'cuda:N' as torch reads them.
 
