@@ -104,6 +104,44 @@ def test_gradcheck_with_sinks_and_decay():
     assert torch.autograd.gradcheck(fn, args)
 
 
+# -- the distillation loss (stage 1) -------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,block", [(None, 512), (None, 9), ("subset", 512), ("subset", 5)])
+@pytest.mark.parametrize("sinks,lam", [(0, None), (3, None), (3, [0.9, 0.5, 1.0]), (0, [0.99, 0.7, 0.8])])
+def test_hybrid_loss_with_sinks_and_decay_is_the_cross_entropy_of_the_reference_weights(rows, block, sinks, lam):
+    """Value and gradients (maps, gamma, decay) against autograd through the float64 reference weights."""
+    from hedgehog.modules.losses import attention_distillation_loss
+    from hedgehog.ops.settings import HybridSettings
+    from hedgehog.ops.softmax import softmax_attention_weights
+
+    torch.manual_seed(1)
+    n, w = 37, 6
+    q, k, v, pq, pk = inputs(n)
+    idx = torch.randperm(n)[:13] if rows == "subset" else None
+
+    def leaves():
+        g = torch.rand(H, dtype=torch.float64).requires_grad_()
+        dc = None if lam is None else torch.tensor(lam, dtype=torch.float64).log().requires_grad_()
+        return pq.clone().requires_grad_(), pk.clone().requires_grad_(), g, dc
+
+    torch.manual_seed(2)
+    a_pq, a_pk, a_g, a_dc = leaves()
+    p = softmax_attention_weights(q, k, causal=True)
+    _, wts = quadratic_hybrid_attention(q, k, v, a_pq, a_pk, w, a_g, sinks=sinks, decay=a_dc, return_weights=True)
+    ce = -(p * wts.clamp_min(1e-300).log()).sum(-1)  # (B, H, N)
+    want = (ce if idx is None else ce[:, :, idx]).mean()
+    want.backward()
+    torch.manual_seed(2)
+    b_pq, b_pk, b_g, b_dc = leaves()
+    got = attention_distillation_loss(q, k, b_pq, b_pk, hybrid=HybridSettings(w, b_g, sinks, b_dc),
+                                      query_index=idx, query_block=block)
+    got.backward()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for a, b in ((a_pq, b_pq), (a_pk, b_pk), (a_g, b_g), (a_dc, b_dc)):
+        if a is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-12, rtol=1e-9)
+    assert a_pk.grad.abs().max() > 1e-4 and (a_dc is None or a_dc.grad.abs().max() > 1e-4)
+
+
 # -- the converted layer: prefill, decoding, generate, save/load -----------------------------------------------
 from conftest import FAMILIES, V, perturb_maps, tiny  # noqa: E402
 from conftest import (assert_decoding_matches_full_forward,  # noqa: E402

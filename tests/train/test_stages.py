@@ -120,3 +120,30 @@ def test_the_job_offsets_reach_the_model_context():
     assert position_offsets(ConvertJob(position_offsets=0), cfg) == 0 and ConvertJob().position_offsets is None
     job = with_position_offsets(ConvertJob(seq_len=256, position_offsets=None), cfg)
     assert job.position_offsets == job.stage1.position_offsets == job.stage2.position_offsets == 8192 - 256
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_stops_after_the_last_layer_and_skips_the_lm_head(family):
+    """Stage 1 needs q/k/v only: the capture forward never runs the LM head (vocabulary-wide logits), and
+    its captures equal the q/k/v a full teacher forward computes."""
+    from hedgehog.layers.attention import Mode, attention_mode
+    from hedgehog.layers.capture import capture_qkv
+
+    torch.manual_seed(0)
+    model = convert_model(tiny(family).eval())
+    ids = torch.randint(0, V, (2, 12))
+    heads = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: heads.append(1))
+    caps = capture_qkv(model, ids)
+    assert heads == [] and len(caps) == len(hedgehog_layers(model))
+    layers = hedgehog_layers(model)
+    for layer in layers:
+        layer.start_capture()
+    with torch.no_grad(), attention_mode(model, Mode.TEACHER):
+        model(input_ids=ids, use_cache=False)
+    full = [layer.stop_capture()[0] for layer in layers]
+    assert heads == [1]
+    hook.remove()
+    for a, b in zip(caps, full):
+        for x, y in zip(a[:3], b[:3]):
+            assert torch.equal(x, y)

@@ -24,23 +24,23 @@ def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Optional[List
                 position_ids: Optional[torch.Tensor] = None) -> List[Capture]:
     """Teacher forward; returns per converted layer (or per layer of ``layers``) the post-RoPE (q, k, v) and the
     teacher settings they ran under (:class:`~hedgehog.layers.attention.Capture`). With
-    ``layers``, the forward stops after the last of them; ``position_ids`` as the model takes them (None: 0..N-1)."""
-    everything = layers is None
-    layers = hedgehog_layers(model) if everything else layers
+    ``layers``, the forward stops after the last of them; ``position_ids`` as the model takes them (None: 0..N-1).
+    The forward always stops after the last captured layer: the rest of the model (the LM head's vocabulary-wide
+    logits, ~20% of SmolLM2's forward) is never computed."""
+    layers = hedgehog_layers(model) if layers is None else layers
     for layer in layers:
         layer.start_capture()
-    stop = None
-    if not everything:
-        def enough(*_):
-            raise _EnoughLayers
-        stop = layers[-1].register_forward_hook(enough)
+
+    def enough(*_):
+        raise _EnoughLayers
+
+    stop = layers[-1].register_forward_hook(enough)
     try:
         with attention_mode(model, Mode.TEACHER):
             model(input_ids=input_ids, use_cache=False, **positions_kw(position_ids))
     except _EnoughLayers:
         pass
     finally:
-        if stop is not None:
-            stop.remove()
+        stop.remove()
         caps = [layer.stop_capture() for layer in layers]
     return [c[0] for c in caps]

@@ -18,8 +18,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
-from hedgehog.ops.hybrid import hybrid_attention, hybrid_weights
-from hedgehog.ops.masks import causal_drop_mask
+from hedgehog.ops.hybrid import hybrid_attention
+from hedgehog.ops.masks import causal_drop_mask, hybrid_masks
 from hedgehog.ops.settings import HybridSettings, TeacherSettings
 from hedgehog.ops.softmax import softmax_attention_weights
 
@@ -52,12 +52,8 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, teacher: Teac
         p = softmax_attention_weights(q_blk, k_vis, causal=causal, scale=teacher.scale, q_positions=row_pos,
                                       **teacher.masking())
     acc = p.dtype
-    if hybrid is not None:  # hybrid student: exact logs on the window part
-        a, win, log_win = hybrid_weights(q_blk, k_vis, pq_blk, pk_vis, scale=teacher.scale, q_positions=row_pos,
-                                         **hybrid.op_kwargs())
-        log_den = a.sum(-1).clamp_min(eps).log()
-        log_a = torch.where(win, log_win, a.clamp_min(eps).log())
-        return log_den.sum() - torch.vdot(p.reshape(-1), log_a.reshape(-1))
+    if hybrid is not None:
+        return _hybrid_block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, p, teacher.scale, hybrid, eps)
     pq, pk = pq_blk.to(acc), pk_vis.to(acc)
     if causal and len(row_pos) < 2 * pq.shape[-1]:
         # Few rows against wide features (stage 1's row subsets: 128 rows, F = 128): running sums over every
@@ -71,6 +67,87 @@ def _block_ce(q_blk, k_vis, pq_blk, pk_vis, row_pos, causal: bool, teacher: Teac
     log_den = (pq * ksum).sum(-1).clamp_min(eps).log()
     # the teacher's rows are exactly 0 on future keys, so sum_ij p_ij log a_ij needs no causal mask on a
     return log_den.sum() - _TeacherLogKernel.apply(pq, pk, p, eps)
+
+
+def _hybrid_block_ce(q_blk, k_vis, pq, pk, row_pos, p, scale: float, hybrid: HybridSettings, eps: float):
+    """:func:`_block_ce` for the hybrid student (:func:`hedgehog.ops.hybrid.hybrid_weights`), term by term.
+
+    Row i's weights are ``a_ij = g exp(s_ij - c_i)`` on its exact keys E_i (window and sinks) and
+    ``lambda^age_ij A_ij`` on the older keys O_i (``A = phi_q phi_k^T``, ``age_ij = i - w - j``), so with
+    ``W_i = sum_E exp(s - c)`` and ``L_i = sum_O lambda^age A``:
+
+        -sum_j p_ij log(a_ij / den_i) = log(g W_i + L_i) - log g sum_E p - sum_E p (s - c)
+                                        - log lambda sum_O p age - sum_O p log A
+
+    The teacher-only pieces (``W``, the sums of ``p``) take no gradient; the (rows x keys) terms of the student
+    are one :class:`_HybridLinearTerms` (one matmul and a few passes each way). This is most of stage 1's time:
+    autograd through ``hybrid_weights`` made ~25 passes over the rows x keys and ran 2x slower. The one difference
+    from ``log(max(lambda^age A, eps))`` is that the clamp applies to ``A`` alone, so a weight made tiny by the
+    decay still passes its gradient to lambda (the exact cross-entropy).
+    """
+    acc = p.dtype
+    B, H, nq, _ = q_blk.shape
+    nk = k_vis.shape[2]
+    win, old = hybrid_masks(nq, nk, hybrid.window, q_blk.device, row_pos, hybrid.sinks)
+    with torch.no_grad():
+        s = (q_blk.to(acc) @ k_vis.to(acc).transpose(-1, -2)).mul_(scale).masked_fill_(~win, float("-inf"))
+        c = s.amax(-1, keepdim=True)
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+        s = s.sub_(c)
+        w_sum = s.exp().sum(-1)  # W_i (exp(-inf) = 0 off the exact keys)
+        s = s.masked_fill_(~win, 0.0)  # s - c on the exact keys, 0 elsewhere
+        exact_log = torch.vdot(p.reshape(-1), s.reshape(-1))  # sum_E p (s - c)
+        p_old = p.masked_fill(~old, 0.0)
+        p_exact = (p.sum(-1) - p_old.sum(-1)).sum((0, 2))  # (H,): sum_E p per head (p is 0 on future keys)
+        decay = hybrid.decay
+        age = None
+        if decay is not None:
+            age = (row_pos.to(q_blk.device)[:, None] - hybrid.window
+                   - torch.arange(nk, device=q_blk.device)[None, :]).clamp_min(0).to(acc)
+            p_age = (p_old.sum(0) * age).sum((1, 2))  # (H,): sum_O p age per head
+    log_decay = decay.to(acc) if decay is not None else None
+    lin_sum, log_sum = _HybridLinearTerms.apply(pq.to(acc), pk.to(acc), log_decay, p_old, old, age, eps)
+    g = torch.as_tensor(hybrid.gamma, device=q_blk.device).to(acc)
+    g = g.expand(H) if g.dim() == 0 else g
+    den = g.view(1, H, 1) * w_sum + lin_sum
+    loss = den.clamp_min(eps).log().sum() - (torch.log(g) * p_exact).sum() - exact_log - log_sum
+    if log_decay is not None:
+        loss = loss - (log_decay * p_age).sum()
+    return loss
+
+
+class _HybridLinearTerms(torch.autograd.Function):
+    """The hybrid student's older-key terms of a block of rows: ``(L, T)`` with ``L_i = sum_j m_ij A_ij`` (B, H, R),
+    ``m = old * lambda^age`` (old: the rows' linear-part mask; no decay: m = old), and
+    ``T = sum_ij p_ij log max(A_ij, eps)`` over the teacher weights ``p`` zeroed off the linear part; ``A = phi_q
+    phi_k^T``. Differentiable in phi_q, phi_k and ``log lambda`` (H,); written out like :class:`_TeacherLogKernel`."""
+
+    @staticmethod
+    def forward(ctx, pq, pk, log_decay, p_old, old, age, eps):
+        a = pq @ pk.transpose(-1, -2)  # (B, H, R, N)
+        if log_decay is None:
+            m = old.to(a.dtype)[None, None]
+        else:
+            m = torch.exp(log_decay.view(-1, 1, 1) * age).mul_(old)[None]  # (1, H, R, N)
+        lin_sum = (a * m).sum(-1)
+        a_c = a.clamp_min(eps)
+        log_sum = torch.vdot(p_old.reshape(-1), a_c.log().reshape(-1))
+        ctx.save_for_backward(pq, pk, a, m, p_old, age)
+        ctx.eps, ctx.decayed = eps, log_decay is not None
+        return lin_sum, log_sum
+
+    @staticmethod
+    def backward(ctx, g_lin, g_log):
+        pq, pk, a, m, p_old, age = ctx.saved_tensors
+        grad_a = torch.div(p_old, a).masked_fill_(a <= ctx.eps, 0.0).mul_(g_log.to(a.dtype))
+        gm = m * g_lin.unsqueeze(-1).to(a.dtype)  # (B, H, R, N)
+        g_decay = None
+        if ctx.decayed and ctx.needs_input_grad[2]:  # d/d log lambda of sum_j m_ij A_ij = sum_j age_ij m_ij A_ij
+            g_decay = (gm * a * age).sum((0, 2, 3))
+        grad_a.add_(gm)
+        return (grad_a @ pk if ctx.needs_input_grad[0] else None,
+                grad_a.transpose(-1, -2) @ pq if ctx.needs_input_grad[1] else None,
+                g_decay, None, None, None, None)
 
 
 class _TeacherLogKernel(torch.autograd.Function):
