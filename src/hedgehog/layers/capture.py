@@ -23,10 +23,9 @@ class _EnoughLayers(Exception):
 def capture_qkv(model: nn.Module, input_ids: torch.Tensor, layers: Optional[List[nn.Module]] = None,
                 position_ids: Optional[torch.Tensor] = None) -> List[Capture]:
     """Teacher forward; returns per converted layer (or per layer of ``layers``) the post-RoPE (q, k, v) and the
-    teacher settings they ran under (:class:`~hedgehog.layers.attention.Capture`). With
-    ``layers``, the forward stops after the last of them; ``position_ids`` as the model takes them (None: 0..N-1).
-    The forward always stops after the last captured layer: the rest of the model (the LM head's vocabulary-wide
-    logits, ~20% of SmolLM2's forward) is never computed."""
+    teacher settings they ran under (:class:`~hedgehog.layers.attention.Capture`); ``position_ids`` as the model
+    takes them (None: 0..N-1). The forward stops after the last captured layer: the rest of the model (with every
+    layer, the LM head's vocabulary-wide logits, ~20% of SmolLM2's forward) is never computed."""
     layers = hedgehog_layers(model) if layers is None else layers
     for layer in layers:
         layer.start_capture()

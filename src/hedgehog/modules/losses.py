@@ -81,7 +81,8 @@ def _hybrid_block_ce(q_blk, k_vis, pq, pk, row_pos, p, scale: float, hybrid: Hyb
 
     The teacher-only pieces (``W``, the sums of ``p``) take no gradient; the (rows x keys) terms of the student
     are one :class:`_HybridLinearTerms` (one matmul and a few passes each way). This is most of stage 1's time:
-    autograd through ``hybrid_weights`` made ~25 passes over the rows x keys and ran 2x slower. The one difference
+    autograd through ``hybrid_weights`` made many more passes over the rows x keys and ran 1.29x slower on
+    SmolLM2's 30 layers (``scripts/stage1_loss_speed.py``). The one difference
     from ``log(max(lambda^age A, eps))`` is that the clamp applies to ``A`` alone, so a weight made tiny by the
     decay still passes its gradient to lambda (the exact cross-entropy).
     """
