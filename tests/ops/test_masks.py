@@ -35,3 +35,13 @@ def test_window_and_hybrid_masks_split_the_visible_keys():
     default_in, default_old = hybrid_masks(nq, nk, w, "cpu")  # the last nq rows
     v2, w2 = _rule(list(range(nk - nq, nk)), nk, window=w)
     assert torch.equal(default_in, w2) and torch.equal(default_old, v2 & ~w2)
+
+
+def test_linear_key_age_counts_the_steps_since_a_key_left_the_window():
+    from hedgehog.ops.masks import linear_key_age
+
+    rows = torch.tensor([0, 5, 9, 12])
+    age = linear_key_age(rows, 10, window=3)
+    for r, n in enumerate(rows.tolist()):
+        for i in range(10):
+            assert age[r, i].item() == max(0, n - 3 - i)

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hedgehog.ops import linear_attention, softmax_attention
 from hedgehog.ops.hybrid import hybrid_attention
-from hedgehog.ops.masks import causal_drop_mask, hybrid_masks
+from hedgehog.ops.masks import causal_drop_mask, hybrid_masks, linear_key_age
 from hedgehog.ops.settings import HybridSettings, TeacherSettings
 from hedgehog.ops.softmax import softmax_attention_weights
 
@@ -103,8 +103,7 @@ def _hybrid_block_ce(q_blk, k_vis, pq, pk, row_pos, p, scale: float, hybrid: Hyb
         decay = hybrid.decay
         age = None
         if decay is not None:
-            age = (row_pos.to(q_blk.device)[:, None] - hybrid.window
-                   - torch.arange(nk, device=q_blk.device)[None, :]).clamp_min(0).to(acc)
+            age = linear_key_age(row_pos.to(q_blk.device), nk, hybrid.window).to(acc)
             p_age = (p_old.sum(0) * age).sum((1, 2))  # (H,): sum_O p age per head
     log_decay = decay.to(acc) if decay is not None else None
     lin_sum, log_sum = _HybridLinearTerms.apply(pq.to(acc), pk.to(acc), log_decay, p_old, old, age, eps)

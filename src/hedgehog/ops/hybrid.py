@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from hedgehog.ops import backends, cpu_kernel, triton_window
 from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks
-from hedgehog.ops.masks import hybrid_masks, row_positions
+from hedgehog.ops.masks import hybrid_masks, linear_key_age, row_positions
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 from hedgehog.ops.settings import Gamma
 from hedgehog.ops.window import window_inference, window_part
@@ -95,7 +95,7 @@ def hybrid_weights(q, k, phi_q, phi_k, window: int, gamma: Gamma, scale: Optiona
     a_lin = (phi_q.to(acc) @ phi_k.to(acc).transpose(-1, -2)).masked_fill(~old, 0.0)
     if decay is not None:
         n = row_positions(nq, nk, q.device, q_positions=q_positions)
-        age = (n[:, None] - window - torch.arange(nk, device=q.device)[None, :]).clamp_min(0).to(acc)
+        age = linear_key_age(n, nk, window).to(acc)
         a_lin = a_lin * torch.exp(decay.to(acc).view(1, H, 1, 1) * age)
     return a_win + a_lin, win.expand_as(s), log_win
 

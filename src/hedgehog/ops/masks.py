@@ -56,3 +56,10 @@ def hybrid_masks(nq: int, nk: int, window: int, device, q_positions: Optional[to
         sink = older & (torch.arange(nk, device=device) < sinks)[None, :]
         return exact | sink, older & ~sink
     return exact, older
+
+
+def linear_key_age(row_pos: torch.Tensor, nk: int, window: int) -> torch.Tensor:
+    """(R, nk) ``n - w - i``: the steps key ``i`` has spent in a decayed linear state when the row at position ``n``
+    (``row_pos`` (R,)) reads it, so its weight there is ``lambda^(n - w - i)``; 0 where the key has not left the
+    window (those entries are masked anyway)."""
+    return (row_pos[:, None] - window - torch.arange(nk, device=row_pos.device)[None, :]).clamp_min(0)
