@@ -37,7 +37,11 @@ def reference(model, windows):
     return math.exp(nt), math.exp(ns), agree, kl
 
 
-def test_fidelity_equals_the_float64_reference():
+@pytest.mark.parametrize("rows", [128, 5])  # each window in one tally, or 5 positions at a time (16 = 3 * 5 + 1)
+def test_fidelity_equals_the_float64_reference(rows, monkeypatch):
+    import hedgehog.eval.fidelity as fid
+
+    monkeypatch.setattr(fid, "TALLY_ROWS", rows)
     model = peaky_converted()
     w = torch.randint(0, 50, (5, 17), generator=torch.Generator().manual_seed(1))
     f = fidelity(model, w, batch_size=2, progress=False)

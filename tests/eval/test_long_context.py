@@ -107,9 +107,9 @@ def test_baseline_forgets_tokens_between_the_sinks_and_the_window():
 
 @pytest.mark.parametrize("rows", [512, 4])  # one tally for the window, or 4 positions at a time (19 = 4 * 4 + 3)
 def test_context_fidelity_matches_float64_reference_and_a_full_window_baseline_is_the_teacher(rows, monkeypatch):
-    import hedgehog.eval.long_context as lc
+    import hedgehog.eval.fidelity as fid
 
-    monkeypatch.setattr(lc, "TALLY_ROWS", rows)
+    monkeypatch.setattr(fid, "TALLY_ROWS", rows)
     teacher = tiny_llama()
     student = tiny_llama(seed=1)
     w = torch.randint(0, 50, (3, 20), generator=torch.Generator().manual_seed(2))
@@ -244,3 +244,21 @@ def test_forwards_keep_the_last_logits_the_passkey_needs(lora):
         full, last = fn(ids), fn(ids, keep=6)
         assert last.shape[1] == 6
         torch.testing.assert_close(last, full[:, -6:], atol=1e-12, rtol=1e-10)
+
+
+def test_reports_show_the_passkey_of_teacher_and_student_and_why_not_the_baseline(tmp_path):
+    from hedgehog.eval.report import format_long_context, plot_long_context
+    from hedgehog.models.modelcard import _long_context_rows
+
+    side = lambda ratio: {"ppl": 20.0 * ratio, "ppl_ratio": ratio, "top1_agreement": 0.75, "kl_per_token": 0.2}
+    fid = {"length": 512, "tokens": 511, "teacher_ppl": 20.0, "student": side(1.13), "baseline": side(1.27)}
+    r = {"window": 64, "sinks": 4, "texts": {"git-docs": {"512": fid}},
+         "mean": {"512": {"student": side(1.13), "baseline": side(1.27), "texts": 1}},
+         "passkey": {"1024": {"trials": 8, "teacher": 8, "student": 3}, "2048": {"trials": 8, "teacher": 7, "student": 0}}}
+    text = format_long_context(r)
+    assert "1.13x | 1.27x" in text
+    assert "     8/8     7/8" in text and "     3/8     0/8" in text and "not run" in text
+    card = "\n".join(_long_context_rows(r))
+    assert "| teacher | 8/8 | 7/8 |" in card and "| this model | 3/8 | 0/8 |" in card and "not run" in card
+    plot_long_context(r, tmp_path / "lc.png")
+    assert (tmp_path / "lc.png").stat().st_size > 1000

@@ -52,8 +52,8 @@ def add_long_context_options(p: argparse.ArgumentParser, job=None) -> None:
                         "first tokens")
     p.add_argument("--passkey-lengths", default=",".join(map(str, job.passkey_lengths)),
                    help="passkey retrieval: prompt lengths (tokens); each hides --passkey-trials 5-digit keys at "
-                        "spread depths beyond the window, scored for the teacher, the baseline and the model "
-                        "(one forward each)")
+                        "spread depths beyond the window, scored for the teacher and the model (one forward each; "
+                        "not for the window baseline, which cannot see a key beyond its window)")
     p.add_argument("--passkey-trials", type=int, default=job.passkey_trials, help="passkey keys per length")
 
 
