@@ -10,10 +10,11 @@ from hedgehog.ops.sparse_cache import sparse_hybrid_attention
 
 
 def reference(q, k, v, pq, pk, window, cache_size, gamma, sinks=0, decay=None, chunk=None, key_valid=None,
-              score="memory"):
+              score="unique"):
     """Per query, the sets the definition names: sinks, cache, recent keys exact; the folded keys through phi.
     Cache selection by explicit self-recall errors against the explicitly summed state ("state"), or that state
-    plus every other candidate ("memory"). Float64, loops."""
+    plus every other candidate ("memory"), or the smaller of that and the distance to the nearest value of a newer
+    candidate ("unique"). Float64, loops."""
     B, Hq, n, d = q.shape
     Hk = k.shape[1]
     g = Hq // Hk
@@ -35,13 +36,16 @@ def reference(q, k, v, pq, pk, window, cache_size, gamma, sinks=0, decay=None, c
                     cands = [j for j in cache + leaving if j >= sinks and ok[b, j]]
                     if cache_size:
                         def read_back(j):
-                            summed = folded + ([i for i in cands if i != j] if score == "memory" else [])
+                            summed = folded + ([i for i in cands if i != j] if score != "state" else [])
                             S = sum((lam[hk] ** (t - window - i) * torch.outer(pk[b, hk, i], v[b, hk, i])
                                      for i in summed), torch.zeros(pk.shape[-1], v.shape[-1], dtype=torch.float64))
                             z = sum((lam[hk] ** (t - window - i) * pk[b, hk, i] for i in summed),
                                     torch.zeros(pk.shape[-1], dtype=torch.float64))
                             return pk[b, hk, j] @ S / max(float(pk[b, hk, j] @ z), 1e-6)
                         err = {j: (v[b, hk, j] - read_back(j)).pow(2).sum().item() for j in cands}
+                        if score == "unique":  # or given back by a newer candidate's value
+                            err = {j: min([e] + [(v[b, hk, j] - v[b, hk, i]).pow(2).sum().item()
+                                                 for i in cands if i > j]) for j, e in err.items()}
                         cache = sorted(cands, key=lambda j: -err[j])[:cache_size]
                     else:
                         cache = []
@@ -68,7 +72,7 @@ def inputs(B=2, Hq=4, Hk=2, n=40, d=4, D=3, F=5, seed=0):
     return q, k, v, rand_features(B, Hq, n, F), rand_features(B, Hk, n, F)
 
 
-@pytest.mark.parametrize("score", ["memory", "state"])
+@pytest.mark.parametrize("score", ["unique", "memory", "state"])
 @pytest.mark.parametrize("window,chunk,cache_size,sinks,decayed", [
     (6, 4, 3, 0, False), (5, 5, 4, 2, True), (4, 7, 2, 1, True), (8, 3, 0, 0, False), (3, 2, 6, 0, True)])
 def test_equals_the_definition(window, chunk, cache_size, sinks, decayed, score):
@@ -150,7 +154,7 @@ def test_a_badly_represented_key_is_kept():
     assert 10 in st.cache_pos[0, 0].tolist()
 
 
-@pytest.mark.parametrize("score", ["memory", "state"])
+@pytest.mark.parametrize("score", ["unique", "memory", "state"])
 def test_copies_of_a_repeated_key_do_not_push_out_a_unique_one(score):
     """Filler, a unique needle (|v| = 3) and four copies of a repeated key with a larger value (|v| = 5), each on
     its own feature. Read by the state as it is (LoLA's rule) every copy looks unrepresented, so the copies take
@@ -168,10 +172,33 @@ def test_copies_of_a_repeated_key_do_not_push_out_a_unique_one(score):
     q, k = torch.randn(1, 1, n, 4, dtype=torch.float64), torch.randn(1, 1, n, 4, dtype=torch.float64)
     _, st = sparse_hybrid_attention(q, k, v, pk.clone(), pk, 2, 2, 0.5, chunk=1, score=score)
     kept = set(st.cache_pos[0, 0].tolist())
-    if score == "memory":
+    if score != "state":
         assert needle in kept, kept
     else:
         assert needle not in kept, kept  # folded while the copies held the slots
+
+
+@pytest.mark.parametrize("score", ["unique", "memory"])
+def test_copies_the_state_reads_back_badly_leave_only_by_their_value(score):
+    """Copies of one value (|v| = 5) whose keys share the filler's feature, so even with the other copies folded
+    the state reads back a blend of filler and copy: by that error alone ("memory") they hold both slots and the
+    needle (|v| = 3, a feature of its own) is folded; a newer copy's value ("unique") sends all but the newest to
+    the state."""
+    n, F, D, needle, copies = 20, 3, 3, 3, [5, 8, 11, 14]
+    pk = torch.zeros(1, 1, n, F, dtype=torch.float64)
+    pk[..., 0] = 1.0
+    v = 0.1 * torch.randn(1, 1, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pk[0, 0, needle] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    v[0, 0, needle] = torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64)
+    for j in copies:
+        v[0, 0, j] = torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)
+    q, k = torch.randn(1, 1, n, 4, dtype=torch.float64), torch.randn(1, 1, n, 4, dtype=torch.float64)
+    _, st = sparse_hybrid_attention(q, k, v, pk.clone(), pk, 2, 2, 0.5, chunk=1, score=score)
+    kept = set(st.cache_pos[0, 0].tolist())
+    if score == "unique":
+        assert kept == {needle, copies[-1]}, kept
+    else:
+        assert needle not in kept and kept <= set(copies), kept
 
 
 def test_bad_shapes_raise():

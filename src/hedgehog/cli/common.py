@@ -71,9 +71,10 @@ def add_sparse_cache_options(p: argparse.ArgumentParser, cache_default, chunk_de
                         "(a query then sees between window and window + chunk - 1 recent keys exactly)" + saved)
     p.add_argument("--sparse-score", choices=SPARSE_SCORES, default=score_default,
                    help="sparse cache: which keys stay, those read back worst by the linear state with every other "
-                        "candidate folded in ('memory': a token repeated through the text leaves, a unique one "
-                        "stays) or by the state as it is ('state', LoLA's rule, which fills the cache with copies "
-                        "of repeated tokens)" + saved)
+                        "candidate folded in ('memory'), by the state as it is ('state', LoLA's rule, which fills "
+                        "the cache with copies of repeated tokens), or 'unique': 'memory', and a key whose value "
+                        "another cached or candidate key holds as well leaves too, so the slots go to what the text "
+                        "says once (passkey 8/8 at 2k on SmolLM2 against 5/8 for 'memory')" + saved)
 
 
 def apply_sparse_cache(model, args) -> None:

@@ -34,7 +34,7 @@ class ConvertJob:
     # worst, re-chosen every `sparse_chunk` tokens; training is unchanged. 0: none (docs/results.md, passkey).
     sparse_cache: int = 0
     sparse_chunk: int = 32
-    sparse_score: str = "memory"
+    sparse_score: str = "unique"
     seq_len: int = 512
     # Training windows start at random positions up to this offset (both stages), so the maps see the post-RoPE
     # q/k of every position the model is used at (without it the student collapses past the training length,

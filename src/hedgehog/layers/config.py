@@ -59,10 +59,11 @@ class HedgehogConfig:
     state_decay: Optional[float] = None
     # Inference (hybrid only, LoLA): `sparse_cache` older keys per KV head stay exact, those the linear state reads
     # back worst, chosen every `sparse_chunk` tokens (hedgehog.ops.sparse_cache). 0: none. Training ignores it.
-    # `sparse_score`: read back by the state with the other candidates folded ("memory") or as it is ("state", LoLA).
+    # `sparse_score`: read back by the state with the other candidates folded ("memory") or as it is ("state", LoLA),
+    # or "unique": "memory", and a value another exact entry holds as well leaves too.
     sparse_cache: int = 0
     sparse_chunk: int = 32
-    sparse_score: str = "memory"
+    sparse_score: str = "unique"
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
