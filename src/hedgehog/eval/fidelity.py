@@ -96,7 +96,7 @@ def tally_windows(ids: torch.Tensor, t_logits: torch.Tensor, sides: Dict[str, to
     (name -> tally): ``t_logits`` and ``sides[name]`` (B, N, V) are the logits. Returns the teacher's NLL summed
     over the same tokens. :data:`TALLY_ROWS` positions of one window at a time: a batch's whole log-probabilities
     (200 MB for two 512-token windows of a 49k vocabulary, 1.6 GB for one of 8k) cost more to allocate than the
-    softmaxes themselves (2.0 s against 0.9 s for the former on this project's 2-core CPU)."""
+    softmaxes themselves (2.0 s against 0.9 s for the former, one thread of this project's CPU)."""
     nll = 0.0
     B, N = ids.shape
     for r in range(B):
