@@ -154,51 +154,49 @@ def test_a_badly_represented_key_is_kept():
     assert 10 in st.cache_pos[0, 0].tolist()
 
 
-@pytest.mark.parametrize("score", ["unique", "memory", "state"])
-def test_copies_of_a_repeated_key_do_not_push_out_a_unique_one(score):
-    """Filler, a unique needle (|v| = 3) and four copies of a repeated key with a larger value (|v| = 5), each on
-    its own feature. Read by the state as it is (LoLA's rule) every copy looks unrepresented, so the copies take
-    both slots when the needle competes and it is folded; read with the other candidates folded in, the copies recall one another
-    and the needle stays."""
-    n, F, D, needle, copies = 20, 3, 3, 3, [5, 8, 11, 14]
+NEEDLE, COPIES = 3, [5, 8, 11, 14]
+
+
+def kept_after_copies(score: str, copies_own_feature: bool) -> set:
+    """The cache (2 slots, window 2, chunk 1) after 20 keys: filler on feature 0 with small values, a unique needle
+    (|v| = 3) on feature 2 and four copies of one value (|v| = 5), on feature 1 of their own or on the filler's."""
+    n, F, D = 20, 3, 3
     pk = torch.zeros(1, 1, n, F, dtype=torch.float64)
     pk[..., 0] = 1.0
     v = 0.1 * torch.randn(1, 1, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    pk[0, 0, needle] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    v[0, 0, needle] = torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64)
-    for j in copies:
-        pk[0, 0, j] = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    pk[0, 0, NEEDLE] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    v[0, 0, NEEDLE] = torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64)
+    for j in COPIES:
+        if copies_own_feature:
+            pk[0, 0, j] = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
         v[0, 0, j] = torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)
     q, k = torch.randn(1, 1, n, 4, dtype=torch.float64), torch.randn(1, 1, n, 4, dtype=torch.float64)
     _, st = sparse_hybrid_attention(q, k, v, pk.clone(), pk, 2, 2, 0.5, chunk=1, score=score)
-    kept = set(st.cache_pos[0, 0].tolist())
+    return set(st.cache_pos[0, 0].tolist())
+
+
+@pytest.mark.parametrize("score", ["unique", "memory", "state"])
+def test_copies_of_a_repeated_key_do_not_push_out_a_unique_one(score):
+    """The copies on a feature of their own. Read by the state as it is (LoLA's rule) every copy looks
+    unrepresented, so the copies take both slots when the needle competes and it is folded; read with the other
+    candidates folded in, the copies recall one another and the needle stays."""
+    kept = kept_after_copies(score, copies_own_feature=True)
     if score != "state":
-        assert needle in kept, kept
+        assert NEEDLE in kept, kept
     else:
-        assert needle not in kept, kept  # folded while the copies held the slots
+        assert NEEDLE not in kept, kept  # folded while the copies held the slots
 
 
 @pytest.mark.parametrize("score", ["unique", "memory"])
 def test_copies_the_state_reads_back_badly_leave_only_by_their_value(score):
-    """Copies of one value (|v| = 5) whose keys share the filler's feature, so even with the other copies folded
-    the state reads back a blend of filler and copy: by that error alone ("memory") they hold both slots and the
-    needle (|v| = 3, a feature of its own) is folded; a newer copy's value ("unique") sends all but the newest to
-    the state."""
-    n, F, D, needle, copies = 20, 3, 3, 3, [5, 8, 11, 14]
-    pk = torch.zeros(1, 1, n, F, dtype=torch.float64)
-    pk[..., 0] = 1.0
-    v = 0.1 * torch.randn(1, 1, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    pk[0, 0, needle] = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    v[0, 0, needle] = torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64)
-    for j in copies:
-        v[0, 0, j] = torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64)
-    q, k = torch.randn(1, 1, n, 4, dtype=torch.float64), torch.randn(1, 1, n, 4, dtype=torch.float64)
-    _, st = sparse_hybrid_attention(q, k, v, pk.clone(), pk, 2, 2, 0.5, chunk=1, score=score)
-    kept = set(st.cache_pos[0, 0].tolist())
+    """The copies on the filler's feature, so even with the other copies folded the state reads back a blend of
+    filler and copy: by that error alone ("memory") they hold both slots and the needle is folded; a newer copy's
+    value ("unique") sends all but the newest to the state."""
+    kept = kept_after_copies(score, copies_own_feature=False)
     if score == "unique":
-        assert kept == {needle, copies[-1]}, kept
+        assert kept == {NEEDLE, COPIES[-1]}, kept
     else:
-        assert needle not in kept and kept <= set(copies), kept
+        assert NEEDLE not in kept and kept <= set(COPIES), kept
 
 
 def test_bad_shapes_raise():
