@@ -46,6 +46,7 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
     assert "long context: the student and the teacher limited to window 64 + 4 sinks" in printed
     assert (out / "long_context.png").exists() and "## Long context" in (out / "model" / "README.md").read_text()
     assert report["settings"]["sinks"] == 4 and read_meta(out / "model")["hedgehog"]["state_decay"] == 0.99
+    assert read_meta(out / "model")["hedgehog"]["sparse_cache"] == 128  # the default: stage 2 trained with it
     # resume reuses stage 1
     main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data",
           tiny_assets["heldout"], "--out", str(out), "--seq-len", "32", "--stage1-tokens", "256", "--stage2-tokens",

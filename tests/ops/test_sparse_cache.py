@@ -1,5 +1,4 @@
 """The hybrid with a sparse cache (LoLA) against a float64 reference that follows the definition key by key."""
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ def reference(q, k, v, pq, pk, window, cache_size, gamma, sinks=0, decay=None, c
     """Per query, the sets the definition names: sinks, cache, recent keys exact; the folded keys through phi.
     Cache selection by explicit self-recall errors against the explicitly summed state ("state"), or that state
     plus every other candidate ("memory"), or the smaller of that and the distance to the nearest value of a newer
-    candidate ("unique"). Float64, loops."""
+    candidate ("unique"). Float64, loops; differentiable (the choice of the cached keys is not)."""
     B, Hq, n, d = q.shape
     Hk = k.shape[1]
     g = Hq // Hk
@@ -52,15 +51,16 @@ def reference(q, k, v, pq, pk, window, cache_size, gamma, sinks=0, decay=None, c
                     folded += [j for j in cands if j not in cache]
                 exact = [j for j in range(n) if ok[b, j] and j <= i and (j > t - window or j < sinks or j in cache)]
                 for h in range(hk * g, (hk + 1) * g):
-                    s = torch.tensor([q[b, h, i] @ k[b, hk, j] * scale for j in exact], dtype=torch.float64)
-                    c = s.max() if len(exact) else 0.0
-                    num = sum((gam[h] * math.exp(float(sj - c)) * v[b, hk, j] for sj, j in zip(s, exact)), 0.0)
-                    den = sum((gam[h] * math.exp(float(sj - c)) for sj in s), 0.0)
+                    s = [q[b, h, i] @ k[b, hk, j] * scale for j in exact]
+                    c = torch.stack(s).max() if exact else 0.0
+                    num = sum((gam[h] * torch.exp(sj - c) * v[b, hk, j] for sj, j in zip(s, exact)),
+                              torch.zeros(v.shape[-1], dtype=torch.float64))
+                    den = sum((gam[h] * torch.exp(sj - c) for sj in s), torch.zeros((), dtype=torch.float64))
                     for j in folded:
                         a = lam[hk] ** (i - window - j) * (pq[b, h, i] @ pk[b, hk, j])
                         num = num + a * v[b, hk, j]
                         den = den + a
-                    y[b, h, i] = num / max(float(den), 1e-6)
+                    y[b, h, i] = num / den.clamp_min(1e-6)
     return y
 
 
@@ -83,6 +83,26 @@ def test_equals_the_definition(window, chunk, cache_size, sinks, decayed, score)
                                    score=score)
     ref = reference(q, k, v, pq, pk, window, cache_size, gamma, sinks, decay, chunk, score=score)
     assert torch.allclose(y, ref, atol=1e-10), (y - ref).abs().max()
+
+
+def test_gradients_equal_the_definitions():
+    """Stage 2 trains through the cache: the op's gradients (q, k, v, both features, gamma, decay) equal autograd
+    through the float64 definition with the same keys chosen. The softmax's row max c is part of the formula (the
+    linear part is not rescaled by it), so a detached c would fail here."""
+    q, k, v, pq, pk = inputs(B=1, n=26)
+    gamma = torch.tensor([0.3, 0.5, 0.6, 0.8], dtype=torch.float64)
+    decay = torch.log(torch.tensor([0.9, 0.97], dtype=torch.float64))
+    w = torch.randn(1, 4, 26, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grads(fn):
+        xs = [t.clone().requires_grad_() for t in (q, k, v, pq, pk, gamma, decay)]
+        (fn(*xs) * w).sum().backward()
+        return [x.grad for x in xs]
+
+    got = grads(lambda *a: sparse_hybrid_attention(*a[:5], 5, 3, a[5], sinks=1, decay=a[6], chunk=4)[0])
+    want = grads(lambda *a: reference(*a[:5], 5, 3, a[5], 1, a[6], 4))
+    for name, a, b in zip(("q", "k", "v", "phi_q", "phi_k", "gamma", "decay"), got, want):
+        assert torch.allclose(a, b, atol=1e-9), (name, (a - b).abs().max())
 
 
 def test_the_cache_changes_the_output():
@@ -254,17 +274,21 @@ def test_a_plain_transformers_cache_recomputes_the_same_output():
     torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_training_runs_the_plain_hybrid_and_inference_the_cache():
-    """Under autograd (training) the layer is the hybrid it was trained as; without it, the sparse cache."""
+def test_training_runs_the_cache_as_inference_does():
+    """Under autograd (stage 2) the layer computes what inference computes, the cache included (not the plain
+    hybrid), and the gradient reaches the projections, the maps, the window gate and the decay."""
     m, plain = sparse_model("llama"), sparse_model("llama", cache=0)
-    for lay in hedgehog_layers(plain):
-        lay.hh_config.sparse_cache = 0
     ids = torch.randint(0, V, (2, 30))
     with torch.no_grad():
-        inference, reference = m(ids).logits, plain(ids).logits
-    trained = m(ids).logits.detach()
-    torch.testing.assert_close(trained, reference, atol=1e-5, rtol=1e-5)
-    assert (inference - reference).abs().max() > 1e-3
+        inference, without = m(ids).logits, plain(ids).logits
+    trained = m(ids).logits
+    torch.testing.assert_close(trained.detach(), inference, atol=1e-5, rtol=1e-5)
+    assert (inference - without).abs().max() > 1e-3
+    trained.logsumexp(-1).sum().backward()
+    lay = hedgehog_layers(m)[1]
+    for name, p in (("q_proj", lay.q_proj.weight), ("v_proj", lay.v_proj.weight), ("gate", lay.window_gate),
+                    ("decay", lay.state_decay), *(("map " + n, p) for n, p in lay.feature_map_q.named_parameters())):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_generate_is_greedy_argmax_and_the_state_is_bounded():

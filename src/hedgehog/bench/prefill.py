@@ -9,7 +9,7 @@ fused CPU kernel where it builds) and for the softmax base model (torch SDPA). B
 attention, so the ratio is what conversion buys on a real prefill; the op-level ratio is
 ``hedgehog bench attention``. Token ids are drawn at random (speed does not depend on them). On CUDA each
 point also records the peak memory of one prefill, and the first (compiling) call is left out of the timing.
-``--sparse-cache 0,128`` times a hybrid model once per sparse-cache size (LoLA's exact keys, inference only),
+``--sparse-cache 0,128`` times a hybrid model once per sparse-cache size (LoLA's exact keys),
 so the cache's prefill cost is a ratio measured in the same run.
 """
 from __future__ import annotations

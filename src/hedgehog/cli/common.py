@@ -62,10 +62,11 @@ def add_sparse_cache_options(p: argparse.ArgumentParser, cache_default, chunk_de
     saved)."""
     saved = " (default: as saved with the model)" if cache_default is None else ""
     p.add_argument("--sparse-cache", type=int, default=cache_default,
-                   help="hybrid, at inference (LoLA): keep this many older keys per KV head exact beside the window, "
-                        "the ones the linear state reads back worst, so a detail far back (a passkey) stays "
-                        "retrievable; costs that many more keys per query and per decoding state, constant in "
-                        "length; training is unchanged; 0: none" + saved)
+                   help="hybrid (LoLA): keep this many older keys per KV head exact beside the window, the ones "
+                        "the linear state reads back worst, so a detail far back (a passkey) stays retrievable; "
+                        "costs that many more keys per query and per decoding state, constant in length (on the "
+                        "CPU ~1.7x the prefill of the plain hybrid). On convert, stage 2 trains with it, so the "
+                        "LoRA fits the model it will be; 0: none" + saved)
     p.add_argument("--sparse-chunk", type=int, default=chunk_default,
                    help="sparse cache: keys leave the window and the cache is re-chosen every this many tokens "
                         "(a query then sees between window and window + chunk - 1 recent keys exactly)" + saved)

@@ -298,8 +298,8 @@ def attention_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
 def set_sparse_cache(model: nn.Module, cache_size: int, chunk: Optional[int] = None,
                      score: Optional[str] = None) -> None:
     """Give every hybrid layer of a converted ``model`` a sparse cache of ``cache_size`` exact older keys per KV
-    head (0: none), chosen every ``chunk`` tokens by ``score`` (None: keep the layer's); an inference setting,
-    saved with the model (:mod:`hedgehog.ops.sparse_cache`)."""
+    head (0: none), chosen every ``chunk`` tokens by ``score`` (None: keep the layer's); used at inference and,
+    set before stage 2, in training; saved with the model (:mod:`hedgehog.ops.sparse_cache`)."""
     layers = [m for m in hedgehog_layers(model) if m.hybrid]
     if cache_size and not layers:
         raise ValueError("a sparse cache needs hybrid attention layers (convert with --attention hybrid); this "

@@ -57,8 +57,8 @@ class HedgehogConfig:
     # which bounds the linear part's mass so that it stays what it was at the training length.
     sinks: int = 0
     state_decay: Optional[float] = None
-    # Inference (hybrid only, LoLA): `sparse_cache` older keys per KV head stay exact, those the linear state reads
-    # back worst, chosen every `sparse_chunk` tokens (hedgehog.ops.sparse_cache). 0: none. Training ignores it.
+    # Hybrid only (LoLA): `sparse_cache` older keys per KV head stay exact, those the linear state reads back worst,
+    # chosen every `sparse_chunk` tokens (hedgehog.ops.sparse_cache), in training as at inference. 0: none.
     # `sparse_score`: read back by the state with the other candidates folded ("memory") or as it is ("state", LoLA),
     # or "unique": "memory", and a value another exact entry holds as well leaves too.
     sparse_cache: int = 0

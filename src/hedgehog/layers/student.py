@@ -6,7 +6,7 @@ hybrid's ``gamma()``/``log_decay()`` and the kernels bound at build (``kernels``
 (:class:`~hedgehog.layers.interface.AttentionCall`) its mask, positions, cache and the teacher's scale, which the
 hybrid's exact part uses. :meth:`StudentPaths.student` routes a call, in this order:
 
-1. a hybrid layer with a sparse cache (``hh_config.sparse_cache``; inference only) -> :meth:`_sparse_hybrid`, which
+1. a hybrid layer with a sparse cache (``hh_config.sparse_cache``; inference and training) -> :meth:`_sparse_hybrid`, which
    carries a :class:`SparseStateLayer` between calls;
 2. a decode-state layer in the cache (``HybridStateLayer`` / ``HedgehogStateLayer``) -> the recurrent forms, which
    extend its ring buffer or state;
@@ -37,7 +37,7 @@ class StudentPaths:
         """q (B,Hq,N,d), k/v (B,Hkv,N,d) -> (B,Hq,N,d): the layer's linear or hybrid attention for this call."""
         n = q.shape[2]
         cache = call.cache
-        if self.hybrid and self.hh_config.sparse_cache and self.causal and not torch.is_grad_enabled():
+        if self.hybrid and self.hh_config.sparse_cache and self.causal:  # in training too: LoRA fits what it meets
             return self._sparse_hybrid(q, k, v, call, cache)
         if cache is not None:
             idx = self.adapter.cache_index(self)
@@ -87,8 +87,9 @@ class StudentPaths:
         )
 
     def _sparse_hybrid(self, q, k, v, call, cache):
-        """The hybrid with a sparse cache of exact keys (inference only): a prefill, decoding steps that extend the
-        :class:`SparseStateLayer`'s state, or, with any other cache, the whole sequence so far recomputed."""
+        """The hybrid with a sparse cache of exact keys: a prefill (also under autograd: stage 2 trains with the
+        cache), decoding steps that extend the :class:`SparseStateLayer`'s state, or, with any other cache, the whole
+        sequence so far recomputed."""
         c = self.hh_config
         n = q.shape[2]
         layer = None

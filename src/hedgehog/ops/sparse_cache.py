@@ -35,7 +35,10 @@ only, never on queries, so a prefill and token-by-token decoding follow the same
 :func:`sparse_hybrid_attention` takes and returns a :class:`SparseCacheState` and is used for both. Memory per KV
 head: ``sinks + cache_size + w + chunk - 1`` exact keys/values plus ``(S, z)``, whatever the context length.
 
-Training is unchanged (LoLA is training-free): the cache is an inference setting of a trained hybrid.
+LoLA adds the cache to a trained hybrid without training. Here stage 2 trains with it: the op is differentiable
+(the choice of which keys stay is made outside the graph), and LoRA trained without the cache fits a student that
+sees old keys only through the state, so the same cache then served it far worse than it serves the teacher's own
+weights (passkey at 4k 1/8 against 6/8; trained with the cache 6/8: docs/results.md).
 """
 from __future__ import annotations
 
@@ -176,14 +179,15 @@ def _boundary(st: SparseCacheState, t: int, keys: _Keys, window: int, sinks: int
     if decay is not None:  # key i weighs lambda^(t - w - i) at the boundary
         wt_all = wt_all * torch.exp(decay.to(st.S.dtype)[None, :, None] * (t - window - pool_pos).to(st.S.dtype))
     if cache_size:
-        if score in ("memory", "unique"):
-            err = leave_one_out_error(pool_phi, pool_v, wt_all, st.S, st.z, eps)
-            if score == "unique":  # a value a newer candidate holds as well leaves too
-                err = torch.minimum(err, newer_copy_error(pool_v, pool_ok, pool_pos, err.dtype))
-        else:
-            err = self_recall_error(pool_phi, pool_v, st.S, st.z, eps)
-        err = err.masked_fill(~pool_ok, float("-inf"))
-        keep = err.topk(cache_size, dim=-1).indices  # (B, Hk, λ)
+        with torch.no_grad():  # which keys stay is a choice, not a function to differentiate
+            if score in ("memory", "unique"):
+                err = leave_one_out_error(pool_phi, pool_v, wt_all, st.S, st.z, eps)
+                if score == "unique":  # a value a newer candidate holds as well leaves too
+                    err = torch.minimum(err, newer_copy_error(pool_v, pool_ok, pool_pos, err.dtype))
+            else:
+                err = self_recall_error(pool_phi, pool_v, st.S, st.z, eps)
+            err = err.masked_fill(~pool_ok, float("-inf"))
+            keep = err.topk(cache_size, dim=-1).indices  # (B, Hk, λ)
         pick = lambda x: x.gather(2, keep if x.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
         st.cache_k, st.cache_v, st.cache_phi = pick(pool_k), pick(pool_v), pick(pool_phi)
         st.cache_ok, st.cache_pos = pick(pool_ok), pick(pool_pos)
@@ -233,12 +237,12 @@ def _attend(segs, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: 
     scores = torch.cat([ss, qg @ Kc.transpose(-1, -2), qg @ Kr.transpose(-1, -2)], -1).view(B, Hk, M, g, L, -1)
     see = torch.cat([see_s[:, None, :, None, None, :].expand(B, Hk, M, 1, L, ns),
                      see_c.expand(B, Hk, M, 1, L, nc), see_r[:, None, :, None].expand(B, Hk, M, 1, L, R)], -1)
-    scores = scores.masked_fill_(~see, float("-inf"))
+    scores = scores.masked_fill(~see, float("-inf"))
     c = scores.amax(-1, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # a padding query that sees no key
     gam = torch.as_tensor(gamma, device=dev).to(acc)
     gam = gam.view(1, Hk, 1, g, 1, 1) if gam.dim() == 1 else gam
-    e = scores.sub_(c).exp_().mul_(gam).view(B, Hk, M, g * L, -1)
+    e = ((scores - c).exp() * gam).view(B, Hk, M, g * L, -1)  # out of place: autograd reads scores and e
     es, ec, er = e.split((ns, nc, R), -1)
     num = (es.reshape(B, Hk, M * g * L, ns) @ st.sink_v.to(acc)).view(B, Hk, M, g * L, -1) + ec @ Vc + er @ Vr
     den = e.sum(-1, keepdim=True)
