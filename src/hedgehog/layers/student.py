@@ -6,8 +6,8 @@ hybrid's ``gamma()``/``log_decay()`` and the kernels bound at build (``kernels``
 (:class:`~hedgehog.layers.interface.AttentionCall`) its mask, positions, cache and the teacher's scale, which the
 hybrid's exact part uses. :meth:`StudentPaths.student` routes a call, in this order:
 
-1. a hybrid layer with a sparse cache (``hh_config.sparse_cache``; inference and training) -> :meth:`_sparse_hybrid`, which
-   carries a :class:`SparseStateLayer` between calls;
+1. a hybrid layer with a sparse cache (``hh_config.sparse_cache``; inference and training) ->
+   :meth:`_sparse_hybrid`, which carries a :class:`SparseStateLayer` between calls;
 2. a decode-state layer in the cache (``HybridStateLayer`` / ``HedgehogStateLayer``) -> the recurrent forms, which
    extend its ring buffer or state;
 3. any other cache keeps k/v and attends over all of them; no cache: the causal form over the sequence
