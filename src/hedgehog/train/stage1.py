@@ -35,7 +35,9 @@ def feature_map_parameters_of(layers) -> List[nn.Parameter]:
 
 @dataclass
 class Stage1Config:
-    tokens: int = 131072
+    # The default job's budget (SmolLM2-135M, 2 CPU cores, <= 30 min): half of the former 131k costs little at
+    # 512-4k tokens but learns shorter state decays, which shows at 8k (docs/results.md, "Budgets")
+    tokens: int = 65536
     lr: float = 1e-2
     batch_size: int = 2
     # Optimizer steps per captured batch, each on a disjoint random subset of the query rows (every row
