@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job (README's first command): real SmolLM2-135M -> hybrid Hedgehog on general English, ~45 min on 2 cores.
+# The main job (README's first command): real SmolLM2-135M -> hybrid Hedgehog on general English, ~29 min on 2 cores.
 demo: $(STAMP)
 	$(BIN)/hedgehog convert --out runs/smollm2-hedgehog
 

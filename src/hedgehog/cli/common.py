@@ -66,7 +66,8 @@ def add_sparse_cache_options(p: argparse.ArgumentParser, cache_default, chunk_de
                         "the linear state reads back worst, so a detail far back (a passkey) stays retrievable; "
                         "costs that many more keys per query and per decoding state, constant in length (on the "
                         "CPU ~1.7x the prefill of the plain hybrid). On convert, stage 2 trains with it, so the "
-                        "LoRA fits the model it will be; 0: none" + saved)
+                        "LoRA fits the model it will be; 0: none" + (saved or " (stage 2 then needs its former budget "
+                        "to converge: --stage2-tokens 98304)"))
     p.add_argument("--sparse-chunk", type=int, default=chunk_default,
                    help="sparse cache: keys leave the window and the cache is re-chosen every this many tokens "
                         "(a query then sees between window and window + chunk - 1 recent keys exactly)" + saved)

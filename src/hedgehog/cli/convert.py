@@ -183,7 +183,7 @@ def register_convert(sub) -> None:
                     "train the feature maps to mimic softmax (stage 1), LoRA fine-tune (stage 2), save to OUT/model, "
                     "and report perplexity vs the softmax teacher on held-out text (OUT/report.json). Defaults "
                     "run the real SmolLM2-135M-Instruct on general English text, scored on held-out texts at 512 to "
-                    "8k tokens of context, in about 27 min on 2 CPU cores.")
+                    "8k tokens of context, in about 29 min on 2 CPU cores.")
     _add_job_options(c, out_default="runs/smollm2-hedgehog")
     from hedgehog.jobs.config import ConvertJob
 
