@@ -37,7 +37,8 @@ test-gpu:
 	PYTHONPATH=src:.site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -m gpu -p no:cacheprovider
 
 # The one prepared check for a lent GPU (#37): fla from .whl/ where carried, the GPU tests, then the attention
-# benchmark on CUDA in bf16 (hybrid and linear against SDPA, forward and backward, peak memory) and the
+# benchmark on CUDA in bf16 (hybrid, linear and the default model's hybrid with its sparse cache against SDPA,
+# forward and backward, peak memory) and the
 # from-scratch training step under bf16 autocast into GPU_OUT. (The prefill and decode benches load the real
 # SmolLM2 from the package registry, which the lent machine cannot reach.)
 GPU_OUT ?= $(if $(OUT),$(OUT),bench_out/gpu)
@@ -49,6 +50,8 @@ gpu-check:
 		--lengths 2048,8192,32768,65536 --max-sdpa-len 65536 --out $(GPU_OUT)/attention-hybrid
 	$(GPU_RUN) -m hedgehog bench attention --device cuda --dtype bf16 --attention linear --repeats 3 \
 		--lengths 2048,8192,32768,65536 --max-sdpa-len 65536 --out $(GPU_OUT)/attention-linear
+	$(GPU_RUN) -m hedgehog bench attention --device cuda --dtype bf16 --attention hybrid --sparse-cache 128 \
+		--repeats 2 --lengths 2048,8192,32768 --out $(GPU_OUT)/attention-sparse-cache
 	$(GPU_RUN) -m hedgehog bench train-step --device cuda --mixed-precision bf16 --lengths 1024,4096 \
 		--tokens 65536 --mimic-rows 64 --repeats 3 --out $(GPU_OUT)/train-step
 

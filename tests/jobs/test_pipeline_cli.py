@@ -197,3 +197,16 @@ def test_bench_attention_hybrid_small(tmp_path, capsys):
     res = json.loads((tmp_path / "attention.json").read_text())
     assert res["config"]["attention"] == "hybrid" and res["config"]["window"] == 16
     assert [r["n"] for r in res["rows"]] == [64, 200] and all(r["fwd_speedup"] > 0 for r in res["rows"])
+
+
+def test_bench_attention_with_the_sparse_cache(tmp_path, capsys):
+    # the default model's attention: the hybrid with a sparse cache, forward and backward, peak memory included
+    main(["bench", "attention", "--attention", "hybrid", "--window", "16", "--sparse-cache", "8", "--sparse-chunk",
+          "4", "--lengths", "100", "--repeats", "1", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "attention.json").read_text())
+    assert res["config"]["sparse_cache"] == {"cache_size": 8, "chunk": 4, "sinks": 4, "decay": 0.99}
+    row, = res["rows"]
+    assert row["hedgehog_fwd_s"] > 0 and row["hedgehog_fwdbwd_s"] > 0 and row["fwd_speedup"] > 0
+    assert row["hedgehog_fwd_peak_mb"] is None or row["hedgehog_fwd_peak_mb"] > 0
+    err = user_error(capsys, ["bench", "attention", "--sparse-cache", "8", "--out", str(tmp_path)])
+    assert "--attention hybrid" in err

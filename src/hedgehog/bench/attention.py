@@ -11,7 +11,10 @@ With ``--attention linear`` it also times (3) the public op ``linear_attention``
 (``op ms``), which custom feature maps call (the fused kernel without the maps). The process is a library
 caller's: the CLI leaves malloc alone for the benchmarks (the kernels keep their own output buffers).
 With ``--attention hybrid`` the student is the sliding-window + linear hybrid
-(``feature_hybrid_attention``, window ``--window``, feature maps applied block by block).
+(``feature_hybrid_attention``, window ``--window``, feature maps applied block by block); with ``--sparse-cache N``
+as well it is the default converted model's attention, the hybrid with a sparse cache of ``N`` exact keys
+(``sparse_hybrid_attention``: chunk ``--sparse-chunk``, 4 sinks, a state decaying by 0.99 a token; without
+autograd on CUDA its schedule is the Triton kernel of ``hedgehog.ops.triton_sparse``).
 Times are the best of ``--repeats`` runs. Peak forward memory on the CPU is measured in a fresh
 process per point: the kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs)
 above the RSS once inputs exist (CPU PyTorch keeps no allocator statistics, and in a long-lived
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -32,7 +36,8 @@ import torch.nn.functional as F
 from hedgehog.errors import UserError
 from hedgehog.modules.feature_maps import get_feature_map
 from hedgehog.ops import (backends, cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention,
-                          triton_window)
+                          triton_sparse, triton_window)
+from hedgehog.ops.sparse_cache import sparse_hybrid_attention
 from hedgehog.train.engine import parse_dtype
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -56,15 +61,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def student_forward(q, k, v, fq, fk, chunk_size: int, window=None):
-    """The timed linear-attention forward: pure (feature maps per block) or hybrid (window softmax + linear)."""
+SPARSE_SINKS, SPARSE_DECAY = 4, 0.99  # the sparse-cache student's sinks and state decay (the default model's)
+
+
+def student_forward(q, k, v, fq, fk, chunk_size: int, window=None, sparse=None):
+    """The timed linear-attention forward: pure (feature maps per block), hybrid (window softmax + linear), or the
+    hybrid with a sparse cache (``sparse``: ``(cache_size, chunk)``)."""
+    if sparse:
+        decay = torch.full((q.shape[1],), math.log(SPARSE_DECAY), device=q.device)
+        y, _ = sparse_hybrid_attention(q, k, v, fq(q), fk(k), window, sparse[0], gamma=0.5, sinks=SPARSE_SINKS,
+                                       decay=decay, chunk=sparse[1])
+        return y
     if window is None:
         return feature_linear_attention(q, k, v, fq, fk, chunk_size=chunk_size)
     return feature_hybrid_attention(q, k, v, fq, fk, window=window, gamma=0.5, chunk_size=chunk_size,
                                     backend=backends.bind("auto"))
 
 
-def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, window, conn):
+def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, window, sparse, conn):
     """Runs in a fresh process: peak RSS (VmHWM) above the level after inputs are built."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, head_dim) for _ in range(3))
@@ -74,7 +88,7 @@ def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, window
     base = _vm_kb("VmRSS")
     with torch.no_grad():
         if kind == "hedgehog":
-            student_forward(q, k, v, fq, fk, chunk_size, window)
+            student_forward(q, k, v, fq, fk, chunk_size, window, sparse)
         else:
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
     conn.send((_vm_kb("VmHWM") - base) / 1024)
@@ -82,7 +96,7 @@ def _peak_child(kind, n, batch, heads, head_dim, feature_map, chunk_size, window
 
 
 def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, feature_map: str, chunk_size: int,
-                    window=None):
+                    window=None, sparse=None):
     """Peak CPU memory (MB) of one forward, measured in a fresh process (freed pages of earlier
     runs would otherwise hide it); None where /proc is unavailable."""
     import multiprocessing as mp
@@ -92,7 +106,7 @@ def peak_forward_mb(kind: str, n: int, batch: int, heads: int, head_dim: int, fe
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_peak_child, args=(kind, n, batch, heads, head_dim, feature_map, chunk_size, window,
-                                                     child))
+                                                     sparse, child))
     proc.start()
     child.close()
     try:
@@ -166,8 +180,11 @@ def sdpa_flops(n: int, b: int, h: int, d: int) -> float:
     return 2 * 2 * n * n * d * b * h / 2  # QK^T and PV, causal half
 
 
-def forward_kernel(fq, fk, device, dtype, window) -> str:
+def forward_kernel(fq, fk, device, dtype, window, sparse=None) -> str:
     """Which implementation the timed no-grad forward takes: the fused CPU kernel or the PyTorch ops."""
+    if sparse:
+        x = torch.zeros(1, device=device)
+        return "triton-sparse-schedule+torch" if triton_sparse.serves(x) else "torch"
     if device.type != "cpu":
         if not window:
             return backends.bind("auto").name  # fla's chunked kernel when it imports
@@ -183,13 +200,13 @@ def forward_kernel(fq, fk, device, dtype, window) -> str:
 
 def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=True, device="cpu",
         feature_map="hedgehog", chunk_size=64, max_sdpa_len=None, dtype=torch.float32, log=print,
-        measure_memory=True, window=None) -> Dict:
+        measure_memory=True, window=None, sparse=None) -> Dict:
     device = torch.device(device)
     torch.manual_seed(0)
     fq = get_feature_map(feature_map, head_dim, heads).to(device)
     fk = get_feature_map(feature_map, head_dim, heads).to(device)
     fdim = fq.feature_dim
-    kernel = forward_kernel(fq, fk, device, dtype, window)
+    kernel = forward_kernel(fq, fk, device, dtype, window, sparse)
     flop_chunk = cpu_kernel.CHUNK if kernel == "fused-cpu" else chunk_size
     log(f"forward kernel: {kernel}")
     rate = matmul_gflops(device, dtype=dtype)
@@ -202,7 +219,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
 
         def hh_fwd():
             with torch.no_grad():
-                return student_forward(q, k, v, fq, fk, chunk_size, window)
+                return student_forward(q, k, v, fq, fk, chunk_size, window, sparse)
 
         def sd_fwd():
             with torch.no_grad():
@@ -211,7 +228,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
         def hh_bwd():
-            student_forward(qg, kg, vg, fq, fk, chunk_size, window).sum().backward()
+            student_forward(qg, kg, vg, fq, fk, chunk_size, window, sparse).sum().backward()
 
         def sd_bwd():
             F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward()
@@ -222,7 +239,7 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
                 return None
             if device.type == "cuda":
                 return peak_forward_cuda_mb(fn)
-            return peak_forward_mb(kind, n, batch, heads, head_dim, feature_map, chunk_size, window)
+            return peak_forward_mb(kind, n, batch, heads, head_dim, feature_map, chunk_size, window, sparse)
 
         row["hedgehog_first_call_s"], row["hedgehog_fwd_s"] = first_and_best_time(hh_fwd, reps, device)
         if row["hedgehog_first_call_s"] > 1.0:
@@ -250,7 +267,11 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
             if run_sdpa:
                 row["sdpa_fwdbwd_s"] = best_time(sd_bwd, 1 if n >= 16384 else sdpa_reps, device)
                 row["fwdbwd_speedup"] = row["sdpa_fwdbwd_s"] / row["hedgehog_fwdbwd_s"]
-        row["hedgehog_gflops"] = hedgehog_flops(n, batch, heads, head_dim, fdim, flop_chunk, window) / row["hedgehog_fwd_s"] / 1e9
+        # the sparse cache's exact part: w + chunk/2 recent keys, the cache and the sinks per query (the band of w
+        # queries x 2w keys of the plain hybrid counts 2w); its schedule's work is left out
+        flop_window = (window + sparse[0] + sparse[1] // 2 + SPARSE_SINKS) / 2 if sparse else window
+        row["hedgehog_gflops"] = (hedgehog_flops(n, batch, heads, head_dim, fdim, flop_chunk, flop_window)
+                                  / row["hedgehog_fwd_s"] / 1e9)
         if run_sdpa:
             row["sdpa_gflops"] = sdpa_flops(n, batch, heads, head_dim) / row["sdpa_fwd_s"] / 1e9
         rows.append(row)
@@ -259,7 +280,10 @@ def run(lengths: List[int], batch=1, heads=8, head_dim=64, repeats=3, backward=T
     return {
         "config": {"batch": batch, "heads": heads, "head_dim": head_dim, "feature_map": feature_map,
                    "feature_dim": fdim, "chunk_size": chunk_size, "forward_kernel": kernel,
-                   "attention": "hybrid" if window else "linear", "window": window, "dtype": str(dtype), "device": str(device),
+                   "attention": "hybrid" if window else "linear", "window": window,
+                   "sparse_cache": sparse and {"cache_size": sparse[0], "chunk": sparse[1], "sinks": SPARSE_SINKS,
+                                               "decay": SPARSE_DECAY},
+                   "dtype": str(dtype), "device": str(device),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "matmul_gflops": rate,
@@ -320,6 +344,8 @@ def plot(result: Dict, path: Path) -> None:
     label_axes(ax, "sequence length N", "peak memory above baseline (MB)", "memory")
     c = result["config"]
     kind = f"hybrid w={c['window']}, " if c.get("window") else ""
+    if c.get("sparse_cache"):
+        kind += f"sparse cache {c['sparse_cache']['cache_size']}, "
     fig.suptitle(f"{kind}B={c['batch']} H={c['heads']} d={c['head_dim']} {c['device']} ({c['threads']} threads), "
                  f"{c['dtype'].replace('torch.', '')} matmul {result['matmul_gflops']:.0f} GFLOP/s")
     save_figure(fig, path, dpi=110)
@@ -342,6 +368,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=["linear", "hybrid"], default="linear",
                    help="pure linear attention, or the sliding-window + linear hybrid (default: %(default)s)")
     p.add_argument("--window", type=int, default=64, help="hybrid window (default: %(default)s)")
+    p.add_argument("--sparse-cache", type=int, default=0,
+                   help="with --attention hybrid: this many exact older keys per head (the default converted model "
+                        "has 128), i.e. the default model's attention; 0: the plain hybrid (default: %(default)s)")
+    p.add_argument("--sparse-chunk", type=int, default=32,
+                   help="keys leave the window and the cache is re-chosen every this many tokens (default: "
+                        "%(default)s)")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk of the PyTorch causal kernel (the fused CPU forward uses its own, "
                    "32) (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point, best kept (default: %(default)s)")
@@ -360,12 +392,17 @@ def run_from_args(args) -> Dict:
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     if not lengths or min(lengths) < 1:
         raise UserError(f"--lengths must be positive integers, got {args.lengths!r}")
+    if args.sparse_cache and (args.attention != "hybrid" or args.sparse_cache < 0 or args.sparse_chunk < 1):
+        raise UserError(f"--sparse-cache {args.sparse_cache} needs --attention hybrid, a cache >= 0 and "
+                        f"--sparse-chunk >= 1 (got --attention {args.attention}, --sparse-chunk {args.sparse_chunk}): "
+                        "the sparse cache is part of the hybrid")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER)
     result = run(lengths, args.batch, args.heads, args.head_dim, args.repeats, not args.no_backward, args.device,
                  args.feature_map, args.chunk_size, args.max_sdpa_len, measure_memory=not args.no_memory,
-                 window=args.window if args.attention == "hybrid" else None, dtype=parse_dtype(args.dtype))
+                 window=args.window if args.attention == "hybrid" else None, dtype=parse_dtype(args.dtype),
+                 sparse=(args.sparse_cache, args.sparse_chunk) if args.sparse_cache else None)
     (out / "attention.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "attention.png")
     best = max((r for r in result["rows"] if "fwd_speedup" in r), key=lambda r: r["n"], default=None)

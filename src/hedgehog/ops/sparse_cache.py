@@ -35,6 +35,12 @@ only, never on queries, so a prefill and token-by-token decoding follow the same
 :func:`sparse_hybrid_attention` takes and returns a :class:`SparseCacheState` and is used for both. Memory per KV
 head: ``sinks + cache_size + w + chunk - 1`` exact keys/values plus ``(S, z)``, whatever the context length.
 
+On CUDA (float32 accumulation, a call of more than one token) the schedule, which is sequential and some fifty
+small operations per boundary here, runs as one Triton kernel launch per call (:mod:`hedgehog.ops.triton_sparse`),
+which returns the state and the cache's indices at every boundary; under autograd the states are then folded again
+in PyTorch from that schedule (:func:`_fold_states`), so gradients flow as here. Among equal scores the kernel keeps
+the earlier pool entry, where ``torch.topk`` makes its own pick (:func:`_top`); otherwise the two choose the same keys.
+
 LoLA adds the cache to a trained hybrid without training. Here stage 2 trains with it: the op is differentiable
 (the choice of which keys stay is made outside the graph), and LoRA trained without the cache fits a student that
 sees old keys only through the state, so the same cache then served it far worse than it serves the teacher's own
@@ -42,6 +48,7 @@ weights (passkey at 4k 1/8 against 6/8; trained with the cache 6/8: docs/results
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
@@ -142,6 +149,13 @@ def newer_copy_error(v: torch.Tensor, ok: torch.Tensor, pos: torch.Tensor, dtype
     return d.masked_fill(~newer, float("inf")).amin(-1)
 
 
+def _top(err: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` highest scores along the last axis, highest first (``torch.topk``). Among equal
+    scores its pick is the implementation's (it differs between CPU and CUDA); the Triton schedule takes the earlier
+    pool entry, which ``err.sort(descending=True, stable=True)`` reproduces (its tests swap that in here)."""
+    return err.topk(k, dim=-1).indices
+
+
 class _Keys:
     """The keys a call can reach by position: the state's recent keys followed by the call's own, from ``base``."""
 
@@ -187,7 +201,7 @@ def _boundary(st: SparseCacheState, t: int, keys: _Keys, window: int, sinks: int
             else:
                 err = self_recall_error(pool_phi, pool_v, st.S, st.z, eps)
             err = err.masked_fill(~pool_ok, float("-inf"))
-            keep = err.topk(cache_size, dim=-1).indices  # (B, Hk, λ)
+            keep = _top(err, cache_size)  # (B, Hk, λ)
         pick = lambda x: x.gather(2, keep if x.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
         st.cache_k, st.cache_v, st.cache_phi = pick(pool_k), pick(pool_v), pick(pool_phi)
         st.cache_ok, st.cache_pos = pick(pool_ok), pick(pool_pos)
@@ -198,12 +212,114 @@ def _boundary(st: SparseCacheState, t: int, keys: _Keys, window: int, sinks: int
     st.z = st.z + phi_w.sum(2)
 
 
-def _attend(segs, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: int, gamma: Gamma, scale: float,
-            decay, eps: float) -> torch.Tensor:
+def _schedule_kernel_serves(q, cache_size: int, acc, n: int) -> bool:
+    """Whether the call's schedule runs as the Triton kernel (:mod:`hedgehog.ops.triton_sparse`): on CUDA (or
+    under Triton's CPU interpreter), in float32, with a cache, over more than one token (a decoding step without a
+    boundary has nothing to schedule). ``HEDGEHOG_SPARSE_KERNEL=0`` turns it off."""
+    if not cache_size or n < 2 or acc != torch.float32 or os.environ.get("HEDGEHOG_SPARSE_KERNEL") == "0":
+        return False
+    from hedgehog.ops import triton_sparse
+
+    return triton_sparse.serves(q)
+
+
+def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chunk: int, window: int, sinks: int,
+                        cache_size: int, decay, eps: float, score: str):
+    """The boundaries of one call in one kernel launch: the segments ``(start, end, t)`` and, per segment, the
+    state and cache :func:`_attend` reads; ``st`` is left as the last boundary left it (as :func:`_boundary` does)."""
+    from hedgehog.ops import triton_sparse
+
+    B, Hk = st.S.shape[:2]
+    dev, lam = st.S.device, cache_size
+    segs, cand0, ncand, dts, pos, b = [], [], [], [], p0, st.boundary
+    while pos < p0 + n:
+        P = dt = 0
+        if pos % chunk == 0 and pos != b:
+            first, last = max(0, b - window + 1, sinks), pos - window
+            P, dt, b = max(0, last - first + 1), pos - b, pos
+            cand0.append(lam + first - keys.base)
+        else:
+            cand0.append(0)
+        ncand.append(P)
+        dts.append(dt)
+        end = min(p0 + n, (pos // chunk + 1) * chunk)
+        segs.append((pos, end, b))
+        pos = end
+    nk = keys.k.shape[2]
+    tab = lambda cache, new: torch.cat([cache, new], 2)
+    tab_k, tab_v, tab_phi = tab(st.cache_k, keys.k), tab(st.cache_v, keys.v), tab(st.cache_phi, keys.phi)
+    tab_pos = tab(st.cache_pos, (keys.base + torch.arange(nk, device=dev)).expand(B, Hk, nk))
+    tab_ok = tab(st.cache_ok, keys.ok[:, None].expand(B, Hk, nk))
+    slots = torch.arange(lam, device=dev).expand(B, Hk, lam)
+    idx0 = torch.where(st.cache_ok, slots, -1 - slots)
+    lam_log = decay.detach().float() if decay is not None else torch.zeros(Hk, device=dev)
+    ts = [s[2] for s in segs]
+    with torch.no_grad():
+        S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
+                                           ncand, dts, ts, window, cache_size, eps, score)
+    M = len(segs)
+    see = idx >= 0
+    grads = (tab_phi, tab_v, st.S, st.z, decay)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
+        S, z = _fold_states(st, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts, window, decay)
+    entry = torch.where(see, idx, -1 - idx).long().view(B, Hk, M * lam)
+    pick = lambda t: t.gather(2, entry.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])).view(B, Hk, M, lam, -1)
+    Kc, Vc = pick(tab_k), pick(tab_v)
+    last = entry.view(B, Hk, M, lam)[:, :, -1]
+    st.S, st.z, st.boundary = S[:, :, -1], z[:, :, -1], b
+    st.cache_k, st.cache_v, st.cache_ok = Kc[:, :, -1], Vc[:, :, -1], see[:, :, -1]
+    st.cache_phi = tab_phi.gather(2, last.unsqueeze(-1).expand(-1, -1, -1, tab_phi.shape[-1]))
+    st.cache_pos = tab_pos.gather(2, last)
+    return segs, (S, z, Kc, Vc, see)
+
+
+def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts,
+                 window: int, decay):
+    """The state at each segment, ``(S (B, Hk, M, F, D), z (B, Hk, M, F))``, differentiably, from a schedule the
+    kernel chose: at boundary ``m`` the pool is the cache before it and its new candidates, and the valid pool
+    entries not in the cache after it are folded, weighted ``lambda^(t - w - i)``, after the state decays by
+    ``lambda^dt`` (what :func:`_boundary` does, in the same order, with the choice fixed)."""
+    B, Hk, M, lam = idx.shape
+    dev, acc = st.S.device, st.S.dtype
+    C = max(max(ncand), 1)
+    prev = torch.cat([idx0.unsqueeze(2).to(idx.dtype), idx[:, :, :-1]], 2)  # the cache before each boundary
+    j = torch.arange(C, device=dev)
+    new = torch.tensor(cand0, device=dev)[:, None] + j  # (M, C)
+    new_real = j < torch.tensor(ncand, device=dev)[:, None]
+    new = torch.where(new_real, new, torch.zeros_like(new)).expand(B, Hk, M, C)
+    entry = torch.cat([torch.where(prev >= 0, prev, -1 - prev).long(), new], -1)  # (B, Hk, M, λ + C)
+    flat = entry.reshape(B, Hk, -1)
+    valid = torch.cat([prev >= 0, tab_ok.gather(2, new.reshape(B, Hk, -1)).view(B, Hk, M, C) & new_real], -1)
+    kept = (entry.unsqueeze(-1) == torch.where(idx >= 0, idx, -1).long().unsqueeze(-2)).any(-1)
+    fold = valid & ~kept & torch.tensor([p > 0 for p in ncand], device=dev)[:, None]
+    wt = fold.to(acc)
+    if decay is not None:
+        age = torch.tensor(ts, device=dev)[:, None] - window - tab_pos.gather(2, flat).view(B, Hk, M, -1)
+        wt = wt * torch.exp(decay.to(acc)[None, :, None, None] * age.to(acc))
+    phi_w = tab_phi.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, tab_phi.shape[-1])).view(B, Hk, M, -1,
+                                                                                               tab_phi.shape[-1])
+    phi_w = phi_w * wt.unsqueeze(-1)
+    vv = tab_v.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, tab_v.shape[-1])).view(B, Hk, M, -1, tab_v.shape[-1])
+    dS, dz = phi_w.transpose(-1, -2) @ vv.to(acc), phi_w.sum(-2)
+    S, z, Ss, zs = st.S, st.z, [], []
+    for m in range(M):
+        if dts[m] and decay is not None:
+            f = torch.exp(decay.to(acc) * dts[m])
+            S, z = S * f[None, :, None, None], z * f[None, :, None]
+        if ncand[m] > 0:
+            S, z = S + dS[:, :, m], z + dz[:, :, m]
+        Ss.append(S)
+        zs.append(z)
+    return torch.stack(Ss, 2), torch.stack(zs, 2)
+
+
+def _attend(segs, S, z, Kc, Vc, see_c, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: int,
+            gamma: Gamma, scale: float, decay, eps: float) -> torch.Tensor:
     """Every query of the call at once, segment by segment in one batch: (B, Hq, n, D) in acc.
 
-    ``segs``: per segment ``(start, end, t, S, z, cache_k, cache_v, cache_ok)``, the queries ``start..end-1`` read
-    the state and cache as they were at boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``.
+    ``segs``: per segment ``(start, end, t)``, the queries ``start..end-1`` read the state ``S`` (B, Hk, M, F, D),
+    ``z`` (B, Hk, M, F) and the cache ``Kc``, ``Vc`` (B, Hk, M, λ, .), ``see_c`` (B, Hk, M, λ) as they were at
+    boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``.
     """
     B, Hq, n, d = q.shape
     Hk = st.S.shape[1]
@@ -228,9 +344,7 @@ def _attend(segs, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: 
     Vr = keys.v.to(acc)[:, :, ri].view(B, Hk, M, R, -1)
     see_r = ((rpos >= 0)[:, None, :] & (rpos[:, None, :] <= qpos[:, :, None]))[None] & keys.ok[:, ri].view(B, M, 1, R)
     # cache as of each segment's boundary; sinks that have left the recent keys
-    Kc = torch.stack([s[5] for s in segs], 2).to(acc)  # (B, Hk, M, λ, d)
-    Vc = torch.stack([s[6] for s in segs], 2).to(acc)
-    see_c = torch.stack([s[7] for s in segs], 2)[:, :, :, None, None, :]  # (B, Hk, M, 1, 1, λ)
+    Kc, Vc, see_c = Kc.to(acc), Vc.to(acc), see_c[:, :, :, None, None, :]  # (B, Hk, M, 1, 1, λ)
     ns, nc = st.sink_k.shape[2], Kc.shape[-2]
     see_s = (torch.arange(ns, device=dev)[None, :] <= (ts - window)[:, None])[None] & st.sink_ok[:, None, :]
     ss = (qg.reshape(B, Hk, M * g * L, d) @ st.sink_k.to(acc).transpose(-1, -2)).view(B, Hk, M, g * L, ns)
@@ -250,9 +364,7 @@ def _attend(segs, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: 
     es, ec, er = e.split((ns, nc, R), -1)
     num = (es.reshape(B, Hk, M * g * L, ns) @ st.sink_v.to(acc)).view(B, Hk, M, g * L, -1) + ec @ Vc + er @ Vr
     den = e.sum(-1, keepdim=True)
-    S = torch.stack([s[3] for s in segs], 2)  # (B, Hk, M, F, D)
-    z = torch.stack([s[4] for s in segs], 2).unsqueeze(-1)  # (B, Hk, M, F, 1)
-    lin, lin_den = fq @ S, fq @ z
+    lin, lin_den = fq @ S, fq @ z.unsqueeze(-1)
     if decay is not None:  # lambda^(query - t), per KV head, segment and row
         age = torch.exp(decay.to(acc)[:, None, None] * (qpos - ts[:, None]).to(acc)[None])  # (Hk, M, L)
         age = age[None, :, :, None, :, None].expand(1, Hk, M, g, L, 1).reshape(1, Hk, M, g * L, 1)
@@ -313,14 +425,19 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         st.sink_ok = st.sink_ok.clone()
         st.sink_ok[:, p0:p0 + m] = ok[:, :m]
     keys = _Keys(st, k, v, phi_k, ok, base)
-    segs, pos = [], p0
-    while pos < p0 + n:
-        if pos % chunk == 0 and pos != st.boundary:
-            _boundary(st, pos, keys, window, sinks, cache_size, decay, eps, score)
-        end = min(p0 + n, (pos // chunk + 1) * chunk)
-        segs.append((pos, end, st.boundary, st.S, st.z, st.cache_k, st.cache_v, st.cache_ok))
-        pos = end
-    y = _attend(segs, st, keys, q, phi_q, p0, window, gamma, scale, decay, eps)
+    if _schedule_kernel_serves(q, cache_size, acc, n):
+        segs, per_seg = _schedule_on_kernel(st, keys, p0, n, chunk, window, sinks, cache_size, decay, eps, score)
+    else:
+        segs, states, pos = [], [], p0
+        while pos < p0 + n:
+            if pos % chunk == 0 and pos != st.boundary:
+                _boundary(st, pos, keys, window, sinks, cache_size, decay, eps, score)
+            end = min(p0 + n, (pos // chunk + 1) * chunk)
+            segs.append((pos, end, st.boundary))
+            states.append((st.S, st.z, st.cache_k, st.cache_v, st.cache_ok))
+            pos = end
+        per_seg = [torch.stack(x, 2) for x in zip(*states)]
+    y = _attend(segs, *per_seg, st, keys, q, phi_q, p0, window, gamma, scale, decay, eps)
     keep = max(0, st.boundary - window + 1) - base
     st.recent_k, st.recent_v = keys.k[:, :, keep:], keys.v[:, :, keep:]
     st.recent_phi, st.recent_ok = keys.phi[:, :, keep:], keys.ok[:, keep:]

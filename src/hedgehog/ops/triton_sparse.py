@@ -1,0 +1,176 @@
+"""The sparse cache's schedule as one Triton kernel (for :mod:`hedgehog.ops.sparse_cache`, on CUDA tensors).
+
+The schedule is sequential: at every boundary the candidates are scored against the state as it is then, and the
+state then takes the keys that leave. In PyTorch each boundary is some fifty small operations, which on a GPU is
+fifty kernel launches per 32 tokens per layer (about 100,000 per layer at 64k tokens). Here one program per (batch
+row, KV head) walks every boundary of a call with the state ``(S, z)`` in registers and does, per boundary, what
+:func:`hedgehog.ops.sparse_cache._boundary` does, in the same order:
+
+1. decay ``S, z`` by ``lambda^(t - t_prev)``;
+2. pool the ``cache_size`` cached keys with the ``P`` keys leaving the window, weights ``w_i = lambda^(t - w - i)``;
+3. score each (``"unique"``: the leave-one-out read-back error, lowered to the distance to the nearest newer
+   value; ``"memory"``: the leave-one-out error; ``"state"``: the read-back error against ``S`` as it is);
+4. keep the ``cache_size`` highest scores (slot = rank, so slots come out in descending score as ``topk`` gives
+   them; ties go to the earlier pool entry) and fold the rest into ``S, z``.
+
+It writes, per segment of the call, the state ``(S_m, z_m)`` and the cache as *indices* into the call's table of
+candidate keys (the incoming cache, then the recent and new keys); the attention itself, and the gathers of the
+cached keys, stay in PyTorch (:func:`hedgehog.ops.sparse_cache._attend`, a few large batched operations). The
+choice of which keys stay is not differentiated, and this kernel computes no gradient: it serves calls without
+autograd (prefill, evaluation, generation); training uses the PyTorch schedule.
+
+Matrix products run in full fp32 (``input_precision="ieee"``, not TF32): a score decides which keys stay, and the
+PyTorch reference runs in fp32. Correctness is tested on the CPU under ``TRITON_INTERPRET=1`` against it and
+against float64; speed needs a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from hedgehog.ops.triton_window import _dims, serves, triton, tl  # noqa: F401  (serves: re-exported)
+
+SCORE_CODES = {"unique": 0, "memory": 1, "state": 2}
+BC = 16  # candidate columns per step of the pairwise passes (newer copies, ranks)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _schedule(PHI, V, POS, OK, DECAY, S0, Z0, IDX, CAND0, NCAND, DT, T, S_OUT, Z_OUT, ERR, SCR_IDX,
+                  M, Hk, Ns, window, cache_size, eps, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
+                  BD: tl.constexpr, BP: tl.constexpr, SCORE: tl.constexpr, BCOL: tl.constexpr):
+        bh = tl.program_id(0)
+        h = bh % Hk
+        fr = tl.arange(0, BF)
+        dr = tl.arange(0, BD)
+        lane = tl.arange(0, BP)
+        fmask = fr < F
+        dmask = dr < D
+        S = tl.load(S0 + bh * F * D + fr[:, None] * D + dr[None, :], mask=fmask[:, None] & dmask[None, :], other=0.0)
+        z = tl.load(Z0 + bh * F + fr, mask=fmask, other=0.0)
+        lam_log = tl.load(DECAY + h)
+        base_src = bh * Ns
+        for m in range(0, M):
+            dt = tl.load(DT + m).to(tl.float32)
+            t = tl.load(T + m)
+            lam = tl.exp(lam_log * dt)
+            S = S * lam
+            z = z * lam
+            P = tl.load(NCAND + m)
+            c0 = tl.load(CAND0 + m)
+            row_prev = IDX + (bh * (M + 1) + m) * BP
+            row_new = IDX + (bh * (M + 1) + m + 1) * BP
+            in_cache = lane < cache_size
+            is_new = (lane >= cache_size) & (lane < cache_size + P)
+            real = in_cache | is_new
+            # a cache slot holds a table index, or -1 - index when it is empty (its entry never counts)
+            prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
+            safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev), tl.where(is_new, c0 + lane - cache_size, 0))
+            ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
+            valid = tl.where(in_cache, prev >= 0, is_new & ok)
+            if P > 0:
+                pos = tl.load(POS + base_src + safe, mask=real, other=0)
+                w = tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
+                phi = tl.load(PHI + (base_src + safe)[:, None] * F + fr[None, :], mask=real[:, None] & fmask[None, :],
+                              other=0.0)
+                v = tl.load(V + (base_src + safe)[:, None] * D + dr[None, :], mask=real[:, None] & dmask[None, :],
+                            other=0.0)
+                phi_w = phi * w[:, None]
+                if SCORE == 2:  # the state as it is
+                    num = tl.dot(phi, S, input_precision="ieee")
+                    den = tl.sum(phi * z[None, :], 1)
+                else:  # the state with every other candidate folded in
+                    S_tot = S + tl.dot(tl.trans(phi_w), v, input_precision="ieee")
+                    z_tot = z + tl.sum(phi_w, 0)
+                    self_w = tl.sum(phi_w * phi, 1)
+                    num = tl.dot(phi, S_tot, input_precision="ieee") - self_w[:, None] * v
+                    den = tl.sum(phi * z_tot[None, :], 1) - self_w
+                pred = num / tl.maximum(den, eps)[:, None]
+                err = tl.sum(tl.where(dmask[None, :], (v - pred) * (v - pred), 0.0), 1)
+                err_row = ERR + bh * BP
+                idx_row = SCR_IDX + bh * BP
+                if SCORE == 0:  # lowered to the distance to the nearest newer valid value
+                    sq = tl.sum(v * v, 1)
+                    tl.store(idx_row + lane, tl.where(valid, safe, -1))
+                    tl.debug_barrier()
+                    near = tl.full([BP], float("inf"), tl.float32)
+                    for c in tl.static_range(0, BP, BCOL):
+                        cl = c + tl.arange(0, BCOL)
+                        ci = tl.load(idx_row + cl)
+                        cv_ok = ci >= 0
+                        cs = tl.where(cv_ok, ci, 0)
+                        vc = tl.load(V + (base_src + cs)[:, None] * D + dr[None, :],
+                                     mask=cv_ok[:, None] & dmask[None, :], other=0.0)
+                        pc = tl.load(POS + base_src + cs, mask=cv_ok, other=0)
+                        sqc = tl.sum(vc * vc, 1)
+                        dist = tl.maximum(sq[:, None] + sqc[None, :] - 2 * tl.dot(v, tl.trans(vc),
+                                                                                  input_precision="ieee"), 0.0)
+                        newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
+                        near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
+                    err = tl.minimum(err, near)
+                    tl.debug_barrier()
+                err = tl.where(valid, err, float("-inf"))
+                tl.store(err_row + lane, err)
+                tl.debug_barrier()
+                # rank = how many pool entries come before this one (higher score, or equal and earlier); padding
+                # lanes beyond the pool rank after every real one
+                rank = tl.zeros([BP], tl.int32)
+                for c in tl.static_range(0, BP, BCOL):
+                    cl = c + tl.arange(0, BCOL)
+                    ec = tl.load(err_row + cl)
+                    c_real = cl < cache_size + P
+                    before = c_real[None, :] & ((ec[None, :] > err[:, None]) |
+                                                ((ec[None, :] == err[:, None]) & (cl[None, :] < lane[:, None])))
+                    rank += tl.sum(before.to(tl.int32), 1)
+                tl.debug_barrier()
+                keep = real & (rank < cache_size)
+                fold = valid & ~keep
+                tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
+                phi_f = phi_w * fold.to(tl.float32)[:, None]
+                S = S + tl.dot(tl.trans(phi_f), v, input_precision="ieee")
+                z = z + tl.sum(phi_f, 0)
+            else:  # no key leaves: the cache as it was
+                tl.store(row_new + lane, prev, mask=in_cache)
+            out = (bh * M + m)
+            tl.store(S_OUT + out * F * D + fr[:, None] * D + dr[None, :], S, mask=fmask[:, None] & dmask[None, :])
+            tl.store(Z_OUT + out * F + fr, z, mask=fmask)
+            tl.debug_barrier()
+
+
+def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, decay: torch.Tensor,
+             S0: torch.Tensor, z0: torch.Tensor, idx0: torch.Tensor, cand0, ncand, dt, t, window: int,
+             cache_size: int, eps: float, score: str):
+    """Run the schedule of one call (module docstring).
+
+    Args:
+        phi (B, Hk, Ns, F), v (B, Hk, Ns, D), pos (B, Hk, Ns), ok (B, Hk, Ns): the candidate table (cache first).
+        decay (Hk,): log lambda (zeros: no decay). S0 (B, Hk, F, D), z0 (B, Hk, F): the state at the call's start.
+        idx0 (B, Hk, cache_size): the cache's table indices, ``-1 - i`` for an empty slot holding entry ``i``.
+        cand0, ncand, dt, t: per segment, the table index of its first new candidate, how many (0: no boundary
+            or no key leaves), the boundary's step from the previous one (0: none) and the boundary.
+    Returns: ``S (B, Hk, M, F, D)``, ``z (B, Hk, M, F)`` (fp32), ``idx (B, Hk, M, cache_size)`` (int32, encoded as
+    ``idx0``).
+    """
+    B, Hk, Ns, F = phi.shape
+    D = v.shape[-1]
+    M = len(t)
+    dev = phi.device
+    BP = _pow2(cache_size + max(max(ncand), 1))
+    f32 = lambda x: x.float().contiguous()
+    idx = torch.full((B, Hk, M + 1, BP), -1, dtype=torch.int32, device=dev)
+    idx[:, :, 0, :cache_size] = idx0.to(torch.int32)
+    ints = lambda xs, dtype=torch.int64: torch.tensor(list(xs), dtype=dtype, device=dev)
+    S_out = torch.empty(B, Hk, M, F, D, dtype=torch.float32, device=dev)
+    z_out = torch.empty(B, Hk, M, F, dtype=torch.float32, device=dev)
+    err = torch.empty(B * Hk, BP, dtype=torch.float32, device=dev)
+    scr = torch.empty(B * Hk, BP, dtype=torch.int32, device=dev)
+    _schedule[(B * Hk,)](
+        f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
+        f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, scr,
+        M, Hk, Ns, int(window), int(cache_size), float(eps), F=F, D=D, BF=_dims(F), BD=_dims(D), BP=BP,
+        SCORE=SCORE_CODES[score], BCOL=BC)
+    return S_out, z_out, idx[:, :, 1:, :cache_size]

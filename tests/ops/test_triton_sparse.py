@@ -1,0 +1,222 @@
+"""The sparse cache's schedule as a Triton kernel (hedgehog.ops.triton_sparse), run by Triton's CPU interpreter:
+a call whose schedule runs on the kernel gives what the PyTorch schedule gives (the same cached keys in the same
+slots, the same state, outputs within fp32 rounding) and what the float64 path gives, for every score, with a
+decay or none, sinks, padding, GQA, odd feature sizes, a state carried across calls and decoding after it. Triton
+reads TRITON_INTERPRET when a kernel is defined, so each check runs in a fresh interpreter; speed needs a GPU."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+PRELUDE = """
+import os
+import torch
+from hedgehog.ops import sparse_cache as sc
+from hedgehog.ops import triton_sparse as ts
+assert ts.serves(torch.zeros(1)), "the interpreter should be on"
+calls = []
+_schedule = ts.schedule
+def counted(*a, **kw):
+    calls.append(1)
+    return _schedule(*a, **kw)
+ts.schedule = counted
+
+def torch_path(*a, **kw):
+    os.environ["HEDGEHOG_SPARSE_KERNEL"] = "0"
+    try:
+        return sc.sparse_hybrid_attention(*a, **kw)
+    finally:
+        del os.environ["HEDGEHOG_SPARSE_KERNEL"]
+
+def inputs(B, Hq, Hk, n, d, F, D, seed=0, dup=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, Hq, n, d, generator=g), torch.randn(B, Hk, n, d, generator=g)
+    v = torch.randn(B, Hk, n, D, generator=g)
+    if dup:  # every dup-th value repeats the one dup positions earlier (a filler token)
+        v[:, :, dup::dup] = v[:, :, :-dup:dup][:, :, :v[:, :, dup::dup].shape[2]]
+    pq, pk = torch.rand(B, Hq, n, F, generator=g), torch.rand(B, Hk, n, F, generator=g)
+    return q, k, v, pq, pk
+
+def same_state(a, b, tol=1e-4):
+    assert torch.equal(a.cache_pos[a.cache_ok], b.cache_pos[b.cache_ok]), (a.cache_pos, b.cache_pos)
+    assert torch.equal(a.cache_ok, b.cache_ok)
+    assert torch.equal(a.cache_k[a.cache_ok], b.cache_k[b.cache_ok])
+    assert (a.S.double() - b.S.double()).abs().max() <= tol * b.S.abs().max(), "state S"
+    assert (a.z.double() - b.z.double()).abs().max() <= tol * b.z.abs().max(), "state z"
+    assert (a.seen, a.boundary) == (b.seen, b.boundary)
+
+def close(y, ref, tol):
+    err = ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    assert err <= tol, err
+    return err
+"""
+
+
+def run(code: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HEDGEHOG_CPU_KERNEL": "0"}
+    env.pop("HEDGEHOG_SPARSE_KERNEL", None)
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_kernel_schedule_equals_the_torch_schedule_and_float64():
+    out = run("""
+    cases = [  # B, Hq, Hk, n, d, F, D, window, cache, chunk, sinks, decay, score
+        (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "unique"),
+        (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "memory"),
+        (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "state"),
+        (1, 3, 1, 131, 16, 12, 20, 16, 20, 16, 0, False, "unique"),  # chunk = window, odd F and D, no decay
+        (1, 2, 2, 97, 8, 32, 8, 4, 11, 8, 4, True, "unique"),  # chunk > window
+    ]
+    for B, Hq, Hk, n, d, F, D, w, lam, chunk, sinks, dec, score in cases:
+        q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=n)
+        decay = torch.log(torch.linspace(0.95, 0.995, Hk)) if dec else None
+        kv = torch.ones(B, n, dtype=torch.bool)
+        kv[-1, :5] = False  # left padding in the last row
+        kw = dict(window=w, cache_size=lam, chunk=chunk, sinks=sinks, decay=decay, key_valid=kv, score=score,
+                  gamma=torch.linspace(0.2, 0.8, Hq))
+        calls.clear()
+        y, st = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+        assert len(calls) == 1, "the kernel should have run"
+        y0, st0 = torch_path(q, k, v, pq, pk, **kw)
+        y64, _ = torch_path(*(t.double() for t in (q, k, v, pq, pk)), **kw)
+        same_state(st, st0)
+        print(score, close(y, y0, 1e-5), close(y, y64, 1e-5))
+    """)
+    assert len(out.splitlines()) == 5
+
+
+def test_kernel_schedule_carries_its_state_across_calls_and_into_decoding():
+    run("""
+    B, Hq, Hk, n, d, F, D = 2, 4, 2, 120, 8, 16, 8
+    q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=1)
+    kw = dict(window=8, cache_size=6, chunk=4, sinks=2, decay=torch.log(torch.tensor([0.97, 0.99])), gamma=0.5)
+    full, _ = torch_path(q, k, v, pq, pk, **kw)
+    st, st0, ys, ys0 = None, None, [], []
+    for a, b in [(0, 37), (37, 90), (90, 91), (91, 92), (92, 120)]:  # uneven calls, two single tokens
+        sl = lambda t: t[:, :, a:b]
+        calls.clear()
+        y, st = sc.sparse_hybrid_attention(*(sl(t) for t in (q, k, v, pq, pk)), state=st, **kw)
+        assert len(calls) == (b - a > 1)
+        y0, st0 = torch_path(*(sl(t) for t in (q, k, v, pq, pk)), state=st0, **kw)
+        same_state(st, st0)
+        ys.append(y)
+        ys0.append(y0)
+    close(torch.cat(ys, 2), full, 1e-5)
+    close(torch.cat(ys0, 2), full, 1e-5)
+    """)
+
+
+def test_kernel_schedule_breaks_ties_by_pool_order():
+    # A filler repeats its value: "unique" scores each older copy 0, so equal scores decide slots. torch.topk's pick
+    # among them is its own (CPU and CUDA differ); the kernel takes the earlier pool entry, which a stable sort
+    # gives: with that sort swapped into the PyTorch schedule, the two must agree slot by slot and output by output.
+    out = run("""
+    sc._top = lambda err, k: err.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    B, Hq, Hk, n, d, F, D = 2, 2, 1, 160, 8, 16, 8
+    q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=2, dup=4)
+    kw = dict(window=8, cache_size=12, chunk=4, sinks=1, decay=torch.log(torch.tensor([0.98])), gamma=0.5)
+    y, st = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+    y0, st0 = torch_path(q, k, v, pq, pk, **kw)
+    same_state(st, st0)
+    assert torch.equal(st.cache_pos, st0.cache_pos)
+    print(close(y, y0, 1e-5))
+    """)
+    assert float(out) <= 1e-5
+
+
+def test_training_through_the_kernel_schedule_has_the_torch_gradients():
+    # Under autograd the kernel chooses and the states are folded again differentiably (_fold_states): the
+    # gradients to q, k, v, both features and the decay equal the PyTorch schedule's, and the float64 path's.
+    out = run("""
+    B, Hq, Hk, n, d, F, D = 2, 4, 2, 100, 8, 16, 8
+    q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=3)
+    decay = torch.log(torch.tensor([0.97, 0.99]))
+    kv = torch.ones(B, n, dtype=torch.bool)
+    kv[0, :3] = False
+    g = torch.randn(B, Hq, n, D, generator=torch.Generator().manual_seed(9))
+
+    def grads(fn, dtype, st=None):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, pq, pk, decay)]
+        y, st = fn(*leaves[:5], window=8, cache_size=5, chunk=4, sinks=2, decay=leaves[5], key_valid=kv, gamma=0.5)
+        ((y * g.to(dtype)).sum() + st.S.sum() + st.z.sum()).backward()
+        return [t.grad for t in leaves]
+
+    calls.clear()
+    got = grads(sc.sparse_hybrid_attention, torch.float32)
+    assert len(calls) == 1
+    ref32 = grads(torch_path, torch.float32)
+    ref64 = grads(torch_path, torch.float64)
+    assert len(calls) == 1
+    errs = [close(a, b, 1e-4) for a, b in zip(got, ref64)]
+    errs32 = [close(a, b, 1e-4) for a, b in zip(ref32, ref64)]
+    print(max(errs), max(errs32))
+    """)
+    got, ref = map(float, out.split())
+    assert got <= 1e-4 and ref <= 1e-4
+
+
+def test_float64_and_single_tokens_take_the_torch_schedule():
+    run("""
+    q, k, v, pq, pk = inputs(1, 2, 1, 64, 8, 16, 8)
+    kw = dict(window=8, cache_size=4, chunk=4, gamma=0.5)
+    calls.clear()
+    sc.sparse_hybrid_attention(*(t.double() for t in (q, k, v, pq, pk)), **kw)
+    _, st = sc.sparse_hybrid_attention(q[:, :, :63], k[:, :, :63], v[:, :, :63], pq[:, :, :63], pk[:, :, :63], **kw)
+    assert len(calls) == 1, calls
+    sc.sparse_hybrid_attention(q[:, :, 63:], k[:, :, 63:], v[:, :, 63:], pq[:, :, 63:], pk[:, :, 63:], state=st, **kw)
+    assert len(calls) == 1, calls
+    """)
+
+
+@pytest.mark.gpu
+def test_kernel_schedule_on_cuda_matches_the_torch_schedule():
+    """The compiled kernel on a GPU at the default model's shapes (SmolLM2: 9 query and 3 KV heads, d 64, F 128;
+    window 64, cache 128, chunk 32, 4 sinks, 2,048 tokens), forward without autograd and with its gradients. Both
+    schedules score in full fp32 (the kernel's dots are IEEE, not TF32; PyTorch's CUDA matmuls leave TF32 off by
+    default), so on random inputs, where no two scores are within rounding of each other, they keep the same keys;
+    outputs agree to fp32 rounding accumulated over 64 boundaries (1e-4 relative, against O(1) for a wrong key)."""
+    import torch
+
+    from hedgehog.ops import sparse_cache as sc
+    from hedgehog.ops import triton_sparse as ts
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Hq, Hk, n, d, F = 2, 9, 3, 2048, 64, 128
+    q = torch.randn(B, Hq, n, d, device="cuda", generator=g)
+    k, v = (torch.randn(B, Hk, n, d, device="cuda", generator=g) for _ in range(2))
+    pq = torch.rand(B, Hq, n, F, device="cuda", generator=g).softmax(-1)
+    pk = torch.rand(B, Hk, n, F, device="cuda", generator=g).softmax(-1)
+    decay = torch.log(torch.tensor([0.98, 0.99, 0.995], device="cuda"))
+    kw = dict(window=64, cache_size=128, chunk=32, sinks=4, gamma=0.5)
+    assert ts.serves(q)
+
+    def path(kernel, grad):
+        import os
+        os.environ["HEDGEHOG_SPARSE_KERNEL"] = "1" if kernel else "0"
+        try:
+            leaves = [t.clone().requires_grad_(grad) for t in (q, k, v, pq, pk, decay)]
+            with torch.set_grad_enabled(grad):
+                y, st = sc.sparse_hybrid_attention(*leaves[:5], decay=leaves[5], **kw)
+            if grad:
+                y.pow(2).sum().backward()
+            return y, st, [t.grad for t in leaves] if grad else None
+        finally:
+            del os.environ["HEDGEHOG_SPARSE_KERNEL"]
+
+    rel = lambda a, b: ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    for grad in (False, True):
+        y, st, gr = path(True, grad)
+        y0, st0, gr0 = path(False, grad)
+        assert torch.equal(st.cache_pos[st.cache_ok], st0.cache_pos[st0.cache_ok])
+        assert rel(y, y0) < 1e-4 and rel(st.S, st0.S) < 1e-4
+        if grad:
+            assert max(rel(a, b) for a, b in zip(gr, gr0)) < 1e-4
