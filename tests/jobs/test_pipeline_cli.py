@@ -79,16 +79,18 @@ def test_convert_eval_generate_end_to_end(tiny_assets, tmp_path, capsys):
 
 def test_stage2_trains_on_its_own_longer_windows(tiny_assets, tmp_path):
     """--stage2-seq-len: stage 2 cuts the training split into windows of that length (same token budget, so fewer
-    steps), its position offsets end where those windows still fit, and stage 1 keeps --seq-len."""
+    steps), its position offsets end where those windows still fit, and stage 1 keeps --seq-len. --batch-scale 2
+    doubles both stages' batches and budgets (the same steps), and the report records what ran."""
     out = tmp_path / "run"
     main(["convert", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--eval-data",
           tiny_assets["heldout"], "--out", str(out), "--seq-len", "32", "--stage2-seq-len", "64",
           "--stage1-tokens", "128", "--stage2-tokens", "256", "--eval-tokens", "64", "--context-lengths", "",
-          "--passkey-lengths", "", "--no-progress"])
+          "--passkey-lengths", "", "--no-progress", "--batch-scale", "2", "--device", "cpu"])
     report = json.loads((out / "report.json").read_text())
-    assert report["stage2"]["tokens"] == 256 and report["stage2"]["steps"] == 256 // 64
-    assert report["stage1"]["tokens"] == 128 and report["stage1"]["captures"] == 128 // (2 * 32)
+    assert report["stage2"]["tokens"] == 512 and report["stage2"]["steps"] == 256 // 64
+    assert report["stage1"]["tokens"] == 256 and report["stage1"]["captures"] == 128 // (2 * 32)
     s = report["settings"]
+    assert (s["batch_scale"], s["dtype"], s["stage1"]["batch_size"], s["stage2"]["batch_size"]) == (2, "fp32", 4, 2)
     assert s["stage2"]["seq_len"] == 64 and s["seq_len"] == 32
     assert s["stage1"]["position_offsets"] - s["stage2"]["position_offsets"] == 64 - 32
 

@@ -110,10 +110,11 @@ def add_device(parser, what: str, default: str = "auto") -> None:
                         help=f"'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N': {what}")
 
 
-def add_dtype(parser, default: str = "fp32") -> None:
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=default,
+def add_dtype(parser, default: str = "fp32", auto: bool = False) -> None:
+    parser.add_argument("--dtype", choices=(["auto"] if auto else []) + ["fp32", "bf16", "fp16"], default=default,
                         help="the model's weights: fp32, or bf16/fp16 for half the memory and faster matmuls on "
-                             "hardware with half-precision units (feature maps and LoRA stay fp32)")
+                             "hardware with half-precision units (feature maps and LoRA stay fp32)"
+                             + ("; auto: bf16 on CUDA, fp32 on the CPU" if auto else ""))
 
 
 def check_maps(names):

@@ -36,12 +36,21 @@ def _job_from_args(args):
                      eval_tokens=args.eval_tokens, eval_data=split_names(args.eval_data),
                      fidelity_tokens=args.fidelity_tokens, revision=args.revision,
                      trust_remote_code=args.trust_remote_code, save_format=args.save_format, resume=args.resume,
-                     seed=args.seed, progress=not args.no_progress, device=args.device, dtype=args.dtype)
+                     seed=args.seed, progress=not args.no_progress, device=args.device, dtype=args.dtype,
+                     batch_scale=args.batch_scale)
     return job
 
 
 def _offsets(arg: str):
     return None if arg.lower() == "auto" else int(arg)
+
+
+def _batch_scale(arg: str):
+    if arg.lower() == "auto":
+        return None
+    if not arg.isdigit() or int(arg) < 1:
+        raise argparse.ArgumentTypeError(f"{arg!r} is not 'auto' or a whole number >= 1")
+    return int(arg)
 
 
 def _decay(arg: str):
@@ -50,7 +59,7 @@ def _decay(arg: str):
 
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     """The convert/compare flags; every default is read from the job's dataclasses (one source)."""
-    from hedgehog.jobs.config import LONGEST_OFFSET_CONTEXT, ConvertJob
+    from hedgehog.jobs.config import CUDA_BATCH_SCALE, LONGEST_OFFSET_CONTEXT, ConvertJob
     from hedgehog.train.stage1 import Stage1Config
     from hedgehog.train.stage2 import Stage2Config
 
@@ -91,9 +100,10 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                    help="q and k are multiplied by this before the feature maps")
     c.add_argument("--distill-loss", choices=["ce", "mse"], default=job.distill_loss,
                    help="stage 1 loss: attention-weight cross-entropy (Hedgehog) or output MSE (LoLCATs)")
-    c.add_argument("--stage1-tokens", type=int, default=s1.tokens, help="stage 1 token budget")
+    c.add_argument("--stage1-tokens", type=int, default=s1.tokens, help="stage 1 token budget (times --batch-scale)")
     c.add_argument("--stage1-lr", type=float, default=s1.lr, help="stage 1 learning rate (Adam, cosine)")
-    c.add_argument("--stage1-batch", type=int, default=s1.batch_size, help="windows per stage 1 step")
+    c.add_argument("--stage1-batch", type=int, default=s1.batch_size,
+                   help="windows per stage 1 step (times --batch-scale)")
     c.add_argument("--stage1-steps-per-batch", type=int, default=s1.steps_per_capture,
                    help="stage 1 optimizer steps per captured batch (disjoint query-row subsets)")
     c.add_argument("--stage1-layer-block", type=int, default=s1.layer_block,
@@ -104,14 +114,15 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                         "vs planned)")
     c.add_argument("--stage1-checkpoint-every", type=int, default=s1.checkpoint_every,
                    help="captured batches between stage 1 checkpoints (for --resume)")
-    c.add_argument("--stage2-tokens", type=int, default=s2.tokens, help="stage 2 (LoRA) token budget; 0 skips stage 2")
+    c.add_argument("--stage2-tokens", type=int, default=s2.tokens,
+                   help="stage 2 (LoRA) token budget (times --batch-scale); 0 skips stage 2")
     c.add_argument("--stage2-seq-len", type=int, default=0,
                    help="tokens per stage 2 window (0: --seq-len). Longer windows train what the hybrid's decayed "
                         "state keeps past the exact window, at the same token budget (fewer, longer windows; "
                         "the teacher's softmax forward costs more per token as windows grow)")
     c.add_argument("--stage2-lr", type=float, default=s2.lr, help="stage 2 learning rate (AdamW, cosine)")
     c.add_argument("--stage2-batch", type=int, default=s2.batch_size,
-                   help="windows per stage 2 optimizer step, over all processes")
+                   help="windows per stage 2 optimizer step, over all processes (times --batch-scale)")
     c.add_argument("--grad-accum", type=int, default=s2.grad_accum,
                    help="stage 2: split each batch into this many micro-batches (same result, less memory)")
     c.add_argument("--gradient-checkpointing", action="store_true",
@@ -143,7 +154,12 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
                         "where it stopped (refused if the checkpoint's settings differ)")
     c.add_argument("--seed", type=int, default=job.seed, help="data order seed")
     add_device(c, "where the model converts; under torchrun / accelerate launch each process takes its own", job.device)
-    add_dtype(c, job.dtype)
+    add_dtype(c, job.dtype, auto=True)
+    c.add_argument("--batch-scale", type=_batch_scale, default="auto",
+                   help="multiply both stages' batches and token budgets by this: the same optimizer steps as the "
+                        f"given ones, each on more data, to feed a GPU. 'auto': {CUDA_BATCH_SCALE} on CUDA (stage 1 "
+                        f"batch {CUDA_BATCH_SCALE * s1.batch_size}, stage 2 batch {CUDA_BATCH_SCALE * s2.batch_size}), "
+                        "1 on the CPU. The report records the batches and budgets that ran")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

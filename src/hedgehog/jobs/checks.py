@@ -41,6 +41,12 @@ def check_convert_job(job) -> None:
         if s2.seq_len is not None:
             pairs.append(("--stage2-seq-len", s2.seq_len))
     require_positive(pairs, allow_zero=("--stage1-tokens", "--stage2-tokens"))
+    if job.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--dtype {job.dtype!r} is not one of auto, fp32, bf16, fp16 (auto: bf16 on CUDA, fp32 on the "
+                        "CPU; bf16/fp16: the model's weights in half precision, the feature maps and LoRA in float32).")
+    if job.batch_scale is not None and (not isinstance(job.batch_scale, int) or job.batch_scale < 1):
+        raise UserError(f"--batch-scale must be 'auto' or a whole number >= 1, got {job.batch_scale!r} (it multiplies "
+                        "both stages' batches and token budgets; auto: 8 on CUDA, 1 on the CPU).")
     if job.seq_len < 2:
         raise UserError(f"--seq-len must be at least 2 (a next-token loss needs two tokens), got {job.seq_len}.")
     if job.attention not in ("linear", "hybrid"):

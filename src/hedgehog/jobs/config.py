@@ -68,7 +68,26 @@ class ConvertJob:
     progress: bool = True
     # 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'; under torchrun / accelerate launch, each rank's own
     device: str = "auto"
-    dtype: str = "fp32"  # the base model's weights: fp32, bf16 or fp16 (feature maps and LoRA train in fp32)
+    # the base model's weights: fp32, bf16 or fp16 (feature maps and LoRA train in fp32); "auto": bf16 on CUDA, fp32
+    # on the CPU (:func:`for_device`)
+    dtype: str = "auto"
+    # Both stages' batches and token budgets are multiplied by this: the same optimizer steps as the CPU job, each on
+    # more data, which is what feeds a GPU (#37). None ("auto"): CUDA_BATCH_SCALE on CUDA, 1 on the CPU.
+    batch_scale: Optional[int] = None
+
+
+CUDA_BATCH_SCALE = 8  # stage 1 batch 16, stage 2 batch 8 on CUDA (the CPU's 2 and 1), 8x the tokens
+
+
+def for_device(job: ConvertJob, device) -> ConvertJob:
+    """``job`` as it runs on ``device`` (a torch.device): ``dtype`` "auto" resolved (bf16 on CUDA, fp32 elsewhere)
+    and ``batch_scale`` applied to both stages (None: :data:`CUDA_BATCH_SCALE` on CUDA, 1 elsewhere), so the job
+    records the batches and budgets it ran. The CPU job is the one the defaults describe, unchanged."""
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    dtype = ("bf16" if cuda else "fp32") if job.dtype == "auto" else job.dtype
+    scale = job.batch_scale if job.batch_scale is not None else (CUDA_BATCH_SCALE if cuda else 1)
+    scaled = lambda cfg: cfg and replace(cfg, batch_size=cfg.batch_size * scale, tokens=cfg.tokens * scale)
+    return replace(job, dtype=dtype, batch_scale=scale, stage1=scaled(job.stage1), stage2=scaled(job.stage2))
 
 
 def hybrid_settings(job: ConvertJob) -> Dict:

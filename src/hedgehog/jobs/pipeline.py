@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from hedgehog.eval import long_context as lc
 from hedgehog.eval.report import mean_fidelity, plot_compare, slim_stage_report
-from hedgehog.jobs.config import (ConvertJob, eval_names, hybrid_settings, parse_compare_entry, resume_settings,
-                                  stage2_seq_len, with_position_offsets)
+from hedgehog.jobs.config import (ConvertJob, eval_names, for_device, hybrid_settings, parse_compare_entry,
+                                  resume_settings, stage2_seq_len, with_position_offsets)
 from hedgehog.layers.attention import Mode, HedgehogConfig, set_attention_mode
 from hedgehog.train.stage1 import attention_transfer
 from hedgehog.train.stage2 import add_lora, lora_finetune
@@ -145,7 +145,6 @@ def prepare(job: ConvertJob) -> JobContext:
     from hedgehog.train.engine import parse_dtype
 
     check_convert_job(job)
-    dtype = parse_dtype(job.dtype)
     out = check_out_dir(job.out)
     check_text_source(job.data, job.text_field, job.data_format)
     for source in job.eval_data or ():
@@ -156,6 +155,11 @@ def prepare(job: ConvertJob) -> JobContext:
     # One process by default; under torchrun / accelerate launch every rank trains on its share of each
     # batch, and the main process alone evaluates and writes (the others wait at the next collective).
     engine = Engine(job.device, progress=job.progress)
+    job = for_device(job, engine.device)  # dtype "auto" and the batch scale (larger batches on CUDA)
+    dtype = parse_dtype(job.dtype)
+    log.info("device %s: weights %s, stage 1 batch %d / %d tokens, stage 2 batch %s / %s tokens (batch scale %d)",
+             engine.device, job.dtype, job.stage1.batch_size, job.stage1.tokens,
+             job.stage2 and job.stage2.batch_size, job.stage2 and job.stage2.tokens, job.batch_scale)
     torch.manual_seed(job.seed)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
