@@ -22,6 +22,23 @@ def rand_features(*shape, dtype=torch.float64):
     return torch.rand(*shape, dtype=dtype) + 0.05
 
 
+def run_interpreted(prelude: str, code: str) -> str:
+    """Run ``prelude + code`` in a fresh Python with Triton's CPU interpreter on (Triton reads TRITON_INTERPRET when a
+    kernel is defined) and the fused CPU kernel and any kernel switch left at their defaults; its stdout. A failure
+    there fails the test with its traceback's tail."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HEDGEHOG_CPU_KERNEL": "0"}
+    env.pop("HEDGEHOG_SPARSE_KERNEL", None)
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 TF32_UNIT_ROUNDOFF = 2.0 ** -11  # 10 explicit mantissa bits
 
 

@@ -3,12 +3,9 @@ a call whose schedule runs on the kernel gives what the PyTorch schedule gives (
 slots, the same state, outputs within fp32 rounding) and what the float64 path gives, for every score, with a
 decay or none, sinks, padding, GQA, odd feature sizes, a state carried across calls and decoding after it. Triton
 reads TRITON_INTERPRET when a kernel is defined, so each check runs in a fresh interpreter; speed needs a GPU."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+
+from conftest import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -57,12 +54,7 @@ def close(y, ref, tol):
 
 
 def run(code: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HEDGEHOG_CPU_KERNEL": "0"}
-    env.pop("HEDGEHOG_SPARSE_KERNEL", None)
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_interpreted(PRELUDE, code)
 
 
 def test_kernel_schedule_equals_the_torch_schedule_and_float64():

@@ -2,12 +2,9 @@
 against float64 references: the kernel's own (num, den) and its gradients (the row max's gradient included), the
 hybrid and the window baseline through it, sinks and a decayed state. Triton reads TRITON_INTERPRET when a kernel
 is defined, so each check runs in a fresh interpreter with it set; speed needs a GPU (`make test-gpu`)."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+
+from conftest import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -22,11 +19,7 @@ def rel(a, b):
 
 
 def run(code: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HEDGEHOG_CPU_KERNEL": "0"}
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_interpreted(PRELUDE, code)
 
 
 def test_kernel_equals_the_float64_reference_with_the_row_max_gradient():

@@ -31,6 +31,10 @@ from hedgehog.ops.triton_window import _dims, serves, triton, tl  # noqa: F401  
 
 SCORE_CODES = {"unique": 0, "memory": 1, "state": 2}
 BC = 16  # candidate columns per step of the pairwise passes (newer copies, ranks)
+# One program holds a pool of (cache + chunk, padded to a power of two) candidates' features and values (256 x 128
+# and 256 x 64 at the default model's shapes) and the state (128 x 64): eight warps spread them over more registers.
+# A guess that no GPU has measured yet (#37).
+NUM_WARPS = 8
 
 
 def _pow2(n: int) -> int:
@@ -172,5 +176,5 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
         f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
         f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, scr,
         M, Hk, Ns, int(window), int(cache_size), float(eps), F=F, D=D, BF=_dims(F), BD=_dims(D), BP=BP,
-        SCORE=SCORE_CODES[score], BCOL=BC)
+        SCORE=SCORE_CODES[score], BCOL=BC, num_warps=NUM_WARPS)
     return S_out, z_out, idx[:, :, 1:, :cache_size]
