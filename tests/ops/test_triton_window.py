@@ -2,6 +2,8 @@
 against float64 references: the kernel's own (num, den) and its gradients (the row max's gradient included), the
 hybrid and the window baseline through it, sinks and a decayed state. Triton reads TRITON_INTERPRET when a kernel
 is defined, so each check runs in a fresh interpreter with it set; speed needs a GPU (`make test-gpu`)."""
+import textwrap
+
 import pytest
 
 from conftest import run_interpreted
