@@ -139,6 +139,53 @@ def test_calls_in_pieces_continue_the_state_exactly(split):
     assert torch.equal(st.cache_pos, st_full.cache_pos)
 
 
+@pytest.mark.parametrize("start", [0, 7])
+def test_a_long_call_without_autograd_runs_in_pieces_with_features_per_piece(monkeypatch, start):
+    """Without autograd a call longer than PREFILL_PIECE runs piece by piece (ending at multiples of the chunk),
+    its features computed per piece when passed as functions, and gives the one-call output and state; the float64
+    definition agrees. Under autograd the same call is one piece."""
+    from hedgehog.ops import sparse_cache as sc
+
+    q, k, v, pq, pk = inputs(n=60)
+    decay = torch.log(torch.tensor([0.9, 0.97], dtype=torch.float64))
+    valid = torch.ones(2, 60, dtype=torch.bool)
+    valid[1, :9] = False
+    kw = dict(sinks=1, decay=decay, chunk=4, key_valid=valid)
+    ref = reference(q, k, v, pq, pk, 5, 3, 0.5, **kw)
+    sl = lambda t, a, b: t[..., a:b] if t.dim() == 2 else t[:, :, a:b]
+    calls = []
+
+    def feature(phi):
+        def per_piece(a, b):
+            calls.append((a, b))
+            return phi[:, :, start + a:start + b]
+        return per_piece
+
+    def run(piece, grad=False):
+        monkeypatch.setattr(sc, "PREFILL_PIECE", piece)
+        calls.clear()
+        # ``start`` tokens in an earlier call, then the rest in one (a piece boundary falls off the call's start)
+        _, st = sparse_hybrid_attention(*(sl(t, 0, start) for t in (q, k, v, pq, pk)), 5, 3, 0.5,
+                                        **{**kw, "key_valid": valid[:, :start]}) if start else (None, None)
+        with torch.set_grad_enabled(grad):
+            y, st = sparse_hybrid_attention(*(sl(t, start, 60) for t in (q, k, v)), feature(pq), feature(pk), 5, 3,
+                                            0.5, **{**kw, "key_valid": valid[:, start:]}, state=st)
+        return y, st, list(calls)
+
+    y1, st1, calls1 = run(10 ** 9)
+    y, st, pieces = run(16)
+    ends = [start + b for a, b in pieces[::2]]
+    assert pieces[::2] == pieces[1::2] and len(pieces) == 2 * 4  # q and k features, 4 pieces of <= 16 tokens
+    assert all(e % 16 == 0 for e in ends[:-1]) and ends[-1] == 60 and pieces[0][0] == 0
+    assert calls1 == [(0, 60 - start)] * 2
+    assert torch.allclose(y, y1, atol=1e-12) and torch.equal(st.cache_pos, st1.cache_pos)
+    assert torch.allclose(st.S, st1.S, atol=1e-12) and st.seen == 60
+    assert torch.allclose(y[0], ref[0, :, start:], atol=1e-10)
+    assert torch.allclose(y[1, :, max(0, 9 - start):], ref[1, :, max(9, start):], atol=1e-10)
+    _, _, calls_grad = run(16, grad=True)
+    assert calls_grad == [(0, 60 - start)] * 2
+
+
 def test_state_size_does_not_grow_with_length():
     sizes = []
     for n in (40, 80, 160):

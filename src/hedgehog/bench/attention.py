@@ -69,7 +69,9 @@ def student_forward(q, k, v, fq, fk, chunk_size: int, window=None, sparse=None):
     hybrid with a sparse cache (``sparse``: ``(cache_size, chunk)``)."""
     if sparse:
         decay = torch.full((q.shape[1],), math.log(SPARSE_DECAY), device=q.device)
-        y, _ = sparse_hybrid_attention(q, k, v, fq(q), fk(k), window, sparse[0], gamma=0.5, sinks=SPARSE_SINKS,
+        # features per piece, as the model's layer passes them (a long prefill runs in pieces)
+        phi_q, phi_k = (lambda a, b: fq(q[:, :, a:b])), (lambda a, b: fk(k[:, :, a:b]))
+        y, _ = sparse_hybrid_attention(q, k, v, phi_q, phi_k, window, sparse[0], gamma=0.5, sinks=SPARSE_SINKS,
                                        decay=decay, chunk=sparse[1])
         return y
     if window is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Tuple
 
 from hedgehog.errors import UserError
+from hedgehog.train.engine import DTYPES
 
 # Record files that `datasets` is not asked to read: reading them as prose would train on their syntax.
 STRUCTURED_SUFFIXES = (".tsv", ".xml", ".sqlite", ".db", ".npy", ".pt", ".safetensors")
@@ -41,8 +42,8 @@ def check_convert_job(job) -> None:
         if s2.seq_len is not None:
             pairs.append(("--stage2-seq-len", s2.seq_len))
     require_positive(pairs, allow_zero=("--stage1-tokens", "--stage2-tokens"))
-    if job.dtype not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"--dtype {job.dtype!r} is not one of auto, fp32, bf16, fp16 (auto: bf16 on CUDA, fp32 on the "
+    if job.dtype not in ("auto", *DTYPES):
+        raise UserError(f"--dtype {job.dtype!r} is not one of auto, {', '.join(DTYPES)} (auto: bf16 on CUDA, fp32 on the "
                         "CPU; bf16/fp16: the model's weights in half precision, the feature maps and LoRA in float32).")
     if job.batch_scale is not None and (not isinstance(job.batch_scale, int) or job.batch_scale < 1):
         raise UserError(f"--batch-scale must be 'auto' or a whole number >= 1, got {job.batch_scale!r} (it multiplies "

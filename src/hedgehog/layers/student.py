@@ -103,11 +103,14 @@ class StudentPaths:
         start = layer.seen if layer is not None else 0
         pos = call.positions(nk, start, q.device) if nk == n else torch.arange(nk, device=q.device)
         s = c.qk_scale
-        phi_q = self.feature_map_q(q * s, pos[..., nk - n:])
-        phi_k = self.feature_map_k(k * s, pos)  # per KV head, like the state
+        # features per piece of the call (the op computes them piece by piece where it splits a long prefill)
+        q_pos = pos[..., nk - n:]
+        phi_q = lambda a, b: self.feature_map_q(q[:, :, a:b] * s, q_pos[..., a:b])
+        phi_k = lambda a, b: self.feature_map_k(k[:, :, a:b] * s, pos[..., a:b])  # per KV head, like the state
         if nk > n:  # the state depends on keys and values only: earlier rows need no queries
             pad = lambda t: torch.cat([t.new_zeros(*t.shape[:2], nk - n, t.shape[-1]), t], 2)
-            q, phi_q = pad(q), pad(phi_q)
+            phi_q = pad(self.feature_map_q(q * s, q_pos))
+            q = pad(q)
         y, state = sparse_hybrid_attention(q, k, v, phi_q, phi_k, c.window, c.sparse_cache, self.gamma(),
                                            call.teacher.scale, c.sinks, self.log_decay(per_query_head=False),
                                            c.sparse_chunk, call.valid_keys(nk),

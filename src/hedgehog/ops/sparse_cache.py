@@ -35,6 +35,13 @@ only, never on queries, so a prefill and token-by-token decoding follow the same
 :func:`sparse_hybrid_attention` takes and returns a :class:`SparseCacheState` and is used for both. Memory per KV
 head: ``sinks + cache_size + w + chunk - 1`` exact keys/values plus ``(S, z)``, whatever the context length.
 
+A long call without autograd (a prefill, an evaluation) runs in pieces of ``PREFILL_PIECE`` tokens, each from the
+state the one before it left, with the features computed per piece where the caller passes the maps as functions:
+the same schedule and the same output, but the per-segment states, scores and features of one piece at a time, so
+its memory stops growing with the context (the bench's 8 heads in fp32 on the CPU, 64k tokens: 7.0 GB in one
+piece, 0.4 GB in pieces; docs/results.md). Under autograd a call is one piece (backward needs every segment's
+tensors anyway).
+
 On CUDA (float32 accumulation, a call of more than one token) the schedule, which is sequential and some fifty
 small operations per boundary here, runs as one Triton kernel launch per call (:mod:`hedgehog.ops.triton_sparse`),
 which returns the state and the cache's indices at every boundary; under autograd the states are then folded again
@@ -50,7 +57,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -59,6 +66,11 @@ from hedgehog.ops.chunked import acc_dtype
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 SCORES = ("unique", "memory", "state")
+# Tokens per piece of a call without autograd (module docstring). One piece's temporaries (each segment's state and
+# cache, the recent keys, the scores) take ~15 KB per token and KV head at the default model's shapes in fp32: ~30 MB
+# per KV head for 2,048 tokens. The evaluation's 4k and 8k windows run in 2 and 4 pieces, with the same figures.
+PREFILL_PIECE = 2048
+Features = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
 
 
 @dataclass
@@ -156,6 +168,31 @@ def _top(err: torch.Tensor, k: int) -> torch.Tensor:
     return err.topk(k, dim=-1).indices
 
 
+def _segments(p0: int, n: int, chunk: int, boundary: int, window: int, sinks: int):
+    """The segments of a call of ``n`` tokens from ``p0`` after the boundary ``boundary``: per segment
+    ``(start, end, t, leave)``. Its queries ``start..end-1`` read the state of boundary ``t``; ``leave`` is None, or,
+    where a boundary falls at ``start``, ``(prev, first, last)``: the boundary before it and the positions of the keys
+    that leave the recent keys there (``last < first``: none). The one walk both schedules take."""
+    pos, b = p0, boundary
+    while pos < p0 + n:
+        leave = None
+        if pos % chunk == 0 and pos != b:
+            leave = (b, max(0, b - window + 1, sinks), pos - window)
+            b = pos
+        end = min(p0 + n, (pos // chunk + 1) * chunk)
+        yield pos, end, b, leave
+        pos = end
+
+
+def _gather_keys(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Entries of ``t`` (B, Hk, N) or (B, Hk, N, X) along the key axis at ``idx`` (B, Hk, ...) (long):
+    (B, Hk, ...) or (B, Hk, ..., X)."""
+    flat = idx.reshape(*idx.shape[:2], -1)
+    if t.dim() == 3:
+        return t.gather(2, flat).view(idx.shape)
+    return t.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])).view(*idx.shape, t.shape[-1])
+
+
 class _Keys:
     """The keys a call can reach by position: the state's recent keys followed by the call's own, from ``base``."""
 
@@ -167,12 +204,11 @@ class _Keys:
         self.base = base
 
 
-def _boundary(st: SparseCacheState, t: int, keys: _Keys, window: int, sinks: int, cache_size: int,
+def _boundary(st: SparseCacheState, t: int, first: int, last: int, keys: _Keys, window: int, cache_size: int,
               decay: Optional[torch.Tensor], eps: float, score: str = "unique") -> None:
-    """Keys ``i <= t - w`` leave the recent keys (sinks have slots of their own); the others are scored with the
+    """The keys ``first..last`` leave the recent keys at boundary ``t`` (:func:`_segments`); they are scored with the
     cache's, the ``cache_size`` worst represented stay exact and the rest are folded into the state (which first
     decays to ``t``). Replaces the state's tensors (earlier segments keep the ones they read)."""
-    first, last = max(0, st.boundary - window + 1, sinks), t - window
     if decay is not None and t > st.boundary:
         lam = torch.exp(decay.to(st.S.dtype) * (t - st.boundary))  # (Hk,)
         st.S = st.S * lam[None, :, None, None]
@@ -202,9 +238,8 @@ def _boundary(st: SparseCacheState, t: int, keys: _Keys, window: int, sinks: int
                 err = self_recall_error(pool_phi, pool_v, st.S, st.z, eps)
             err = err.masked_fill(~pool_ok, float("-inf"))
             keep = _top(err, cache_size)  # (B, Hk, λ)
-        pick = lambda x: x.gather(2, keep if x.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-        st.cache_k, st.cache_v, st.cache_phi = pick(pool_k), pick(pool_v), pick(pool_phi)
-        st.cache_ok, st.cache_pos = pick(pool_ok), pick(pool_pos)
+        st.cache_k, st.cache_v, st.cache_phi = (_gather_keys(x, keep) for x in (pool_k, pool_v, pool_phi))
+        st.cache_ok, st.cache_pos = _gather_keys(pool_ok, keep), _gather_keys(pool_pos, keep)
         fold = pool_ok & ~torch.zeros_like(pool_ok).scatter_(2, keep, True)
     wt = wt_all * fold.to(st.S.dtype)
     phi_w = pool_phi * wt.unsqueeze(-1)
@@ -231,20 +266,13 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
 
     B, Hk = st.S.shape[:2]
     dev, lam = st.S.device, cache_size
-    segs, cand0, ncand, dts, pos, b = [], [], [], [], p0, st.boundary
-    while pos < p0 + n:
-        P = dt = 0
-        if pos % chunk == 0 and pos != b:
-            first, last = max(0, b - window + 1, sinks), pos - window
-            P, dt, b = max(0, last - first + 1), pos - b, pos
-            cand0.append(lam + first - keys.base)
-        else:
-            cand0.append(0)
-        ncand.append(P)
-        dts.append(dt)
-        end = min(p0 + n, (pos // chunk + 1) * chunk)
-        segs.append((pos, end, b))
-        pos = end
+    segs, cand0, ncand, dts = [], [], [], []
+    for start, end, t, leave in _segments(p0, n, chunk, st.boundary, window, sinks):
+        prev, first, last = leave or (t, 0, -1)
+        cand0.append(lam + first - keys.base if leave else 0)
+        ncand.append(max(0, last - first + 1))
+        dts.append(t - prev)
+        segs.append((start, end, t))
     nk = keys.k.shape[2]
     tab = lambda cache, new: torch.cat([cache, new], 2)
     tab_k, tab_v, tab_phi = tab(st.cache_k, keys.k), tab(st.cache_v, keys.v), tab(st.cache_phi, keys.phi)
@@ -254,22 +282,19 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
     idx0 = torch.where(st.cache_ok, slots, -1 - slots)
     lam_log = decay.detach().float() if decay is not None else torch.zeros(Hk, device=dev)
     ts = [s[2] for s in segs]
-    with torch.no_grad():
-        S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
-                                           ncand, dts, ts, window, cache_size, eps, score)
-    M = len(segs)
-    see = idx >= 0
     grads = (tab_phi, tab_v, st.S, st.z, decay)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
+    autograd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads)
+    with torch.no_grad():  # under autograd the kernel only chooses; the states are folded again below
+        S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
+                                           ncand, dts, ts, window, cache_size, eps, score, states=not autograd)
+    if autograd:
         S, z = _fold_states(st, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts, window, decay)
-    entry = torch.where(see, idx, -1 - idx).long().view(B, Hk, M * lam)
-    pick = lambda t: t.gather(2, entry.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])).view(B, Hk, M, lam, -1)
-    Kc, Vc = pick(tab_k), pick(tab_v)
-    last = entry.view(B, Hk, M, lam)[:, :, -1]
-    st.S, st.z, st.boundary = S[:, :, -1], z[:, :, -1], b
+    see = idx >= 0
+    entry = torch.where(see, idx, -1 - idx).long()  # (B, Hk, M, λ)
+    Kc, Vc = _gather_keys(tab_k, entry), _gather_keys(tab_v, entry)
+    st.S, st.z, st.boundary = S[:, :, -1], z[:, :, -1], ts[-1]
     st.cache_k, st.cache_v, st.cache_ok = Kc[:, :, -1], Vc[:, :, -1], see[:, :, -1]
-    st.cache_phi = tab_phi.gather(2, last.unsqueeze(-1).expand(-1, -1, -1, tab_phi.shape[-1]))
-    st.cache_pos = tab_pos.gather(2, last)
+    st.cache_phi, st.cache_pos = _gather_keys(tab_phi, entry[:, :, -1]), _gather_keys(tab_pos, entry[:, :, -1])
     return segs, (S, z, Kc, Vc, see)
 
 
@@ -288,18 +313,15 @@ def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, id
     new_real = j < torch.tensor(ncand, device=dev)[:, None]
     new = torch.where(new_real, new, torch.zeros_like(new)).expand(B, Hk, M, C)
     entry = torch.cat([torch.where(prev >= 0, prev, -1 - prev).long(), new], -1)  # (B, Hk, M, λ + C)
-    flat = entry.reshape(B, Hk, -1)
-    valid = torch.cat([prev >= 0, tab_ok.gather(2, new.reshape(B, Hk, -1)).view(B, Hk, M, C) & new_real], -1)
+    valid = torch.cat([prev >= 0, _gather_keys(tab_ok, new) & new_real], -1)
     kept = (entry.unsqueeze(-1) == torch.where(idx >= 0, idx, -1).long().unsqueeze(-2)).any(-1)
     fold = valid & ~kept & torch.tensor([p > 0 for p in ncand], device=dev)[:, None]
     wt = fold.to(acc)
     if decay is not None:
-        age = torch.tensor(ts, device=dev)[:, None] - window - tab_pos.gather(2, flat).view(B, Hk, M, -1)
+        age = torch.tensor(ts, device=dev)[:, None] - window - _gather_keys(tab_pos, entry)
         wt = wt * torch.exp(decay.to(acc)[None, :, None, None] * age.to(acc))
-    phi_w = tab_phi.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, tab_phi.shape[-1])).view(B, Hk, M, -1,
-                                                                                               tab_phi.shape[-1])
-    phi_w = phi_w * wt.unsqueeze(-1)
-    vv = tab_v.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, tab_v.shape[-1])).view(B, Hk, M, -1, tab_v.shape[-1])
+    phi_w = _gather_keys(tab_phi, entry) * wt.unsqueeze(-1)
+    vv = _gather_keys(tab_v, entry)
     dS, dz = phi_w.transpose(-1, -2) @ vv.to(acc), phi_w.sum(-2)
     S, z, Ss, zs = st.S, st.z, [], []
     for m in range(M):
@@ -374,8 +396,8 @@ def _attend(segs, S, z, Kc, Vc, see_c, st: SparseCacheState, keys: _Keys, q, phi
     return y if M * L == n else y[:, :, qrow.flatten()]
 
 
-def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor,
-                            phi_k: torch.Tensor, window: int, cache_size: int, gamma: Gamma = 0.5,
+def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: Features,
+                            phi_k: Features, window: int, cache_size: int, gamma: Gamma = 0.5,
                             scale: Optional[float] = None, sinks: int = 0, decay: Optional[torch.Tensor] = None,
                             chunk: Optional[int] = None, key_valid: Optional[torch.Tensor] = None,
                             state: Optional[SparseCacheState] = None, eps: float = DEFAULT_EPS,
@@ -383,12 +405,14 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     """Causal hybrid attention with a sparse cache (module docstring), for ``n`` new tokens after ``state``.
 
     The cache schedule runs boundary by boundary (a few small ops each); the attention of every query then runs
-    in one batch over all segments, each against the state and cache of its boundary.
+    in one batch over all segments, each against the state and cache of its boundary. Without autograd a call of
+    more than ``PREFILL_PIECE`` tokens runs in pieces (module docstring).
 
     Args:
         q (B, Hq, n, d), phi_q (B, Hq, n, F): the queries and their features.
         k (B, Hk, n, d), v (B, Hk, n, D), phi_k (B, Hk, n, F): per key/value head (``Hk`` divides ``Hq``; query
-            head h reads KV head ``h // (Hq / Hk)``).
+            head h reads KV head ``h // (Hq / Hk)``). Either feature may instead be a function ``(a, b) -> features
+            of the call's tokens a..b-1``, called once per piece.
         window: recent keys seen exactly (at least); cache_size: exact slots for older keys (0: none).
         gamma: the window factor, scalar or (Hq,); scale: softmax scale (``d^-1/2``); sinks: first keys kept exact;
         decay: (Hk,) ``log lambda`` of a decayed state, or None; chunk: keys leave the window every ``chunk``
@@ -397,17 +421,40 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         score: ``"unique"``, ``"memory"`` or ``"state"``, how candidates are scored (module docstring).
     Returns: ``(y (B, Hq, n, D) in v's dtype, state)``; the state passed in is updated and returned.
     """
+    if window < 1 or cache_size < 0 or sinks < 0 or (chunk is not None and chunk < 1):
+        raise ValueError(f"need window >= 1, chunk >= 1, cache_size >= 0, sinks >= 0; got window={window}, "
+                         f"chunk={chunk}, cache_size={cache_size}, sinks={sinks}")
+    if score not in SCORES:
+        raise ValueError(f"unknown sparse-cache score {score!r}; choose one of {SCORES}")
+    n, step = q.shape[2], max(1, PREFILL_PIECE // (chunk or window)) * (chunk or window)
+    feats = lambda phi, a, b: phi(a, b) if callable(phi) else phi[:, :, a:b]
+    if torch.is_grad_enabled() or n <= PREFILL_PIECE:  # one piece
+        return _sparse_call(q, k, v, feats(phi_q, 0, n), feats(phi_k, 0, n), window, cache_size, gamma, scale,
+                            sinks, decay, chunk, key_valid, state, eps, score)
+    p0, a, y = (state.seen if state is not None else 0), 0, None
+    while a < n:  # pieces end at multiples of ``step`` (of the chunk: the segments stay as they are)
+        b = min(n, (p0 + a) // step * step + step - p0)
+        sl = lambda t: t[:, :, a:b]
+        piece, state = _sparse_call(sl(q), sl(k), sl(v), feats(phi_q, a, b), feats(phi_k, a, b), window, cache_size,
+                                    gamma, scale, sinks, decay, chunk,
+                                    None if key_valid is None else key_valid[:, a:b], state, eps, score)
+        if y is None:  # written piece by piece (a list and a cat would hold the output twice)
+            y = piece.new_empty(*piece.shape[:2], n, piece.shape[-1])
+        y[:, :, a:b] = piece
+        a = b
+    return y, state
+
+
+def _sparse_call(q, k, v, phi_q, phi_k, window: int, cache_size: int, gamma: Gamma, scale: Optional[float],
+                 sinks: int, decay, chunk: Optional[int], key_valid, state: Optional[SparseCacheState], eps: float,
+                 score: str) -> Tuple[torch.Tensor, SparseCacheState]:
+    """One piece of :func:`sparse_hybrid_attention` (its arguments, features as tensors)."""
     B, Hq, n, d = q.shape
     Hk, D, Fd = k.shape[1], v.shape[-1], phi_q.shape[-1]
     if (n == 0 or k.shape != (B, Hk, n, d) or v.shape[:3] != (B, Hk, n) or phi_q.shape[:3] != (B, Hq, n)
             or phi_k.shape != (B, Hk, n, Fd) or Hq % Hk):
         raise ValueError(f"sparse_hybrid_attention: shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}, phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}")
-    if window < 1 or cache_size < 0 or sinks < 0 or (chunk is not None and chunk < 1):
-        raise ValueError(f"need window >= 1, chunk >= 1, cache_size >= 0, sinks >= 0; got window={window}, "
-                         f"chunk={chunk}, cache_size={cache_size}, sinks={sinks}")
-    if score not in SCORES:
-        raise ValueError(f"unknown sparse-cache score {score!r}; choose one of {SCORES}")
     chunk = chunk or window
     acc = acc_dtype(v)
     scale = d ** -0.5 if scale is None else scale
@@ -428,14 +475,12 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if _schedule_kernel_serves(q, cache_size, acc, n):
         segs, per_seg = _schedule_on_kernel(st, keys, p0, n, chunk, window, sinks, cache_size, decay, eps, score)
     else:
-        segs, states, pos = [], [], p0
-        while pos < p0 + n:
-            if pos % chunk == 0 and pos != st.boundary:
-                _boundary(st, pos, keys, window, sinks, cache_size, decay, eps, score)
-            end = min(p0 + n, (pos // chunk + 1) * chunk)
-            segs.append((pos, end, st.boundary))
+        segs, states = [], []
+        for start, end, t, leave in _segments(p0, n, chunk, st.boundary, window, sinks):
+            if leave:
+                _boundary(st, t, *leave[1:], keys, window, cache_size, decay, eps, score)
+            segs.append((start, end, t))
             states.append((st.S, st.z, st.cache_k, st.cache_v, st.cache_ok))
-            pos = end
         per_seg = [torch.stack(x, 2) for x in zip(*states)]
     y = _attend(segs, *per_seg, st, keys, q, phi_q, p0, window, gamma, scale, decay, eps)
     keep = max(0, st.boundary - window + 1) - base

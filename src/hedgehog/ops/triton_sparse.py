@@ -16,8 +16,8 @@ row, KV head) walks every boundary of a call with the state ``(S, z)`` in regist
 It writes, per segment of the call, the state ``(S_m, z_m)`` and the cache as *indices* into the call's table of
 candidate keys (the incoming cache, then the recent and new keys); the attention itself, and the gathers of the
 cached keys, stay in PyTorch (:func:`hedgehog.ops.sparse_cache._attend`, a few large batched operations). The
-choice of which keys stay is not differentiated, and this kernel computes no gradient: it serves calls without
-autograd (prefill, evaluation, generation); training uses the PyTorch schedule.
+choice of which keys stay is not differentiated, and this kernel computes no gradient: under autograd (stage 2) it
+only chooses (``states=False``: no state is written) and the states are folded again in PyTorch from its choice.
 
 Matrix products run in full fp32 (``input_precision="ieee"``, not TF32): a score decides which keys stay, and the
 PyTorch reference runs in fp32. Correctness is tested on the CPU under ``TRITON_INTERPRET=1`` against it and
@@ -46,7 +46,8 @@ if triton is not None:
     @triton.jit
     def _schedule(PHI, V, POS, OK, DECAY, S0, Z0, IDX, CAND0, NCAND, DT, T, S_OUT, Z_OUT, ERR, SCR_IDX,
                   M, Hk, Ns, window, cache_size, eps, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
-                  BD: tl.constexpr, BP: tl.constexpr, SCORE: tl.constexpr, BCOL: tl.constexpr):
+                  BD: tl.constexpr, BP: tl.constexpr, SCORE: tl.constexpr, BCOL: tl.constexpr,
+                  STATES: tl.constexpr):
         bh = tl.program_id(0)
         h = bh % Hk
         fr = tl.arange(0, BF)
@@ -139,15 +140,16 @@ if triton is not None:
                 z = z + tl.sum(phi_f, 0)
             else:  # no key leaves: the cache as it was
                 tl.store(row_new + lane, prev, mask=in_cache)
-            out = (bh * M + m)
-            tl.store(S_OUT + out * F * D + fr[:, None] * D + dr[None, :], S, mask=fmask[:, None] & dmask[None, :])
-            tl.store(Z_OUT + out * F + fr, z, mask=fmask)
+            if STATES:
+                out = bh * M + m
+                tl.store(S_OUT + out * F * D + fr[:, None] * D + dr[None, :], S, mask=fmask[:, None] & dmask[None, :])
+                tl.store(Z_OUT + out * F + fr, z, mask=fmask)
             tl.debug_barrier()
 
 
 def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, decay: torch.Tensor,
              S0: torch.Tensor, z0: torch.Tensor, idx0: torch.Tensor, cand0, ncand, dt, t, window: int,
-             cache_size: int, eps: float, score: str):
+             cache_size: int, eps: float, score: str, states: bool = True):
     """Run the schedule of one call (module docstring).
 
     Args:
@@ -156,6 +158,8 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
         idx0 (B, Hk, cache_size): the cache's table indices, ``-1 - i`` for an empty slot holding entry ``i``.
         cand0, ncand, dt, t: per segment, the table index of its first new candidate, how many (0: no boundary
             or no key leaves), the boundary's step from the previous one (0: none) and the boundary.
+        states: False for a caller that folds the states itself (under autograd): no state is written, and
+            ``S``, ``z`` come back as None.
     Returns: ``S (B, Hk, M, F, D)``, ``z (B, Hk, M, F)`` (fp32), ``idx (B, Hk, M, cache_size)`` (int32, encoded as
     ``idx0``).
     """
@@ -168,13 +172,16 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
     idx = torch.full((B, Hk, M + 1, BP), -1, dtype=torch.int32, device=dev)
     idx[:, :, 0, :cache_size] = idx0.to(torch.int32)
     ints = lambda xs, dtype=torch.int64: torch.tensor(list(xs), dtype=dtype, device=dev)
-    S_out = torch.empty(B, Hk, M, F, D, dtype=torch.float32, device=dev)
-    z_out = torch.empty(B, Hk, M, F, dtype=torch.float32, device=dev)
+    # without states the kernel stores nothing there (one element each: a valid pointer to pass)
+    S_out = torch.empty(B, Hk, M, F, D, dtype=torch.float32, device=dev) if states else torch.empty(1, device=dev)
+    z_out = torch.empty(B, Hk, M, F, dtype=torch.float32, device=dev) if states else torch.empty(1, device=dev)
     err = torch.empty(B * Hk, BP, dtype=torch.float32, device=dev)
     scr = torch.empty(B * Hk, BP, dtype=torch.int32, device=dev)
     _schedule[(B * Hk,)](
         f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
         f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, scr,
         M, Hk, Ns, int(window), int(cache_size), float(eps), F=F, D=D, BF=_dims(F), BD=_dims(D), BP=BP,
-        SCORE=SCORE_CODES[score], BCOL=BC, num_warps=NUM_WARPS)
+        SCORE=SCORE_CODES[score], BCOL=BC, STATES=bool(states), num_warps=NUM_WARPS)
+    if not states:
+        S_out = z_out = None
     return S_out, z_out, idx[:, :, 1:, :cache_size]
