@@ -23,6 +23,12 @@ def counted(*a, **kw):
     assert (out[0] is None) == (not calls[-1])
     return out
 ts.schedule = counted
+attends = []  # calls of the attention kernel
+_attend = ts.attend
+def counted_attend(*a, **kw):
+    attends.append(1)
+    return _attend(*a, **kw)
+ts.attend = counted_attend
 
 def torch_path(*a, **kw):
     os.environ["HEDGEHOG_SPARSE_KERNEL"] = "0"
@@ -76,9 +82,11 @@ def test_kernel_schedule_equals_the_torch_schedule_and_float64():
         kw = dict(window=w, cache_size=lam, chunk=chunk, sinks=sinks, decay=decay, key_valid=kv, score=score,
                   gamma=torch.linspace(0.2, 0.8, Hq))
         calls.clear()
+        attends.clear()
         y, st = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
-        assert len(calls) == 1, "the kernel should have run"
+        assert len(calls) == 1 and len(attends) == 1, "the kernels should have run"
         y0, st0 = torch_path(q, k, v, pq, pk, **kw)
+        assert len(attends) == 1
         y64, _ = torch_path(*(t.double() for t in (q, k, v, pq, pk)), **kw)
         same_state(st, st0)
         print(score, close(y, y0, 1e-5), close(y, y64, 1e-5))
@@ -96,14 +104,22 @@ def test_kernel_schedule_carries_its_state_across_calls_and_into_decoding():
     for a, b in [(0, 37), (37, 90), (90, 91), (91, 92), (92, 120)]:  # uneven calls, two single tokens
         sl = lambda t: t[:, :, a:b]
         calls.clear()
+        attends.clear()
         y, st = sc.sparse_hybrid_attention(*(sl(t) for t in (q, k, v, pq, pk)), state=st, **kw)
-        assert len(calls) == (b - a > 1)
+        assert len(calls) == (b - a > 1) and len(attends) == 1  # a single token: no schedule, the attention kernel
         y0, st0 = torch_path(*(sl(t) for t in (q, k, v, pq, pk)), state=st0, **kw)
         same_state(st, st0)
         ys.append(y)
         ys0.append(y0)
     close(torch.cat(ys, 2), full, 1e-5)
     close(torch.cat(ys0, 2), full, 1e-5)
+    sc.PREFILL_PIECE = 16  # a prefill without autograd in pieces of 16 tokens: both kernels once per piece
+    calls.clear()
+    attends.clear()
+    with torch.no_grad():
+        y, _ = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+    assert len(calls) == len(attends) == 8
+    close(y, full, 1e-5)
     """)
 
 

@@ -45,7 +45,9 @@ tensors anyway).
 On CUDA (float32 accumulation, a call of more than one token) the schedule, which is sequential and some fifty
 small operations per boundary here, runs as one Triton kernel launch per call (:mod:`hedgehog.ops.triton_sparse`),
 which returns the state and the cache's indices at every boundary; under autograd the states are then folded again
-in PyTorch from that schedule (:func:`_fold_states`), so gradients flow as here. Among equal scores the kernel keeps
+in PyTorch from that schedule (:func:`_fold_states`), so gradients flow as here. Without autograd the attention of
+the call runs there as a second kernel (:func:`hedgehog.ops.triton_sparse.attend`), one program per segment and
+query head, instead of :func:`_attend`'s batched operations. Among equal scores the kernel keeps
 the earlier pool entry, where ``torch.topk`` makes its own pick (:func:`_top`); otherwise the two choose the same keys.
 
 LoLA adds the cache to a trained hybrid without training. Here stage 2 trains with it: the op is differentiable
@@ -258,6 +260,19 @@ def _schedule_kernel_serves(q, cache_size: int, acc, n: int) -> bool:
     return triton_sparse.serves(q)
 
 
+def _attend_kernel_serves(q, acc, tensors, cache_size: int) -> bool:
+    """Whether a call's attention runs as the Triton kernel (:func:`hedgehog.ops.triton_sparse.attend`): where the
+    schedule kernel may run (CUDA or the interpreter, float32 accumulation, a cache, ``HEDGEHOG_SPARSE_KERNEL`` not
+    0), without autograd (training keeps the PyTorch attention and its gradients)."""
+    if not cache_size or acc != torch.float32 or os.environ.get("HEDGEHOG_SPARSE_KERNEL") == "0":
+        return False
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return False
+    from hedgehog.ops import triton_sparse
+
+    return triton_sparse.serves(q)
+
+
 def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chunk: int, window: int, sinks: int,
                         cache_size: int, decay, eps: float, score: str):
     """The boundaries of one call in one kernel launch: the segments ``(start, end, t)`` and, per segment, the
@@ -341,8 +356,14 @@ def _attend(segs, S, z, Kc, Vc, see_c, st: SparseCacheState, keys: _Keys, q, phi
 
     ``segs``: per segment ``(start, end, t)``, the queries ``start..end-1`` read the state ``S`` (B, Hk, M, F, D),
     ``z`` (B, Hk, M, F) and the cache ``Kc``, ``Vc`` (B, Hk, M, λ, .), ``see_c`` (B, Hk, M, λ) as they were at
-    boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``.
+    boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``. Where the Triton kernel serves
+    (:func:`_attend_kernel_serves`) it computes the same.
     """
+    if _attend_kernel_serves(q, S.dtype, (q, phi_q, S, z, Kc, Vc, keys.k, keys.v, decay, gamma), Kc.shape[3]):
+        from hedgehog.ops import triton_sparse
+
+        return triton_sparse.attend(q, phi_q, S, z, Kc, Vc, see_c, st.sink_k, st.sink_v, st.sink_ok, keys.k, keys.v,
+                                    keys.ok, keys.base, segs, p0, window, gamma, scale, decay, eps)
     B, Hq, n, d = q.shape
     Hk = st.S.shape[1]
     g = Hq // Hk

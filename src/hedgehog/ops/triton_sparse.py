@@ -1,4 +1,4 @@
-"""The sparse cache's schedule as one Triton kernel (for :mod:`hedgehog.ops.sparse_cache`, on CUDA tensors).
+"""The sparse cache's schedule and attention as Triton kernels (for :mod:`hedgehog.ops.sparse_cache`, on CUDA).
 
 The schedule is sequential: at every boundary the candidates are scored against the state as it is then, and the
 state then takes the keys that leave. In PyTorch each boundary is some fifty small operations, which on a GPU is
@@ -14,8 +14,10 @@ row, KV head) walks every boundary of a call with the state ``(S, z)`` in regist
    them; ties go to the earlier pool entry) and fold the rest into ``S, z``.
 
 It writes, per segment of the call, the state ``(S_m, z_m)`` and the cache as *indices* into the call's table of
-candidate keys (the incoming cache, then the recent and new keys); the attention itself, and the gathers of the
-cached keys, stay in PyTorch (:func:`hedgehog.ops.sparse_cache._attend`, a few large batched operations). The
+candidate keys (the incoming cache, then the recent and new keys). Without autograd the attention is a second
+kernel, :func:`attend`: one program per (segment, batch row, query head) reads its segment's state and cache, the
+recent keys and the sinks, and writes the rows, where PyTorch (:func:`hedgehog.ops.sparse_cache._attend`, kept for
+training) materialises every segment's scores, recent keys and masks. The
 choice of which keys stay is not differentiated, and this kernel computes no gradient: under autograd (stage 2) it
 only chooses (``states=False``: no state is written) and the states are folded again in PyTorch from its choice.
 
@@ -185,3 +187,109 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
     if not states:
         S_out = z_out = None
     return S_out, z_out, idx[:, :, 1:, :cache_size]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The attention of every query against its segment's state and cache (without autograd), one program per
+# (segment, batch row, query head): what :func:`hedgehog.ops.sparse_cache._attend` computes in a few large batched
+# operations, without materialising its per-segment scores, recent keys and masks.
+
+if triton is not None:
+
+    @triton.jit
+    def _attend(Q, PHI, S, Z, KC, VC, SEEC, SK, SV, SOK, K, V, KOK, GAM, DECAY, Y, STARTS, ENDS, TS,
+                p0, base, n, Nk, Hq, Hk, G, M, lam, ns, window, scale, eps, d: tl.constexpr, F: tl.constexpr,
+                D: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                BC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // G
+        bk = b * Hk + hk
+        start = tl.load(STARTS + m)
+        end = tl.load(ENDS + m)
+        t = tl.load(TS + m)
+        dq = tl.arange(0, BD)
+        df = tl.arange(0, BF)
+        dv = tl.arange(0, BDV)
+        dqm, dfm, dvm = dq < d, df < F, dv < D
+        qpos = start + tl.arange(0, BL)
+        rows = qpos < end
+        qi = qpos - p0
+        q = tl.load(Q + (bh * n + qi)[:, None] * d + dq[None, :], mask=rows[:, None] & dqm[None, :], other=0.0)
+        q = q * scale
+        fq = tl.load(PHI + (bh * n + qi)[:, None] * F + df[None, :], mask=rows[:, None] & dfm[None, :], other=0.0)
+        # the sinks that have left the recent keys
+        js = tl.arange(0, BS)
+        s_ok = (js < ns) & (js <= t - window)
+        s_ok = s_ok & (tl.load(SOK + b * ns + js, mask=js < ns, other=0) != 0)
+        ks = tl.load(SK + (bk * ns + js)[:, None] * d + dq[None, :], mask=s_ok[:, None] & dqm[None, :], other=0.0)
+        vs = tl.load(SV + (bk * ns + js)[:, None] * D + dv[None, :], mask=s_ok[:, None] & dvm[None, :], other=0.0)
+        ss = tl.where(rows[:, None] & s_ok[None, :], tl.dot(q, tl.trans(ks), input_precision="ieee"), float("-inf"))
+        # the cache as of the segment's boundary
+        jc = tl.arange(0, BC)
+        crow = (bk * M + m) * lam + jc
+        c_ok = (jc < lam) & (tl.load(SEEC + crow, mask=jc < lam, other=0) != 0)
+        kc = tl.load(KC + crow[:, None] * d + dq[None, :], mask=c_ok[:, None] & dqm[None, :], other=0.0)
+        vc = tl.load(VC + crow[:, None] * D + dv[None, :], mask=c_ok[:, None] & dvm[None, :], other=0.0)
+        sc = tl.where(rows[:, None] & c_ok[None, :], tl.dot(q, tl.trans(kc), input_precision="ieee"), float("-inf"))
+        # the recent keys t - w < i <= query
+        rp = t - window + 1 + tl.arange(0, BR)
+        ri = rp - base
+        r_in = (rp >= 0) & (rp < end) & (ri < Nk)
+        r_ok = r_in & (tl.load(KOK + b * Nk + ri, mask=r_in, other=0) != 0)
+        kr = tl.load(K + (bk * Nk + ri)[:, None] * d + dq[None, :], mask=r_ok[:, None] & dqm[None, :], other=0.0)
+        vr = tl.load(V + (bk * Nk + ri)[:, None] * D + dv[None, :], mask=r_ok[:, None] & dvm[None, :], other=0.0)
+        see_r = rows[:, None] & r_ok[None, :] & (rp[None, :] <= qpos[:, None])
+        sr = tl.where(see_r, tl.dot(q, tl.trans(kr), input_precision="ieee"), float("-inf"))
+        c = tl.maximum(tl.maximum(tl.max(ss, 1), tl.max(sc, 1)), tl.max(sr, 1))
+        c = tl.where(c == float("-inf"), 0.0, c)  # a padding query that sees no key
+        gam = tl.load(GAM + h)
+        es = tl.exp(ss - c[:, None]) * gam
+        ec = tl.exp(sc - c[:, None]) * gam
+        er = tl.exp(sr - c[:, None]) * gam
+        num = tl.dot(es, vs, input_precision="ieee") + tl.dot(ec, vc, input_precision="ieee")
+        num += tl.dot(er, vr, input_precision="ieee")
+        den = tl.sum(es, 1) + tl.sum(ec, 1) + tl.sum(er, 1)
+        # the linear part: the state of the boundary, lambda^(query - t)
+        st = (bk * M + m)
+        Sm = tl.load(S + st * F * D + df[:, None] * D + dv[None, :], mask=dfm[:, None] & dvm[None, :], other=0.0)
+        zm = tl.load(Z + st * F + df, mask=dfm, other=0.0)
+        age = tl.exp(tl.load(DECAY + hk) * (qpos - t).to(tl.float32))
+        lin = tl.dot(fq, Sm, input_precision="ieee") * age[:, None]
+        lin_den = tl.sum(fq * zm[None, :], 1) * age
+        y = (num + lin) / tl.maximum(den + lin_den, eps)[:, None]
+        tl.store(Y + (bh * n + qi)[:, None] * D + dv[None, :], y, mask=rows[:, None] & dvm[None, :])
+
+
+def attend(q, phi_q, S, z, Kc, Vc, see_c, sink_k, sink_v, sink_ok, keys_k, keys_v, keys_ok, base: int, segs, p0: int,
+           window: int, gamma, scale: float, decay, eps: float) -> torch.Tensor:
+    """Every query of a call against its segment's state, cache, recent keys and sinks (no autograd).
+
+    Args: as :func:`hedgehog.ops.sparse_cache._attend` takes them: q (B, Hq, n, d), phi_q (B, Hq, n, F); per segment
+    ``S`` (B, Hk, M, F, D), ``z`` (B, Hk, M, F), ``Kc``, ``Vc`` (B, Hk, M, λ, .), ``see_c`` (B, Hk, M, λ); the sinks
+    (B, Hk, ns, .) and ``sink_ok`` (B, ns); the call's key table ``keys_k``/``keys_v`` (B, Hk, Nk, .), ``keys_ok``
+    (B, Nk) from position ``base``; ``segs`` ``(start, end, t)``; gamma (Hq,) or a scalar; decay (Hk,) or None.
+    Returns: y (B, Hq, n, D) in float32.
+    """
+    B, Hq, n, d = q.shape
+    Hk, M, lam = S.shape[1], S.shape[2], Kc.shape[3]
+    F, D, ns, Nk = phi_q.shape[-1], Vc.shape[-1], sink_k.shape[2], keys_k.shape[2]
+    dev = q.device
+    f32 = lambda x: x.float().contiguous()
+    i8 = lambda x: x.to(torch.int8).contiguous()
+    ints = lambda i: torch.tensor([s[i] for s in segs], dtype=torch.int64, device=dev)
+    gam = torch.as_tensor(gamma, device=dev).detach().float().expand(Hq).contiguous()
+    lam_log = decay.detach().float().contiguous() if decay is not None else torch.zeros(Hk, device=dev)
+    L = max(s[1] - s[0] for s in segs)
+    R = max(s[1] - s[2] for s in segs) + window - 1
+    y = torch.empty(B, Hq, n, D, dtype=torch.float32, device=dev)
+    dummy = lambda x: x if x.numel() else torch.zeros(1, device=dev, dtype=x.dtype)  # a valid pointer for no sinks
+    _attend[(M, B * Hq)](
+        f32(q), f32(phi_q), f32(S), f32(z), f32(Kc), f32(Vc), i8(see_c), dummy(f32(sink_k)), dummy(f32(sink_v)),
+        dummy(i8(sink_ok)), f32(keys_k), f32(keys_v), i8(keys_ok), gam, lam_log, y, ints(0), ints(1), ints(2),
+        int(p0), int(base), n, Nk, Hq, Hk, Hq // Hk, M, lam, ns, int(window), float(scale), float(eps),
+        d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), BC=_pow2(lam), BS=_pow2(max(ns, 1)),
+        BR=_pow2(R), num_warps=NUM_WARPS)
+    return y
