@@ -155,3 +155,21 @@ def test_teacher_log_kernel_backward_matches_autograd_including_the_clamped_side
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.all(got[1][0, 0, :3] == 0)  # keys whose every score sits on the flat side get no gradient
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_stage1_loss_never_reads_a_device_value(hybrid):
+    """Stage 1 computes this loss once per layer and step. On a GPU, every value read back from the device (an
+    ``int()`` of a row position, an ``.item()``) stalls the launch queue; the row subsets live on the host, so the
+    loss reads its bounds there. Meta tensors stand in for a device whose values cannot be read: any read raises."""
+    from hedgehog.ops.settings import HybridSettings
+
+    B, H, N, d, F = 1, 2, 64, 8, 16
+    q, k = (torch.randn(B, H, N, d, device="meta") for _ in range(2))
+    pq, pk = (torch.rand(B, H, N, F, device="meta", requires_grad=True) for _ in range(2))
+    settings = HybridSettings(8, torch.full((H,), 0.5, device="meta"), sinks=2,
+                              decay=torch.zeros(H, device="meta")) if hybrid else None
+    for rows in (None, torch.randperm(N)[:16]):
+        loss = attention_distillation_loss(q, k, pq, pk, query_index=rows, query_block=8, hybrid=settings)
+        loss.backward()
+        assert loss.device.type == "meta" and loss.shape == ()

@@ -66,6 +66,34 @@ def test_non_finite_loss_stops_before_the_update():
     assert torch.allclose(w.detach(), torch.ones(3) - 0.1 * 2 / 12 ** 0.5, atol=1e-6)
 
 
+def test_losses_are_read_once_per_step_not_per_backward(monkeypatch):
+    """backward() never reads a loss back (on a GPU each read stalls the launch queue; stage 1 calls it once per
+    layer and step); the step reads every loss since the last in one go and names the first non-finite one; means()
+    reads a list of such values at once, with the numbers Python floats would give."""
+    e = Engine("cpu", progress=False)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    reads = []
+
+    def no_read(self, *a):
+        reads.append(1)
+        raise AssertionError("a loss was read back during backward")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_read)
+        m.setattr(torch.Tensor, "__float__", no_read)
+        got = [e.backward((w * c).sum() / 3, f"layer {i}") for i, c in enumerate((0.1, 0.7, float("inf"), 2.0))]
+    assert not reads and all(isinstance(g, torch.Tensor) and g.dtype == torch.float64 for g in got)
+    with pytest.raises(TrainingDivergedError, match="layer 2: loss became inf"):
+        e.step(opt, [w], lr=0.1)
+    vals = [torch.tensor(0.1, dtype=torch.float32) * 3, torch.tensor(2 / 3, dtype=torch.float32)]
+    per = [0.0, 0.0]
+    for i, v in enumerate(vals):
+        per[i] += e.backward((w * 0).sum() + v, "x") / 4
+    assert e.means(per) == [float(v) / 4 for v in vals]  # float64 sums of the float32 losses, as before
+    e.step(opt, [w], lr=0.1)
+
+
 def test_schedule_and_names():
     assert lr_factor(0, 10, 2) == 0.5 and lr_factor(1, 10, 2) == 1.0
     assert lr_factor(10, 10, 2) == pytest.approx(0.1)

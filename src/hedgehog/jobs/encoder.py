@@ -123,7 +123,7 @@ def finetune(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, steps: i
         engine.step(opt, params, lr=lr, clip=1.0)
     model.eval()
     return {"steps": steps, "examples": steps * batch_size, "seconds": time.perf_counter() - t0,
-            "final_loss": sum(hist[-20:]) / max(1, len(hist[-20:]))}
+            "final_loss": float(sum(hist[-20:]) / max(1, len(hist[-20:])))}
 
 
 @torch.no_grad()

@@ -210,14 +210,17 @@ def attention_distillation_loss(
     teacher = teacher or TeacherSettings()
     teacher = dataclasses.replace(teacher, scale=teacher.scale_for(q.shape[-1]))
     B, H, N, _ = q.shape
-    rows = torch.arange(N, device=q.device) if query_index is None else query_index.to(q.device).sort().values
+    # The rows' bounds are read on the host where the index lives there (stage 1's row subsets): on a GPU, reading
+    # them from a device copy would stall the launch queue once per block, layer and step.
+    rows = torch.arange(N) if query_index is None else query_index.sort().values
     total = q.new_zeros((), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     track = torch.is_grad_enabled() and (phi_q.requires_grad or phi_k.requires_grad)
     for s in range(0, len(rows), query_block):
-        pos = rows[s:s + query_block]
+        pos_h = rows[s:s + query_block]
+        pos = pos_h.to(q.device, non_blocking=True)
         contiguous = query_index is None
-        kend = (int(pos[-1]) + 1) if causal else N
-        sel = slice(int(pos[0]), int(pos[-1]) + 1) if contiguous else pos
+        kend = (int(pos_h[-1]) + 1) if causal else N
+        sel = slice(int(pos_h[0]), int(pos_h[-1]) + 1) if contiguous else pos
         args = (q[:, :, sel], k[:, :, :kend], phi_q[:, :, sel], phi_k[:, :, :kend], pos)
         if track and query_block < len(rows):  # several blocks: recompute each in backward to bound memory
             part = checkpoint(_block_ce, *args, causal, teacher, eps, hybrid, use_reentrant=False)

@@ -145,7 +145,8 @@ class Engine:
                             "(its process-wide state was set up earlier for another device); start a new process, "
                             "or pass the same --device to every run in this one.")
         self.progress = progress and self.is_main
-        self._bad: Optional[Tuple[str, float]] = None
+        # each loss since the last step, detached on the device: read in one sync at the step (see backward)
+        self._pending: List[Tuple[str, torch.Tensor]] = []
 
     # ---- processes ---------------------------------------------------------------------------------
     @property
@@ -194,8 +195,11 @@ class Engine:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return self.acc.reduce(t, "sum").item() > 0
 
-    def means(self, values: Sequence[float]) -> List[float]:
-        """Each of ``values`` averaged over the ranks, in one collective."""
+    def means(self, values: Sequence) -> List[float]:
+        """Each of ``values`` (numbers, or 0-d tensors such as :meth:`backward` returns, read in one device sync)
+        averaged over the ranks, in one collective."""
+        if values and all(isinstance(v, torch.Tensor) for v in values):
+            values = torch.stack([v.detach().reshape(()).double() for v in values]).tolist()
         if not self.distributed or not values:
             return [float(v) for v in values]
         t = torch.tensor([float(v) for v in values], device=self.device)
@@ -221,15 +225,28 @@ class Engine:
         return self.acc.autocast()
 
     # ---- the step ------------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, where: str, scale: float = 1.0) -> float:
-        """Back-propagate ``loss * scale``; returns ``loss`` as a float. A non-finite loss is remembered and
-        stops the next :meth:`step` on every rank. (It is still propagated: under DDP the gradient all-reduce
-        runs inside the backward, and a rank that skipped it would leave the others waiting.)"""
-        value = loss.item()
-        if not math.isfinite(value):
-            self._bad = self._bad or (where, value)
+    def backward(self, loss: torch.Tensor, where: str, scale: float = 1.0) -> torch.Tensor:
+        """Back-propagate ``loss * scale``; returns ``loss`` detached, as a 0-d float64 tensor on its device (sums
+        of it stay there; :meth:`means` reads them in one sync). No device sync here: on a GPU stage 1 calls this
+        once per layer and step, and reading each loss would stall the launch queue each time. A non-finite loss
+        stops the next :meth:`step` on every rank, which checks every loss since the last step at once. (It is
+        still propagated: under DDP the gradient all-reduce runs inside the backward, and a rank that skipped it
+        would leave the others waiting.)"""
+        value = loss.detach().reshape(()).double()
+        self._pending.append((where, value))
         self.acc.backward(loss * scale if scale != 1.0 else loss)
         return value
+
+    def _first_bad_loss(self) -> Optional[Tuple[str, float]]:
+        """``(where, value)`` of the first non-finite loss since the last step, or None (one device sync)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None
+        finite = torch.isfinite(torch.stack([v for _, v in pending]))
+        if bool(finite.all()):
+            return None
+        i = int((~finite).nonzero()[0, 0])
+        return pending[i][0], float(pending[i][1])
 
     def step(self, opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], *, lr: float,
              clip: Optional[float] = None, sync: bool = False) -> None:
@@ -239,8 +256,7 @@ class Engine:
         :meth:`prepare`-d model, e.g. stage 1's feature maps, trained from per-layer losses without a
         model forward). ``clip``: the gradient-norm bound. A non-finite loss on any rank stops every rank
         with :class:`~hedgehog.errors.TrainingDivergedError` before the update."""
-        bad = self._bad
-        self._bad = None
+        bad = self._first_bad_loss()
         if self.distributed:
             flag = self.acc.reduce(torch.tensor([1.0 if bad else 0.0], device=self.device), "sum").item()
         else:

@@ -148,7 +148,7 @@ def train_lm(job: TrainJob) -> Dict:
         state["step"] += 1
         state["tokens"] += batch.numel() * engine.world
         state["seconds"] = time.perf_counter() - t0
-        losses = engine.means([lm.item()] + ([] if mimic is None else [mimic.item()]))
+        losses = engine.means([lm] + ([] if mimic is None else [mimic]))  # one read of both
         rec = {"step": state["step"], "tokens": state["tokens"], "lm_loss": losses[0]}
         if mimic is not None:
             rec["mimic_loss"] = losses[1]
