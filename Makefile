@@ -38,9 +38,9 @@ test-gpu:
 
 # The one prepared check for a lent GPU (#37): fla from .whl/ where carried, the GPU tests, then the attention
 # benchmark on CUDA in bf16 (hybrid, linear and the default model's hybrid with its sparse cache against SDPA,
-# forward and backward, peak memory) and the
-# from-scratch training step under bf16 autocast into GPU_OUT. (The prefill and decode benches load the real
-# SmolLM2 from the package registry, which the lent machine cannot reach.)
+# forward and backward, peak memory), the from-scratch training step under bf16 autocast, and the conversion's
+# stage 1 / stage 2 tokens/s on a model of SmolLM2's shape with random weights, into GPU_OUT. (The prefill and
+# decode benches load the real SmolLM2 from the package registry, which the lent machine cannot reach.)
 GPU_OUT ?= $(if $(OUT),$(OUT),bench_out/gpu)
 GPU_RUN := PYTHONPATH=src:.site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY)
 gpu-check:
@@ -54,6 +54,7 @@ gpu-check:
 		--repeats 2 --lengths 2048,8192,32768 --out $(GPU_OUT)/attention-sparse-cache
 	$(GPU_RUN) -m hedgehog bench train-step --device cuda --mixed-precision bf16 --lengths 1024,4096 \
 		--tokens 65536 --mimic-rows 64 --repeats 3 --out $(GPU_OUT)/train-step
+	$(GPU_RUN) -m hedgehog bench stages --device cuda --batches 4 --out $(GPU_OUT)/stages
 
 bench: $(STAMP)
 	$(BIN)/hedgehog bench attention --out bench_out/attention

@@ -1,4 +1,4 @@
-"""`hedgehog bench attention | decode | prefill | train-step`."""
+"""`hedgehog bench attention | decode | prefill | train-step | stages`."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,13 @@ def _bench_train_step(args):
     train_step.run_from_args(args)
 
 
+def _bench_stages(args):
+    from hedgehog.bench import stages
+
+    setup_logging()
+    stages.run_from_args(args)
+
+
 def _bench_attention(args):
     from hedgehog.bench import attention
 
@@ -34,7 +41,7 @@ def _bench_attention(args):
 
 
 # measured as a library caller would run them: main() leaves malloc alone for these
-BENCHMARKS = (_bench_attention, _bench_decode, _bench_prefill, _bench_train_step)
+BENCHMARKS = (_bench_attention, _bench_decode, _bench_prefill, _bench_train_step, _bench_stages)
 
 
 def register(sub) -> None:
@@ -66,4 +73,11 @@ def register(sub) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     train_step.add_arguments(bt)
     bt.set_defaults(func=_bench_train_step)
+    from hedgehog.bench import stages
+
+    bs = bsub.add_parser("stages", help="conversion throughput: stage 1 and stage 2 tokens/s of the default job, on "
+                         "a model of SmolLM2's shape (no download)", description=stages.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages.add_arguments(bs)
+    bs.set_defaults(func=_bench_stages)
 
