@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test smoke test-slow test-gpu gpu-check bench compare clean
+.PHONY: setup demo test smoke test-slow test-gpu gpu-site gpu-check gpu-check-models bench compare clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on this machine that is the local CPU wheel.
 $(STAMP): pyproject.toml
@@ -38,13 +38,17 @@ test-gpu:
 
 # The one prepared check for a lent GPU (#37): fla from .whl/ where carried, the GPU tests, then the attention
 # benchmark on CUDA in bf16 (hybrid, linear and the default model's hybrid with its sparse cache against SDPA,
-# forward and backward, peak memory), the from-scratch training step under bf16 autocast, and the conversion's
-# stage 1 / stage 2 tokens/s on a model of SmolLM2's shape with random weights, into GPU_OUT. (The prefill and
-# decode benches load the real SmolLM2 from the package registry, which the lent machine cannot reach.)
+# forward and backward, peak memory) and the from-scratch training step under bf16 autocast, into GPU_OUT.
+# gpu-check-models (a second call: one device command may run 10 minutes) measures, on a model of SmolLM2's shape
+# with random weights (the lent machine cannot reach the package registry for the real one), the conversion's
+# stage 1 / stage 2 tokens/s, the whole-model prefill and the decode throughput at 16k context at equal memory
+# against softmax + KV cache.
 GPU_OUT ?= $(if $(OUT),$(OUT),bench_out/gpu)
 GPU_RUN := PYTHONPATH=src:.site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY)
-gpu-check:
-	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --target .site .whl/*.whl; fi
+gpu-site:
+	if [ -d .whl ] && [ ! -d .site/fla ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --target .site .whl/*.whl; fi
+
+gpu-check: gpu-site
 	$(MAKE) test-gpu
 	$(GPU_RUN) -m hedgehog bench attention --device cuda --dtype bf16 --attention hybrid --repeats 3 \
 		--lengths 2048,8192,32768,65536 --max-sdpa-len 65536 --out $(GPU_OUT)/attention-hybrid
@@ -54,7 +58,13 @@ gpu-check:
 		--repeats 2 --lengths 2048,8192,32768 --out $(GPU_OUT)/attention-sparse-cache
 	$(GPU_RUN) -m hedgehog bench train-step --device cuda --mixed-precision bf16 --lengths 1024,4096 \
 		--tokens 65536 --mimic-rows 64 --repeats 3 --out $(GPU_OUT)/train-step
+
+gpu-check-models: gpu-site
 	$(GPU_RUN) -m hedgehog bench stages --device cuda --batches 4 --out $(GPU_OUT)/stages
+	$(GPU_RUN) -m hedgehog bench prefill --model smollm2-shape --device cuda --dtype bf16 --repeats 2 \
+		--lengths 2048,16384,32768 --sparse-cache 0,128 --out $(GPU_OUT)/prefill
+	$(GPU_RUN) -m hedgehog bench decode --model smollm2-shape --device cuda --dtype bf16 --contexts 16384 \
+		--steps 8 --memory-gb 40 --max-batch 512 --out $(GPU_OUT)/decode
 
 bench: $(STAMP)
 	$(BIN)/hedgehog bench attention --out bench_out/attention

@@ -51,3 +51,25 @@ def test_stages_bench_on_cuda_uses_the_cuda_recipe():
     res = stages.run("cuda", batches=2, shape=TINY, log=lambda *_: None)
     assert res["config"]["dtype"] == "bf16" and res["config"]["batch_scale"] == 8
     assert res["stage1"]["peak_mb"] > 0 and res["stage2"]["tokens_per_s"] > 0
+
+
+def test_decode_and_prefill_run_on_the_shape_model_without_a_download(monkeypatch):
+    """`--model smollm2-shape`: the default job's architecture on SmolLM2's shape with random weights (here shrunk),
+    the same weights in both models, no tokenizer, nothing fetched: what a lent GPU without the registry can run."""
+    from hedgehog.bench import decode, prefill
+    from hedgehog.data import assets
+    from hedgehog.jobs.config import ConvertJob
+
+    monkeypatch.setattr(stages, "SMOLLM2_135M", {**stages.SMOLLM2_135M, **TINY})
+    monkeypatch.setattr(assets, "smollm2_path", lambda: pytest.fail("SmolLM2 was fetched"))
+    hh, sm, tok, desc = decode.load_pair(decode.SHAPE_MODEL)
+    job = ConvertJob()
+    cfg = hh.model.layers[0].self_attn.hh_config
+    assert tok is None and "random weights" in desc
+    assert (cfg.attention, cfg.sparse_cache, cfg.sinks, cfg.window) == (job.attention, job.sparse_cache, job.sinks,
+                                                                        job.window)
+    assert torch.equal(hh.model.layers[1].mlp.up_proj.weight, sm.model.layers[1].mlp.up_proj.weight)
+    res = decode.run(decode.SHAPE_MODEL, [8, 16], 1, 8, [1], log=lambda *_: None)
+    assert [r["context"] for r in res["rows"]] == [8, 16] and res["rows"][0]["hedgehog_context_fill"] == "prefill"
+    res = prefill.run(decode.SHAPE_MODEL, [16], log=lambda *_: None, sparse_caches=[0, 128])
+    assert set(res["rows"][0]["sparse_cache_s"]) == {"0", "128"}

@@ -36,6 +36,7 @@ from hedgehog.errors import UserError
 from hedgehog.layers.generation import cache_kwargs, cache_nbytes
 
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
+SHAPE_MODEL = "smollm2-shape"  # --model: SmolLM2-135M's shape with random weights (see load_pair)
 
 
 def _fill_cache(model, kind: str, L: int, ids: torch.Tensor, real: bool, batch: int = 1):
@@ -149,8 +150,35 @@ def decode_latency(model, kind: str, L: int, ids: torch.Tensor, steps: int, real
 def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None, device="cpu", dtype=torch.float32):
     """(hedgehog model, softmax model, tokenizer, description): a converted run's model dir and its base, or
     a base model and a copy converted with identity-initialised maps (timing does not depend on training); both
-    on ``device``, loaded in ``dtype`` as ``hedgehog eval --dtype`` and ``convert --dtype`` load them."""
+    on ``device``, loaded in ``dtype`` as ``hedgehog eval --dtype`` and ``convert --dtype`` load them.
+    ``"smollm2-shape"`` (:data:`SHAPE_MODEL`): no download, a model of SmolLM2-135M's shape with random weights
+    and no tokenizer (None), converted with the default job's settings; a machine without the package registry
+    (a lent GPU) runs the benchmarks on it."""
     from hedgehog.layers.attention import HedgehogConfig, set_sparse_cache
+    from hedgehog.models.convert import convert_model
+
+    if model_name == SHAPE_MODEL:  # no download: SmolLM2-135M's shape, random weights, the default job's attention
+        from hedgehog.bench.stages import build_model
+        from hedgehog.jobs.config import ConvertJob, hybrid_settings
+
+        softmax, hedgehog = build_model(None, dtype), build_model(None, dtype)  # the same seed: the same weights
+        job = ConvertJob(attention=attention)
+        convert_model(hedgehog, HedgehogConfig(attention=attention, window=job.window, **hybrid_settings(job)))
+        tok, desc = None, f"SmolLM2-135M's shape with random weights, converted ({attention}, the default job's settings)"
+    else:
+        hedgehog, softmax, tok, desc = _load_named(model_name, attention, dtype)
+    if sparse_cache is not None:
+        try:
+            set_sparse_cache(hedgehog, sparse_cache)
+        except ValueError as e:
+            raise UserError(f"--sparse-cache: {e}") from None
+        desc += f", sparse cache {sparse_cache}"
+    return hedgehog.to(device), softmax.to(device), tok, desc
+
+
+def _load_named(model_name: str, attention: str, dtype):
+    """:func:`load_pair` for a converted run's dir or a base model (on the CPU)."""
+    from hedgehog.layers.attention import HedgehogConfig
     from hedgehog.models.convert import convert_model
     from hedgehog.models.formats import is_converted_dir, read_meta
     from hedgehog.models.loading import load, load_base
@@ -166,13 +194,7 @@ def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None, dev
         hedgehog, _, _ = load_base(model_name, dtype=dtype)
         convert_model(hedgehog, HedgehogConfig(attention=attention))
         desc = f"{model_name} converted ({attention}) with identity-initialised maps"
-    if sparse_cache is not None:
-        try:
-            set_sparse_cache(hedgehog, sparse_cache)
-        except ValueError as e:
-            raise UserError(f"--sparse-cache: {e}") from None
-        desc += f", sparse cache {sparse_cache}"
-    return hedgehog.to(device), softmax.to(device), tok, desc
+    return hedgehog, softmax, tok, desc
 
 
 GB = 2 ** 30
@@ -205,8 +227,11 @@ def run(model_name: str, contexts: List[int], steps: int, max_real_prefill: int,
     dev = resolve_device(device)
     hedgehog, softmax, tok, source = load_pair(model_name, attention, sparse_cache, dev, parse_dtype(dtype))
     need = min(max(contexts), max_real_prefill)
-    corpus = load_corpus(text, tok)
-    ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]
+    if tok is None:  # a model of a shape: random token ids (the timing does not depend on them)
+        ids = torch.randint(0, softmax.config.vocab_size, (1, max(need, 2)), generator=torch.Generator().manual_seed(0))
+    else:
+        corpus = load_corpus(text, tok)
+        ids = tokenize_windows(corpus.splits["train"], tok, need, max_tokens=need)[:1]
     models = (("hedgehog", hedgehog), ("softmax", softmax))
     rows = []
     for L in contexts:
@@ -329,7 +354,8 @@ def plot(result: Dict, path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2', a base model dir/hub id (converted with untrained "
-                   "maps for timing), or a converted run's model dir (default: %(default)s)")
+                   "maps for timing), a converted run's model dir, or 'smollm2-shape' (SmolLM2's shape, random "
+                   "weights, nothing to download) (default: %(default)s)")
     p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
                    help="comma-separated context lengths (default: %(default)s)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per point (default: %(default)s)")

@@ -88,7 +88,8 @@ def run(model_name: str, lengths: List[int], repeats: int = 1, log=print, device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2', a base model dir, or a converted run's model dir "
+    p.add_argument("--model", default="smollm2", help="'smollm2', a base model dir, a converted run's model dir, or "
+                   "'smollm2-shape' (SmolLM2's shape, random weights, nothing to download) "
                    "(default: %(default)s)")
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                    help="comma-separated prompt lengths (default: %(default)s)")
