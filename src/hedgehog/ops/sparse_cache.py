@@ -249,28 +249,21 @@ def _boundary(st: SparseCacheState, t: int, first: int, last: int, keys: _Keys, 
     st.z = st.z + phi_w.sum(2)
 
 
-def _schedule_kernel_serves(q, cache_size: int, acc, n: int) -> bool:
-    """Whether the call's schedule runs as the Triton kernel (:mod:`hedgehog.ops.triton_sparse`): on CUDA (or
-    under Triton's CPU interpreter), in float32, with a cache, over more than one token (a decoding step without a
-    boundary has nothing to schedule). ``HEDGEHOG_SPARSE_KERNEL=0`` turns it off."""
-    if not cache_size or n < 2 or acc != torch.float32 or os.environ.get("HEDGEHOG_SPARSE_KERNEL") == "0":
-        return False
-    from hedgehog.ops import triton_sparse
-
-    return triton_sparse.serves(q)
-
-
-def _attend_kernel_serves(q, acc, tensors, cache_size: int) -> bool:
-    """Whether a call's attention runs as the Triton kernel (:func:`hedgehog.ops.triton_sparse.attend`): where the
-    schedule kernel may run (CUDA or the interpreter, float32 accumulation, a cache, ``HEDGEHOG_SPARSE_KERNEL`` not
-    0), without autograd (training keeps the PyTorch attention and its gradients)."""
+def _kernel_serves(q, acc, cache_size: int) -> bool:
+    """Whether the Triton kernels (:mod:`hedgehog.ops.triton_sparse`) may run for this call: on CUDA (or under
+    Triton's CPU interpreter), in float32, with a cache; ``HEDGEHOG_SPARSE_KERNEL=0`` turns them off. The schedule
+    kernel also needs more than one token (a decoding step without a boundary has nothing to schedule), the
+    attention kernel a call without autograd (training keeps the PyTorch attention and its gradients)."""
     if not cache_size or acc != torch.float32 or os.environ.get("HEDGEHOG_SPARSE_KERNEL") == "0":
         return False
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        return False
     from hedgehog.ops import triton_sparse
 
     return triton_sparse.serves(q)
+
+
+def _under_autograd(*tensors) -> bool:
+    """Whether autograd records this call: grad mode on and some input (None allowed) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chunk: int, window: int, sinks: int,
@@ -297,8 +290,7 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
     idx0 = torch.where(st.cache_ok, slots, -1 - slots)
     lam_log = decay.detach().float() if decay is not None else torch.zeros(Hk, device=dev)
     ts = [s[2] for s in segs]
-    grads = (tab_phi, tab_v, st.S, st.z, decay)
-    autograd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads)
+    autograd = _under_autograd(tab_phi, tab_v, st.S, st.z, decay)
     with torch.no_grad():  # under autograd the kernel only chooses; the states are folded again below
         S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
                                            ncand, dts, ts, window, cache_size, eps, score, states=not autograd)
@@ -357,9 +349,10 @@ def _attend(segs, S, z, Kc, Vc, see_c, st: SparseCacheState, keys: _Keys, q, phi
     ``segs``: per segment ``(start, end, t)``, the queries ``start..end-1`` read the state ``S`` (B, Hk, M, F, D),
     ``z`` (B, Hk, M, F) and the cache ``Kc``, ``Vc`` (B, Hk, M, λ, .), ``see_c`` (B, Hk, M, λ) as they were at
     boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``. Where the Triton kernel serves
-    (:func:`_attend_kernel_serves`) it computes the same.
+    (:func:`_kernel_serves`, no autograd) it computes the same.
     """
-    if _attend_kernel_serves(q, S.dtype, (q, phi_q, S, z, Kc, Vc, keys.k, keys.v, decay, gamma), Kc.shape[3]):
+    if _kernel_serves(q, S.dtype, Kc.shape[3]) and not _under_autograd(q, phi_q, S, z, Kc, Vc, keys.k, keys.v,
+                                                                       decay, gamma):
         from hedgehog.ops import triton_sparse
 
         return triton_sparse.attend(q, phi_q, S, z, Kc, Vc, see_c, st.sink_k, st.sink_v, st.sink_ok, keys.k, keys.v,
@@ -493,7 +486,7 @@ def _sparse_call(q, k, v, phi_q, phi_k, window: int, cache_size: int, gamma: Gam
         st.sink_ok = st.sink_ok.clone()
         st.sink_ok[:, p0:p0 + m] = ok[:, :m]
     keys = _Keys(st, k, v, phi_k, ok, base)
-    if _schedule_kernel_serves(q, cache_size, acc, n):
+    if n >= 2 and _kernel_serves(q, acc, cache_size):
         segs, per_seg = _schedule_on_kernel(st, keys, p0, n, chunk, window, sinks, cache_size, decay, eps, score)
     else:
         segs, states = [], []
