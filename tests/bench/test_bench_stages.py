@@ -37,8 +37,11 @@ def test_cli_refuses_bad_settings(capsys, tmp_path):
 
     assert "--batches must be at least 2" in user_error(capsys, ["bench", "stages", "--batches", "1",
                                                                  "--out", str(tmp_path)])
-    assert "--batch-scale must be" in user_error(capsys, ["bench", "stages", "--batch-scale", "0",
-                                                          "--out", str(tmp_path)])
+    from hedgehog.cli import main
+
+    with pytest.raises(SystemExit) as e:  # convert's parser: argparse names the option and the accepted values
+        main(["bench", "stages", "--batch-scale", "0", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--batch-scale: '0' is not 'auto' or a whole number >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert "sees no CUDA device" in user_error(capsys, ["bench", "stages", "--device", "cuda",
                                                             "--out", str(tmp_path)])

@@ -38,7 +38,7 @@ from hedgehog.modules.feature_maps import get_feature_map
 from hedgehog.ops import (backends, cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention,
                           triton_sparse, triton_window)
 from hedgehog.ops.sparse_cache import sparse_hybrid_attention
-from hedgehog.train.engine import parse_dtype
+from hedgehog.train.engine import DTYPES, parse_dtype
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 
@@ -384,7 +384,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sdpa-len", type=int, default=None, help="skip SDPA above this length")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="q, k, v for both SDPA and Hedgehog (bf16/fp16 on GPUs; the CPU is fastest in fp32) "
                         "(default: %(default)s)")
     p.add_argument("--out", default="bench_out/attention", help="output dir for JSON + PNG (default: %(default)s)")

@@ -34,6 +34,7 @@ import torch
 from hedgehog.bench.attention import _vm_kb, reset_peak_rss, sync_device
 from hedgehog.errors import UserError
 from hedgehog.layers.generation import cache_kwargs, cache_nbytes
+from hedgehog.train.engine import DTYPES
 
 DEFAULT_CONTEXTS = [256, 1024, 4096, 8192, 16384, 32768]
 SHAPE_MODEL = "smollm2-shape"  # --model: SmolLM2-135M's shape with random weights (see load_pair)
@@ -154,16 +155,15 @@ def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None, dev
     ``"smollm2-shape"`` (:data:`SHAPE_MODEL`): no download, a model of SmolLM2-135M's shape with random weights
     and no tokenizer (None), converted with the default job's settings; a machine without the package registry
     (a lent GPU) runs the benchmarks on it."""
-    from hedgehog.layers.attention import HedgehogConfig, set_sparse_cache
+    from hedgehog.layers.attention import set_sparse_cache
     from hedgehog.models.convert import convert_model
 
     if model_name == SHAPE_MODEL:  # no download: SmolLM2-135M's shape, random weights, the default job's attention
         from hedgehog.bench.stages import build_model
-        from hedgehog.jobs.config import ConvertJob, hybrid_settings
+        from hedgehog.jobs.config import ConvertJob, hedgehog_config
 
         softmax, hedgehog = build_model(None, dtype), build_model(None, dtype)  # the same seed: the same weights
-        job = ConvertJob(attention=attention)
-        convert_model(hedgehog, HedgehogConfig(attention=attention, window=job.window, **hybrid_settings(job)))
+        convert_model(hedgehog, hedgehog_config(ConvertJob(attention=attention)))
         tok, desc = None, f"SmolLM2-135M's shape with random weights, converted ({attention}, the default job's settings)"
     else:
         hedgehog, softmax, tok, desc = _load_named(model_name, attention, dtype)
@@ -375,7 +375,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="real prefill up to this context; synthetic cache fill above (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: %(default)s); on "
                    "CUDA each step is synchronised and the peak is the device's allocation")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="both models' weights and caches (the Hedgehog state stays float32) (default: %(default)s)")
     p.add_argument("--out", default="bench_out/decode", help="output dir for JSON + PNG (default: %(default)s)")
 

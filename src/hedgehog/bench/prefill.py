@@ -23,6 +23,7 @@ import torch
 
 from hedgehog.bench.attention import best_of, peak_forward_cuda_mb, sync_device
 from hedgehog.errors import UserError
+from hedgehog.train.engine import DTYPES
 
 DEFAULT_LENGTHS = (1024, 4096, 16384)
 
@@ -95,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prompt lengths (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards per point, best kept (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: %(default)s)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="both models' weights (default: %(default)s)")
     p.add_argument("--sparse-cache", default="", help="comma-separated sparse-cache sizes to time the (hybrid) model "
                    "at, e.g. 0,128 (the first is the hedgehog column; default: the model's own)")

@@ -52,8 +52,7 @@ def build_model(model_dir: Optional[str], dtype: torch.dtype, shape: Optional[Di
 
 def run(device: str = "cpu", batch_scale: Optional[int] = None, dtype: str = "auto", batches: int = 4,
         model_dir: Optional[str] = None, shape: Optional[Dict] = None, log=print) -> Dict:
-    from hedgehog.jobs.config import ConvertJob, for_device, hybrid_settings, stage2_seq_len, with_position_offsets
-    from hedgehog.layers.attention import HedgehogConfig
+    from hedgehog.jobs.config import ConvertJob, for_device, hedgehog_config, stage2_seq_len, with_position_offsets
     from hedgehog.models.convert import convert_model
     from hedgehog.train.engine import Engine, parse_dtype
     from hedgehog.train.stage1 import attention_transfer
@@ -64,9 +63,7 @@ def run(device: str = "cpu", batch_scale: Optional[int] = None, dtype: str = "au
     model = build_model(model_dir, parse_dtype(job.dtype), shape)
     job = with_position_offsets(job, model.config)
     model.to(engine.device)
-    convert_model(model, HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale,
-                                        distill_loss=job.distill_loss, attention=job.attention, window=job.window,
-                                        **hybrid_settings(job)))
+    convert_model(model, hedgehog_config(job))
     cuda = engine.device.type == "cuda"
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -107,9 +104,12 @@ def run(device: str = "cpu", batch_scale: Optional[int] = None, dtype: str = "au
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
-    p.add_argument("--batch-scale", default="auto",
+    from hedgehog.jobs.config import batch_scale_arg
+    from hedgehog.train.engine import DTYPES
+
+    p.add_argument("--batch-scale", type=batch_scale_arg, default="auto",
                    help="as convert's: 'auto' (8 on CUDA, 1 on the CPU) or N (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="the model's weights, as convert's (auto: bf16 on CUDA) (default: %(default)s)")
     p.add_argument("--batches", type=int, default=4,
                    help="stage 1 batches and stage 2 steps to run, the first of each left out of the rate "
@@ -122,15 +122,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> Dict:
     if args.batches < 2:
         raise UserError(f"--batches must be at least 2 (the first is left out of the rate), got {args.batches}")
-    scale = None if args.batch_scale == "auto" else args.batch_scale
-    if scale is not None and (not str(scale).isdigit() or int(scale) < 1):
-        raise UserError(f"--batch-scale must be 'auto' or a whole number >= 1, got {args.batch_scale!r}")
     from hedgehog.train.engine import device_arg
 
     device_arg(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run(args.device, None if scale is None else int(scale), args.dtype, args.batches, args.model)
+    result = run(args.device, args.batch_scale, args.dtype, args.batches, args.model)
     (out / "stages.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'stages.json'}")
     return result

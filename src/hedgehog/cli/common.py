@@ -111,7 +111,9 @@ def add_device(parser, what: str, default: str = "auto") -> None:
 
 
 def add_dtype(parser, default: str = "fp32", auto: bool = False) -> None:
-    parser.add_argument("--dtype", choices=(["auto"] if auto else []) + ["fp32", "bf16", "fp16"], default=default,
+    from hedgehog.train.engine import DTYPES
+
+    parser.add_argument("--dtype", choices=(["auto"] if auto else []) + list(DTYPES), default=default,
                         help="the model's weights: fp32, or bf16/fp16 for half the memory and faster matmuls on "
                              "hardware with half-precision units (feature maps and LoRA stay fp32)"
                              + ("; auto: bf16 on CUDA, fp32 on the CPU" if auto else ""))

@@ -45,21 +45,13 @@ def _offsets(arg: str):
     return None if arg.lower() == "auto" else int(arg)
 
 
-def _batch_scale(arg: str):
-    if arg.lower() == "auto":
-        return None
-    if not arg.isdigit() or int(arg) < 1:
-        raise argparse.ArgumentTypeError(f"{arg!r} is not 'auto' or a whole number >= 1")
-    return int(arg)
-
-
 def _decay(arg: str):
     return None if arg.lower() in ("none", "0", "off") else float(arg)
 
 
 def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     """The convert/compare flags; every default is read from the job's dataclasses (one source)."""
-    from hedgehog.jobs.config import CUDA_BATCH_SCALE, LONGEST_OFFSET_CONTEXT, ConvertJob
+    from hedgehog.jobs.config import CUDA_BATCH_SCALE, LONGEST_OFFSET_CONTEXT, ConvertJob, batch_scale_arg
     from hedgehog.train.stage1 import Stage1Config
     from hedgehog.train.stage2 import Stage2Config
 
@@ -155,7 +147,7 @@ def _add_job_options(c: argparse.ArgumentParser, out_default: str) -> None:
     c.add_argument("--seed", type=int, default=job.seed, help="data order seed")
     add_device(c, "where the model converts; under torchrun / accelerate launch each process takes its own", job.device)
     add_dtype(c, job.dtype, auto=True)
-    c.add_argument("--batch-scale", type=_batch_scale, default="auto",
+    c.add_argument("--batch-scale", type=batch_scale_arg, default="auto",
                    help="multiply both stages' batches and token budgets by this: the same optimizer steps as the "
                         f"given ones, each on more data, to feed a GPU. 'auto': {CUDA_BATCH_SCALE} on CUDA (stage 1 "
                         f"batch {CUDA_BATCH_SCALE * s1.batch_size}, stage 2 batch {CUDA_BATCH_SCALE * s2.batch_size}), "

@@ -90,6 +90,26 @@ def for_device(job: ConvertJob, device) -> ConvertJob:
     return replace(job, dtype=dtype, batch_scale=scale, stage1=scaled(job.stage1), stage2=scaled(job.stage2))
 
 
+def batch_scale_arg(arg: str) -> Optional[int]:
+    """``--batch-scale`` as argparse's ``type`` (convert, bench stages): None for 'auto', else a whole number >= 1."""
+    import argparse
+
+    if arg.lower() == "auto":
+        return None
+    if not arg.isdigit() or int(arg) < 1:
+        raise argparse.ArgumentTypeError(f"{arg!r} is not 'auto' or a whole number >= 1")
+    return int(arg)
+
+
+def hedgehog_config(job: ConvertJob):
+    """The :class:`HedgehogConfig` the job converts its model with: its feature map, scale, distillation loss,
+    attention and window, and the hybrid's long-context settings."""
+    from hedgehog.layers.attention import HedgehogConfig
+
+    return HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale, distill_loss=job.distill_loss,
+                          attention=job.attention, window=job.window, **hybrid_settings(job))
+
+
 def hybrid_settings(job: ConvertJob) -> Dict:
     """The long-context settings of the hybrid (``sinks``, ``state_decay``, the sparse cache) for
     :class:`HedgehogConfig`; none for pure linear attention, which they do not apply to."""

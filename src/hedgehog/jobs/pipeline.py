@@ -27,9 +27,9 @@ import torch.nn as nn
 
 from hedgehog.eval import long_context as lc
 from hedgehog.eval.report import mean_fidelity, plot_compare, slim_stage_report
-from hedgehog.jobs.config import (ConvertJob, eval_names, for_device, hybrid_settings, parse_compare_entry,
+from hedgehog.jobs.config import (ConvertJob, eval_names, for_device, hedgehog_config, parse_compare_entry,
                                   resume_settings, stage2_seq_len, with_position_offsets)
-from hedgehog.layers.attention import Mode, HedgehogConfig, set_attention_mode
+from hedgehog.layers.attention import Mode, set_attention_mode
 from hedgehog.train.stage1 import attention_transfer
 from hedgehog.train.stage2 import add_lora, lora_finetune
 from hedgehog.train.engine import Engine
@@ -192,9 +192,7 @@ def prepare(job: ConvertJob) -> JobContext:
     with ctx.timed("teacher_eval_s"):
         if ctx.main:
             ctx.teacher_val_ppl = perplexity(model, val, progress=job.progress, desc="teacher ppl (validation)")
-    convert_model(model, HedgehogConfig(feature_map=job.feature_map, qk_scale=job.qk_scale,
-                                        distill_loss=job.distill_loss, attention=job.attention, window=job.window,
-                                        **hybrid_settings(job)))
+    convert_model(model, hedgehog_config(job))
     with ctx.timed("kl_before_s"):
         ctx.kl_before = ctx.attention_kl()
         ctx.val_point("init", 0, model)
