@@ -123,6 +123,36 @@ def test_kernel_schedule_carries_its_state_across_calls_and_into_decoding():
     """)
 
 
+def test_attention_kernel_reads_the_cache_by_index_and_bf16_inputs_in_their_own_dtype():
+    """On a GPU q, k and v are bf16: the kernel reads them, and each segment's cache through its indices into the
+    call's table of candidate keys, with no fp32 or per-segment copy, and computes in fp32 what the PyTorch
+    attention computes from the same bf16 values."""
+    run("""
+    B, Hq, Hk, n, d, F, D = 2, 4, 2, 100, 8, 16, 8
+    q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=3)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    kw = dict(window=8, cache_size=6, chunk=4, sinks=2, decay=torch.log(torch.tensor([0.97, 0.99])), gamma=0.5)
+    seen, outs = [], []
+    def kernel(q_, phi_q, S, z, tab_k, tab_v, entry, *rest, **kwa):
+        seen.append((q_.dtype, tab_k.dtype, tab_k.shape, entry.shape, S.shape[2]))
+        outs.append(_attend(q_, phi_q, S, z, tab_k, tab_v, entry, *rest, **kwa))
+        return outs[-1]
+    ts.attend = kernel
+    torch_attend = sc._attend
+    def reference(*a, **kwa):
+        outs.append(torch_attend(*a, **kwa))
+        return outs[-1]
+    sc._attend = reference
+    y, st = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+    y0, st0 = torch_path(q, k, v, pq, pk, **kw)
+    same_state(st, st0)
+    M = seen[0][-1]  # segments
+    assert M > n // 4 - 2 and seen == [(torch.bfloat16, torch.bfloat16, (B, Hk, 6 + n, d), (B, Hk, M, 6), M)], seen
+    assert y.dtype == torch.bfloat16 and len(outs) == 3 and outs[0].dtype == outs[2].dtype == torch.float32
+    print(close(outs[0], outs[2], 1e-5))
+    """)
+
+
 def test_kernel_schedule_breaks_ties_by_pool_order():
     # A filler repeats its value: "unique" scores each older copy 0, so equal scores decide slots. torch.topk's pick
     # among them is its own (CPU and CUDA differ); the kernel takes the earlier pool entry, which a stable sort

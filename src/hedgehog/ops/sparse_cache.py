@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -206,6 +206,31 @@ class _Keys:
         self.base = base
 
 
+class _SegCache(NamedTuple):
+    """Each segment's cache as of its boundary: ``entry`` (B, Hk, M, λ), indices into the table ``k``, ``v``
+    (B, Hk, Nt, .) of the call's candidate keys (the kernel schedule), or with ``entry`` None the keys themselves,
+    ``k``, ``v`` (B, Hk, M, λ, .) (the PyTorch schedule); ``see`` (B, Hk, M, λ): which slots hold a key."""
+    k: torch.Tensor
+    v: torch.Tensor
+    entry: Optional[torch.Tensor]
+    see: torch.Tensor
+
+    def gathered(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values per segment, (B, Hk, M, λ, .)."""
+        if self.entry is None:
+            return self.k, self.v
+        return _gather_keys(self.k, self.entry), _gather_keys(self.v, self.entry)
+
+    def table(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A table (B, Hk, Nt, .) of keys and values and the entries (B, Hk, M, λ) into it."""
+        if self.entry is not None:
+            return self.k, self.v, self.entry
+        B, Hk, M, lam = self.see.shape
+        flat = lambda x: x.reshape(B, Hk, M * lam, x.shape[-1])
+        entry = torch.arange(M * lam, device=self.see.device).view(M, lam).expand(B, Hk, M, lam)
+        return flat(self.k), flat(self.v), entry
+
+
 def _boundary(st: SparseCacheState, t: int, first: int, last: int, keys: _Keys, window: int, cache_size: int,
               decay: Optional[torch.Tensor], eps: float, score: str = "unique") -> None:
     """The keys ``first..last`` leave the recent keys at boundary ``t`` (:func:`_segments`); they are scored with the
@@ -298,11 +323,11 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
         S, z = _fold_states(st, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts, window, decay)
     see = idx >= 0
     entry = torch.where(see, idx, -1 - idx).long()  # (B, Hk, M, λ)
-    Kc, Vc = _gather_keys(tab_k, entry), _gather_keys(tab_v, entry)
+    last = entry[:, :, -1]
     st.S, st.z, st.boundary = S[:, :, -1], z[:, :, -1], ts[-1]
-    st.cache_k, st.cache_v, st.cache_ok = Kc[:, :, -1], Vc[:, :, -1], see[:, :, -1]
-    st.cache_phi, st.cache_pos = _gather_keys(tab_phi, entry[:, :, -1]), _gather_keys(tab_pos, entry[:, :, -1])
-    return segs, (S, z, Kc, Vc, see)
+    st.cache_k, st.cache_v, st.cache_ok = _gather_keys(tab_k, last), _gather_keys(tab_v, last), see[:, :, -1]
+    st.cache_phi, st.cache_pos = _gather_keys(tab_phi, last), _gather_keys(tab_pos, last)
+    return segs, (S, z, _SegCache(tab_k, tab_v, entry, see))
 
 
 def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts,
@@ -342,21 +367,22 @@ def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, id
     return torch.stack(Ss, 2), torch.stack(zs, 2)
 
 
-def _attend(segs, S, z, Kc, Vc, see_c, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: int,
+def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: int,
             gamma: Gamma, scale: float, decay, eps: float) -> torch.Tensor:
     """Every query of the call at once, segment by segment in one batch: (B, Hq, n, D) in acc.
 
     ``segs``: per segment ``(start, end, t)``, the queries ``start..end-1`` read the state ``S`` (B, Hk, M, F, D),
-    ``z`` (B, Hk, M, F) and the cache ``Kc``, ``Vc`` (B, Hk, M, λ, .), ``see_c`` (B, Hk, M, λ) as they were at
-    boundary ``t``, the recent keys ``t - w < i <= n`` and the sinks ``j <= t - w``. Where the Triton kernel serves
-    (:func:`_kernel_serves`, no autograd) it computes the same.
+    ``z`` (B, Hk, M, F) and the cache (:class:`_SegCache`) as they were at boundary ``t``, the recent keys
+    ``t - w < i <= n`` and the sinks ``j <= t - w``. Where the Triton kernel serves (:func:`_kernel_serves`, no
+    autograd) it computes the same, reading the cache through its indices.
     """
-    if _kernel_serves(q, S.dtype, Kc.shape[3]) and not _under_autograd(q, phi_q, S, z, Kc, Vc, keys.k, keys.v,
-                                                                       decay, gamma):
+    if _kernel_serves(q, S.dtype, cache.see.shape[3]) and not _under_autograd(
+            q, phi_q, S, z, cache.k, cache.v, keys.k, keys.v, decay, gamma):
         from hedgehog.ops import triton_sparse
 
-        return triton_sparse.attend(q, phi_q, S, z, Kc, Vc, see_c, st.sink_k, st.sink_v, st.sink_ok, keys.k, keys.v,
-                                    keys.ok, keys.base, segs, p0, window, gamma, scale, decay, eps)
+        return triton_sparse.attend(q, phi_q, S, z, *cache.table(), cache.see, st.sink_k, st.sink_v, st.sink_ok,
+                                    keys.k, keys.v, keys.ok, keys.base, segs, p0, window, gamma, scale, decay, eps)
+    Kc, Vc, see_c = *cache.gathered(), cache.see
     B, Hq, n, d = q.shape
     Hk = st.S.shape[1]
     g = Hq // Hk
@@ -495,7 +521,8 @@ def _sparse_call(q, k, v, phi_q, phi_k, window: int, cache_size: int, gamma: Gam
                 _boundary(st, t, *leave[1:], keys, window, cache_size, decay, eps, score)
             segs.append((start, end, t))
             states.append((st.S, st.z, st.cache_k, st.cache_v, st.cache_ok))
-        per_seg = [torch.stack(x, 2) for x in zip(*states)]
+        S, z, Kc, Vc, see = (torch.stack(x, 2) for x in zip(*states))
+        per_seg = (S, z, _SegCache(Kc, Vc, None, see))
     y = _attend(segs, *per_seg, st, keys, q, phi_q, p0, window, gamma, scale, decay, eps)
     keep = max(0, st.boundary - window + 1) - base
     st.recent_k, st.recent_v = keys.k[:, :, keep:], keys.v[:, :, keep:]

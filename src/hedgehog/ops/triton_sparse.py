@@ -197,8 +197,8 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
 if triton is not None:
 
     @triton.jit
-    def _attend(Q, PHI, S, Z, KC, VC, SEEC, SK, SV, SOK, K, V, KOK, GAM, DECAY, Y, STARTS, ENDS, TS,
-                p0, base, n, Nk, Hq, Hk, G, M, lam, ns, window, scale, eps, d: tl.constexpr, F: tl.constexpr,
+    def _attend(Q, PHI, S, Z, KT, VT, ENTRY, SEEC, SK, SV, SOK, K, V, KOK, GAM, DECAY, Y, STARTS, ENDS, TS,
+                p0, base, n, Nk, Nt, Hq, Hk, G, M, lam, ns, window, scale, eps, d: tl.constexpr, F: tl.constexpr,
                 D: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
         m = tl.program_id(0)
@@ -217,22 +217,27 @@ if triton is not None:
         qpos = start + tl.arange(0, BL)
         rows = qpos < end
         qi = qpos - p0
+        # inputs in their own dtype (bf16 q, k, v on a GPU), every product in fp32
         q = tl.load(Q + (bh * n + qi)[:, None] * d + dq[None, :], mask=rows[:, None] & dqm[None, :], other=0.0)
-        q = q * scale
+        q = q.to(tl.float32) * scale
         fq = tl.load(PHI + (bh * n + qi)[:, None] * F + df[None, :], mask=rows[:, None] & dfm[None, :], other=0.0)
+        fq = fq.to(tl.float32)
         # the sinks that have left the recent keys
         js = tl.arange(0, BS)
         s_ok = (js < ns) & (js <= t - window)
         s_ok = s_ok & (tl.load(SOK + b * ns + js, mask=js < ns, other=0) != 0)
         ks = tl.load(SK + (bk * ns + js)[:, None] * d + dq[None, :], mask=s_ok[:, None] & dqm[None, :], other=0.0)
         vs = tl.load(SV + (bk * ns + js)[:, None] * D + dv[None, :], mask=s_ok[:, None] & dvm[None, :], other=0.0)
+        ks, vs = ks.to(tl.float32), vs.to(tl.float32)
         ss = tl.where(rows[:, None] & s_ok[None, :], tl.dot(q, tl.trans(ks), input_precision="ieee"), float("-inf"))
-        # the cache as of the segment's boundary
+        # the cache as of the segment's boundary: its entries in the table of candidate keys
         jc = tl.arange(0, BC)
         crow = (bk * M + m) * lam + jc
         c_ok = (jc < lam) & (tl.load(SEEC + crow, mask=jc < lam, other=0) != 0)
-        kc = tl.load(KC + crow[:, None] * d + dq[None, :], mask=c_ok[:, None] & dqm[None, :], other=0.0)
-        vc = tl.load(VC + crow[:, None] * D + dv[None, :], mask=c_ok[:, None] & dvm[None, :], other=0.0)
+        trow = bk * Nt + tl.load(ENTRY + crow, mask=c_ok, other=0)
+        kc = tl.load(KT + trow[:, None] * d + dq[None, :], mask=c_ok[:, None] & dqm[None, :], other=0.0)
+        vc = tl.load(VT + trow[:, None] * D + dv[None, :], mask=c_ok[:, None] & dvm[None, :], other=0.0)
+        kc, vc = kc.to(tl.float32), vc.to(tl.float32)
         sc = tl.where(rows[:, None] & c_ok[None, :], tl.dot(q, tl.trans(kc), input_precision="ieee"), float("-inf"))
         # the recent keys t - w < i <= query
         rp = t - window + 1 + tl.arange(0, BR)
@@ -241,6 +246,7 @@ if triton is not None:
         r_ok = r_in & (tl.load(KOK + b * Nk + ri, mask=r_in, other=0) != 0)
         kr = tl.load(K + (bk * Nk + ri)[:, None] * d + dq[None, :], mask=r_ok[:, None] & dqm[None, :], other=0.0)
         vr = tl.load(V + (bk * Nk + ri)[:, None] * D + dv[None, :], mask=r_ok[:, None] & dvm[None, :], other=0.0)
+        kr, vr = kr.to(tl.float32), vr.to(tl.float32)
         see_r = rows[:, None] & r_ok[None, :] & (rp[None, :] <= qpos[:, None])
         sr = tl.where(see_r, tl.dot(q, tl.trans(kr), input_precision="ieee"), float("-inf"))
         c = tl.maximum(tl.maximum(tl.max(ss, 1), tl.max(sc, 1)), tl.max(sr, 1))
@@ -263,20 +269,23 @@ if triton is not None:
         tl.store(Y + (bh * n + qi)[:, None] * D + dv[None, :], y, mask=rows[:, None] & dvm[None, :])
 
 
-def attend(q, phi_q, S, z, Kc, Vc, see_c, sink_k, sink_v, sink_ok, keys_k, keys_v, keys_ok, base: int, segs, p0: int,
-           window: int, gamma, scale: float, decay, eps: float) -> torch.Tensor:
+def attend(q, phi_q, S, z, tab_k, tab_v, entry, see_c, sink_k, sink_v, sink_ok, keys_k, keys_v, keys_ok, base: int,
+           segs, p0: int, window: int, gamma, scale: float, decay, eps: float) -> torch.Tensor:
     """Every query of a call against its segment's state, cache, recent keys and sinks (no autograd).
 
-    Args: as :func:`hedgehog.ops.sparse_cache._attend` takes them: q (B, Hq, n, d), phi_q (B, Hq, n, F); per segment
-    ``S`` (B, Hk, M, F, D), ``z`` (B, Hk, M, F), ``Kc``, ``Vc`` (B, Hk, M, λ, .), ``see_c`` (B, Hk, M, λ); the sinks
-    (B, Hk, ns, .) and ``sink_ok`` (B, ns); the call's key table ``keys_k``/``keys_v`` (B, Hk, Nk, .), ``keys_ok``
-    (B, Nk) from position ``base``; ``segs`` ``(start, end, t)``; gamma (Hq,) or a scalar; decay (Hk,) or None.
+    Args: q (B, Hq, n, d), phi_q (B, Hq, n, F); per segment ``S`` (B, Hk, M, F, D), ``z`` (B, Hk, M, F); the
+    cache as ``entry`` (B, Hk, M, λ), indices into the table ``tab_k``/``tab_v`` (B, Hk, Nt, .), and ``see_c``
+    (B, Hk, M, λ), so no segment's cache is copied out; the sinks (B, Hk, ns, .) and ``sink_ok`` (B, ns); the call's
+    key table ``keys_k``/``keys_v`` (B, Hk, Nk, .), ``keys_ok`` (B, Nk) from position ``base``; ``segs`` ``(start,
+    end, t)``; gamma (Hq,) or a scalar; decay (Hk,) or None. Keys, values, queries and features are read in their
+    own dtype (no fp32 copies); the products and the output are fp32.
     Returns: y (B, Hq, n, D) in float32.
     """
     B, Hq, n, d = q.shape
-    Hk, M, lam = S.shape[1], S.shape[2], Kc.shape[3]
-    F, D, ns, Nk = phi_q.shape[-1], Vc.shape[-1], sink_k.shape[2], keys_k.shape[2]
+    Hk, M, lam = S.shape[1], S.shape[2], entry.shape[3]
+    F, D, ns, Nk, Nt = phi_q.shape[-1], tab_v.shape[-1], sink_k.shape[2], keys_k.shape[2], tab_k.shape[2]
     dev = q.device
+    c = lambda x: x.contiguous()
     f32 = lambda x: x.float().contiguous()
     i8 = lambda x: x.to(torch.int8).contiguous()
     ints = lambda i: torch.tensor([s[i] for s in segs], dtype=torch.int64, device=dev)
@@ -287,9 +296,9 @@ def attend(q, phi_q, S, z, Kc, Vc, see_c, sink_k, sink_v, sink_ok, keys_k, keys_
     y = torch.empty(B, Hq, n, D, dtype=torch.float32, device=dev)
     dummy = lambda x: x if x.numel() else torch.zeros(1, device=dev, dtype=x.dtype)  # a valid pointer for no sinks
     _attend[(M, B * Hq)](
-        f32(q), f32(phi_q), f32(S), f32(z), f32(Kc), f32(Vc), i8(see_c), dummy(f32(sink_k)), dummy(f32(sink_v)),
-        dummy(i8(sink_ok)), f32(keys_k), f32(keys_v), i8(keys_ok), gam, lam_log, y, ints(0), ints(1), ints(2),
-        int(p0), int(base), n, Nk, Hq, Hk, Hq // Hk, M, lam, ns, int(window), float(scale), float(eps),
-        d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), BC=_pow2(lam), BS=_pow2(max(ns, 1)),
-        BR=_pow2(R), num_warps=NUM_WARPS)
+        c(q), c(phi_q), f32(S), f32(z), c(tab_k), c(tab_v), entry.to(torch.int32).contiguous(), i8(see_c),
+        dummy(c(sink_k)), dummy(c(sink_v)), dummy(i8(sink_ok)), c(keys_k), c(keys_v), i8(keys_ok), gam, lam_log, y,
+        ints(0), ints(1), ints(2), int(p0), int(base), n, Nk, Nt, Hq, Hk, Hq // Hk, M, lam, ns, int(window),
+        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), BC=_pow2(lam),
+        BS=_pow2(max(ns, 1)), BR=_pow2(R), num_warps=NUM_WARPS)
     return y
