@@ -275,6 +275,26 @@ def test_bad_shapes_raise():
 
 
 # -- in a converted model ------------------------------------------------------------------------------
+def test_exact_copies_score_zero_and_ties_go_to_the_earlier_pool_entry():
+    """A repeated value (a repeated token's value in the first layer) is at distance exactly 0 from its newer copy,
+    though the expansion |a|^2 + |b|^2 - 2 a.b leaves it a rounding residue that depends on the device; a value 5%
+    away is not a copy. Among equal scores the earlier pool entry ranks first (as the Triton schedule ranks them)."""
+    from hedgehog.ops.sparse_cache import _top, newer_copy_error
+
+    g = torch.Generator().manual_seed(1)
+    a = 30 + torch.randn(64, generator=g)  # a large norm: a large residue
+    b = torch.randn(64, generator=g)
+    v = torch.stack([a, b, a, a * 1.05, b])  # entries 0 and 2 are copies of a, 1 and 4 of b
+    sq = v.pow(2).sum(-1)
+    assert (sq[0] + sq[2] - 2 * v @ v.T)[0, 2] != 0  # the residue the expansion leaves here
+    err = newer_copy_error(v[None, None], torch.ones(1, 1, 5, dtype=torch.bool), torch.arange(5)[None, None],
+                           torch.float32)[0, 0]
+    assert err[0] == 0.0 and err[1] == 0.0  # the older copies of a and of b
+    assert err[2] > 100 and err[3] > 1e4 and torch.isinf(err[4])  # a vs 1.05 a: |0.05 a|^2 ~ 144; b has none newer
+    scores = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 1.0]])
+    assert _top(scores, 4).tolist() == [[2, 0, 5, 1]]
+
+
 from conftest import FAMILIES, V, perturb_maps, tiny  # noqa: E402
 from conftest import assert_decoding_matches_full_forward, assert_greedy_generate_is_argmax  # noqa: E402
 

@@ -48,7 +48,8 @@ which returns the state and the cache's indices at every boundary; under autogra
 in PyTorch from that schedule (:func:`_fold_states`), so gradients flow as here. Without autograd the attention of
 the call runs there as a second kernel (:func:`hedgehog.ops.triton_sparse.attend`), one program per segment and
 query head, instead of :func:`_attend`'s batched operations. Among equal scores the kernel keeps
-the earlier pool entry, where ``torch.topk`` makes its own pick (:func:`_top`); otherwise the two choose the same keys.
+the earlier pool entry, as :func:`_top` does here, and both count a value's exact copies (first-layer values of a
+repeated token) at distance 0 (:data:`COPY_TOL`), so the two choose the same keys on every device.
 
 LoLA adds the cache to a trained hybrid without training. Here stage 2 trains with it: the op is differentiable
 (the choice of which keys stay is made outside the graph), and LoRA trained without the cache fits a student that
@@ -152,22 +153,32 @@ def leave_one_out_error(phi: torch.Tensor, v: torch.Tensor, w: torch.Tensor, S: 
     return (v.to(acc) - pred).pow(2).sum(-1)
 
 
+COPY_TOL = 1e-4  # a squared distance below this fraction of the two values' squared norms: an exact copy (0)
+
+
 def newer_copy_error(v: torch.Tensor, ok: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``min || v_j - v_i ||^2`` over the valid entries ``i`` (``ok`` (B, Hk, P)) newer than ``j`` (``pos`` (B, Hk, P)),
     for ``v`` (B, Hk, P, D), in ``dtype``: how well a later exact copy would give ``v_j`` back (``inf`` for the newest
-    of its kind, so of several copies one keeps its own score)."""
+    of its kind, so of several copies one keeps its own score).
+
+    A distance below :data:`COPY_TOL` of ``||v_i||^2 + ||v_j||^2`` is 0: the expansion ``|a|^2 + |b|^2 - 2 a.b``
+    leaves an exact copy (a repeated token's value in the first layer) a rounding residue that differs between
+    devices and kernels, and ranking those residues would make the cache's choice among copies device-dependent.
+    The Triton schedule does the same, so both then rank the copies' equal scores by pool order (:func:`_top`)."""
     vv = v.to(dtype)
     sq = vv.pow(2).sum(-1)
-    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * vv @ vv.transpose(-1, -2)).clamp_min(0)
+    norms = sq.unsqueeze(-1) + sq.unsqueeze(-2)
+    d = (norms - 2 * vv @ vv.transpose(-1, -2)).clamp_min(0)
+    d = d.masked_fill(d <= COPY_TOL * norms, 0.0)
     newer = ok.unsqueeze(-2) & (pos.unsqueeze(-2) > pos.unsqueeze(-1))  # [j, i]: i is valid and newer than j
     return d.masked_fill(~newer, float("inf")).amin(-1)
 
 
 def _top(err: torch.Tensor, k: int) -> torch.Tensor:
-    """The indices of the ``k`` highest scores along the last axis, highest first (``torch.topk``). Among equal
-    scores its pick is the implementation's (it differs between CPU and CUDA); the Triton schedule takes the earlier
-    pool entry, which ``err.sort(descending=True, stable=True)`` reproduces (its tests swap that in here)."""
-    return err.topk(k, dim=-1).indices
+    """The indices of the ``k`` highest scores along the last axis, highest first; among equal scores the earlier
+    pool entry, as the Triton schedule takes it (a stable sort: ``torch.topk``'s pick among ties is its own and
+    differs between CPU and CUDA, so the cache would hold other keys on another device)."""
+    return err.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def _segments(p0: int, n: int, chunk: int, boundary: int, window: int, sinks: int):
@@ -318,7 +329,8 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
     autograd = _under_autograd(tab_phi, tab_v, st.S, st.z, decay)
     with torch.no_grad():  # under autograd the kernel only chooses; the states are folded again below
         S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
-                                           ncand, dts, ts, window, cache_size, eps, score, states=not autograd)
+                                           ncand, dts, ts, window, cache_size, eps, score, COPY_TOL,
+                                           states=not autograd)
     if autograd:
         S, z = _fold_states(st, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts, window, decay)
     see = idx >= 0
@@ -335,7 +347,8 @@ def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, id
     """The state at each segment, ``(S (B, Hk, M, F, D), z (B, Hk, M, F))``, differentiably, from a schedule the
     kernel chose: at boundary ``m`` the pool is the cache before it and its new candidates, and the valid pool
     entries not in the cache after it are folded, weighted ``lambda^(t - w - i)``, after the state decays by
-    ``lambda^dt`` (what :func:`_boundary` does, in the same order, with the choice fixed)."""
+    ``lambda^dt`` (what :func:`_boundary` does, with the choice fixed; the scan over boundaries as one matmul, so
+    its sums associate differently, within fp32 rounding)."""
     B, Hk, M, lam = idx.shape
     dev, acc = st.S.device, st.S.dtype
     C = max(max(ncand), 1)
@@ -355,16 +368,20 @@ def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, id
     phi_w = _gather_keys(tab_phi, entry) * wt.unsqueeze(-1)
     vv = _gather_keys(tab_v, entry)
     dS, dz = phi_w.transpose(-1, -2) @ vv.to(acc), phi_w.sum(-2)
-    S, z, Ss, zs = st.S, st.z, [], []
-    for m in range(M):
-        if dts[m] and decay is not None:
-            f = torch.exp(decay.to(acc) * dts[m])
-            S, z = S * f[None, :, None, None], z * f[None, :, None]
-        if ncand[m] > 0:
-            S, z = S + dS[:, :, m], z + dz[:, :, m]
-        Ss.append(S)
-        zs.append(z)
-    return torch.stack(Ss, 2), torch.stack(zs, 2)
+    # S_m = lambda^(T_m) S_0 + sum_{j <= m} lambda^(T_m - T_j) dS_j, with T the time since the state's boundary:
+    # the scan of :func:`_boundary` (decay, then fold) in one (M x M) matmul per KV head, not 4 small ops a segment
+    T = torch.tensor(dts, device=dev, dtype=acc).cumsum(0)  # (M,)
+    tri = torch.ones(M, M, device=dev, dtype=torch.bool).tril() & torch.tensor([p > 0 for p in ncand], device=dev)
+    if decay is None:
+        W, w0 = tri.to(acc).expand(Hk, M, M), torch.ones(Hk, M, device=dev, dtype=acc)
+    else:
+        lam_log = decay.to(acc)
+        W = torch.exp(lam_log[:, None, None] * (T[:, None] - T[None, :]).clamp_min(0)) * tri  # (Hk, M, M)
+        w0 = torch.exp(lam_log[:, None] * T[None, :])  # (Hk, M)
+    F_, D_ = dS.shape[-2:]
+    S = w0[None, :, :, None, None] * st.S[:, :, None] + (W @ dS.reshape(B, Hk, M, F_ * D_)).view(B, Hk, M, F_, D_)
+    z = w0[None, :, :, None] * st.z[:, :, None] + W @ dz
+    return S, z
 
 
 def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, phi_q, p0: int, window: int,

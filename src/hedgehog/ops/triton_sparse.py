@@ -47,7 +47,7 @@ if triton is not None:
 
     @triton.jit
     def _schedule(PHI, V, POS, OK, DECAY, S0, Z0, IDX, CAND0, NCAND, DT, T, S_OUT, Z_OUT, ERR, SCR_IDX,
-                  M, Hk, Ns, window, cache_size, eps, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
+                  M, Hk, Ns, window, cache_size, eps, copy_tol, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                   BD: tl.constexpr, BP: tl.constexpr, SCORE: tl.constexpr, BCOL: tl.constexpr,
                   STATES: tl.constexpr):
         bh = tl.program_id(0)
@@ -114,8 +114,9 @@ if triton is not None:
                                      mask=cv_ok[:, None] & dmask[None, :], other=0.0)
                         pc = tl.load(POS + base_src + cs, mask=cv_ok, other=0)
                         sqc = tl.sum(vc * vc, 1)
-                        dist = tl.maximum(sq[:, None] + sqc[None, :] - 2 * tl.dot(v, tl.trans(vc),
-                                                                                  input_precision="ieee"), 0.0)
+                        norms = sq[:, None] + sqc[None, :]
+                        dist = tl.maximum(norms - 2 * tl.dot(v, tl.trans(vc), input_precision="ieee"), 0.0)
+                        dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
                         newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
                         near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
                     err = tl.minimum(err, near)
@@ -151,7 +152,7 @@ if triton is not None:
 
 def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, decay: torch.Tensor,
              S0: torch.Tensor, z0: torch.Tensor, idx0: torch.Tensor, cand0, ncand, dt, t, window: int,
-             cache_size: int, eps: float, score: str, states: bool = True):
+             cache_size: int, eps: float, score: str, copy_tol: float, states: bool = True):
     """Run the schedule of one call (module docstring).
 
     Args:
@@ -160,6 +161,8 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
         idx0 (B, Hk, cache_size): the cache's table indices, ``-1 - i`` for an empty slot holding entry ``i``.
         cand0, ncand, dt, t: per segment, the table index of its first new candidate, how many (0: no boundary
             or no key leaves), the boundary's step from the previous one (0: none) and the boundary.
+        copy_tol: a squared distance below this fraction of two values' squared norms is an exact copy
+            (:data:`hedgehog.ops.sparse_cache.COPY_TOL`).
         states: False for a caller that folds the states itself (under autograd): no state is written, and
             ``S``, ``z`` come back as None.
     Returns: ``S (B, Hk, M, F, D)``, ``z (B, Hk, M, F)`` (fp32), ``idx (B, Hk, M, cache_size)`` (int32, encoded as
@@ -182,7 +185,7 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
     _schedule[(B * Hk,)](
         f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
         f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, scr,
-        M, Hk, Ns, int(window), int(cache_size), float(eps), F=F, D=D, BF=_dims(F), BD=_dims(D), BP=BP,
+        M, Hk, Ns, int(window), int(cache_size), float(eps), float(copy_tol), F=F, D=D, BF=_dims(F), BD=_dims(D), BP=BP,
         SCORE=SCORE_CODES[score], BCOL=BC, STATES=bool(states), num_warps=NUM_WARPS)
     if not states:
         S_out = z_out = None
