@@ -355,7 +355,7 @@ def test_the_converted_model_on_cuda_equals_its_cpu_run_with_repeated_tokens():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
                                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096))
     convert_model(m, hedgehog_config(ConvertJob()))
     with torch.no_grad():

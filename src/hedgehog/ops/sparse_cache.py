@@ -414,13 +414,15 @@ def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, 
     qrow = qpos < ends[:, None]
     qi = (qpos - p0).clamp(max=n - 1).flatten()
     # rows of a segment: its L queries for each of the g query heads of a KV head, (B, Hk, M, g * L, .)
-    rows = lambda t: t.to(acc)[:, :, qi].view(B, Hk, g, M, L, -1).transpose(2, 3).reshape(B, Hk, M, g * L, -1)
+    # index_select, not t[:, :, idx]: on the CPU the latter's backward (an accumulating index_put over repeated
+    # indices) sums in an order that varies from run to run with 2+ threads, so stage 2 was not reproducible
+    rows = lambda t: t.to(acc).index_select(2, qi).view(B, Hk, g, M, L, -1).transpose(2, 3).reshape(B, Hk, M, g * L, -1)
     qg, fq = rows(q) * scale, rows(phi_q)
     # recent keys t - w < i <= query, by position from the call's key table
     rpos = (ts - window + 1)[:, None] + torch.arange(R, device=dev)[None, :]  # (M, R)
     ri = (rpos - keys.base).clamp(0, keys.k.shape[2] - 1).flatten()
-    Kr = keys.k.to(acc)[:, :, ri].view(B, Hk, M, R, d)
-    Vr = keys.v.to(acc)[:, :, ri].view(B, Hk, M, R, -1)
+    Kr = keys.k.to(acc).index_select(2, ri).view(B, Hk, M, R, d)
+    Vr = keys.v.to(acc).index_select(2, ri).view(B, Hk, M, R, -1)
     see_r = ((rpos >= 0)[:, None, :] & (rpos[:, None, :] <= qpos[:, :, None]))[None] & keys.ok[:, ri].view(B, M, 1, R)
     # cache as of each segment's boundary; sinks that have left the recent keys
     Kc, Vc, see_c = Kc.to(acc), Vc.to(acc), see_c[:, :, :, None, None, :]  # (B, Hk, M, 1, 1, λ)
