@@ -102,11 +102,11 @@ def run(device: str = "cpu", batch_scale: Optional[int] = None, dtype: str = "au
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     from hedgehog.jobs.config import batch_scale_arg
     from hedgehog.train.engine import DTYPES
 
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="'cpu', 'cuda' or 'cuda:N' (default: %(default)s)")
     p.add_argument("--batch-scale", type=batch_scale_arg, default="auto",
                    help="as convert's: 'auto' (8 on CUDA, 1 on the CPU) or N (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],

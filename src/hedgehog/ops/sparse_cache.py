@@ -370,14 +370,12 @@ def _fold_states(st: SparseCacheState, tab_phi, tab_v, tab_pos, tab_ok, idx0, id
     dS, dz = phi_w.transpose(-1, -2) @ vv.to(acc), phi_w.sum(-2)
     # S_m = lambda^(T_m) S_0 + sum_{j <= m} lambda^(T_m - T_j) dS_j, with T the time since the state's boundary:
     # the scan of :func:`_boundary` (decay, then fold) in one (M x M) matmul per KV head, not 4 small ops a segment
+    # (a boundary without candidates has dS = 0: ``fold`` is empty there; no decay is lambda = 1, exp(0) exactly)
     T = torch.tensor(dts, device=dev, dtype=acc).cumsum(0)  # (M,)
-    tri = torch.ones(M, M, device=dev, dtype=torch.bool).tril() & torch.tensor([p > 0 for p in ncand], device=dev)
-    if decay is None:
-        W, w0 = tri.to(acc).expand(Hk, M, M), torch.ones(Hk, M, device=dev, dtype=acc)
-    else:
-        lam_log = decay.to(acc)
-        W = torch.exp(lam_log[:, None, None] * (T[:, None] - T[None, :]).clamp_min(0)) * tri  # (Hk, M, M)
-        w0 = torch.exp(lam_log[:, None] * T[None, :])  # (Hk, M)
+    lam_log = decay.to(acc) if decay is not None else torch.zeros(Hk, device=dev, dtype=acc)
+    tri = torch.ones(M, M, device=dev, dtype=torch.bool).tril()
+    W = torch.exp(lam_log[:, None, None] * (T[:, None] - T[None, :]).clamp_min(0)) * tri  # (Hk, M, M)
+    w0 = torch.exp(lam_log[:, None] * T[None, :])  # (Hk, M)
     F_, D_ = dS.shape[-2:]
     S = w0[None, :, :, None, None] * st.S[:, :, None] + (W @ dS.reshape(B, Hk, M, F_ * D_)).view(B, Hk, M, F_, D_)
     z = w0[None, :, :, None] * st.z[:, :, None] + W @ dz
