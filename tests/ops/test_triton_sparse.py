@@ -157,10 +157,12 @@ def test_kernel_schedule_breaks_ties_by_pool_order():
     # A filler repeats its value: "unique" scores each older copy 0 (COPY_TOL), so equal scores decide slots. Both
     # the kernel and the PyTorch schedule (a stable sort, not torch.topk, whose pick among ties is its own and
     # differs between CPU and CUDA) take the earlier pool entry: they must agree slot by slot and output by output.
+    # A pool of 40 + 4 spans two of the kernel's blocks of 32 entries (ties and copies across blocks).
     out = run("""
+    assert ts.PB == 32
     B, Hq, Hk, n, d, F, D = 2, 2, 1, 160, 8, 16, 8
     q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=2, dup=4)
-    kw = dict(window=8, cache_size=12, chunk=4, sinks=1, decay=torch.log(torch.tensor([0.98])), gamma=0.5)
+    kw = dict(window=8, cache_size=40, chunk=4, sinks=1, decay=torch.log(torch.tensor([0.98])), gamma=0.5)
     y, st = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
     y0, st0 = torch_path(q, k, v, pq, pk, **kw)
     same_state(st, st0)

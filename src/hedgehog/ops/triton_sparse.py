@@ -13,6 +13,9 @@ row, KV head) walks every boundary of a call with the state ``(S, z)`` in regist
 4. keep the ``cache_size`` highest scores (slot = rank, so slots come out in descending score as ``topk`` gives
    them; ties go to the earlier pool entry) and fold the rest into ``S, z``.
 
+Each step walks the pool :data:`PB` entries at a time (the entries' codes and scores pass between the steps through
+a scratch row in global memory), so a program's shared memory and registers are bounded whatever the cache size.
+
 It writes, per segment of the call, the state ``(S_m, z_m)`` and the cache as *indices* into the call's table of
 candidate keys (the incoming cache, then the recent and new keys). Without autograd the attention is a second
 kernel, :func:`attend`: one program per (segment, batch row, query head) reads its segment's state and cache, the
@@ -32,11 +35,17 @@ import torch
 from hedgehog.ops.triton_window import _dims, serves, triton, tl  # noqa: F401  (serves: re-exported)
 
 SCORE_CODES = {"unique": 0, "memory": 1, "state": 2}
-BC = 16  # candidate columns per step of the pairwise passes (newer copies, ranks)
-# One program holds a pool of (cache + chunk, padded to a power of two) candidates' features and values (256 x 128
-# and 256 x 64 at the default model's shapes) and the state (128 x 64): eight warps spread them over more registers.
-# A guess that no GPU has measured yet (#37).
-NUM_WARPS = 8
+# Pool entries per block: a program holds the state (F x D: 128 x 64 at the default model's shapes) in registers
+# and walks the pool (cache + the keys leaving the window: 160 there) a block at a time, so its shared memory and
+# registers do not grow with the cache (the whole pool at once needed 320 KB of shared memory for cache 128 on
+# sm_90, over the 227 KB an H100/H200 block may have: tests/ops/test_triton_compile.py compiles it for sm_90).
+PB = 32
+# The state and its leave-one-out sum (two F x D fp32 tiles) take 32 registers a thread each at 16 warps; at 4 warps
+# ptxas spills 2.7 KB a thread, at 16 warps 64 bytes (the compile test prints each kernel's registers and spills).
+# A schedule program has its SM to itself (one per batch row and KV head), so its warps take none from others.
+# Speed unmeasured on a GPU (#37).
+SCHEDULE_WARPS = 16
+ATTEND_WARPS = 8
 
 
 def _pow2(n: int) -> int:
@@ -46,103 +55,134 @@ def _pow2(n: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _schedule(PHI, V, POS, OK, DECAY, S0, Z0, IDX, CAND0, NCAND, DT, T, S_OUT, Z_OUT, ERR, SCR_IDX,
-                  M, Hk, Ns, window, cache_size, eps, copy_tol, F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
-                  BD: tl.constexpr, BP: tl.constexpr, SCORE: tl.constexpr, BCOL: tl.constexpr,
-                  STATES: tl.constexpr):
+    def _entry(CODE_ROW, lane, NP):
+        """A block of pool lanes: (table index, counts, in the pool), from the codes pass 1 wrote."""
+        real = lane < NP
+        code = tl.load(CODE_ROW + lane, mask=real, other=-1)
+        return tl.where(code >= 0, code, -1 - code), code >= 0, real
+
+    @triton.jit
+    def _load_pool(PHI, V, POS, base_src, safe, real, valid, lam_log, t, window, fr, dr, fmask, dmask,
+                   F: tl.constexpr, D: tl.constexpr):
+        """A block of pool entries' features, values, positions and fold weights ``lambda^(t - w - i)`` (0 where
+        an entry does not count)."""
+        pos = tl.load(POS + base_src + safe, mask=real, other=0)
+        w = tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
+        phi = tl.load(PHI + (base_src + safe)[:, None] * F + fr[None, :], mask=real[:, None] & fmask[None, :],
+                      other=0.0)
+        v = tl.load(V + (base_src + safe)[:, None] * D + dr[None, :], mask=real[:, None] & dmask[None, :], other=0.0)
+        return phi, v, pos, w
+
+    @triton.jit
+    def _schedule(PHI, V, POS, OK, DECAY, S0, Z0, IDX, CAND0, NCAND, DT, T, S_OUT, Z_OUT, ERR, CODE,
+                  M, Hk, Ns, NPMAX, window, cache_size, eps, copy_tol, F: tl.constexpr, D: tl.constexpr,
+                  BF: tl.constexpr, BD: tl.constexpr, PB: tl.constexpr, SCORE: tl.constexpr, STATES: tl.constexpr):
         bh = tl.program_id(0)
         h = bh % Hk
         fr = tl.arange(0, BF)
         dr = tl.arange(0, BD)
-        lane = tl.arange(0, BP)
         fmask = fr < F
         dmask = dr < D
         S = tl.load(S0 + bh * F * D + fr[:, None] * D + dr[None, :], mask=fmask[:, None] & dmask[None, :], other=0.0)
         z = tl.load(Z0 + bh * F + fr, mask=fmask, other=0.0)
         lam_log = tl.load(DECAY + h)
         base_src = bh * Ns
+        err_row = ERR + bh * NPMAX
+        code_row = CODE + bh * NPMAX
         for m in range(0, M):
             dt = tl.load(DT + m).to(tl.float32)
             t = tl.load(T + m)
             lam = tl.exp(lam_log * dt)
             S = S * lam
             z = z * lam
-            P = tl.load(NCAND + m)
-            c0 = tl.load(CAND0 + m)
-            row_prev = IDX + (bh * (M + 1) + m) * BP
-            row_new = IDX + (bh * (M + 1) + m + 1) * BP
-            in_cache = lane < cache_size
-            is_new = (lane >= cache_size) & (lane < cache_size + P)
-            real = in_cache | is_new
-            # a cache slot holds a table index, or -1 - index when it is empty (its entry never counts)
-            prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
-            safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev), tl.where(is_new, c0 + lane - cache_size, 0))
-            ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
-            valid = tl.where(in_cache, prev >= 0, is_new & ok)
+            P = tl.load(NCAND + m).to(tl.int32)
+            c0 = tl.load(CAND0 + m).to(tl.int32)
+            row_prev = IDX + (bh * (M + 1) + m) * cache_size
+            row_new = row_prev + cache_size
+            NP = cache_size + P
             if P > 0:
-                pos = tl.load(POS + base_src + safe, mask=real, other=0)
-                w = tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
-                phi = tl.load(PHI + (base_src + safe)[:, None] * F + fr[None, :], mask=real[:, None] & fmask[None, :],
-                              other=0.0)
-                v = tl.load(V + (base_src + safe)[:, None] * D + dr[None, :], mask=real[:, None] & dmask[None, :],
-                            other=0.0)
-                phi_w = phi * w[:, None]
-                if SCORE == 2:  # the state as it is
-                    num = tl.dot(phi, S, input_precision="ieee")
-                    den = tl.sum(phi * z[None, :], 1)
-                else:  # the state with every other candidate folded in
-                    S_tot = S + tl.dot(tl.trans(phi_w), v, input_precision="ieee")
-                    z_tot = z + tl.sum(phi_w, 0)
-                    self_w = tl.sum(phi_w * phi, 1)
-                    num = tl.dot(phi, S_tot, input_precision="ieee") - self_w[:, None] * v
-                    den = tl.sum(phi * z_tot[None, :], 1) - self_w
-                pred = num / tl.maximum(den, eps)[:, None]
-                err = tl.sum(tl.where(dmask[None, :], (v - pred) * (v - pred), 0.0), 1)
-                err_row = ERR + bh * BP
-                idx_row = SCR_IDX + bh * BP
-                if SCORE == 0:  # lowered to the distance to the nearest newer valid value
-                    sq = tl.sum(v * v, 1)
-                    tl.store(idx_row + lane, tl.where(valid, safe, -1))
-                    tl.debug_barrier()
-                    near = tl.full([BP], float("inf"), tl.float32)
-                    for c in tl.static_range(0, BP, BCOL):
-                        cl = c + tl.arange(0, BCOL)
-                        ci = tl.load(idx_row + cl)
-                        cv_ok = ci >= 0
-                        cs = tl.where(cv_ok, ci, 0)
-                        vc = tl.load(V + (base_src + cs)[:, None] * D + dr[None, :],
-                                     mask=cv_ok[:, None] & dmask[None, :], other=0.0)
-                        pc = tl.load(POS + base_src + cs, mask=cv_ok, other=0)
-                        sqc = tl.sum(vc * vc, 1)
-                        norms = sq[:, None] + sqc[None, :]
-                        dist = tl.maximum(norms - 2 * tl.dot(v, tl.trans(vc), input_precision="ieee"), 0.0)
-                        dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
-                        newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
-                        near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
-                    err = tl.minimum(err, near)
-                    tl.debug_barrier()
-                err = tl.where(valid, err, float("-inf"))
-                tl.store(err_row + lane, err)
+                # pass 1: each pool entry's table index as a code (-1 - index where the entry does not count:
+                # an empty cache slot or a padding key), and for the leave-one-out scores the state with every
+                # candidate folded in
+                S_tot = S
+                z_tot = z
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    in_cache = lane < cache_size
+                    is_new = (lane >= cache_size) & (lane < NP)
+                    # a cache slot holds a table index, or -1 - index when it is empty
+                    prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
+                    safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev),
+                                    tl.where(is_new, c0 + lane - cache_size, 0))
+                    ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
+                    valid = tl.where(in_cache, prev >= 0, is_new & ok)
+                    tl.store(code_row + lane, tl.where(valid, safe, -1 - safe), mask=in_cache | is_new)
+                    if SCORE != 2:
+                        phi, v, pos, w = _load_pool(PHI, V, POS, base_src, safe, in_cache | is_new, valid, lam_log,
+                                                    t, window, fr, dr, fmask, dmask, F, D)
+                        phi_w = phi * w[:, None]
+                        S_tot += tl.dot(tl.trans(phi_w), v, input_precision="ieee")
+                        z_tot += tl.sum(phi_w, 0)
                 tl.debug_barrier()
-                # rank = how many pool entries come before this one (higher score, or equal and earlier); padding
-                # lanes beyond the pool rank after every real one
-                rank = tl.zeros([BP], tl.int32)
-                for c in tl.static_range(0, BP, BCOL):
-                    cl = c + tl.arange(0, BCOL)
-                    ec = tl.load(err_row + cl)
-                    c_real = cl < cache_size + P
-                    before = c_real[None, :] & ((ec[None, :] > err[:, None]) |
-                                                ((ec[None, :] == err[:, None]) & (cl[None, :] < lane[:, None])))
-                    rank += tl.sum(before.to(tl.int32), 1)
+                # pass 2: the scores
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    safe, valid, real = _entry(code_row, lane, NP)
+                    phi, v, pos, w = _load_pool(PHI, V, POS, base_src, safe, real, valid, lam_log, t, window, fr,
+                                                dr, fmask, dmask, F, D)
+                    if SCORE == 2:  # the state as it is
+                        num = tl.dot(phi, S, input_precision="ieee")
+                        den = tl.sum(phi * z[None, :], 1)
+                    else:  # the state with every other candidate folded in
+                        self_w = tl.sum(phi * w[:, None] * phi, 1)
+                        num = tl.dot(phi, S_tot, input_precision="ieee") - self_w[:, None] * v
+                        den = tl.sum(phi * z_tot[None, :], 1) - self_w
+                    pred = num / tl.maximum(den, eps)[:, None]
+                    err = tl.sum(tl.where(dmask[None, :], (v - pred) * (v - pred), 0.0), 1)
+                    if SCORE == 0:  # lowered to the distance to the nearest newer valid value
+                        sq = tl.sum(v * v, 1)
+                        near = tl.full([PB], float("inf"), tl.float32)
+                        for c in range(0, NP, PB):
+                            cs, cv_ok, c_real = _entry(code_row, c + tl.arange(0, PB), NP)
+                            cv_ok = cv_ok & c_real
+                            vc = tl.load(V + (base_src + cs)[:, None] * D + dr[None, :],
+                                         mask=cv_ok[:, None] & dmask[None, :], other=0.0)
+                            pc = tl.load(POS + base_src + cs, mask=cv_ok, other=0)
+                            norms = sq[:, None] + tl.sum(vc * vc, 1)[None, :]
+                            dist = tl.maximum(norms - 2 * tl.dot(v, tl.trans(vc), input_precision="ieee"), 0.0)
+                            dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
+                            newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
+                            near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
+                        err = tl.minimum(err, near)
+                    tl.store(err_row + lane, tl.where(valid, err, float("-inf")), mask=real)
                 tl.debug_barrier()
-                keep = real & (rank < cache_size)
-                fold = valid & ~keep
-                tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
-                phi_f = phi_w * fold.to(tl.float32)[:, None]
-                S = S + tl.dot(tl.trans(phi_f), v, input_precision="ieee")
-                z = z + tl.sum(phi_f, 0)
+                # pass 3: rank = how many pool entries come before this one (higher score, or equal and earlier);
+                # the cache_size first stay (slot = rank), the other valid ones are folded into the state
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    safe, valid, real = _entry(code_row, lane, NP)
+                    e = tl.load(err_row + lane, mask=real, other=float("-inf"))
+                    rank = tl.zeros([PB], tl.int32)
+                    for c in range(0, NP, PB):
+                        cl = c + tl.arange(0, PB)
+                        c_real = cl < NP
+                        ec = tl.load(err_row + cl, mask=c_real, other=float("-inf"))
+                        before = c_real[None, :] & ((ec[None, :] > e[:, None]) |
+                                                    ((ec[None, :] == e[:, None]) & (cl[None, :] < lane[:, None])))
+                        rank += tl.sum(before.to(tl.int32), 1)
+                    keep = real & (rank < cache_size)
+                    tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
+                    fold = valid & ~keep
+                    phi, v, pos, w = _load_pool(PHI, V, POS, base_src, safe, real, fold, lam_log, t, window, fr,
+                                                dr, fmask, dmask, F, D)
+                    phi_f = phi * w[:, None]
+                    S += tl.dot(tl.trans(phi_f), v, input_precision="ieee")
+                    z += tl.sum(phi_f, 0)
             else:  # no key leaves: the cache as it was
-                tl.store(row_new + lane, prev, mask=in_cache)
+                for s0 in range(0, cache_size, PB):
+                    lane = s0 + tl.arange(0, PB)
+                    in_cache = lane < cache_size
+                    tl.store(row_new + lane, tl.load(row_prev + lane, mask=in_cache), mask=in_cache)
             if STATES:
                 out = bh * M + m
                 tl.store(S_OUT + out * F * D + fr[:, None] * D + dr[None, :], S, mask=fmask[:, None] & dmask[None, :])
@@ -172,24 +212,24 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
     D = v.shape[-1]
     M = len(t)
     dev = phi.device
-    BP = _pow2(cache_size + max(max(ncand), 1))
+    NP = cache_size + max(max(ncand), 1)  # the largest pool
     f32 = lambda x: x.float().contiguous()
-    idx = torch.full((B, Hk, M + 1, BP), -1, dtype=torch.int32, device=dev)
-    idx[:, :, 0, :cache_size] = idx0.to(torch.int32)
+    idx = torch.full((B, Hk, M + 1, cache_size), -1, dtype=torch.int32, device=dev)
+    idx[:, :, 0] = idx0.to(torch.int32)
     ints = lambda xs, dtype=torch.int64: torch.tensor(list(xs), dtype=dtype, device=dev)
     # without states the kernel stores nothing there (one element each: a valid pointer to pass)
     S_out = torch.empty(B, Hk, M, F, D, dtype=torch.float32, device=dev) if states else torch.empty(1, device=dev)
     z_out = torch.empty(B, Hk, M, F, dtype=torch.float32, device=dev) if states else torch.empty(1, device=dev)
-    err = torch.empty(B * Hk, BP, dtype=torch.float32, device=dev)
-    scr = torch.empty(B * Hk, BP, dtype=torch.int32, device=dev)
+    err = torch.empty(B * Hk, NP, dtype=torch.float32, device=dev)
+    code = torch.empty(B * Hk, NP, dtype=torch.int32, device=dev)
     _schedule[(B * Hk,)](
         f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
-        f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, scr,
-        M, Hk, Ns, int(window), int(cache_size), float(eps), float(copy_tol), F=F, D=D, BF=_dims(F), BD=_dims(D), BP=BP,
-        SCORE=SCORE_CODES[score], BCOL=BC, STATES=bool(states), num_warps=NUM_WARPS)
+        f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, code,
+        M, Hk, Ns, NP, int(window), int(cache_size), float(eps), float(copy_tol), F=F, D=D, BF=_dims(F), BD=_dims(D),
+        PB=PB, SCORE=SCORE_CODES[score], STATES=bool(states), num_warps=SCHEDULE_WARPS)
     if not states:
         S_out = z_out = None
-    return S_out, z_out, idx[:, :, 1:, :cache_size]
+    return S_out, z_out, idx[:, :, 1:]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -303,5 +343,5 @@ def attend(q, phi_q, S, z, tab_k, tab_v, entry, see_c, sink_k, sink_v, sink_ok, 
         dummy(c(sink_k)), dummy(c(sink_v)), dummy(i8(sink_ok)), c(keys_k), c(keys_v), i8(keys_ok), gam, lam_log, y,
         ints(0), ints(1), ints(2), int(p0), int(base), n, Nk, Nt, Hq, Hk, Hq // Hk, M, lam, ns, int(window),
         float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), BC=_pow2(lam),
-        BS=_pow2(max(ns, 1)), BR=_pow2(R), num_warps=NUM_WARPS)
+        BS=_pow2(max(ns, 1)), BR=_pow2(R), num_warps=ATTEND_WARPS)
     return y

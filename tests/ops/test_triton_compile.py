@@ -1,0 +1,119 @@
+"""Our Triton kernels compile for the GPUs users run (sm_90: H100/H200; sm_80: A100) at the default model's shapes,
+within the shared memory one block may have there: checked here without a GPU.
+
+The interpreter tests (test_triton_sparse.py, test_triton_window.py) check what the kernels compute, not whether a
+GPU can launch them: the sparse cache's schedule once held its whole pool of candidates (cache 128 + 32 leaving,
+padded to 256) at once and needed 320 KB of shared memory, over sm_90's 227 KB, so every CUDA run of the default
+model would have stopped with "out of resources". Triton compiles for a named target without a driver (its wheel
+carries ptxas and cuobjdump), so each kernel is compiled here from the arguments its wrapper passes at launch (the
+launches are recorded, not run) and its resource use is read from the cubin."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+# The largest dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+
+CODE = r"""
+import json, os, subprocess, tempfile, time
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from hedgehog.ops import sparse_cache as sc, triton_sparse as ts, triton_window as tw
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+         torch.int32: "i32", torch.int8: "i8"}
+launches = []
+
+
+class Recorder:  # stands in for a kernel: records what its wrapper launches it with, runs nothing
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: launches.append((self.name, self.fn, args, kw))
+
+
+def compile_for(fn, args, kw, arch):
+    kw = dict(kw)
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    given = {**dict(zip(fn.arg_names, args)), **kw}
+    sig, consts = {}, {}
+    for p in fn.params:
+        v = given[p.name]
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + TYPES[v.dtype]
+        elif isinstance(v, int):
+            sig[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+        else:
+            sig[p.name] = "fp32"
+    t0 = time.time()
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options=options)
+    secs = time.time() - t0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        dump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        use = subprocess.run([dump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(x.split(":") for x in next(l for l in use.splitlines() if "REG:" in l).split())
+    return {"shared": k.metadata.shared, "reg": int(fields["REG"]), "stack": int(fields["STACK"]), "secs": secs}
+
+
+for mod, names in ((ts, ("_schedule", "_attend")), (tw, ("_fwd", "_bwd_dq", "_bwd_dkdv"))):
+    for name in names:
+        setattr(mod, name, Recorder(name, getattr(mod, name)))
+ts.serves = lambda x: True  # CPU tensors stand in for CUDA ones: only their dtypes and shapes reach the compiler
+
+# the default model (SmolLM2-135M, the job's hybrid): 9 query / 3 KV heads, head dim 64, features 128, window 64,
+# 4 sinks, sparse cache 128 chosen every 32 tokens; a 2,048-token call
+B, Hq, Hk, n, d, F = 1, 9, 3, 2048, 64, 128
+kw = dict(window=64, cache_size=128, chunk=32, sinks=4, decay=torch.log(torch.full((Hk,), 0.99)))
+for dtype in (torch.float32, torch.bfloat16):
+    q, k, v = torch.randn(B, Hq, n, d, dtype=dtype), torch.randn(B, Hk, n, d, dtype=dtype), torch.randn(B, Hk, n, d, dtype=dtype)
+    pq, pk = torch.rand(B, Hq, n, F, dtype=dtype), torch.rand(B, Hk, n, F, dtype=dtype)
+    with torch.no_grad():  # a prefill: the schedule with every segment's state, then the attention kernel
+        sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+q, k, v, pq, pk = (x.requires_grad_() for x in (q, k, v, pq, pk))
+sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)  # training (stage 2): the schedule only chooses
+q, k, v = (torch.randn(B * Hq, n, d, requires_grad=True) for _ in range(3))
+num, den = tw.window_num_den(q, k, v, 64, 0.125, sinks=4)
+(num.sum() + den.sum()).backward()
+
+seen, out = set(), []
+for name, fn, args, kw in launches:
+    key = (name, tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args), tuple(sorted(kw.items())))
+    if key in seen:
+        continue
+    seen.add(key)
+    for arch in ARCHS:
+        out.append({"kernel": name, "arch": arch, **compile_for(fn, args, kw, arch)})
+print(json.dumps(out))
+"""
+
+
+def _compile_all(archs):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", f"ARCHS = {list(archs)}\n" + textwrap.dedent(CODE)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_compiles_for_sm90_and_sm80_within_the_shared_memory_a_block_may_have():
+    rows = _compile_all(SHARED_LIMIT)
+    names = {r["kernel"] for r in rows}
+    assert names == {"_schedule", "_attend", "_fwd", "_bwd_dq", "_bwd_dkdv"}, names
+    for r in rows:
+        print(r)
+        assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
