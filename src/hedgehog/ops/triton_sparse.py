@@ -45,6 +45,10 @@ PB = 32
 # A schedule program has its SM to itself (one per batch row and KV head), so its warps take none from others.
 # Speed unmeasured on a GPU (#37).
 SCHEDULE_WARPS = 16
+# Exact keys per block of the attention kernel. It once read the whole cache (128 keys) and every recent key (95)
+# at once: 255 registers and ~7.5 KB of spill a thread at sm_90; by blocks of 32 with 8 warps, 180 registers and
+# none (at 4 warps it spills 1.8 KB). Speed unmeasured on a GPU (#37).
+KB = 32
 ATTEND_WARPS = 8
 
 
@@ -235,15 +239,32 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
 # ------------------------------------------------------------------------------------------------------------------
 # The attention of every query against its segment's state and cache (without autograd), one program per
 # (segment, batch row, query head): what :func:`hedgehog.ops.sparse_cache._attend` computes in a few large batched
-# operations, without materialising its per-segment scores, recent keys and masks.
+# operations, without materialising its per-segment scores, recent keys and masks. The exact keys (sinks, cache,
+# recent) are read a block of :data:`KB` at a time with a running row max, as flash attention does: the sums come out
+# relative to the row max over every exact score, which is the hybrid's ``c_n``.
 
 if triton is not None:
 
     @triton.jit
+    def _exact_block(q, KP, VP, rows, ok, see, m_i, l_i, acc, dq, dv, dqm, dvm, d: tl.constexpr, D: tl.constexpr):
+        """One block of exact keys at rows ``rows`` of ``KP``/``VP`` (``ok``: which to read; ``see`` (BL, KB): which
+        each query sees) folded into the running max ``m_i``, sum ``l_i`` and weighted values ``acc``."""
+        k = tl.load(KP + rows[:, None] * d + dq[None, :], mask=ok[:, None] & dqm[None, :], other=0.0).to(tl.float32)
+        v = tl.load(VP + rows[:, None] * D + dv[None, :], mask=ok[:, None] & dvm[None, :], other=0.0).to(tl.float32)
+        s = tl.where(see, tl.dot(q, tl.trans(k), input_precision="ieee"), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see no key yet
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attend(Q, PHI, S, Z, KT, VT, ENTRY, SEEC, SK, SV, SOK, K, V, KOK, GAM, DECAY, Y, STARTS, ENDS, TS,
-                p0, base, n, Nk, Nt, Hq, Hk, G, M, lam, ns, window, scale, eps, d: tl.constexpr, F: tl.constexpr,
+                p0, base, n, Nk, Nt, Hq, Hk, G, M, lam, ns, window, R, scale, eps, d: tl.constexpr, F: tl.constexpr,
                 D: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
-                BC: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
+                KB: tl.constexpr):
         m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // Hq
@@ -260,48 +281,42 @@ if triton is not None:
         qpos = start + tl.arange(0, BL)
         rows = qpos < end
         qi = qpos - p0
+        jb = tl.arange(0, KB)
         # inputs in their own dtype (bf16 q, k, v on a GPU), every product in fp32
         q = tl.load(Q + (bh * n + qi)[:, None] * d + dq[None, :], mask=rows[:, None] & dqm[None, :], other=0.0)
         q = q.to(tl.float32) * scale
+        m_i = tl.full([BL], float("-inf"), tl.float32)
+        l_i = tl.zeros([BL], tl.float32)
+        acc = tl.zeros([BL, BDV], tl.float32)
+        # the sinks that have left the recent keys
+        for j0 in range(0, ns, KB):
+            js = j0 + jb
+            s_ok = (js < ns) & (js <= t - window)
+            s_ok = s_ok & (tl.load(SOK + b * ns + js, mask=js < ns, other=0) != 0)
+            m_i, l_i, acc = _exact_block(q, SK, SV, bk * ns + js, s_ok, rows[:, None] & s_ok[None, :], m_i, l_i, acc,
+                                         dq, dv, dqm, dvm, d, D)
+        # the cache as of the segment's boundary: its entries in the table of candidate keys
+        for j0 in range(0, lam, KB):
+            jc = j0 + jb
+            crow = (bk * M + m) * lam + jc
+            c_ok = (jc < lam) & (tl.load(SEEC + crow, mask=jc < lam, other=0) != 0)
+            trow = bk * Nt + tl.load(ENTRY + crow, mask=c_ok, other=0)
+            m_i, l_i, acc = _exact_block(q, KT, VT, trow, c_ok, rows[:, None] & c_ok[None, :], m_i, l_i, acc,
+                                         dq, dv, dqm, dvm, d, D)
+        # the recent keys t - w < i <= query
+        for j0 in range(0, R, KB):
+            rp = t - window + 1 + j0 + jb
+            ri = rp - base
+            r_in = (rp >= 0) & (rp < end) & (ri < Nk)
+            r_ok = r_in & (tl.load(KOK + b * Nk + ri, mask=r_in, other=0) != 0)
+            see_r = rows[:, None] & r_ok[None, :] & (rp[None, :] <= qpos[:, None])
+            m_i, l_i, acc = _exact_block(q, K, V, bk * Nk + ri, r_ok, see_r, m_i, l_i, acc, dq, dv, dqm, dvm, d, D)
+        gam = tl.load(GAM + h)
+        num = acc * gam
+        den = l_i * gam
+        # the linear part: the state of the boundary, lambda^(query - t)
         fq = tl.load(PHI + (bh * n + qi)[:, None] * F + df[None, :], mask=rows[:, None] & dfm[None, :], other=0.0)
         fq = fq.to(tl.float32)
-        # the sinks that have left the recent keys
-        js = tl.arange(0, BS)
-        s_ok = (js < ns) & (js <= t - window)
-        s_ok = s_ok & (tl.load(SOK + b * ns + js, mask=js < ns, other=0) != 0)
-        ks = tl.load(SK + (bk * ns + js)[:, None] * d + dq[None, :], mask=s_ok[:, None] & dqm[None, :], other=0.0)
-        vs = tl.load(SV + (bk * ns + js)[:, None] * D + dv[None, :], mask=s_ok[:, None] & dvm[None, :], other=0.0)
-        ks, vs = ks.to(tl.float32), vs.to(tl.float32)
-        ss = tl.where(rows[:, None] & s_ok[None, :], tl.dot(q, tl.trans(ks), input_precision="ieee"), float("-inf"))
-        # the cache as of the segment's boundary: its entries in the table of candidate keys
-        jc = tl.arange(0, BC)
-        crow = (bk * M + m) * lam + jc
-        c_ok = (jc < lam) & (tl.load(SEEC + crow, mask=jc < lam, other=0) != 0)
-        trow = bk * Nt + tl.load(ENTRY + crow, mask=c_ok, other=0)
-        kc = tl.load(KT + trow[:, None] * d + dq[None, :], mask=c_ok[:, None] & dqm[None, :], other=0.0)
-        vc = tl.load(VT + trow[:, None] * D + dv[None, :], mask=c_ok[:, None] & dvm[None, :], other=0.0)
-        kc, vc = kc.to(tl.float32), vc.to(tl.float32)
-        sc = tl.where(rows[:, None] & c_ok[None, :], tl.dot(q, tl.trans(kc), input_precision="ieee"), float("-inf"))
-        # the recent keys t - w < i <= query
-        rp = t - window + 1 + tl.arange(0, BR)
-        ri = rp - base
-        r_in = (rp >= 0) & (rp < end) & (ri < Nk)
-        r_ok = r_in & (tl.load(KOK + b * Nk + ri, mask=r_in, other=0) != 0)
-        kr = tl.load(K + (bk * Nk + ri)[:, None] * d + dq[None, :], mask=r_ok[:, None] & dqm[None, :], other=0.0)
-        vr = tl.load(V + (bk * Nk + ri)[:, None] * D + dv[None, :], mask=r_ok[:, None] & dvm[None, :], other=0.0)
-        kr, vr = kr.to(tl.float32), vr.to(tl.float32)
-        see_r = rows[:, None] & r_ok[None, :] & (rp[None, :] <= qpos[:, None])
-        sr = tl.where(see_r, tl.dot(q, tl.trans(kr), input_precision="ieee"), float("-inf"))
-        c = tl.maximum(tl.maximum(tl.max(ss, 1), tl.max(sc, 1)), tl.max(sr, 1))
-        c = tl.where(c == float("-inf"), 0.0, c)  # a padding query that sees no key
-        gam = tl.load(GAM + h)
-        es = tl.exp(ss - c[:, None]) * gam
-        ec = tl.exp(sc - c[:, None]) * gam
-        er = tl.exp(sr - c[:, None]) * gam
-        num = tl.dot(es, vs, input_precision="ieee") + tl.dot(ec, vc, input_precision="ieee")
-        num += tl.dot(er, vr, input_precision="ieee")
-        den = tl.sum(es, 1) + tl.sum(ec, 1) + tl.sum(er, 1)
-        # the linear part: the state of the boundary, lambda^(query - t)
         st = (bk * M + m)
         Sm = tl.load(S + st * F * D + df[:, None] * D + dv[None, :], mask=dfm[:, None] & dvm[None, :], other=0.0)
         zm = tl.load(Z + st * F + df, mask=dfm, other=0.0)
@@ -341,7 +356,7 @@ def attend(q, phi_q, S, z, tab_k, tab_v, entry, see_c, sink_k, sink_v, sink_ok, 
     _attend[(M, B * Hq)](
         c(q), c(phi_q), f32(S), f32(z), c(tab_k), c(tab_v), entry.to(torch.int32).contiguous(), i8(see_c),
         dummy(c(sink_k)), dummy(c(sink_v)), dummy(i8(sink_ok)), c(keys_k), c(keys_v), i8(keys_ok), gam, lam_log, y,
-        ints(0), ints(1), ints(2), int(p0), int(base), n, Nk, Nt, Hq, Hk, Hq // Hk, M, lam, ns, int(window),
-        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), BC=_pow2(lam),
-        BS=_pow2(max(ns, 1)), BR=_pow2(R), num_warps=ATTEND_WARPS)
+        ints(0), ints(1), ints(2), int(p0), int(base), n, Nk, Nt, Hq, Hk, Hq // Hk, M, lam, ns, int(window), R,
+        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), KB=KB,
+        num_warps=ATTEND_WARPS)
     return y
