@@ -15,6 +15,7 @@ import torch
 from hedgehog.ops import sparse_cache as sc
 from hedgehog.ops import triton_sparse as ts
 assert ts.serves(torch.zeros(1)), "the interpreter should be on"
+_kernels = (ts._schedule, ts._attend)
 calls = []
 _schedule = ts.schedule
 def counted(*a, **kw):
@@ -379,3 +380,47 @@ def test_the_converted_model_on_cuda_equals_its_cpu_run_with_repeated_tokens():
     err = ((gpu.double() - cpu.double()).abs().max() / cpu.double().abs().max()).item()
     assert err < 1e-4, err
     assert torch.equal(gen_gpu, gen_cpu)
+
+
+def test_a_gpu_that_cannot_launch_a_kernel_gets_the_pytorch_path_and_one_warning():
+    # At head dim 128 the schedule kernel needs ~188 KB of shared memory, over an A100's 163 KB
+    # (test_triton_compile.py): Triton then raises OutOfResources at launch. Stand-ins raise it, with Triton's own
+    # class and arguments, for both kernels: the calls must give the PyTorch path's results exactly, warn once per
+    # kernel and not try the kernel again.
+    out = run("""
+    import warnings
+    from triton.runtime.errors import OutOfResources
+    tried = []
+    class Refused:
+        def __init__(self, name):
+            self.name = name
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                tried.append(self.name)
+                raise OutOfResources(327680, 232448, "shared memory")
+            return launch
+    ts._schedule, ts._attend = Refused("schedule"), Refused("attention")
+    q, k, v, pq, pk = inputs(1, 2, 1, 100, 8, 16, 8)
+    kw = dict(window=8, cache_size=12, chunk=4, sinks=1, decay=torch.log(torch.tensor([0.98])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1, st1 = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+        y2, st2 = sc.sparse_hybrid_attention(q[:, :, :60], k[:, :, :60], v[:, :, :60], pq[:, :, :60], pk[:, :, :60], **kw)
+    y0, st0 = torch_path(q, k, v, pq, pk, **kw)
+    assert torch.equal(y1, y0) and torch.equal(st1.S, st0.S) and torch.equal(st1.cache_pos, st0.cache_pos)
+    msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+    # each kernel tried once (the attention kernel reads the PyTorch schedule's states as well), one warning each
+    assert tried == ["schedule", "attention"], tried
+    assert len(msgs) == 2 and "schedule kernel cannot run" in msgs[0] and "327680" in msgs[0], msgs
+    # the attention kernel alone refused (a schedule that launches)
+    sc._CANNOT_LAUNCH.clear()
+    ts._schedule = _kernels[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y3, _ = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+        sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+    msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+    assert tried == ["schedule", "attention", "attention"] and len(msgs) == 1 and "attention kernel" in msgs[0], (tried, msgs)
+    print(close(y3, y0, 1e-5))
+    """)
+    assert float(out) <= 1e-5

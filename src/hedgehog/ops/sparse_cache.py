@@ -59,6 +59,7 @@ weights (passkey at 4k 1/8 against 6/8; trained with the cache 6/8: docs/results
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
@@ -297,6 +298,30 @@ def _kernel_serves(q, acc, cache_size: int) -> bool:
     return triton_sparse.serves(q)
 
 
+# (kernel, device, shape) that a GPU could not launch for want of shared memory or registers: the PyTorch path
+# serves them from then on in this process
+_CANNOT_LAUNCH = set()
+
+
+def _on_kernel(kernel: str, key: tuple, run: Callable):
+    """``run()``, or None where this GPU cannot launch ``kernel`` for calls like this one (Triton's
+    ``OutOfResources``: at head dim 128 the schedule needs ~188 KB of shared memory, over an A100's 163 KB;
+    tests/ops/test_triton_compile.py), after one warning; the caller then takes the PyTorch path, with the same
+    results. Nothing of the state has changed when a launch is refused."""
+    if (kernel, key) in _CANNOT_LAUNCH:
+        return None
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 (only Triton's refusal to launch is caught: triton is not imported here)
+        if type(e).__name__ != "OutOfResources":
+            raise
+        _CANNOT_LAUNCH.add((kernel, key))
+        warnings.warn(f"the sparse cache's Triton {kernel} kernel cannot run on this GPU for these shapes ({e}); "
+                      "the PyTorch path serves them from now on in this process, with the same results, more "
+                      "slowly. HEDGEHOG_SPARSE_KERNEL=0 skips the kernels from the start.", RuntimeWarning)
+        return None
+
+
 def _under_autograd(*tensors) -> bool:
     """Whether autograd records this call: grad mode on and some input (None allowed) requires grad."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
@@ -395,8 +420,12 @@ def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, 
             q, phi_q, S, z, cache.k, cache.v, keys.k, keys.v, decay, gamma):
         from hedgehog.ops import triton_sparse
 
-        return triton_sparse.attend(q, phi_q, S, z, *cache.table(), cache.see, st.sink_k, st.sink_v, st.sink_ok,
-                                    keys.k, keys.v, keys.ok, keys.base, segs, p0, window, gamma, scale, decay, eps)
+        y = _on_kernel("attention", (str(q.device), q.dtype, q.shape[-1], phi_q.shape[-1], S.shape[-1]),
+                       lambda: triton_sparse.attend(q, phi_q, S, z, *cache.table(), cache.see, st.sink_k, st.sink_v,
+                                                    st.sink_ok, keys.k, keys.v, keys.ok, keys.base, segs, p0, window,
+                                                    gamma, scale, decay, eps))
+        if y is not None:
+            return y
     Kc, Vc, see_c = *cache.gathered(), cache.see
     B, Hq, n, d = q.shape
     Hk = st.S.shape[1]
@@ -529,8 +558,13 @@ def _sparse_call(q, k, v, phi_q, phi_k, window: int, cache_size: int, gamma: Gam
         st.sink_ok = st.sink_ok.clone()
         st.sink_ok[:, p0:p0 + m] = ok[:, :m]
     keys = _Keys(st, k, v, phi_k, ok, base)
+    on_kernel = None
     if n >= 2 and _kernel_serves(q, acc, cache_size):
-        segs, per_seg = _schedule_on_kernel(st, keys, p0, n, chunk, window, sinks, cache_size, decay, eps, score)
+        on_kernel = _on_kernel("schedule", (str(q.device), Fd, D, cache_size, chunk, score),
+                               lambda: _schedule_on_kernel(st, keys, p0, n, chunk, window, sinks, cache_size, decay,
+                                                           eps, score))
+    if on_kernel is not None:
+        segs, per_seg = on_kernel
     else:
         segs, states = [], []
         for start, end, t, leave in _segments(p0, n, chunk, st.boundary, window, sinks):
