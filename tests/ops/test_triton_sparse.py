@@ -72,7 +72,8 @@ def test_kernel_schedule_equals_the_torch_schedule_and_float64():
         (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "unique"),
         (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "memory"),
         (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "state"),
-        (1, 3, 1, 131, 16, 12, 20, 16, 20, 16, 0, False, "unique"),  # chunk = window, odd F and D, no decay
+        # chunk = window, odd F and D (F over two of the attention kernel's feature blocks), no decay
+        (1, 3, 1, 131, 16, 75, 20, 16, 20, 16, 0, False, "unique"),
         (1, 2, 2, 97, 8, 32, 8, 4, 11, 8, 4, True, "unique"),  # chunk > window
     ]
     for B, Hq, Hk, n, d, F, D, w, lam, chunk, sinks, dec, score in cases:
@@ -129,7 +130,7 @@ def test_attention_kernel_reads_the_cache_by_index_and_bf16_inputs_in_their_own_
     call's table of candidate keys, with no fp32 or per-segment copy, and computes in fp32 what the PyTorch
     attention computes from the same bf16 values."""
     run("""
-    B, Hq, Hk, n, d, F, D = 2, 4, 2, 100, 8, 16, 8
+    B, Hq, Hk, n, d, F, D = 2, 4, 2, 100, 8, 40, 8  # F: two feature blocks, the second partial
     q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=3)
     q, k, v = (t.bfloat16() for t in (q, k, v))
     kw = dict(window=8, cache_size=6, chunk=4, sinks=2, decay=torch.log(torch.tensor([0.97, 0.99])), gamma=0.5)
@@ -177,7 +178,7 @@ def test_training_through_the_kernel_schedule_has_the_torch_gradients():
     # Under autograd the kernel chooses and the states are folded again differentiably (_fold_states): the
     # gradients to q, k, v, both features and the decay equal the PyTorch schedule's, and the float64 path's.
     out = run("""
-    B, Hq, Hk, n, d, F, D = 2, 4, 2, 100, 8, 16, 8
+    B, Hq, Hk, n, d, F, D = 2, 4, 2, 100, 8, 40, 8  # F: two feature blocks, the second partial
     q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=3)
     decay = torch.log(torch.tensor([0.97, 0.99]))
     kv = torch.ones(B, n, dtype=torch.bool)

@@ -45,10 +45,13 @@ PB = 32
 # A schedule program has its SM to itself (one per batch row and KV head), so its warps take none from others.
 # Speed unmeasured on a GPU (#37).
 SCHEDULE_WARPS = 16
-# Exact keys per block of the attention kernel. It once read the whole cache (128 keys) and every recent key (95)
-# at once: 255 registers and ~7.5 KB of spill a thread at sm_90; by blocks of 32 with 8 warps, 180 registers and
-# none (at 4 warps it spills 1.8 KB). Speed unmeasured on a GPU (#37).
+# Exact keys per block of the attention kernel, and features per step of its linear part (the state's rows). It once
+# read the whole cache (128 keys), every recent key (95) and the whole state at once: at sm_90, 255 registers and
+# ~7.5 KB of spill a thread at the default model's shapes, 164 KB of shared memory at head dim 128. By blocks, with
+# 8 warps: 80-100 registers, at most 32 bytes of spill, 25-45 KB (head dim 128: 49-86 KB, under 416 bytes of
+# spill). tests/ops/test_triton_compile.py prints them. Speed unmeasured on a GPU (#37).
 KB = 32
+FB = 32
 ATTEND_WARPS = 8
 
 
@@ -263,7 +266,7 @@ if triton is not None:
     @triton.jit
     def _attend(Q, PHI, S, Z, KT, VT, ENTRY, SEEC, SK, SV, SOK, K, V, KOK, GAM, DECAY, Y, STARTS, ENDS, TS,
                 p0, base, n, Nk, Nt, Hq, Hk, G, M, lam, ns, window, R, scale, eps, d: tl.constexpr, F: tl.constexpr,
-                D: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+                D: tl.constexpr, BD: tl.constexpr, FB: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
                 KB: tl.constexpr):
         m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -275,9 +278,8 @@ if triton is not None:
         end = tl.load(ENDS + m)
         t = tl.load(TS + m)
         dq = tl.arange(0, BD)
-        df = tl.arange(0, BF)
         dv = tl.arange(0, BDV)
-        dqm, dfm, dvm = dq < d, df < F, dv < D
+        dqm, dvm = dq < d, dv < D
         qpos = start + tl.arange(0, BL)
         rows = qpos < end
         qi = qpos - p0
@@ -314,15 +316,22 @@ if triton is not None:
         gam = tl.load(GAM + h)
         num = acc * gam
         den = l_i * gam
-        # the linear part: the state of the boundary, lambda^(query - t)
-        fq = tl.load(PHI + (bh * n + qi)[:, None] * F + df[None, :], mask=rows[:, None] & dfm[None, :], other=0.0)
-        fq = fq.to(tl.float32)
-        st = (bk * M + m)
-        Sm = tl.load(S + st * F * D + df[:, None] * D + dv[None, :], mask=dfm[:, None] & dvm[None, :], other=0.0)
-        zm = tl.load(Z + st * F + df, mask=dfm, other=0.0)
+        # the linear part: the state of the boundary, lambda^(query - t), FB features at a time
+        st = bk * M + m
+        lin = tl.zeros([BL, BDV], tl.float32)
+        lin_den = tl.zeros([BL], tl.float32)
+        for f0 in range(0, F, FB):
+            df = f0 + tl.arange(0, FB)
+            dfm = df < F
+            fq = tl.load(PHI + (bh * n + qi)[:, None] * F + df[None, :], mask=rows[:, None] & dfm[None, :],
+                         other=0.0).to(tl.float32)
+            Sm = tl.load(S + st * F * D + df[:, None] * D + dv[None, :], mask=dfm[:, None] & dvm[None, :], other=0.0)
+            zm = tl.load(Z + st * F + df, mask=dfm, other=0.0)
+            lin += tl.dot(fq, Sm, input_precision="ieee")
+            lin_den += tl.sum(fq * zm[None, :], 1)
         age = tl.exp(tl.load(DECAY + hk) * (qpos - t).to(tl.float32))
-        lin = tl.dot(fq, Sm, input_precision="ieee") * age[:, None]
-        lin_den = tl.sum(fq * zm[None, :], 1) * age
+        lin = lin * age[:, None]
+        lin_den = lin_den * age
         y = (num + lin) / tl.maximum(den + lin_den, eps)[:, None]
         tl.store(Y + (bh * n + qi)[:, None] * D + dv[None, :], y, mask=rows[:, None] & dvm[None, :])
 
@@ -357,6 +366,6 @@ def attend(q, phi_q, S, z, tab_k, tab_v, entry, see_c, sink_k, sink_v, sink_ok, 
         c(q), c(phi_q), f32(S), f32(z), c(tab_k), c(tab_v), entry.to(torch.int32).contiguous(), i8(see_c),
         dummy(c(sink_k)), dummy(c(sink_v)), dummy(i8(sink_ok)), c(keys_k), c(keys_v), i8(keys_ok), gam, lam_log, y,
         ints(0), ints(1), ints(2), int(p0), int(base), n, Nk, Nt, Hq, Hk, Hq // Hk, M, lam, ns, int(window), R,
-        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), BF=_dims(F), BDV=_dims(D), BL=_pow2(L), KB=KB,
+        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), FB=min(FB, _dims(F)), BDV=_dims(D), BL=_pow2(L), KB=KB,
         num_warps=ATTEND_WARPS)
     return y
