@@ -41,7 +41,7 @@ class Recorder:  # stands in for a kernel: records what its wrapper launches it 
 
 def compile_for(fn, args, kw, arch):
     kw = dict(kw)
-    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kw}
     given = {**dict(zip(fn.arg_names, args)), **kw}
     sig, consts = {}, {}
     for p in fn.params:

@@ -42,9 +42,11 @@ SCORE_CODES = {"unique": 0, "memory": 1, "state": 2}
 PB = 32
 # The state and its leave-one-out sum (two F x D fp32 tiles) take 32 registers a thread each at 16 warps; at 4 warps
 # ptxas spills 2.7 KB a thread, at 16 warps 64 bytes (the compile test prints each kernel's registers and spills).
-# A schedule program has its SM to itself (one per batch row and KV head), so its warps take none from others.
-# Speed unmeasured on a GPU (#37).
+# A schedule program has its SM to itself (one per batch row and KV head), so its warps take none from others, and
+# it may have the whole register file: without that bound the ptxas of triton 3.6 (the lent H200's) kept 64
+# registers, for room for a second block that never comes, and spilled 872 bytes. Speed unmeasured on a GPU (#37).
 SCHEDULE_WARPS = 16
+MAXNREG = 65536 // (32 * SCHEDULE_WARPS)  # registers a thread when one block holds the SM's 64K
 # Exact keys per block of the attention kernel, and features per step of its linear part (the state's rows). It once
 # read the whole cache (128 keys), every recent key (95) and the whole state at once: at sm_90, 255 registers and
 # ~7.5 KB of spill a thread at the default model's shapes, 164 KB of shared memory at head dim 128. By blocks, with
@@ -233,7 +235,7 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
         f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
         f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, code,
         M, Hk, Ns, NP, int(window), int(cache_size), float(eps), float(copy_tol), F=F, D=D, BF=_dims(F), BD=_dims(D),
-        PB=PB, SCORE=SCORE_CODES[score], STATES=bool(states), num_warps=SCHEDULE_WARPS)
+        PB=PB, SCORE=SCORE_CODES[score], STATES=bool(states), num_warps=SCHEDULE_WARPS, maxnreg=MAXNREG)
     if not states:
         S_out = z_out = None
     return S_out, z_out, idx[:, :, 1:]
