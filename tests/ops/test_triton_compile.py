@@ -1,5 +1,6 @@
-"""Our Triton kernels compile for the GPUs users run (sm_90: H100/H200; sm_80: A100) at the default model's shapes,
-and for sm_90 at head dim 128, within the shared memory one block may have there: checked here without a GPU.
+"""Our Triton kernels compile for the GPUs users run (sm_90: H100/H200; sm_80: A100; sm_86: A10G and the like) at the
+default model's shapes, and for sm_90 at head dim 128, within the shared memory one block may have there: checked
+here without a GPU.
 
 The interpreter tests (test_triton_sparse.py, test_triton_window.py) check what the kernels compute, not whether a
 GPU can launch them: the sparse cache's schedule once held its whole pool of candidates (cache 128 + 32 leaving,
@@ -16,8 +17,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-# The largest dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
-SHARED_LIMIT = {90: 232448, 80: 166912}
+# The largest dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes: sm_90
+# (H100, H200), sm_80 (A100), sm_86 (A10G, RTX 3090, A6000; sm_89's L4, L40S and RTX 4090 allow the same).
+SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376}
 
 CODE = r"""
 import json, os, subprocess, tempfile, time
@@ -113,7 +115,7 @@ def _compile_all(archs, heads):
 
 
 @pytest.mark.parametrize("heads, archs", [
-    ((9, 3, 64), (90, 80)),  # SmolLM2-135M, the default model
+    ((9, 3, 64), (90, 80, 86)),  # SmolLM2-135M, the default model
     ((32, 8, 128), (90,)),  # head dim 128 (Llama-3-8B, Mistral-7B, Qwen2.5-7B): the schedule needs ~188 KB, over
 ])                          # an A100's 163 KB; there the PyTorch path serves it (test_triton_sparse.py)
 def test_every_kernel_compiles_within_the_shared_memory_a_block_may_have(heads, archs):
