@@ -96,11 +96,11 @@ def test_synthetic_sparse_cache_fill_has_the_shapes_of_a_real_prefill(tiny_asset
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_synthetic_hybrid_fill_has_the_tensors_of_a_real_prefill(tiny_assets, dtype):
-    """The decode bench's synthetic fill of a hybrid state (window ring, sink slots, packed state) has the shapes,
-    dtypes and devices a real prefill of the same length leaves, in the model's own dtype."""
+    """The decode bench's synthetic fill of a hybrid state without a sparse cache (window ring, sink slots, packed
+    state) has the shapes, dtypes and devices a real prefill of the same length leaves, in the model's own dtype."""
     from hedgehog.bench import decode
 
-    hh, sm, _, _ = decode.load_pair(tiny_assets["model"], "hybrid", dtype=dtype)
+    hh, sm, _, _ = decode.load_pair(tiny_assets["model"], "hybrid", sparse_cache=0, dtype=dtype)
     ids = torch.randint(0, hh.config.vocab_size, (1, 200))
     for model, kind in ((hh, "hedgehog"), (sm, "softmax")):
         real, _ = decode._fill_cache(model, kind, 150, ids, True, batch=2)
@@ -140,3 +140,16 @@ def test_decode_and_train_step_benches_on_cuda_record_peak_memory(tiny_assets):
     assert res["device"].startswith("cuda") and row["hedgehog_peak_mb"] > 0 and row["softmax_peak_mb"] > 0
     res = train_step.run([64], 256, 8, log=lambda *_: None, device="cuda", mixed_precision="bf16")
     assert res["rows"][0]["hedgehog_rows_peak_mb"] > 0
+
+
+def test_a_named_base_model_is_converted_with_the_jobs_settings(tiny_assets):
+    # as `hedgehog convert` would convert it: for the hybrid, its sinks, decay and sparse cache (the library's
+    # HedgehogConfig(attention="hybrid") has none of them)
+    from hedgehog.bench import decode
+    from hedgehog.jobs.config import ConvertJob, hedgehog_config
+
+    for attention in ("hybrid", "linear"):
+        model = decode.load_pair(tiny_assets["model"], attention)[0]
+        want = hedgehog_config(ConvertJob(attention=attention))
+        got = [m.hh_config for m in model.modules() if hasattr(m, "hh_config")]
+        assert len(got) == 2 and all(c == want for c in got), (attention, got, want)

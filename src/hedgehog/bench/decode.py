@@ -178,7 +178,7 @@ def load_pair(model_name: str, attention: str = "hybrid", sparse_cache=None, dev
 
 def _load_named(model_name: str, attention: str, dtype):
     """:func:`load_pair` for a converted run's dir or a base model (on the CPU)."""
-    from hedgehog.layers.attention import HedgehogConfig
+    from hedgehog.jobs.config import ConvertJob, hedgehog_config
     from hedgehog.models.convert import convert_model
     from hedgehog.models.formats import is_converted_dir, read_meta
     from hedgehog.models.loading import load, load_base
@@ -192,8 +192,8 @@ def _load_named(model_name: str, attention: str, dtype):
         desc = f"converted model {model_name}"
     else:
         hedgehog, _, _ = load_base(model_name, dtype=dtype)
-        convert_model(hedgehog, HedgehogConfig(attention=attention))
-        desc = f"{model_name} converted ({attention}) with identity-initialised maps"
+        convert_model(hedgehog, hedgehog_config(ConvertJob(attention=attention)))  # as `hedgehog convert` would
+        desc = f"{model_name} converted ({attention}, the default job's settings) with identity-initialised maps"
     return hedgehog, softmax, tok, desc
 
 
