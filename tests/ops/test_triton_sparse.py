@@ -15,12 +15,13 @@ import torch
 from hedgehog.ops import sparse_cache as sc
 from hedgehog.ops import triton_sparse as ts
 assert ts.serves(torch.zeros(1)), "the interpreter should be on"
-_kernels = (ts._schedule, ts._attend)
+_kernels = (ts._schedule, ts._attend, ts._schedule_tiled)
 calls = []
 _schedule = ts.schedule
+TILED = False  # a test sets it to run the tiled schedule (_schedule_tiled) in place of _schedule
 def counted(*a, **kw):
     calls.append(kw.get("states", True))  # whether the kernel was asked for every segment's state
-    out = _schedule(*a, **kw)
+    out = _schedule(*a, **{**kw, "tiled": kw.get("tiled") or TILED})
     assert (out[0] is None) == (not calls[-1])
     return out
 ts.schedule = counted
@@ -66,8 +67,12 @@ def run(code: str) -> str:
     return run_interpreted(PRELUDE, code)
 
 
-def test_kernel_schedule_equals_the_torch_schedule_and_float64():
-    out = run("""
+# tiled: the schedule with its state in global scratch, a tile at a time (what a GPU that cannot launch the
+# register-resident one runs: head dim 128 on an A100; and every GPU past head dim 128), with the cases' F and D
+# over one tile or several; and the attention kernel's blocks of 16 keys and features (head dim 256)
+@pytest.mark.parametrize("tiled", [False, True])
+def test_kernel_schedule_equals_the_torch_schedule_and_float64(tiled):
+    out = run(f"    TILED = {tiled}\n    ts.WIDE_FROM = {16 if tiled else 256}\n" + """
     cases = [  # B, Hq, Hk, n, d, F, D, window, cache, chunk, sinks, decay, score
         (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "unique"),
         (2, 4, 2, 150, 8, 16, 8, 8, 5, 4, 2, True, "memory"),
@@ -75,7 +80,11 @@ def test_kernel_schedule_equals_the_torch_schedule_and_float64():
         # chunk = window, odd F and D (F over two of the attention kernel's feature blocks), no decay
         (1, 3, 1, 131, 16, 75, 20, 16, 20, 16, 0, False, "unique"),
         (1, 2, 2, 97, 8, 32, 8, 4, 11, 8, 4, True, "unique"),  # chunk > window
+        # F and D over several of the tiled schedule's tiles (TILE = 16 below) for the other scores
+        (1, 2, 1, 90, 8, 40, 24, 8, 6, 4, 1, True, "memory"),
+        (1, 2, 1, 90, 8, 40, 24, 8, 6, 4, 1, True, "state"),
     ]
+    ts.TILE = 16  # the tiled schedule's tiles: F = 75 spans 5, D = 20 two
     for B, Hq, Hk, n, d, F, D, w, lam, chunk, sinks, dec, score in cases:
         q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=n)
         decay = torch.log(torch.linspace(0.95, 0.995, Hk)) if dec else None
@@ -93,12 +102,14 @@ def test_kernel_schedule_equals_the_torch_schedule_and_float64():
         same_state(st, st0)
         print(score, close(y, y0, 1e-5), close(y, y64, 1e-5))
     """)
-    assert len(out.splitlines()) == 5
+    assert len(out.splitlines()) == 7
 
 
-def test_kernel_schedule_carries_its_state_across_calls_and_into_decoding():
-    run("""
-    B, Hq, Hk, n, d, F, D = 2, 4, 2, 120, 8, 16, 8
+@pytest.mark.parametrize("tiled", [False, True])
+def test_kernel_schedule_carries_its_state_across_calls_and_into_decoding(tiled):
+    run(f"    TILED = {tiled}\n" + """
+    B, Hq, Hk, n, d, F, D = 2, 4, 2, 120, 8, 24, 20
+    ts.TILE = 16  # the tiled schedule's state over 2 x 2 tiles
     q, k, v, pq, pk = inputs(B, Hq, Hk, n, d, F, D, seed=1)
     kw = dict(window=8, cache_size=6, chunk=4, sinks=2, decay=torch.log(torch.tensor([0.97, 0.99])), gamma=0.5)
     full, _ = torch_path(q, k, v, pq, pk, **kw)
@@ -219,9 +230,13 @@ def test_float64_and_single_tokens_take_the_torch_schedule():
 
 
 @pytest.mark.gpu
-def test_kernel_schedule_on_cuda_matches_the_torch_schedule():
+@pytest.mark.parametrize("tiled, heads", [(False, (9, 3, 64)), (True, (9, 3, 64)), (True, (4, 2, 128)),
+                                          (True, (4, 2, 256))])
+def test_kernel_schedule_on_cuda_matches_the_torch_schedule(tiled, heads, monkeypatch):
     """The compiled kernel on a GPU at the default model's shapes (SmolLM2: 9 query and 3 KV heads, d 64, F 128;
-    window 64, cache 128, chunk 32, 4 sinks, 2,048 tokens), forward without autograd and with its gradients. Both
+    window 64, cache 128, chunk 32, 4 sinks, 2,048 tokens), forward without autograd and with its gradients; and
+    the tiled schedule (what an A100 runs at head dim 128, and every GPU at 256) there and at head dims 128 and 256.
+    Both
     schedules score in full fp32 (the kernel's dots are IEEE, not TF32; PyTorch's CUDA matmuls leave TF32 off by
     default), so on random inputs, where no two scores are within rounding of each other, they keep the same keys;
     outputs agree to fp32 rounding accumulated over 64 boundaries (1e-4 relative, against O(1) for a wrong key)."""
@@ -232,13 +247,16 @@ def test_kernel_schedule_on_cuda_matches_the_torch_schedule():
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    schedule = ts.schedule
+    monkeypatch.setattr(ts, "schedule", lambda *a, **kw: schedule(*a, **{**kw, "tiled": tiled}))
     g = torch.Generator(device="cuda").manual_seed(0)
-    B, Hq, Hk, n, d, F = 2, 9, 3, 2048, 64, 128
+    (Hq, Hk, d), B, n = heads, 2, 2048
+    F = 2 * d
     q = torch.randn(B, Hq, n, d, device="cuda", generator=g)
     k, v = (torch.randn(B, Hk, n, d, device="cuda", generator=g) for _ in range(2))
     pq = torch.rand(B, Hq, n, F, device="cuda", generator=g).softmax(-1)
     pk = torch.rand(B, Hk, n, F, device="cuda", generator=g).softmax(-1)
-    decay = torch.log(torch.tensor([0.98, 0.99, 0.995], device="cuda"))
+    decay = torch.log(torch.linspace(0.98, 0.995, Hk, device="cuda"))
     kw = dict(window=64, cache_size=128, chunk=32, sinks=4, gamma=0.5)
     assert ts.serves(q)
 
@@ -386,7 +404,7 @@ def test_the_converted_model_on_cuda_equals_its_cpu_run_with_repeated_tokens():
 def test_a_gpu_that_cannot_launch_a_kernel_gets_the_pytorch_path_and_one_warning():
     # At head dim 128 the schedule kernel needs ~188 KB of shared memory, over an A100's 163 KB
     # (test_triton_compile.py): Triton then raises OutOfResources at launch. Stand-ins raise it, with Triton's own
-    # class and arguments, for both kernels: the calls must give the PyTorch path's results exactly, warn once per
+    # class and arguments, for every kernel: the calls must give the PyTorch path's results exactly, warn once per
     # kernel and not try the kernel again.
     out = run("""
     import warnings
@@ -400,7 +418,7 @@ def test_a_gpu_that_cannot_launch_a_kernel_gets_the_pytorch_path_and_one_warning
                 tried.append(self.name)
                 raise OutOfResources(327680, 232448, "shared memory")
             return launch
-    ts._schedule, ts._attend = Refused("schedule"), Refused("attention")
+    ts._schedule, ts._schedule_tiled, ts._attend = Refused("schedule"), Refused("tiled"), Refused("attention")
     q, k, v, pq, pk = inputs(1, 2, 1, 100, 8, 16, 8)
     kw = dict(window=8, cache_size=12, chunk=4, sinks=1, decay=torch.log(torch.tensor([0.98])))
     with warnings.catch_warnings(record=True) as caught:
@@ -411,17 +429,63 @@ def test_a_gpu_that_cannot_launch_a_kernel_gets_the_pytorch_path_and_one_warning
     assert torch.equal(y1, y0) and torch.equal(st1.S, st0.S) and torch.equal(st1.cache_pos, st0.cache_pos)
     msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
     # each kernel tried once (the attention kernel reads the PyTorch schedule's states as well), one warning each
-    assert tried == ["schedule", "attention"], tried
-    assert len(msgs) == 2 and "schedule kernel cannot run" in msgs[0] and "327680" in msgs[0], msgs
+    assert tried == ["schedule", "tiled", "attention"], tried
+    assert len(msgs) == 3 and "schedule kernel cannot run" in msgs[0] and "327680" in msgs[0], msgs
+    assert "the tiled schedule kernel serves" in msgs[0] and "the PyTorch path serves" in msgs[1], msgs
+    # the register schedule alone refused (an A100 at head dim 128): the tiled one serves, without another try
+    sc._CANNOT_LAUNCH.clear()
+    tried.clear()
+    calls.clear()
+    ts._schedule_tiled, ts._attend = _kernels[2], _kernels[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y4, st4 = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+        y5, _ = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+    msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+    assert tried == ["schedule"] and len(msgs) == 1 and "tiled schedule kernel serves" in msgs[0], (tried, msgs)
+    assert len(calls) == 3 and torch.equal(y4, y5) and torch.equal(st4.cache_pos, st0.cache_pos)
+    print(close(y4, y0, 1e-5))
     # the attention kernel alone refused (a schedule that launches)
     sc._CANNOT_LAUNCH.clear()
-    ts._schedule = _kernels[0]
+    tried.clear()
+    ts._schedule, ts._attend = _kernels[0], Refused("attention")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y3, _ = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
         sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
     msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
-    assert tried == ["schedule", "attention", "attention"] and len(msgs) == 1 and "attention kernel" in msgs[0], (tried, msgs)
+    assert tried == ["attention"] and len(msgs) == 1 and "attention kernel" in msgs[0], (tried, msgs)
     print(close(y3, y0, 1e-5))
+    """)
+    assert all(float(x) <= 1e-5 for x in out.split()), out
+
+
+def test_states_past_head_dim_128_go_to_the_tiled_schedule_without_trying_the_register_one():
+    # At head dim 256 (Gemma-2/3: F x D = 512 x 256) the schedule with its state in registers needs 630 KB of shared
+    # memory, over every GPU's limit, and compiles for one to two minutes before the launch is refused
+    # (test_triton_compile.py): the op goes to the tiled schedule at once. A stand-in refuses the register one.
+    out = run("""
+    import warnings
+    from triton.runtime.errors import OutOfResources
+    assert ts.in_registers(128, 64) and ts.in_registers(256, 128) and not ts.in_registers(512, 256)
+    tried = []
+    class Refused:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                tried.append("schedule")
+                raise OutOfResources(630784, 232448, "shared memory")
+            return launch
+    ts._schedule = Refused()
+    ts.REGISTER_STATE = 16 * 16  # these small shapes (F x D = 32 x 16) stand for head dim 256
+    q, k, v, pq, pk = inputs(1, 2, 1, 100, 8, 32, 16)
+    kw = dict(window=8, cache_size=12, chunk=4, sinks=1, decay=torch.log(torch.tensor([0.98])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, st = sc.sparse_hybrid_attention(q, k, v, pq, pk, **kw)
+    assert tried == [] and calls == [True], (tried, calls)
+    assert not [c for c in caught if issubclass(c.category, RuntimeWarning)]
+    y0, st0 = torch_path(q, k, v, pq, pk, **kw)
+    same_state(st, st0)
+    print(close(y, y0, 1e-5))
     """)
     assert float(out) <= 1e-5

@@ -24,8 +24,10 @@ def run(code: str) -> str:
     return run_interpreted(PRELUDE, code)
 
 
-def test_kernel_equals_the_float64_reference_with_the_row_max_gradient():
-    out = run("""
+# wide: the blocks of 16 a head dim of 256 gets (Gemma-2/3; tw.WIDE_FROM lowered so these small shapes take them)
+@pytest.mark.parametrize("wide", [False, True])
+def test_kernel_equals_the_float64_reference_with_the_row_max_gradient(wide):
+    out = run(f"    tw.WIDE_FROM = {16 if wide else 256}\n" + """
     def ref(q, k, v, w, sinks, scale):
         n = q.shape[1]
         r, c = torch.arange(n)[:, None], torch.arange(n)[None, :]
@@ -35,7 +37,8 @@ def test_kernel_equals_the_float64_reference_with_the_row_max_gradient():
         return p @ v, p.sum(-1)
 
     torch.manual_seed(0)
-    # odd lengths, windows below / at / above the block (32), sinks reached by the sink step or by the window
+    assert tw.block_for(8, 8) == (16 if tw.WIDE_FROM == 16 else 32)
+    # odd lengths, windows below / at / above the block (32, or 16), sinks reached by the sink step or the window
     for n, w, sinks, d, dv in [(45, 8, 0, 8, 8), (100, 16, 4, 16, 12), (77, 40, 3, 24, 32), (64, 64, 0, 16, 16),
                                (130, 5, 1, 16, 8)]:
         q, k, v = (torch.randn(3, n, dd, dtype=torch.float64) for dd in (d, d, dv))
@@ -93,16 +96,34 @@ def test_hybrid_and_baseline_through_the_kernel_equal_float64_references():
     vis = (c <= r) & (((r - c) < 16) | (c < 4))
     s = (q.double() @ k.double().transpose(-1, -2) * 0.25).masked_fill(~vis, float("-inf"))
     assert rel(y, torch.softmax(s, -1) @ v.double()) < 1e-5
+    # more sinks than one key block holds (blocks of 16, as at head dim 256): the kernel is not called, and both
+    # callers take the PyTorch path with the same rows
+    tw.WIDE_FROM = 16
+    calls = []
+    kernel = tw.window_num_den
+    tw.window_num_den = lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
+    for sinks, kernel_calls in ((16, 1), (20, 0)):
+        calls.clear()
+        y = window_softmax_attention(q, k, v, 16, sinks=sinks, scale=0.25)
+        vis = (c <= r) & (((r - c) < 16) | (c < sinks))
+        s = (q.double() @ k.double().transpose(-1, -2) * 0.25).masked_fill(~vis, float("-inf"))
+        assert rel(y, torch.softmax(s, -1) @ v.double()) < 1e-5 and len(calls) == kernel_calls, (sinks, calls)
+        calls.clear()
+        y = hybrid_attention(q, k, v, pq, pk, window=16, gamma=0.5, scale=0.25, sinks=sinks)
+        want_y = quadratic_hybrid_attention(*(t.detach().double() for t in (q, k, v, pq, pk)), 16, 0.5, scale=0.25,
+                                            sinks=sinks)
+        assert rel(y, want_y) < 1e-5 and len(calls) == kernel_calls, (sinks, calls)
     print("ok")
     """)
     assert out.strip().endswith("ok")
 
 
 @pytest.mark.gpu
-def test_kernel_on_cuda_matches_the_float64_reference():
-    """The compiled kernel on a GPU. Its float32 dots run in TF32 (10 explicit mantissa bits): scores carry
-    ~2^-11 relative error, so weights exp(s - m) ~1e-3 relative at |s| ~ 1; the bound 1e-2 holds that with room
-    and still fails a wrong mask or a missing term (O(1))."""
+@pytest.mark.parametrize("d", [64, 256])
+def test_kernel_on_cuda_matches_the_float64_reference(d):
+    """The compiled kernel on a GPU, at head dim 64 and 256 (Gemma-2/3: blocks of 16). Its float32 dots run in TF32
+    (10 explicit mantissa bits): scores carry ~2^-11 relative error, so weights exp(s - m) ~1e-3 relative at
+    |s| ~ 1; the bound 1e-2 holds that with room and still fails a wrong mask or a missing term (O(1))."""
     import torch
 
     from hedgehog.ops import triton_window as tw
@@ -110,18 +131,18 @@ def test_kernel_on_cuda_matches_the_float64_reference():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    n, w, sinks, d = 300, 64, 4, 64
+    n, w, sinks = 300, 64, 4
     q, k, v = (torch.randn(4, n, d, dtype=torch.float64) for _ in range(3))
     r, c = torch.arange(n)[:, None], torch.arange(n)[None, :]
     vis = (c <= r) & (((r - c) < w) | (c < sinks))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    s = (leaves[0] @ leaves[1].transpose(-1, -2) / 8).masked_fill(~vis, float("-inf"))
+    s = (leaves[0] @ leaves[1].transpose(-1, -2) * d ** -0.5).masked_fill(~vis, float("-inf"))
     p = torch.exp(s - s.amax(-1, keepdim=True))
     num, den = p @ leaves[2], p.sum(-1)
     gn, gd = torch.randn_like(num), torch.randn_like(den)
     want = torch.autograd.grad((num * gn).sum() + (den * gd).sum(), leaves)
     cuda = [t.float().cuda().requires_grad_() for t in (q, k, v)]
-    num2, den2 = tw.window_num_den(*cuda, w, 1 / 8, sinks)
+    num2, den2 = tw.window_num_den(*cuda, w, d ** -0.5, sinks)
     got = torch.autograd.grad((num2 * gn.float().cuda()).sum() + (den2 * gd.float().cuda()).sum(), cuda)
     rel = lambda a, b: ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
     assert rel(num2, num) < 1e-2 and rel(den2, den) < 1e-2

@@ -187,7 +187,8 @@ def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, s
     v_blocks = [shifted(rv, s, e, D) for s, e in bounds]
     gamma_rows = _gamma_rows(gamma, B, H, acc, q.device)
     q3, k3 = q.to(acc).reshape(BH, N, d), k.to(acc).reshape(BH, N, d)
-    if acc == torch.float32 and triton_window.serves(q3):  # CUDA: the exact part in one Triton kernel
+    if acc == torch.float32 and triton_window.serves(q3) and triton_window.fits(d, D, sinks):
+        # CUDA: the exact part in one Triton kernel
         num, den = triton_window.window_num_den(q3, k3, rv(0, N), w, scale, sinks)
         win = torch.cat([num, den.unsqueeze(-1)], -1) * gamma_rows
         extra = lambda i, s, L: win[:, s:s + L]
@@ -200,9 +201,10 @@ def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, s
     return causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra, decay=decay_rows)
 
 
-def _device_kernel(backend, x: torch.Tensor) -> Optional[Callable]:
-    """fla's gated kernel when ``backend`` binds one for tensors like ``x`` and the Triton window kernel runs."""
-    if backend is None or not triton_window.serves(x):
+def _device_kernel(backend, x: torch.Tensor, v: torch.Tensor, sinks: int) -> Optional[Callable]:
+    """fla's gated kernel when ``backend`` binds one for tensors like ``x`` and the Triton window kernel runs (for
+    these head dims and sinks)."""
+    if backend is None or not triton_window.serves(x) or not triton_window.fits(x.shape[-1], v.shape[-1], sinks):
         return None
     return backends.resolve(backend).hybrid_linear(x)
 
@@ -280,7 +282,7 @@ def hybrid_attention(
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     Fd = phi_q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
-    gla = _device_kernel(backend, q)
+    gla = _device_kernel(backend, q, v, sinks)
     if gla is not None:
         y, state = device_hybrid_attention(q, k, v, phi_q, phi_k, window, gamma, scale, gla, sinks, decay, eps)
         tail = max(0, N - window)
@@ -324,7 +326,7 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
     if positions is None:
         positions = torch.arange(N, device=q.device)
-    gla = _device_kernel(backend, q)
+    gla = _device_kernel(backend, q, v, sinks)
     if gla is not None:
         out = device_hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window,
                                       gamma, d ** -0.5 if scale is None else scale, gla, sinks, decay, eps)

@@ -303,11 +303,11 @@ def _kernel_serves(q, acc, cache_size: int) -> bool:
 _CANNOT_LAUNCH = set()
 
 
-def _on_kernel(kernel: str, key: tuple, run: Callable):
+def _on_kernel(kernel: str, key: tuple, run: Callable, then: str = "the PyTorch path"):
     """``run()``, or None where this GPU cannot launch ``kernel`` for calls like this one (Triton's
-    ``OutOfResources``: at head dim 128 the schedule needs ~188 KB of shared memory, over an A100's 163 KB;
-    tests/ops/test_triton_compile.py), after one warning; the caller then takes the PyTorch path, with the same
-    results. Nothing of the state has changed when a launch is refused."""
+    ``OutOfResources``: at head dim 128 the schedule with its state in registers needs ~188 KB of shared memory,
+    over an A100's 163 KB; tests/ops/test_triton_compile.py), after one warning; the caller then takes ``then``,
+    with the same results. Nothing of the state has changed when a launch is refused."""
     if (kernel, key) in _CANNOT_LAUNCH:
         return None
     try:
@@ -317,8 +317,9 @@ def _on_kernel(kernel: str, key: tuple, run: Callable):
             raise
         _CANNOT_LAUNCH.add((kernel, key))
         warnings.warn(f"the sparse cache's Triton {kernel} kernel cannot run on this GPU for these shapes ({e}); "
-                      "the PyTorch path serves them from now on in this process, with the same results, more "
-                      "slowly. HEDGEHOG_SPARSE_KERNEL=0 skips the kernels from the start.", RuntimeWarning)
+                      f"{then} serves them from now on in this process, with the same results"
+                      f"{', more slowly' if then == 'the PyTorch path' else ''}. HEDGEHOG_SPARSE_KERNEL=0 skips "
+                      "the kernels from the start.", RuntimeWarning)
         return None
 
 
@@ -328,7 +329,7 @@ def _under_autograd(*tensors) -> bool:
 
 
 def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chunk: int, window: int, sinks: int,
-                        cache_size: int, decay, eps: float, score: str):
+                        cache_size: int, decay, eps: float, score: str, tiled: bool = False):
     """The boundaries of one call in one kernel launch: the segments ``(start, end, t)`` and, per segment, the
     state and cache :func:`_attend` reads; ``st`` is left as the last boundary left it (as :func:`_boundary` does)."""
     from hedgehog.ops import triton_sparse
@@ -355,7 +356,7 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
     with torch.no_grad():  # under autograd the kernel only chooses; the states are folded again below
         S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
                                            ncand, dts, ts, window, cache_size, eps, score, COPY_TOL,
-                                           states=not autograd)
+                                           states=not autograd, tiled=tiled)
     if autograd:
         S, z = _fold_states(st, tab_phi, tab_v, tab_pos, tab_ok, idx0, idx, cand0, ncand, dts, ts, window, decay)
     see = idx >= 0
@@ -560,9 +561,19 @@ def _sparse_call(q, k, v, phi_q, phi_k, window: int, cache_size: int, gamma: Gam
     keys = _Keys(st, k, v, phi_k, ok, base)
     on_kernel = None
     if n >= 2 and _kernel_serves(q, acc, cache_size):
-        on_kernel = _on_kernel("schedule", (str(q.device), Fd, D, cache_size, chunk, score),
-                               lambda: _schedule_on_kernel(st, keys, p0, n, chunk, window, sinks, cache_size, decay,
-                                                           eps, score))
+        # the schedule with its state in registers (up to head dim 128); where this GPU cannot launch that (head
+        # dim 128 on an A100), or for larger states, the tiled one; where it cannot launch either, the PyTorch path
+        from hedgehog.ops import triton_sparse
+
+        shapes = (str(q.device), Fd, D, score)
+        for kernel, tiled, then in (("schedule", False, "the tiled schedule kernel"),
+                                    ("tiled schedule", True, "the PyTorch path")):
+            if not tiled and not triton_sparse.in_registers(Fd, D):
+                continue
+            on_kernel = _on_kernel(kernel, shapes, lambda: _schedule_on_kernel(
+                st, keys, p0, n, chunk, window, sinks, cache_size, decay, eps, score, tiled=tiled), then=then)
+            if on_kernel is not None:
+                break
     if on_kernel is not None:
         segs, per_seg = on_kernel
     else:

@@ -15,6 +15,10 @@ row, KV head) walks every boundary of a call with the state ``(S, z)`` in regist
 
 Each step walks the pool :data:`PB` entries at a time (the entries' codes and scores pass between the steps through
 a scratch row in global memory), so a program's shared memory and registers are bounded whatever the cache size.
+The state stays in registers, and as a matmul operand it is staged in shared memory: at head dim 128 (F x D = 256 x
+128) that is 188 KB, more than an A100 block may have. :func:`_schedule_tiled` does the same steps with the state
+in global scratch, a :data:`TILE` x :data:`TILE` tile at a time (49 KB at any head dim); the op runs it where a GPU
+refuses to launch :func:`_schedule` (:func:`hedgehog.ops.sparse_cache._on_kernel`).
 
 It writes, per segment of the call, the state ``(S_m, z_m)`` and the cache as *indices* into the call's table of
 candidate keys (the incoming cache, then the recent and new keys). Without autograd the attention is a second
@@ -47,6 +51,10 @@ PB = 32
 # registers, for room for a second block that never comes, and spilled 872 bytes. Speed unmeasured on a GPU (#37).
 SCHEDULE_WARPS = 16
 MAXNREG = 65536 // (32 * SCHEDULE_WARPS)  # registers a thread when one block holds the SM's 64K
+# The tiled schedule (_schedule_tiled, for a GPU that cannot launch _schedule: head dim 128 on an A100) reads and
+# writes its state TILE x TILE at a time from global scratch; it holds no whole state, so 8 warps suffice.
+TILE = 64
+TILED_WARPS = 8
 # Exact keys per block of the attention kernel, and features per step of its linear part (the state's rows). It once
 # read the whole cache (128 keys), every recent key (95) and the whole state at once: at sm_90, 255 registers and
 # ~7.5 KB of spill a thread at the default model's shapes, 164 KB of shared memory at head dim 128. By blocks, with
@@ -55,6 +63,19 @@ MAXNREG = 65536 // (32 * SCHEDULE_WARPS)  # registers a thread when one block ho
 KB = 32
 FB = 32
 ATTEND_WARPS = 8
+# At a padded head dim of 256 (Gemma-2/3) blocks of 32 need 168 KB of shared memory for fp32 inputs, over an A100's
+# 163 KB and sm_86's 99 KB; blocks of 16 need 100 KB (65 KB for bf16 inputs).
+WIDE_KB = 16
+WIDE_FROM = 256
+# The largest state (F x D) the schedule keeps in registers: 256 x 128 (head dim 128), which fits an H100/H200
+# (188 KB) and not an A100, where the op then runs the tiled schedule. Larger states (head dim 256: 630 KB, and
+# ~1-2 minutes of compiling before a launch is refused) go to the tiled schedule directly.
+REGISTER_STATE = 256 * 128
+
+
+def in_registers(F: int, D: int) -> bool:
+    """Whether the schedule with its state in registers is tried for features F and values D (else the tiled one)."""
+    return _dims(F) * _dims(D) <= REGISTER_STATE
 
 
 def _pow2(n: int) -> int:
@@ -198,10 +219,206 @@ if triton is not None:
                 tl.store(Z_OUT + out * F + fr, z, mask=fmask)
             tl.debug_barrier()
 
+    @triton.jit
+    def _tile(PTR, rows, real, c0, NC: tl.constexpr, TC: tl.constexpr):
+        """Columns ``c0 .. c0 + TC`` of rows ``rows`` of a row-major (., NC) fp32 array (0 outside it, or where not
+        ``real``)."""
+        cols = c0 + tl.arange(0, TC)
+        return tl.load(PTR + rows[:, None] * NC + cols[None, :], mask=real[:, None] & (cols < NC)[None, :], other=0.0)
+
+    @triton.jit
+    def _state_tile(PTR, f0, d0, F: tl.constexpr, D: tl.constexpr, TF: tl.constexpr, TD: tl.constexpr):
+        """Pointers to, and the mask of, the (TF, TD) tile of an F x D state at (f0, d0)."""
+        fr = f0 + tl.arange(0, TF)
+        dr = d0 + tl.arange(0, TD)
+        return PTR + fr[:, None] * D + dr[None, :], (fr < F)[:, None] & (dr < D)[None, :]
+
+    @triton.jit
+    def _fold_weight(POS, base_src, safe, real, valid, lam_log, t, window):
+        """A block of pool entries' positions and fold weights ``lambda^(t - w - i)`` (0 where an entry does not
+        count)."""
+        pos = tl.load(POS + base_src + safe, mask=real, other=0)
+        return pos, tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
+
+    @triton.jit
+    def _fold_into(SRC, DST, ZSRC, ZDST, PHI, V, base_src, code_row, w_row, NP, F: tl.constexpr, D: tl.constexpr,
+                   TF: tl.constexpr, TD: tl.constexpr, PB: tl.constexpr):
+        """``DST = SRC + sum_i w_i phi_i^T v_i`` and ``ZDST = ZSRC + sum_i w_i phi_i`` over the pool (weights in
+        ``w_row``), a (TF, TD) tile of the state at a time: each tile is read and written once, the pool's features
+        and values once per tile."""
+        for f0 in range(0, F, TF):
+            zf = f0 + tl.arange(0, TF)
+            zacc = tl.load(ZSRC + zf, mask=zf < F, other=0.0)
+            for b0 in range(0, NP, PB):
+                lane = b0 + tl.arange(0, PB)
+                safe, valid, real = _entry(code_row, lane, NP)
+                w = tl.load(w_row + lane, mask=real, other=0.0)
+                zacc += tl.sum(_tile(PHI, base_src + safe, real, f0, F, TF) * w[:, None], 0)
+            tl.store(ZDST + zf, zacc, mask=zf < F)
+            for d0 in range(0, D, TD):
+                src, sm = _state_tile(SRC, f0, d0, F, D, TF, TD)
+                acc = tl.load(src, mask=sm, other=0.0)
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    safe, valid, real = _entry(code_row, lane, NP)
+                    w = tl.load(w_row + lane, mask=real, other=0.0)
+                    phi_w = _tile(PHI, base_src + safe, real, f0, F, TF) * w[:, None]
+                    acc += tl.dot(tl.trans(phi_w), _tile(V, base_src + safe, real, d0, D, TD), input_precision="ieee")
+                dst, dm = _state_tile(DST, f0, d0, F, D, TF, TD)
+                tl.store(dst, acc, mask=dm)
+
+    @triton.jit
+    def _schedule_tiled(PHI, V, POS, OK, DECAY, SW, ZW, ST, ZT, IDX, CAND0, NCAND, DT, T, S_OUT, Z_OUT, ERR, CODE,
+                        WF, M, Hk, Ns, NPMAX, window, cache_size, eps, copy_tol, F: tl.constexpr, D: tl.constexpr,
+                        TF: tl.constexpr, TD: tl.constexpr, PB: tl.constexpr, SCORE: tl.constexpr,
+                        STATES: tl.constexpr):
+        """:func:`_schedule` for states too large to hold in registers (head dim 128: F x D = 256 x 128 fp32, which
+        as a matmul operand needs 188 KB of shared memory, over an A100's 163 KB): the state ``S, z`` lives in
+        global scratch (``SW, ZW``; the leave-one-out sums in ``ST, ZT``) and every product runs a (TF, TD) tile of
+        it at a time, so a program's shared memory does not grow with the state. Same steps, same order, same tie
+        rule; sums over the features run a tile at a time, so results agree with :func:`_schedule` to rounding."""
+        bh = tl.program_id(0)
+        h = bh % Hk
+        lam_log = tl.load(DECAY + h)
+        base_src = bh * Ns
+        err_row = ERR + bh * NPMAX
+        code_row = CODE + bh * NPMAX
+        w_row = WF + bh * NPMAX
+        SW = SW + bh * F * D
+        ST = ST + bh * F * D
+        ZW = ZW + bh * F
+        ZT = ZT + bh * F
+        for m in range(0, M):
+            dt = tl.load(DT + m).to(tl.float32)
+            t = tl.load(T + m)
+            lam = tl.exp(lam_log * dt)
+            for f0 in range(0, F, TF):
+                zf = f0 + tl.arange(0, TF)
+                tl.store(ZW + zf, tl.load(ZW + zf, mask=zf < F, other=0.0) * lam, mask=zf < F)
+                for d0 in range(0, D, TD):
+                    sp, sm = _state_tile(SW, f0, d0, F, D, TF, TD)
+                    tl.store(sp, tl.load(sp, mask=sm, other=0.0) * lam, mask=sm)
+            tl.debug_barrier()
+            P = tl.load(NCAND + m).to(tl.int32)
+            c0 = tl.load(CAND0 + m).to(tl.int32)
+            row_prev = IDX + (bh * (M + 1) + m) * cache_size
+            row_new = row_prev + cache_size
+            NP = cache_size + P
+            if P > 0:
+                # pass 1: the codes (as in _schedule) and every candidate's fold weight
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    in_cache = lane < cache_size
+                    is_new = (lane >= cache_size) & (lane < NP)
+                    prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
+                    safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev),
+                                    tl.where(is_new, c0 + lane - cache_size, 0))
+                    ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
+                    valid = tl.where(in_cache, prev >= 0, is_new & ok)
+                    tl.store(code_row + lane, tl.where(valid, safe, -1 - safe), mask=in_cache | is_new)
+                    pos, w = _fold_weight(POS, base_src, safe, in_cache | is_new, valid, lam_log, t, window)
+                    tl.store(w_row + lane, w, mask=in_cache | is_new)
+                tl.debug_barrier()
+                if SCORE != 2:  # the state with every candidate folded in
+                    _fold_into(SW, ST, ZW, ZT, PHI, V, base_src, code_row, w_row, NP, F, D, TF, TD, PB)
+                    tl.debug_barrier()
+                # pass 2: the scores
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    safe, valid, real = _entry(code_row, lane, NP)
+                    rows = base_src + safe
+                    pos = tl.load(POS + rows, mask=real, other=0)
+                    w = tl.load(w_row + lane, mask=real, other=0.0)
+                    den = tl.zeros([PB], tl.float32)
+                    self_w = tl.zeros([PB], tl.float32)
+                    for f0 in range(0, F, TF):
+                        phi = _tile(PHI, rows, real, f0, F, TF)
+                        zf = f0 + tl.arange(0, TF)
+                        if SCORE == 2:  # the state as it is
+                            zs = tl.load(ZW + zf, mask=zf < F, other=0.0)
+                        else:  # the state with every other candidate folded in
+                            zs = tl.load(ZT + zf, mask=zf < F, other=0.0)
+                            self_w += tl.sum(phi * w[:, None] * phi, 1)
+                        den += tl.sum(phi * zs[None, :], 1)
+                    den = tl.maximum(den - self_w, eps)
+                    err = tl.zeros([PB], tl.float32)
+                    for d0 in range(0, D, TD):
+                        v = _tile(V, rows, real, d0, D, TD)
+                        num = tl.zeros([PB, TD], tl.float32)
+                        for f0 in range(0, F, TF):
+                            if SCORE == 2:
+                                sp, sm = _state_tile(SW, f0, d0, F, D, TF, TD)
+                            else:
+                                sp, sm = _state_tile(ST, f0, d0, F, D, TF, TD)
+                            num += tl.dot(_tile(PHI, rows, real, f0, F, TF), tl.load(sp, mask=sm, other=0.0),
+                                          input_precision="ieee")
+                        pred = (num - self_w[:, None] * v) / den[:, None]
+                        dr = d0 + tl.arange(0, TD)
+                        err += tl.sum(tl.where((dr < D)[None, :], (v - pred) * (v - pred), 0.0), 1)
+                    if SCORE == 0:  # lowered to the distance to the nearest newer valid value
+                        near = tl.full([PB], float("inf"), tl.float32)
+                        for c in range(0, NP, PB):
+                            cs, cv_ok, c_real = _entry(code_row, c + tl.arange(0, PB), NP)
+                            cv_ok = cv_ok & c_real
+                            pc = tl.load(POS + base_src + cs, mask=cv_ok, other=0)
+                            sq = tl.zeros([PB], tl.float32)
+                            sqc = tl.zeros([PB], tl.float32)
+                            dots = tl.zeros([PB, PB], tl.float32)
+                            for d0 in range(0, D, TD):
+                                v = _tile(V, rows, real, d0, D, TD)
+                                vc = _tile(V, base_src + cs, cv_ok, d0, D, TD)
+                                sq += tl.sum(v * v, 1)
+                                sqc += tl.sum(vc * vc, 1)
+                                dots += tl.dot(v, tl.trans(vc), input_precision="ieee")
+                            norms = sq[:, None] + sqc[None, :]
+                            dist = tl.maximum(norms - 2 * dots, 0.0)
+                            dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
+                            newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
+                            near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
+                        err = tl.minimum(err, near)
+                    tl.store(err_row + lane, tl.where(valid, err, float("-inf")), mask=real)
+                tl.debug_barrier()
+                # pass 3: the ranks (as in _schedule); the cache_size first stay, the others' fold weights stay in
+                # w_row (0 for those that stay) and are folded in a tile at a time
+                for b0 in range(0, NP, PB):
+                    lane = b0 + tl.arange(0, PB)
+                    safe, valid, real = _entry(code_row, lane, NP)
+                    e = tl.load(err_row + lane, mask=real, other=float("-inf"))
+                    rank = tl.zeros([PB], tl.int32)
+                    for c in range(0, NP, PB):
+                        cl = c + tl.arange(0, PB)
+                        c_real = cl < NP
+                        ec = tl.load(err_row + cl, mask=c_real, other=float("-inf"))
+                        before = c_real[None, :] & ((ec[None, :] > e[:, None]) |
+                                                    ((ec[None, :] == e[:, None]) & (cl[None, :] < lane[:, None])))
+                        rank += tl.sum(before.to(tl.int32), 1)
+                    keep = real & (rank < cache_size)
+                    tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
+                    w = tl.load(w_row + lane, mask=real, other=0.0)
+                    tl.store(w_row + lane, tl.where(keep, 0.0, w), mask=real)
+                tl.debug_barrier()
+                _fold_into(SW, SW, ZW, ZW, PHI, V, base_src, code_row, w_row, NP, F, D, TF, TD, PB)
+            else:  # no key leaves: the cache as it was
+                for s0 in range(0, cache_size, PB):
+                    lane = s0 + tl.arange(0, PB)
+                    in_cache = lane < cache_size
+                    tl.store(row_new + lane, tl.load(row_prev + lane, mask=in_cache), mask=in_cache)
+            tl.debug_barrier()
+            if STATES:
+                out = bh * M + m
+                for f0 in range(0, F, TF):
+                    zf = f0 + tl.arange(0, TF)
+                    tl.store(Z_OUT + out * F + zf, tl.load(ZW + zf, mask=zf < F, other=0.0), mask=zf < F)
+                    for d0 in range(0, D, TD):
+                        sp, sm = _state_tile(SW, f0, d0, F, D, TF, TD)
+                        op, om = _state_tile(S_OUT + out * F * D, f0, d0, F, D, TF, TD)
+                        tl.store(op, tl.load(sp, mask=sm, other=0.0), mask=om)
+            tl.debug_barrier()
+
 
 def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Tensor, decay: torch.Tensor,
              S0: torch.Tensor, z0: torch.Tensor, idx0: torch.Tensor, cand0, ncand, dt, t, window: int,
-             cache_size: int, eps: float, score: str, copy_tol: float, states: bool = True):
+             cache_size: int, eps: float, score: str, copy_tol: float, states: bool = True, tiled: bool = False):
     """Run the schedule of one call (module docstring).
 
     Args:
@@ -214,6 +431,8 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
             (:data:`hedgehog.ops.sparse_cache.COPY_TOL`).
         states: False for a caller that folds the states itself (under autograd): no state is written, and
             ``S``, ``z`` come back as None.
+        tiled: run :func:`_schedule_tiled` (the state in global scratch, a tile at a time), for a GPU that cannot
+            launch :func:`_schedule` at these shapes (head dim 128 on an A100).
     Returns: ``S (B, Hk, M, F, D)``, ``z (B, Hk, M, F)`` (fp32), ``idx (B, Hk, M, cache_size)`` (int32, encoded as
     ``idx0``).
     """
@@ -231,11 +450,21 @@ def schedule(phi: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ok: torch.Te
     z_out = torch.empty(B, Hk, M, F, dtype=torch.float32, device=dev) if states else torch.empty(1, device=dev)
     err = torch.empty(B * Hk, NP, dtype=torch.float32, device=dev)
     code = torch.empty(B * Hk, NP, dtype=torch.int32, device=dev)
-    _schedule[(B * Hk,)](
-        f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay), f32(S0),
-        f32(z0), idx, ints(cand0), ints(ncand), ints(dt), ints(t), S_out, z_out, err, code,
-        M, Hk, Ns, NP, int(window), int(cache_size), float(eps), float(copy_tol), F=F, D=D, BF=_dims(F), BD=_dims(D),
-        PB=PB, SCORE=SCORE_CODES[score], STATES=bool(states), num_warps=SCHEDULE_WARPS, maxnreg=MAXNREG)
+    table = (f32(phi), f32(v), pos.to(torch.int64).contiguous(), ok.to(torch.int8).contiguous(), f32(decay))
+    steps = (ints(cand0), ints(ncand), ints(dt), ints(t))
+    sizes = (M, Hk, Ns, NP, int(window), int(cache_size), float(eps), float(copy_tol))
+    flags = dict(PB=PB, SCORE=SCORE_CODES[score], STATES=bool(states))
+    if tiled:  # the state in scratch: the working state, the leave-one-out sums, the fold weights
+        SW, ZW = S0.float().reshape(B * Hk, F, D).clone(), z0.float().reshape(B * Hk, F).clone()
+        loo = score != "state"
+        ST = torch.empty_like(SW) if loo else torch.empty(1, device=dev)
+        ZT = torch.empty_like(ZW) if loo else torch.empty(1, device=dev)
+        wf = torch.empty(B * Hk, NP, dtype=torch.float32, device=dev)
+        _schedule_tiled[(B * Hk,)](*table, SW, ZW, ST, ZT, idx, *steps, S_out, z_out, err, code, wf, *sizes, F=F, D=D,
+                                   TF=min(TILE, _dims(F)), TD=min(TILE, _dims(D)), **flags, num_warps=TILED_WARPS)
+    else:
+        _schedule[(B * Hk,)](*table, f32(S0), f32(z0), idx, *steps, S_out, z_out, err, code, *sizes, F=F, D=D,
+                             BF=_dims(F), BD=_dims(D), **flags, num_warps=SCHEDULE_WARPS, maxnreg=MAXNREG)
     if not states:
         S_out = z_out = None
     return S_out, z_out, idx[:, :, 1:]
@@ -361,6 +590,7 @@ def attend(q, phi_q, S, z, tab_k, tab_v, entry, see_c, sink_k, sink_v, sink_ok, 
     gam = torch.as_tensor(gamma, device=dev).detach().float().expand(Hq).contiguous()
     lam_log = decay.detach().float().contiguous() if decay is not None else torch.zeros(Hk, device=dev)
     L = max(s[1] - s[0] for s in segs)
+    kb = WIDE_KB if max(_dims(d), _dims(D)) >= WIDE_FROM else KB
     R = max(s[1] - s[2] for s in segs) + window - 1
     y = torch.empty(B, Hq, n, D, dtype=torch.float32, device=dev)
     dummy = lambda x: x if x.numel() else torch.zeros(1, device=dev, dtype=x.dtype)  # a valid pointer for no sinks
@@ -368,6 +598,6 @@ def attend(q, phi_q, S, z, tab_k, tab_v, entry, see_c, sink_k, sink_v, sink_ok, 
         c(q), c(phi_q), f32(S), f32(z), c(tab_k), c(tab_v), entry.to(torch.int32).contiguous(), i8(see_c),
         dummy(c(sink_k)), dummy(c(sink_v)), dummy(i8(sink_ok)), c(keys_k), c(keys_v), i8(keys_ok), gam, lam_log, y,
         ints(0), ints(1), ints(2), int(p0), int(base), n, Nk, Nt, Hq, Hk, Hq // Hk, M, lam, ns, int(window), R,
-        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), FB=min(FB, _dims(F)), BDV=_dims(D), BL=_pow2(L), KB=KB,
-        num_warps=ATTEND_WARPS)
+        float(scale), float(eps), d=d, F=F, D=D, BD=_dims(d), FB=min(kb, FB, _dims(F)), BDV=_dims(D), BL=_pow2(L),
+        KB=kb, num_warps=ATTEND_WARPS)
     return y

@@ -36,6 +36,22 @@ except Exception:  # not installed
     tl = None
 
 BLOCK = 32  # queries and keys per program step; sinks must fit in one key block
+# From a padded head dim (q/k or v) of WIDE_FROM (Gemma-2/3's 256), blocks of WIDE_BLOCK: at 32 the kernels need
+# 168-197 KB of shared memory there, over an A100's 163 KB and sm_86's 99 KB; at 16, 83-99 KB
+# (tests/ops/test_triton_compile.py compiles them for sm_90, sm_80 and sm_86).
+WIDE_BLOCK = 16
+WIDE_FROM = 256
+
+
+def block_for(d: int, dv: int) -> int:
+    """Queries and keys per program step for head dims ``d`` (q, k) and ``dv`` (v)."""
+    return WIDE_BLOCK if max(_dims(d), _dims(dv)) >= WIDE_FROM else BLOCK
+
+
+def fits(d: int, dv: int, sinks: int) -> bool:
+    """Whether the kernel takes these shapes: its sinks fit in one key block (a caller takes the PyTorch path
+    otherwise)."""
+    return 0 <= sinks <= block_for(d, dv)
 
 
 def available() -> bool:
@@ -215,10 +231,11 @@ class _WindowPart(torch.autograd.Function):
         num = torch.empty(bh, n, DV, device=q.device, dtype=torch.float32)
         den, m = (torch.empty(bh, n, device=q.device, dtype=torch.float32) for _ in range(2))
         arg = torch.empty(bh, n, device=q.device, dtype=torch.int32)
-        grid = (triton.cdiv(n, BLOCK), bh)
+        blk = block_for(d, dv)
+        grid = (triton.cdiv(n, blk), bh)
         _fwd[grid](q3, k3, v3, num, den, m, arg, n, float(scale), int(window), int(sinks),
                    q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-                   num.stride(0), num.stride(1), den.stride(0), D_QK=DQ, D_V=DV, BM=BLOCK, BN=BLOCK)
+                   num.stride(0), num.stride(1), den.stride(0), D_QK=DQ, D_V=DV, BM=blk, BN=blk)
         ctx.save_for_backward(q3, k3, v3, num, den, m, arg)
         ctx.shape = (d, dv, window, sinks, scale)
         return num[..., :dv], den
@@ -236,11 +253,12 @@ class _WindowPart(torch.autograd.Function):
         dvv = torch.empty_like(v3)
         args = (q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
                 g.stride(0), g.stride(1), den.stride(0))
-        grid = (triton.cdiv(n, BLOCK), bh)
+        blk = block_for(d, dv)
+        grid = (triton.cdiv(n, blk), bh)
         _bwd_dq[grid](q3, k3, v3, g, gden, m, arg, delta, dq, n, float(scale), int(window), int(sinks), *args,
-                      D_QK=DQ, D_V=DV, BM=BLOCK, BN=BLOCK)
+                      D_QK=DQ, D_V=DV, BM=blk, BN=blk)
         _bwd_dkdv[grid](q3, k3, v3, g, gden, m, arg, delta, dk, dvv, n, float(scale), int(window), int(sinks),
-                        *args, D_QK=DQ, D_V=DV, BM=BLOCK, BN=BLOCK)
+                        *args, D_QK=DQ, D_V=DV, BM=blk, BN=blk)
         return dq[..., :d], dk[..., :d], dvv[..., :dv], None, None, None
 
 
@@ -254,6 +272,9 @@ def window_num_den(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"q, k (BH, N, d) and v (BH, N, D) must share (BH, N): {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if window < 1 or not 0 <= sinks <= BLOCK:
-        raise ValueError(f"window must be >= 1 and sinks in 0..{BLOCK}, got {window} and {sinks}")
+    blk = block_for(q.shape[-1], v.shape[-1])
+    if window < 1 or not fits(q.shape[-1], v.shape[-1], sinks):
+        raise ValueError(f"window must be >= 1 and sinks in 0..{blk} (one key block at these head dims), got "
+                         f"{window} and {sinks}; the callers in hedgehog.ops take the PyTorch path where sinks do "
+                         "not fit (triton_window.fits)")
     return _WindowPart.apply(q, k, v, int(window), int(sinks), float(scale))

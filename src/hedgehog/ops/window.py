@@ -158,7 +158,8 @@ def window_softmax_attention(q, k, v, window: int, sinks: int = 0, scale: Option
     acc = acc_dtype(v)
     scale = d ** -0.5 if scale is None else scale
     q3, k3, v3 = (t.to(acc).reshape(B * H, N, -1) for t in (q, k, v))
-    if acc == torch.float32 and triton_window.serves(q3):  # CUDA: one Triton kernel
+    if acc == torch.float32 and triton_window.serves(q3) and triton_window.fits(d, v.shape[-1], sinks):
+        # CUDA: one Triton kernel
         num, den = triton_window.window_num_den(q3, k3, v3, window, scale, sinks)
         return (num / den.unsqueeze(-1)).reshape(B, H, N, -1).to(v.dtype)
     ones = torch.ones(B * H, 1, 1, dtype=acc, device=q.device)
