@@ -143,7 +143,8 @@ def test_calls_in_pieces_continue_the_state_exactly(split):
 def test_a_long_call_without_autograd_runs_in_pieces_with_features_per_piece(monkeypatch, start):
     """Without autograd a call longer than PREFILL_PIECE runs piece by piece (ending at multiples of the chunk),
     its features computed per piece when passed as functions, and gives the one-call output and state; the float64
-    definition agrees. Under autograd the same call is one piece."""
+    definition agrees. Grad mode with nothing that requires grad (an inference forward outside no_grad) runs in
+    pieces too; under autograd (an input or a feature requires grad) the same call is one piece."""
     from hedgehog.ops import sparse_cache as sc
 
     q, k, v, pq, pk = inputs(n=60)
@@ -155,20 +156,23 @@ def test_a_long_call_without_autograd_runs_in_pieces_with_features_per_piece(mon
     sl = lambda t, a, b: t[..., a:b] if t.dim() == 2 else t[:, :, a:b]
     calls = []
 
-    def feature(phi):
+    def feature(phi, trained=False):
         def per_piece(a, b):
             calls.append((a, b))
-            return phi[:, :, start + a:start + b]
+            out = phi[:, :, start + a:start + b]
+            return out.clone().requires_grad_() if trained else out  # a map with trainable weights
         return per_piece
 
-    def run(piece, grad=False):
+    def run(piece, grad=False, leaf=False, trained=False):
         monkeypatch.setattr(sc, "PREFILL_PIECE", piece)
         calls.clear()
         # ``start`` tokens in an earlier call, then the rest in one (a piece boundary falls off the call's start)
         _, st = sparse_hybrid_attention(*(sl(t, 0, start) for t in (q, k, v, pq, pk)), 5, 3, 0.5,
                                         **{**kw, "key_valid": valid[:, :start]}) if start else (None, None)
+        qn, kn, vn = (sl(t, start, 60) for t in (q, k, v))
+        qn = qn.clone().requires_grad_() if leaf else qn
         with torch.set_grad_enabled(grad):
-            y, st = sparse_hybrid_attention(*(sl(t, start, 60) for t in (q, k, v)), feature(pq), feature(pk), 5, 3,
+            y, st = sparse_hybrid_attention(qn, kn, vn, feature(pq, trained), feature(pk, trained), 5, 3,
                                             0.5, **{**kw, "key_valid": valid[:, start:]}, state=st)
         return y, st, list(calls)
 
@@ -182,8 +186,12 @@ def test_a_long_call_without_autograd_runs_in_pieces_with_features_per_piece(mon
     assert torch.allclose(st.S, st1.S, atol=1e-12) and st.seen == 60
     assert torch.allclose(y[0], ref[0, :, start:], atol=1e-10)
     assert torch.allclose(y[1, :, max(0, 9 - start):], ref[1, :, max(9, start):], atol=1e-10)
-    _, _, calls_grad = run(16, grad=True)
-    assert calls_grad == [(0, 60 - start)] * 2
+    y2, _, calls_grad = run(16, grad=True)  # grad mode, nothing requires grad: each feature probed, then pieces
+    assert calls_grad == [(0, 1)] * 2 + pieces and torch.equal(y2, y)
+    _, _, calls_leaf = run(16, grad=True, leaf=True)  # q requires grad: one piece, no probe
+    assert calls_leaf == [(0, 60 - start)] * 2
+    _, _, calls_trained = run(16, grad=True, trained=True)  # the features require grad: one piece
+    assert calls_trained == [(0, 1)] + [(0, 60 - start)] * 2
 
 
 def test_state_size_does_not_grow_with_length():

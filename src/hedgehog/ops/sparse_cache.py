@@ -328,6 +328,16 @@ def _under_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _recorded(q, k, v, phi_q: Features, phi_k: Features, gamma, decay) -> bool:
+    """Whether autograd records a call with these inputs: :func:`_under_autograd`, with features given as functions
+    probed on the first token (a map with trainable weights). Grad mode alone is not enough: a model called for
+    inference outside ``torch.no_grad()`` (frozen weights) still runs a long prefill in pieces."""
+    if _under_autograd(q, k, v, gamma, decay):
+        return True
+    probe = lambda phi: phi(0, 1) if callable(phi) else phi
+    return torch.is_grad_enabled() and any(probe(phi).requires_grad for phi in (phi_q, phi_k))
+
+
 def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chunk: int, window: int, sinks: int,
                         cache_size: int, decay, eps: float, score: str, tiled: bool = False):
     """The boundaries of one call in one kernel launch: the segments ``(start, end, t)`` and, per segment, the
@@ -462,7 +472,7 @@ def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, 
                      see_c.expand(B, Hk, M, 1, L, nc), see_r[:, None, :, None].expand(B, Hk, M, 1, L, R)], -1)
     # Under autograd (stage 2) amax keeps scores and exp its result, so those steps run out of place; a prefill
     # runs them in place (at 8k the three temporaries cost ~0.06 s per layer on 2 cores)
-    grad = torch.is_grad_enabled()
+    grad = _under_autograd(scores, gamma)
     scores = scores.masked_fill(~see, float("-inf")) if grad else scores.masked_fill_(~see, float("-inf"))
     c = scores.amax(-1, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # a padding query that sees no key
@@ -515,7 +525,7 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         raise ValueError(f"unknown sparse-cache score {score!r}; choose one of {SCORES}")
     n, step = q.shape[2], max(1, PREFILL_PIECE // (chunk or window)) * (chunk or window)
     feats = lambda phi, a, b: phi(a, b) if callable(phi) else phi[:, :, a:b]
-    if torch.is_grad_enabled() or n <= PREFILL_PIECE:  # one piece
+    if n <= PREFILL_PIECE or _recorded(q, k, v, phi_q, phi_k, gamma, decay):  # one piece
         return _sparse_call(q, k, v, feats(phi_q, 0, n), feats(phi_k, 0, n), window, cache_size, gamma, scale,
                             sinks, decay, chunk, key_valid, state, eps, score)
     p0, a, y = (state.seen if state is not None else 0), 0, None
