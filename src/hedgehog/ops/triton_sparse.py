@@ -92,12 +92,67 @@ if triton is not None:
         return tl.where(code >= 0, code, -1 - code), code >= 0, real
 
     @triton.jit
+    def _fold_weight(POS, base_src, safe, real, valid, lam_log, t, window):
+        """A block of pool entries' positions and fold weights ``lambda^(t - w - i)`` (0 where an entry does not
+        count)."""
+        pos = tl.load(POS + base_src + safe, mask=real, other=0)
+        return pos, tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
+
+    @triton.jit
+    def _codes(row_prev, OK, code_row, base_src, lane, c0, cache_size, NP):
+        """Pass 1 for a block of pool lanes (the cache, then the keys leaving): each entry's table index as a code
+        in ``code_row`` (-1 - index where the entry does not count: an empty cache slot or a padding key). Returns
+        (table index, counts, in the pool)."""
+        in_cache = lane < cache_size
+        is_new = (lane >= cache_size) & (lane < NP)
+        # a cache slot holds a table index, or -1 - index when it is empty
+        prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
+        safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev), tl.where(is_new, c0 + lane - cache_size, 0))
+        ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
+        valid = tl.where(in_cache, prev >= 0, is_new & ok)
+        tl.store(code_row + lane, tl.where(valid, safe, -1 - safe), mask=in_cache | is_new)
+        return safe, valid, in_cache | is_new
+
+    @triton.jit
+    def _closer(near, norms, dots, cv_ok, pc, pos, copy_tol):
+        """``near`` lowered to the squared distance to the nearest newer valid value of a block of candidates
+        (``norms``: the pairs' summed squared norms, ``dots``: their products; an exact copy is at 0)."""
+        dist = tl.maximum(norms - 2 * dots, 0.0)
+        dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
+        newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
+        return tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
+
+    @triton.jit
+    def _rank_keep(err_row, row_new, lane, safe, valid, real, NP, cache_size, PB: tl.constexpr):
+        """Pass 3 for a block of pool lanes: rank = how many pool entries come before this one (higher score, or
+        equal and earlier); the ``cache_size`` first stay, at slot = rank in ``row_new``. Returns which stay."""
+        e = tl.load(err_row + lane, mask=real, other=float("-inf"))
+        rank = tl.zeros([PB], tl.int32)
+        for c in range(0, NP, PB):
+            cl = c + tl.arange(0, PB)
+            c_real = cl < NP
+            ec = tl.load(err_row + cl, mask=c_real, other=float("-inf"))
+            before = c_real[None, :] & ((ec[None, :] > e[:, None]) |
+                                        ((ec[None, :] == e[:, None]) & (cl[None, :] < lane[:, None])))
+            rank += tl.sum(before.to(tl.int32), 1)
+        keep = real & (rank < cache_size)
+        tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
+        return keep
+
+    @triton.jit
+    def _copy_row(row_prev, row_new, cache_size, PB: tl.constexpr):
+        """No key leaves: the cache as it was."""
+        for s0 in range(0, cache_size, PB):
+            lane = s0 + tl.arange(0, PB)
+            in_cache = lane < cache_size
+            tl.store(row_new + lane, tl.load(row_prev + lane, mask=in_cache), mask=in_cache)
+
+    @triton.jit
     def _load_pool(PHI, V, POS, base_src, safe, real, valid, lam_log, t, window, fr, dr, fmask, dmask,
                    F: tl.constexpr, D: tl.constexpr):
         """A block of pool entries' features, values, positions and fold weights ``lambda^(t - w - i)`` (0 where
         an entry does not count)."""
-        pos = tl.load(POS + base_src + safe, mask=real, other=0)
-        w = tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
+        pos, w = _fold_weight(POS, base_src, safe, real, valid, lam_log, t, window)
         phi = tl.load(PHI + (base_src + safe)[:, None] * F + fr[None, :], mask=real[:, None] & fmask[None, :],
                       other=0.0)
         v = tl.load(V + (base_src + safe)[:, None] * D + dr[None, :], mask=real[:, None] & dmask[None, :], other=0.0)
@@ -138,18 +193,10 @@ if triton is not None:
                 z_tot = z
                 for b0 in range(0, NP, PB):
                     lane = b0 + tl.arange(0, PB)
-                    in_cache = lane < cache_size
-                    is_new = (lane >= cache_size) & (lane < NP)
-                    # a cache slot holds a table index, or -1 - index when it is empty
-                    prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
-                    safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev),
-                                    tl.where(is_new, c0 + lane - cache_size, 0))
-                    ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
-                    valid = tl.where(in_cache, prev >= 0, is_new & ok)
-                    tl.store(code_row + lane, tl.where(valid, safe, -1 - safe), mask=in_cache | is_new)
+                    safe, valid, pooled = _codes(row_prev, OK, code_row, base_src, lane, c0, cache_size, NP)
                     if SCORE != 2:
-                        phi, v, pos, w = _load_pool(PHI, V, POS, base_src, safe, in_cache | is_new, valid, lam_log,
-                                                    t, window, fr, dr, fmask, dmask, F, D)
+                        phi, v, pos, w = _load_pool(PHI, V, POS, base_src, safe, pooled, valid, lam_log, t, window,
+                                                    fr, dr, fmask, dmask, F, D)
                         phi_w = phi * w[:, None]
                         S_tot += tl.dot(tl.trans(phi_w), v, input_precision="ieee")
                         z_tot += tl.sum(phi_w, 0)
@@ -178,11 +225,8 @@ if triton is not None:
                             vc = tl.load(V + (base_src + cs)[:, None] * D + dr[None, :],
                                          mask=cv_ok[:, None] & dmask[None, :], other=0.0)
                             pc = tl.load(POS + base_src + cs, mask=cv_ok, other=0)
-                            norms = sq[:, None] + tl.sum(vc * vc, 1)[None, :]
-                            dist = tl.maximum(norms - 2 * tl.dot(v, tl.trans(vc), input_precision="ieee"), 0.0)
-                            dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
-                            newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
-                            near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
+                            near = _closer(near, sq[:, None] + tl.sum(vc * vc, 1)[None, :],
+                                           tl.dot(v, tl.trans(vc), input_precision="ieee"), cv_ok, pc, pos, copy_tol)
                         err = tl.minimum(err, near)
                     tl.store(err_row + lane, tl.where(valid, err, float("-inf")), mask=real)
                 tl.debug_barrier()
@@ -191,17 +235,7 @@ if triton is not None:
                 for b0 in range(0, NP, PB):
                     lane = b0 + tl.arange(0, PB)
                     safe, valid, real = _entry(code_row, lane, NP)
-                    e = tl.load(err_row + lane, mask=real, other=float("-inf"))
-                    rank = tl.zeros([PB], tl.int32)
-                    for c in range(0, NP, PB):
-                        cl = c + tl.arange(0, PB)
-                        c_real = cl < NP
-                        ec = tl.load(err_row + cl, mask=c_real, other=float("-inf"))
-                        before = c_real[None, :] & ((ec[None, :] > e[:, None]) |
-                                                    ((ec[None, :] == e[:, None]) & (cl[None, :] < lane[:, None])))
-                        rank += tl.sum(before.to(tl.int32), 1)
-                    keep = real & (rank < cache_size)
-                    tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
+                    keep = _rank_keep(err_row, row_new, lane, safe, valid, real, NP, cache_size, PB)
                     fold = valid & ~keep
                     phi, v, pos, w = _load_pool(PHI, V, POS, base_src, safe, real, fold, lam_log, t, window, fr,
                                                 dr, fmask, dmask, F, D)
@@ -209,10 +243,7 @@ if triton is not None:
                     S += tl.dot(tl.trans(phi_f), v, input_precision="ieee")
                     z += tl.sum(phi_f, 0)
             else:  # no key leaves: the cache as it was
-                for s0 in range(0, cache_size, PB):
-                    lane = s0 + tl.arange(0, PB)
-                    in_cache = lane < cache_size
-                    tl.store(row_new + lane, tl.load(row_prev + lane, mask=in_cache), mask=in_cache)
+                _copy_row(row_prev, row_new, cache_size, PB)
             if STATES:
                 out = bh * M + m
                 tl.store(S_OUT + out * F * D + fr[:, None] * D + dr[None, :], S, mask=fmask[:, None] & dmask[None, :])
@@ -232,13 +263,6 @@ if triton is not None:
         fr = f0 + tl.arange(0, TF)
         dr = d0 + tl.arange(0, TD)
         return PTR + fr[:, None] * D + dr[None, :], (fr < F)[:, None] & (dr < D)[None, :]
-
-    @triton.jit
-    def _fold_weight(POS, base_src, safe, real, valid, lam_log, t, window):
-        """A block of pool entries' positions and fold weights ``lambda^(t - w - i)`` (0 where an entry does not
-        count)."""
-        pos = tl.load(POS + base_src + safe, mask=real, other=0)
-        return pos, tl.where(valid, tl.exp(lam_log * (t - window - pos).to(tl.float32)), 0.0)
 
     @triton.jit
     def _fold_into(SRC, DST, ZSRC, ZDST, PHI, V, base_src, code_row, w_row, NP, F: tl.constexpr, D: tl.constexpr,
@@ -308,16 +332,9 @@ if triton is not None:
                 # pass 1: the codes (as in _schedule) and every candidate's fold weight
                 for b0 in range(0, NP, PB):
                     lane = b0 + tl.arange(0, PB)
-                    in_cache = lane < cache_size
-                    is_new = (lane >= cache_size) & (lane < NP)
-                    prev = tl.load(row_prev + lane, mask=in_cache, other=-1)
-                    safe = tl.where(in_cache, tl.where(prev >= 0, prev, -1 - prev),
-                                    tl.where(is_new, c0 + lane - cache_size, 0))
-                    ok = tl.load(OK + base_src + safe, mask=is_new, other=0) != 0
-                    valid = tl.where(in_cache, prev >= 0, is_new & ok)
-                    tl.store(code_row + lane, tl.where(valid, safe, -1 - safe), mask=in_cache | is_new)
-                    pos, w = _fold_weight(POS, base_src, safe, in_cache | is_new, valid, lam_log, t, window)
-                    tl.store(w_row + lane, w, mask=in_cache | is_new)
+                    safe, valid, pooled = _codes(row_prev, OK, code_row, base_src, lane, c0, cache_size, NP)
+                    _, w = _fold_weight(POS, base_src, safe, pooled, valid, lam_log, t, window)
+                    tl.store(w_row + lane, w, mask=pooled)
                 tl.debug_barrier()
                 if SCORE != 2:  # the state with every candidate folded in
                     _fold_into(SW, ST, ZW, ZT, PHI, V, base_src, code_row, w_row, NP, F, D, TF, TD, PB)
@@ -370,11 +387,7 @@ if triton is not None:
                                 sq += tl.sum(v * v, 1)
                                 sqc += tl.sum(vc * vc, 1)
                                 dots += tl.dot(v, tl.trans(vc), input_precision="ieee")
-                            norms = sq[:, None] + sqc[None, :]
-                            dist = tl.maximum(norms - 2 * dots, 0.0)
-                            dist = tl.where(dist <= copy_tol * norms, 0.0, dist)  # an exact copy (COPY_TOL)
-                            newer = cv_ok[None, :] & (pc[None, :] > pos[:, None])
-                            near = tl.minimum(near, tl.min(tl.where(newer, dist, float("inf")), 1))
+                            near = _closer(near, sq[:, None] + sqc[None, :], dots, cv_ok, pc, pos, copy_tol)
                         err = tl.minimum(err, near)
                     tl.store(err_row + lane, tl.where(valid, err, float("-inf")), mask=real)
                 tl.debug_barrier()
@@ -383,26 +396,13 @@ if triton is not None:
                 for b0 in range(0, NP, PB):
                     lane = b0 + tl.arange(0, PB)
                     safe, valid, real = _entry(code_row, lane, NP)
-                    e = tl.load(err_row + lane, mask=real, other=float("-inf"))
-                    rank = tl.zeros([PB], tl.int32)
-                    for c in range(0, NP, PB):
-                        cl = c + tl.arange(0, PB)
-                        c_real = cl < NP
-                        ec = tl.load(err_row + cl, mask=c_real, other=float("-inf"))
-                        before = c_real[None, :] & ((ec[None, :] > e[:, None]) |
-                                                    ((ec[None, :] == e[:, None]) & (cl[None, :] < lane[:, None])))
-                        rank += tl.sum(before.to(tl.int32), 1)
-                    keep = real & (rank < cache_size)
-                    tl.store(row_new + rank, tl.where(valid, safe, -1 - safe), mask=keep)
+                    keep = _rank_keep(err_row, row_new, lane, safe, valid, real, NP, cache_size, PB)
                     w = tl.load(w_row + lane, mask=real, other=0.0)
                     tl.store(w_row + lane, tl.where(keep, 0.0, w), mask=real)
                 tl.debug_barrier()
                 _fold_into(SW, SW, ZW, ZW, PHI, V, base_src, code_row, w_row, NP, F, D, TF, TD, PB)
             else:  # no key leaves: the cache as it was
-                for s0 in range(0, cache_size, PB):
-                    lane = s0 + tl.arange(0, PB)
-                    in_cache = lane < cache_size
-                    tl.store(row_new + lane, tl.load(row_prev + lane, mask=in_cache), mask=in_cache)
+                _copy_row(row_prev, row_new, cache_size, PB)
             tl.debug_barrier()
             if STATES:
                 out = bh * M + m
