@@ -195,7 +195,7 @@ def test_window_softmax_op_equals_masked_softmax_float64():
     want = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            got = window_softmax_attention(q, k, v, 6, 3)
+            got = window_softmax_attention(q.clone().requires_grad_(grad), k, v, 6, 3)
         torch.testing.assert_close(got.detach(), want, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(window_softmax_attention(q, k, v, 45), softmax_attention(q, k, v, causal=True),
                                atol=1e-12, rtol=1e-10)

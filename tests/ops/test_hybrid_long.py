@@ -55,12 +55,13 @@ def test_chunked_with_sinks_and_decay_equals_quadratic_reference(n, window, chun
     g = torch.rand(H, dtype=torch.float64)
     decay = torch.log(torch.tensor([0.95, 0.7, 0.999], dtype=torch.float64))
     ref = quadratic_hybrid_attention(q, k, v, pq, pk, window, g, sinks=sinks, decay=decay)
+    k = k.clone().requires_grad_(grad)  # what autograd records takes its own form
     with torch.set_grad_enabled(grad):
         out = hybrid_attention(q, k, v, pq, pk, window, g, chunk_size=chunk, sinks=sinks, decay=decay)
         many = hybrid_attention(q, k, v, pq, pk, window, g, chunk_size=chunk, sinks=sinks, decay=decay,
                                 block_size=math.lcm(chunk, window))  # the state carried across blocks
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(many, ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(many.detach(), ref, atol=1e-12, rtol=1e-10)
 
 
 def test_decayed_state_after_a_pass_is_the_decayed_sum_of_older_keys():
@@ -69,8 +70,9 @@ def test_decayed_state_after_a_pass_is_the_decayed_sum_of_older_keys():
     lam = torch.tensor([0.9, 0.8, 0.99], dtype=torch.float64)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            _, ((S, z), kt, vt) = hybrid_attention(q, k, v, pq, pk, w, 0.5, chunk_size=5, sinks=sinks,
-                                                   decay=lam.log(), return_state=True)
+            _, ((S, z), kt, vt) = hybrid_attention(q, k, v, pq.clone().requires_grad_(grad), pk, w, 0.5,
+                                                   chunk_size=5, sinks=sinks, decay=lam.log(), return_state=True)
+        S, z = S.detach(), z.detach()
         wts = torch.stack([lam ** (n - 1 - w - i) if i >= sinks else torch.zeros(H, dtype=torch.float64)
                            for i in range(n - w)], -1)  # (H, older keys)
         want_S = torch.einsum("hi,bhif,bhid->bhfd", wts, pk[:, :, :n - w], v[:, :, :n - w])
@@ -215,3 +217,53 @@ def test_save_load_keeps_sinks_and_the_learned_decay(tmp_path):
     ids = torch.randint(0, V, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(r(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_mode_alone_takes_the_inference_forms_and_anything_trainable_the_autograd_ones(monkeypatch):
+    """A frozen model called outside ``torch.no_grad()`` (grad mode on, nothing requiring grad) gets the inference
+    forms of the chunked sums and the window part (less memory, no graph); an input, gamma, the decay or a feature
+    map's weights requiring grad get the autograd forms. Both give the float64 reference."""
+    from hedgehog.modules.feature_maps import get_feature_map
+    from hedgehog.ops import chunked, feature_hybrid_attention, feature_linear_attention, linear_attention
+    from hedgehog.ops import window as win
+    from hedgehog.ops import quadratic_linear_attention, window_softmax_attention
+
+    calls = []
+    for mod, name in ((chunked, "causal_blocks_inference"), (hyb, "window_inference"), (win, "window_inference")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    n, w = 41, 6
+    q, k, v, pq, pk = inputs(n)
+    g = torch.rand(H, dtype=torch.float64)
+    decay = torch.log(torch.tensor([0.9, 0.8, 0.99], dtype=torch.float64))
+    fq, fk = get_feature_map("hedgehog", D, H).double(), get_feature_map("hedgehog", D, H).double()
+    ref_h = quadratic_hybrid_attention(q, k, v, pq, pk, w, g, sinks=2, decay=decay)
+    ref_fh = quadratic_hybrid_attention(q, k, v, fq(q).detach(), fk(k).detach(), w, g, sinks=2, decay=decay)
+    ref_l = quadratic_linear_attention(pq, pk, v)
+    ref_fl = quadratic_linear_attention(fq(q).detach(), fk(k).detach(), v)
+    zero = torch.zeros_like(pq)
+    ref_w = quadratic_hybrid_attention(q, k, v, zero, zero, w, 1.0, sinks=2)  # no linear part: the window's softmax
+    hybrid_forms = ["window_inference", "causal_blocks_inference"]
+    # name: (the call, its reference, the inference forms it takes, what of it may be trained)
+    cases = {
+        "hybrid": (lambda x, g, d: hybrid_attention(x, k, v, pq, pk, w, g, chunk_size=4, sinks=2, decay=d),
+                   ref_h, hybrid_forms, ("input", "gamma", "decay")),
+        "feature hybrid": (lambda x, g, d: feature_hybrid_attention(x, k, v, fq, fk, w, g, chunk_size=4, sinks=2,
+                                                                    decay=d), ref_fh, hybrid_forms,
+                           ("input", "gamma", "decay", "map")),
+        "linear": (lambda x, g, d: linear_attention(x, pk, v, chunk_size=4), ref_l, ["causal_blocks_inference"],
+                   ("input",)),
+        "feature linear": (lambda x, g, d: feature_linear_attention(x, k, v, fq, fk, chunk_size=4), ref_fl,
+                           ["causal_blocks_inference"], ("input", "map")),
+        "window": (lambda x, g, d: window_softmax_attention(x, k, v, w, 2), ref_w, ["window_inference"], ("input",)),
+    }
+    for name, (run, ref, inference, trainable) in cases.items():
+        for how in ("frozen", *trainable):
+            for p in list(fq.parameters()) + list(fk.parameters()):
+                p.requires_grad_(how == "map")
+            x = (pq if name == "linear" else q).clone().requires_grad_(how == "input")
+            calls.clear()
+            y = run(x, g.clone().requires_grad_(how == "gamma"), decay.clone().requires_grad_(how == "decay"))
+            assert calls == (inference if how == "frozen" else []), (name, how, calls)
+            assert y.requires_grad == (how != "frozen"), (name, how)
+            torch.testing.assert_close(y.detach(), ref, atol=1e-12, rtol=1e-10, msg=f"{name}, {how}")

@@ -48,8 +48,8 @@ def test_chunked_equals_quadratic_causal(n, chunk, block):
     q, k = rand_features(2, 3, n, 8), rand_features(2, 3, n, 8)
     v = torch.randn(2, 3, n, 6, dtype=torch.float64)
     ref = quadratic_linear_attention(q, k, v, causal=True)
-    out = linear_attention(q, k, v, causal=True, chunk_size=chunk, block_size=block)
-    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-12)
+    out = linear_attention(q.clone().requires_grad_(), k, v, causal=True, chunk_size=chunk, block_size=block)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-11, atol=1e-12)
     with torch.no_grad():  # the no-grad path builds the prefix differently
         torch.testing.assert_close(linear_attention(q, k, v, chunk_size=chunk, block_size=block), ref,
                                    rtol=1e-11, atol=1e-12)

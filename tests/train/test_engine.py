@@ -94,6 +94,28 @@ def test_losses_are_read_once_per_step_not_per_backward(monkeypatch):
     e.step(opt, [w], lr=0.1)
 
 
+def test_losses_of_many_backward_calls_without_a_step_do_not_pile_up(monkeypatch):
+    """A caller that calls backward many times before a step (or never steps) holds at most PENDING unread losses;
+    the step still names the first non-finite one, even when it was read long before."""
+    import hedgehog.train.engine as eng
+
+    monkeypatch.setattr(eng, "PENDING", 8)
+    e = Engine("cpu", progress=False)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    held = []
+    for i in range(50):
+        e.backward((w * (float("nan") if i in (3, 30) else 1.0)).sum(), f"call {i}")
+        held.append(len(e._pending))
+    assert max(held) < 8 and held[-1] == 50 % 8
+    with pytest.raises(TrainingDivergedError, match="call 3: loss became nan"):
+        e.step(opt, [w], lr=0.1)
+    for i in range(20):  # all finite: the steps go through, nothing is left over from before
+        e.backward((w * 1.0).sum(), f"again {i}")
+    e.step(opt, [w], lr=0.1)
+    assert not e._pending and e._bad is None
+
+
 def test_schedule_and_names():
     assert lr_factor(0, 10, 2) == 0.5 and lr_factor(1, 10, 2) == 1.0
     assert lr_factor(10, 10, 2) == pytest.approx(0.1)

@@ -10,6 +10,19 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def records(tensors=(), maps=()) -> bool:
+    """Whether autograd records a call: grad mode is on and some input requires grad, either a tensor in
+    ``tensors`` (None and numbers allowed) or the output of a feature map in ``maps``, given as ``(fn, x,
+    positions)`` and probed on the first token (a map with trainable weights). Grad mode alone is not enough: a
+    frozen model called outside ``torch.no_grad()`` must still take the inference forms (less memory, faster).
+    ``with torch.set_grad_enabled(records(...))`` runs a call as autograd would record it."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return True
+    return any(x.shape[2] > 0 and fn(x.narrow(2, 0, 1), pos.narrow(-1, 0, 1)).requires_grad for fn, x, pos in maps)
+
+
 def auto_block(bh: int, f: int, chunk: int, n: int) -> int:
     """Tokens per block so that per-block temporaries stay around a few MB (malloc reuses them)."""
     target = max(chunk, (1 << 19) // max(1, bh * f) // chunk * chunk)
@@ -70,7 +83,8 @@ def causal_blocks(get_q, get_k, v_blocks, chunk, state, eps, acc, extra=None, de
     same three matmuls that give the numerator also give the denominator (``a @ [v, 1]`` holds the
     row sums of ``a``, ``phi_k^T [v, 1]`` holds ``z``, ``phi_q @ [S, z]`` holds ``phi_q . z``), instead
     of separate row sums and matrix-vector products. With autograd the plain form is kept (its
-    backward does not go through in-place buffers).
+    backward does not go through in-place buffers). Grad mode picks the form: callers run this under
+    ``torch.set_grad_enabled(records(...))``, so a call nothing in which requires grad is inference.
 
     Args: v_blocks in ``acc``; state None or (S (BH, F, D), z (BH, F)); ``extra(i, start, L)``, if given,
         returns ``[num, den]`` packed as (BH, L, D + 1), added to block i's numerator/denominator before

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.ops import backends, cpu_kernel, triton_window
-from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks
+from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, records
 from hedgehog.ops.masks import hybrid_masks, linear_key_age, row_positions
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 from hedgehog.ops.settings import Gamma
@@ -163,6 +163,8 @@ def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, s
     blk = _block_size(BH, fd, chunk, w, N, block_size)
     bounds = [(s, min(s + blk, N)) for s in range(0, N, blk)]
     rq, rk, rpos = _Rows(src_q, blk, 2), _Rows(src_k, blk, 2), _Rows(positions, blk, positions.dim() - 1)
+    # the forms autograd needs only where it records (not for a frozen model called outside torch.no_grad())
+    rec = records((q, k, v, src_q, src_k, gamma, decay), maps=((map_q, src_q, positions), (map_k, src_k, positions)))
     rv = _Rows(v.to(acc).reshape(BH, N, D), blk, 1)
 
     def shifted(get, s, e, width):
@@ -192,13 +194,14 @@ def _hybrid(q, k, v, src_q, src_k, map_q, map_k, positions, fd, window, gamma, s
         num, den = triton_window.window_num_den(q3, k3, rv(0, N), w, scale, sinks)
         win = torch.cat([num, den.unsqueeze(-1)], -1) * gamma_rows
         extra = lambda i, s, L: win[:, s:s + L]
-    elif torch.is_grad_enabled():
+    elif rec:
         extra = window_part(_Rows(q3, blk, 1), _Rows(k3, blk, 1), rv, w, scale, gamma_rows, acc, sinks=sinks)
     else:
         win = window_inference(q3, k3, rv(0, N), w, scale, gamma_rows, sinks=sinks)
         extra = lambda i, s, L: win[:, s:s + L]
     decay_rows = None if decay is None else _gamma_rows(decay, B, H, acc, q.device).view(BH)
-    return causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra, decay=decay_rows)
+    with torch.set_grad_enabled(rec):
+        return causal_blocks(get_q, get_k, v_blocks, chunk, None, eps, acc, extra=extra, decay=decay_rows)
 
 
 def _device_kernel(backend, x: torch.Tensor, v: torch.Tensor, sinks: int) -> Optional[Callable]:

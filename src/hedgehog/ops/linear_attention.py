@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from hedgehog.ops import backends, cpu_kernel
-from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks
+from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, records
 from hedgehog.ops.masks import causal_drop_mask
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -189,7 +189,8 @@ def linear_attention(
         chunk = max(1, min(chunk_size, N))
         blk = block_size or auto_block(B * H, Fd, chunk, N)
         qb, kb, vb = (t.reshape(B * H, N, -1).split(blk, 1) for t in (q, k, vv))
-        y, (S, z) = causal_blocks(qb.__getitem__, kb.__getitem__, vb, chunk, st, eps, acc)
+        with torch.set_grad_enabled(records((q, k, vv, *(st or ())))):
+            y, (S, z) = causal_blocks(qb.__getitem__, kb.__getitem__, vb, chunk, st, eps, acc)
         y = y.reshape(B, H, N, D)
         st = (S.reshape(B, H, Fd, D), z.reshape(B, H, Fd))
     else:
@@ -270,7 +271,9 @@ def feature_linear_attention(
     if initial_state is not None:
         st = (initial_state[0].to(acc).reshape(B * H, fd, D), initial_state[1].to(acc).reshape(B * H, fd))
     v_blocks = v.to(acc).reshape(B * H, N, D).split(blk, 1)
-    y, (S, z) = causal_blocks(getter(feature_map_q, q), getter(feature_map_k, k), v_blocks, chunk, st, eps, acc)
+    rec = records((q, k, v, *(st or ())), maps=((feature_map_q, q, positions), (feature_map_k, k, positions)))
+    with torch.set_grad_enabled(rec):
+        y, (S, z) = causal_blocks(getter(feature_map_q, q), getter(feature_map_k, k), v_blocks, chunk, st, eps, acc)
     y = y.reshape(B, H, N, D).to(v.dtype)
     if return_state:
         return y, (S.reshape(B, H, fd, D), z.reshape(B, H, fd))

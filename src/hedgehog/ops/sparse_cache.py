@@ -66,7 +66,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, Union
 import torch
 
 from hedgehog.ops.hybrid import Gamma
-from hedgehog.ops.chunked import acc_dtype
+from hedgehog.ops.chunked import acc_dtype, records
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 SCORES = ("unique", "memory", "state")
@@ -325,7 +325,7 @@ def _on_kernel(kernel: str, key: tuple, run: Callable, then: str = "the PyTorch 
 
 def _under_autograd(*tensors) -> bool:
     """Whether autograd records this call: grad mode on and some input (None allowed) requires grad."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    return records(tensors)
 
 
 def _recorded(q, k, v, phi_q: Features, phi_k: Features, gamma, decay) -> bool:

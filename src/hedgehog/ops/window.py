@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hedgehog.ops import triton_window
-from hedgehog.ops.chunked import acc_dtype
+from hedgehog.ops.chunked import acc_dtype, records
 
 def window_part(q_rows, k_rows, v_rows, window: int, scale: float, gamma_rows: torch.Tensor, acc,
                  sub: Optional[int] = None, sinks: int = 0):
@@ -163,7 +163,7 @@ def window_softmax_attention(q, k, v, window: int, sinks: int = 0, scale: Option
         num, den = triton_window.window_num_den(q3, k3, v3, window, scale, sinks)
         return (num / den.unsqueeze(-1)).reshape(B, H, N, -1).to(v.dtype)
     ones = torch.ones(B * H, 1, 1, dtype=acc, device=q.device)
-    if torch.is_grad_enabled():
+    if records((q, k, v)):
         rows = lambda t: (lambda lo, hi: t[:, lo:hi])
         nd = window_part(rows(q3), rows(k3), rows(v3), window, scale, ones, acc, sinks=sinks)(0, 0, N)
     else:

@@ -30,6 +30,9 @@ log = logging.getLogger("hedgehog")
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # --dtype: the weights of the model being converted (the teacher); feature maps and LoRA stay float32
+# losses kept unread between steps; a caller that calls backward more often without a step gets them read (one sync)
+# and only the first non-finite one kept, so they never pile up
+PENDING = 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -147,6 +150,7 @@ class Engine:
         self.progress = progress and self.is_main
         # each loss since the last step, detached on the device: read in one sync at the step (see backward)
         self._pending: List[Tuple[str, torch.Tensor]] = []
+        self._bad: Optional[Tuple[str, float]] = None  # the first non-finite loss among those read before the step
 
     # ---- processes ---------------------------------------------------------------------------------
     @property
@@ -234,6 +238,9 @@ class Engine:
         would leave the others waiting.)"""
         value = loss.detach().reshape(()).double()
         self._pending.append((where, value))
+        if len(self._pending) >= PENDING:  # many backward calls without a step: read them now, keep the first bad
+            bad = self._first_bad_loss()  # (always read: it empties the list)
+            self._bad = self._bad or bad
         self.acc.backward(loss * scale if scale != 1.0 else loss)
         return value
 
@@ -257,6 +264,7 @@ class Engine:
         model forward). ``clip``: the gradient-norm bound. A non-finite loss on any rank stops every rank
         with :class:`~hedgehog.errors.TrainingDivergedError` before the update."""
         bad = self._first_bad_loss()
+        bad, self._bad = self._bad or bad, None
         if self.distributed:
             flag = self.acc.reduce(torch.tensor([1.0 if bad else 0.0], device=self.device), "sum").item()
         else:
