@@ -58,6 +58,48 @@ def test_fla_call_matches_the_reference_and_carries_state(D):
     torch.testing.assert_close(y2.double(), ref[:, :, cut:], rtol=1e-5, atol=1e-5)
 
 
+def test_feature_linear_attention_on_the_device_runs_in_pieces_without_autograd(monkeypatch):
+    """With a device kernel bound (here fla's stand-in on CPU tensors), a call without autograd of at least two pieces
+    runs piece by piece, the features asked for per piece, each piece from the state the last left: the output and
+    state of one call and of the float64 reference. With trainable maps (autograd) it is one call."""
+    import importlib
+
+    from hedgehog.modules.feature_maps import get_feature_map
+    from hedgehog.ops import feature_linear_attention
+
+    la = importlib.import_module("hedgehog.ops.linear_attention")  # the module (the package exports the function)
+    calls = []
+
+    def fast(pq, pk, v, state, eps):
+        calls.append(pq.shape[2])
+        return fla_causal(standin_chunk_linear_attn, pq, pk, v, state, eps)
+
+    monkeypatch.setattr(la, "_device_causal", lambda backend, x: fast)
+    monkeypatch.setattr(Backend, "causal", lambda self, x: fast)  # what a whole call binds
+    monkeypatch.setattr(la, "device_piece", lambda rows: 16)
+    monkeypatch.setattr(la.cpu_kernel, "fused_hedgehog_attention", lambda *a, **kw: None)  # as on a GPU
+    B, H, N, d, D = 2, 3, 53, 8, 5
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(B, H, N, d, generator=g) for _ in range(2))
+    v = torch.randn(B, H, N, D, generator=g)
+    fq, fk = get_feature_map("hedgehog", d, H), get_feature_map("hedgehog", d, H)
+    s0 = (torch.rand(B, H, 2 * d, D, generator=g), torch.rand(B, H, 2 * d, generator=g) + 1)
+    with torch.no_grad():
+        y, (S, z) = feature_linear_attention(q, k, v, fq, fk, initial_state=s0, return_state=True)
+        pq, pk = fq(q).double(), fk(k).double()
+    assert calls == [17, 18, 18]  # 53 tokens: three pieces of 16 to 31
+    kv = pk.transpose(-1, -2) @ v.double()
+    a = (pq @ pk.transpose(-1, -2)).tril()
+    want = (a @ v.double() + pq @ s0[0].double()) / (a.sum(-1, keepdim=True) + pq @ s0[1].double().unsqueeze(-1))
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S.double(), s0[0].double() + kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), s0[1].double() + pk.sum(2), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    y1 = feature_linear_attention(q, k, v, fq, fk, initial_state=s0)  # trainable maps: one call
+    assert calls == [N] and y1.requires_grad
+    torch.testing.assert_close(y1.detach().double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_fewer_positions_than_heads_take_the_torch_path():
     q = features(1, 8, 3, 4, 0).float()
     assert fla_causal(standin_chunk_linear_attn, q, q, torch.randn(1, 8, 3, 5), None, 1e-6) is None

@@ -152,9 +152,9 @@ def test_kernel_on_cuda_matches_the_float64_reference(d):
 GLA_STANDIN = '''
 def standin_chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
                              state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
-    """fla-core 0.6.0's chunk_simple_gla in float64: [B, T, H, K] in; S_t = exp(g_t) S_{t-1} + k_t v_t^T,
-    o_t = scale q_t S_t; the final state [B, H, K, V]."""
-    assert g_gamma is None and initial_state is None and cu_seqlens is None and not state_v_first
+    """fla-core 0.6.0's chunk_simple_gla in float64: [B, T, H, K] in; S_t = exp(g_t) S_{t-1} + k_t v_t^T from
+    S_0 = initial_state [B, H, K, V] (zeros if None), o_t = scale q_t S_t; the final state [B, H, K, V]."""
+    assert g_gamma is None and cu_seqlens is None and not state_v_first
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     B, T, H, K = q.shape
     G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.double().cumsum(1)
@@ -165,6 +165,10 @@ def standin_chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_
     o = torch.einsum("bhnp,bphv->bnhv", a, v.double())
     last = (G[:, -1:] - G).exp()
     S = torch.einsum("bph,bphk,bphv->bhkv", last, k.double(), v.double())
+    if initial_state is not None:  # S_0 decays by exp(G_t) up to each step
+        S0 = initial_state.double()
+        o = o + torch.einsum("bnhk,bhkv->bnhv", q.double() * scale * G.exp()[..., None], S0)
+        S = S + G[:, -1].exp()[..., None, None] * S0
     return o.to(q.dtype), (S.float() if output_final_state else None)
 '''
 
@@ -208,6 +212,45 @@ def test_device_hybrid_joins_the_kernel_and_fla_gla_like_the_float64_reference()
         S_ref = torch.einsum("hi,bhif,bhid->bhfd", wt, pk.double()[:, :, :N - w], v.double()[:, :, :N - w])
         z_ref = torch.einsum("hi,bhif->bhf", wt, pk.double()[:, :, :N - w])
         assert rel(S, S_ref) < 1e-5 and rel(z, z_ref) < 1e-5
+    print("ok")
+    """))
+    assert out.strip().endswith("ok")
+
+
+def test_device_hybrid_without_autograd_runs_in_pieces_with_features_per_piece():
+    """Without autograd the CUDA hybrid runs in pieces (here of 20 to 39 queries): the features are asked for per
+    piece (the keys' shifted by the window), fla continues from the state of the piece before, the window kernel
+    reads a piece's keys, the window before them and the sinks; the output and state equal the one-call (autograd)
+    form's and the float64 reference's. Under autograd, one piece."""
+    out = run(GLA_STANDIN + textwrap.dedent("""
+    from hedgehog.ops import quadratic_hybrid_attention
+    from hedgehog.ops.hybrid import device_hybrid_attention
+
+    torch.manual_seed(4)
+    B, H, N, d, D, F = 2, 3, 75, 16, 8, 12
+    for w, sinks, decay in [(16, 0, None), (12, 4, torch.log(torch.tensor([0.9, 0.97, 0.99])))]:
+        q, k, v = torch.randn(B, H, N, d) * 1.3, torch.randn(B, H, N, d), torch.randn(B, H, N, D)
+        pq, pk = torch.rand(B, H, N, F) + 0.05, torch.rand(B, H, N, F) + 0.05
+        g = torch.tensor([0.3, 0.5, 0.8])
+        asked = []
+        def feat(phi, name, grad=False):
+            def rows(a, b):
+                asked.append((name, a, b))
+                return phi[:, :, a:b].clone().requires_grad_(grad)
+            return rows
+        with torch.no_grad():
+            y, (S, z) = device_hybrid_attention(q, k, v, feat(pq, "q"), feat(pk, "k"), w, g, 0.25,
+                                                standin_chunk_simple_gla, sinks, decay, piece=20)
+        assert asked == [("q", 0, 25), ("k", 0, 25 - w), ("q", 25, 50), ("k", 25 - w, 50 - w),
+                         ("q", 50, 75), ("k", 50 - w, 75 - w)], asked
+        asked.clear()
+        y1, (S1, z1) = device_hybrid_attention(q, k, v, feat(pq, "q", True), feat(pk, "k", True), w, g, 0.25,
+                                               standin_chunk_simple_gla, sinks, decay, piece=20)
+        assert [a[0] for a in asked] == ["q", "k", "q", "k"] and asked[2:] == [("q", 0, N), ("k", 0, N - w)], asked
+        want = quadratic_hybrid_attention(*(t.double() for t in (q, k, v, pq, pk)), w, g.double(), scale=0.25,
+                                          sinks=sinks, decay=None if decay is None else decay.double())
+        assert rel(y, want) < 1e-5 and rel(y, y1.detach().double()) < 1e-5, (rel(y, want), rel(y, y1.double()))
+        assert rel(S, S1.detach().double()) < 1e-5 and rel(z, z1.detach().double()) < 1e-5
     print("ok")
     """))
     assert out.strip().endswith("ok")
@@ -262,3 +305,48 @@ def test_hybrid_on_cuda_with_fla_matches_the_float64_reference():
     rel = lambda a, b: ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
     assert rel(y, want_y) < 2e-2
     assert max(rel(a, b) for a, b in zip(got, want)) < 2e-2, [rel(a, b) for a, b in zip(got, want)]
+
+
+@pytest.mark.gpu
+def test_a_cuda_forward_without_autograd_runs_in_pieces_and_matches_one_call(monkeypatch):
+    """On CUDA with fla: the hybrid (window kernel + chunk_simple_gla) and the linear form (chunk_linear_attn), with
+    Hedgehog maps, in pieces of 512 to 1,023 queries without autograd, against the same call in one piece (under
+    autograd) and the float64 reference. TF32 in the kernels: ~1e-3 relative per product, so 2e-2, far below the
+    O(1) error of a piece that started from a wrong state or read the wrong window."""
+    import importlib
+
+    import torch
+
+    from hedgehog.modules.feature_maps import get_feature_map
+    from hedgehog.ops import (feature_hybrid_attention, feature_linear_attention, quadratic_hybrid_attention,
+                              quadratic_linear_attention)
+    from hedgehog.ops import backends, chunked, hybrid
+
+    if not torch.cuda.is_available() or not backends.is_fla_available():
+        pytest.skip("needs CUDA and fla")
+    la = importlib.import_module("hedgehog.ops.linear_attention")
+    monkeypatch.setattr(hybrid, "device_piece", lambda rows: 512)
+    monkeypatch.setattr(la, "device_piece", lambda rows: 512)
+    torch.manual_seed(5)
+    B, H, N, d = 1, 4, 2100, 64
+    q, k, v = (torch.randn(B, H, N, d, device="cuda") / 2 for _ in range(3))
+    fq, fk = get_feature_map("hedgehog", d, H).cuda(), get_feature_map("hedgehog", d, H).cuda()
+    ld = torch.log(torch.tensor([0.9, 0.95, 0.99, 0.999], device="cuda"))
+    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()
+    with torch.no_grad():
+        pq, pk = fq(q).double(), fk(k).double()
+    runs = {
+        "hybrid": (lambda: feature_hybrid_attention(q, k, v, fq, fk, window=64, gamma=0.5, sinks=4, decay=ld,
+                                                    backend="auto"),
+                   quadratic_hybrid_attention(q.double(), k.double(), v.double(), pq, pk, 64, 0.5, sinks=4,
+                                              decay=ld.double())),
+        "linear": (lambda: feature_linear_attention(q, k, v, fq, fk, backend="auto"),
+                   quadratic_linear_attention(pq, pk, v.double())),
+    }
+    for name, (call, want) in runs.items():
+        with torch.no_grad():
+            pieces = call()
+        whole = call()  # the maps' weights require grad: one piece
+        assert whole.requires_grad and not pieces.requires_grad
+        assert rel(pieces, want) < 2e-2 and rel(pieces, whole.detach()) < 2e-2, (name, rel(pieces, want))
+    assert chunked.piece_bounds(N, 512) == [(0, 525), (525, 1050), (1050, 1575), (1575, 2100)]

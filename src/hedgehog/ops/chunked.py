@@ -10,6 +10,30 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# A CUDA forward without autograd through fla's kernels (the hybrid's device form, the linear form with feature maps)
+# runs in pieces of about DEVICE_ROWS query rows (tokens x batch x heads), at least MIN_PIECE tokens: the features
+# and fla's operands (several copies of F = 2d features per head and token), the exact part's float32 sums and fla's
+# chunk states exist for one piece at a time, roughly 3 KB per row at head dim 64 in bf16 (~200 MB per piece). So a
+# long prefill holds its output and one piece, where one call held all of it for every token (~2 GB at 64k tokens
+# and 8 heads); the pieces stay few (8 at 64k tokens and 8 heads), each some 15-20 kernel launches. Not yet tuned
+# on a GPU.
+DEVICE_ROWS = 1 << 16
+MIN_PIECE = 1024
+
+
+def device_piece(rows_per_token: int) -> int:
+    """Tokens per piece of a device forward without autograd, for ``rows_per_token`` (batch x heads) rows."""
+    return max(MIN_PIECE, DEVICE_ROWS // max(1, rows_per_token))
+
+
+def piece_bounds(n: int, piece: int):
+    """``n`` tokens as ``max(1, n // piece)`` near-equal pieces of ``piece`` to ``2 * piece - 1`` tokens, as
+    ``[(start, end), ...]``: no short tail (fla refuses fewer tokens than heads, and a hybrid piece's exact part needs
+    ``window + sinks`` tokens before it)."""
+    m = max(1, n // piece)
+    return [(i * n // m, (i + 1) * n // m) for i in range(m)]
+
+
 def records(tensors=(), maps=()) -> bool:
     """Whether autograd records a call: grad mode is on and some input requires grad, either a tensor in
     ``tensors`` (None and numbers allowed) or the output of a feature map in ``maps``, given as ``(fn, x,

@@ -26,13 +26,13 @@ Decoding keeps the last ``w`` keys/values plus the state of everything older
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from hedgehog.ops import backends, cpu_kernel, triton_window
-from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, records
+from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, device_piece, piece_bounds, records
 from hedgehog.ops.masks import hybrid_masks, linear_key_age, row_positions
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 from hedgehog.ops.settings import Gamma
@@ -212,37 +212,72 @@ def _device_kernel(backend, x: torch.Tensor, v: torch.Tensor, sinks: int) -> Opt
     return backends.resolve(backend).hybrid_linear(x)
 
 
-def device_hybrid_attention(q, k, v, phi_q, phi_k, window: int, gamma: Gamma, scale: float, gla: Callable,
-                            sinks: int = 0, decay: Optional[torch.Tensor] = None, eps: float = DEFAULT_EPS):
+Features = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
+
+
+def device_hybrid_attention(q, k, v, phi_q: Features, phi_k: Features, window: int, gamma: Gamma, scale: float,
+                            gla: Callable, sinks: int = 0, decay: Optional[torch.Tensor] = None,
+                            eps: float = DEFAULT_EPS, piece: Optional[int] = None):
     """The hybrid on CUDA in two library-grade kernels, joined under the one normalisation: the exact part (window
     and sinks, with its row max) from our Triton kernel (:mod:`hedgehog.ops.triton_window`), the linear part from
     fla's ``chunk_simple_gla`` over keys shifted right by the window (key ``i`` at position ``i + w``, so query
     ``n`` sees ``i <= n - w``), the decay as its head-wise gate ``g = log lambda`` (key weight ``lambda^(n-w-i)``),
     and the normaliser carried as a column of ones in v. Differentiable in q, k, v, the features, gamma and decay.
 
-    Args as :func:`hybrid_attention` (q, k (B, H, N, d); v (B, H, N, D); phi_q, phi_k (B, H, N, F)); ``gla``: fla's
+    Without autograd (:func:`~hedgehog.ops.chunked.records`) the queries run in pieces of ``piece`` to twice as many
+    (default :func:`~hedgehog.ops.chunked.device_piece`), so a long prefill holds its output and one piece's
+    features, fla operands and float32 sums, not the whole sequence's. A piece's linear part continues from fla's
+    final state of the piece before; its exact part runs the window kernel on one short sequence, the sinks and
+    then keys ``a - w + 1 .. b - 1``, so its query ``a + t`` sees keys ``a + t - w + 1 .. a + t`` and the sinks,
+    as in one call; the rows of the queries it did not ask for are dropped. The same output and state as one call.
+
+    Args as :func:`hybrid_attention` (q, k (B, H, N, d); v (B, H, N, D)); ``phi_q``, ``phi_k``: (B, H, N, F), or
+    functions ``(a, b) -> features of tokens a..b-1`` (so features exist per piece); ``gla``: fla's
     ``chunk_simple_gla`` (or a function with its signature). Returns ``(y (B, H, N, D), (S (B, H, F, D),
     z (B, H, F)))``, the state of keys ``0 .. N - w - 1`` as the last query sees it.
     """
     B, H, N, d = q.shape
-    D = v.shape[-1]
+    D, w = v.shape[-1], window
     f32 = torch.float32
-    num, den = triton_window.window_num_den(q.reshape(B * H, N, d), k.reshape(B * H, N, d),
-                                            v.reshape(B * H, N, D), window, scale, sinks)
+    feat = lambda phi: phi if callable(phi) else (lambda a, b: phi[:, :, a:b])
+    feat_q, feat_k = feat(phi_q), feat(phi_k)
+    probe = lambda phi: phi(0, 1) if callable(phi) else phi
+    whole = torch.is_grad_enabled() and records((q, k, v, gamma, decay, probe(phi_q), probe(phi_k)))
+    bounds = [(0, N)] if whole else piece_bounds(N, max(piece or device_piece(B * H), w + sinks))
     g = _gamma_rows(gamma, B, H, f32, q.device).view(B, H, 1, 1)
-    pk = phi_k
-    if sinks:  # the sinks are seen exactly, never through the state
-        pk = pk * (torch.arange(N, device=q.device) >= sinks).to(pk.dtype)[:, None]
     Dp = -(-(D + 1) // 16) * 16  # v, a ones column (the normaliser), padding to the kernel's tiles
-    v_aug = F.pad(torch.cat([v, torch.ones_like(v[..., :1])], -1), (0, Dp - D - 1))
-    shift = lambda t: F.pad(t, (0, 0, window, 0))[:, :, :N]
     dtype = v.dtype if v.dtype in (torch.float16, torch.bfloat16) else f32
-    qq, kk, vv = (t.to(dtype).transpose(1, 2).contiguous() for t in (phi_q, shift(pk), shift(v_aug)))  # [B, N, H, *]
-    gate = None if decay is None else decay.to(f32).view(1, 1, H).expand(B, N, H)
-    o, st = gla(qq, kk, vv, g=gate, scale=1.0, initial_state=None, output_final_state=True)
-    o = o.transpose(1, 2).to(f32)
-    y = (g * num.view(B, H, N, D) + o[..., :D]) / (g * den.view(B, H, N, 1) + o[..., D:D + 1]).clamp_min(eps)
-    return y.to(v.dtype), (st[..., :D].to(f32), st[..., D].to(f32))
+    fla_rows = lambda t: t.to(dtype).transpose(1, 2).contiguous()  # [B, T, H, *]
+    y, state = None, None
+    for a, b in bounds:
+        # the exact part: the sinks, then keys lo .. b-1 (lo >= sinks, as a >= piece >= w + sinks)
+        lo = max(0, a - w + 1)
+        seq = (lambda t: t[:, :, :b]) if lo == 0 else (lambda t: torch.cat([t[:, :, :sinks], t[:, :, lo:b]], 2))
+        skip = a if lo == 0 else sinks + a - lo  # rows of queries before a
+        num, den = triton_window.window_num_den(*(seq(t).reshape(B * H, -1, t.shape[-1]) for t in (q, k, v)), w,
+                                                scale, sinks)
+        num, den = num[:, skip:].view(B, H, b - a, D), den[:, skip:].view(B, H, b - a, 1)
+        # the linear part: keys k0 .. k1-1 at positions k0 + w .., zero keys before position 0
+        k0, k1 = max(0, a - w), max(0, b - w)
+        pq = feat_q(a, b)
+        pk = feat_k(k0, k1) if k1 > k0 else pq.new_zeros(B, H, 0, pq.shape[-1])
+        if k0 < sinks:  # the sinks are seen exactly, never through the state
+            pk = pk * (torch.arange(k0, k1, device=q.device) >= sinks).to(pk.dtype)[:, None]
+        vk = v[:, :, k0:k1]
+        v_aug = F.pad(torch.cat([vk, torch.ones_like(vk[..., :1])], -1), (0, Dp - D - 1))
+        front = (b - a) - (k1 - k0)
+        pk, v_aug = F.pad(pk, (0, 0, front, 0)), F.pad(v_aug, (0, 0, front, 0))
+        gate = None if decay is None else decay.to(f32).view(1, 1, H).expand(B, b - a, H)
+        o, state = gla(fla_rows(pq), fla_rows(pk), fla_rows(v_aug), g=gate, scale=1.0, initial_state=state,
+                       output_final_state=True)
+        o = o.transpose(1, 2).to(f32)
+        part = ((g * num + o[..., :D]) / (g * den + o[..., D:D + 1]).clamp_min(eps)).to(v.dtype)
+        if len(bounds) == 1:
+            y = part
+        else:  # written piece by piece (a list and a cat would hold the output twice)
+            y = v.new_empty(B, H, N, D) if y is None else y
+            y[:, :, a:b] = part
+    return y, (state[..., :D].to(f32), state[..., D].to(f32))
 
 
 def hybrid_attention(
@@ -321,7 +356,8 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
     With ``return_state`` also returns ``(S (B, H, F, D), z (B, H, F))``, the linear state of keys
     ``0..N-w-1`` (what decoding continues from, next to the last ``w`` keys/values).
     Hedgehog maps on the CPU without autograd go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`); CUDA
-    tensors with a ``backend`` that has fla's kernels through :func:`device_hybrid_attention` (features whole)."""
+    tensors with a ``backend`` that has fla's kernels through :func:`device_hybrid_attention` (without autograd in
+    pieces, features per piece)."""
     B, H, N, d = q.shape
     if k.shape[:3] != (B, H, N) or v.shape[:3] != (B, H, N):
         raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -331,8 +367,12 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
         positions = torch.arange(N, device=q.device)
     gla = _device_kernel(backend, q, v, sinks)
     if gla is not None:
-        out = device_hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window,
-                                      gamma, d ** -0.5 if scale is None else scale, gla, sinks, decay, eps)
+        if all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k)):  # features per piece
+            feats = lambda fm, x: (lambda a, b: fm(x[:, :, a:b], positions[..., a:b]))
+        else:  # maps whose output depends on the whole call
+            feats = lambda fm, x: fm(x, positions)
+        out = device_hybrid_attention(q, k, v, feats(feature_map_q, q), feats(feature_map_k, k), window, gamma,
+                                      d ** -0.5 if scale is None else scale, gla, sinks, decay, eps)
         return out if return_state else out[0]
     if not all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k)):
         out = hybrid_attention(q, k, v, feature_map_q(q, positions), feature_map_k(k, positions), window, gamma,

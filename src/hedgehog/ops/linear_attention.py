@@ -20,12 +20,12 @@ guard is applied in the quadratic reference so that the two agree exactly.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from hedgehog.ops import backends, cpu_kernel
-from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, records
+from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, device_piece, piece_bounds, records
 from hedgehog.ops.masks import causal_drop_mask
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -199,6 +199,29 @@ def linear_attention(
     return (y, st) if return_state else y
 
 
+def _device_causal(backend, x: torch.Tensor) -> Optional[Callable]:
+    """The causal kernel ``backend`` binds for CUDA tensors like ``x`` (fla), or None."""
+    return backends.resolve(backend).causal(x) if x.is_cuda else None
+
+
+def pieces_linear_attention(fast: Callable, feat_q: Callable, feat_k: Callable, v: torch.Tensor, bounds,
+                            state: Optional[State] = None, eps: float = DEFAULT_EPS):
+    """Causal linear attention without autograd in pieces: for each ``(a, b)`` of ``bounds`` (consecutive, from
+    0 to N), ``fast`` (a :meth:`~hedgehog.ops.backends.Backend.causal` kernel, ``fn(phi_q, phi_k, v, state, eps)``)
+    on the features ``feat_q(a, b)``, ``feat_k(a, b)`` (B, H, b - a, F) from the state the piece before left, each
+    piece writing its rows of the output. So the features and the kernel's operands exist for one piece at a time
+    (:func:`~hedgehog.ops.chunked.device_piece`). Returns ``(y (B, H, N, D), (S, z))``."""
+    y = None
+    for a, b in bounds:
+        out = fast(feat_q(a, b), feat_k(a, b), v[:, :, a:b], state, eps)
+        if out is None:
+            raise ValueError(f"a piece of {b - a} tokens is too short for the kernel: pass longer pieces")
+        if y is None:
+            y = v.new_empty(*v.shape[:3], out[0].shape[-1])
+        y[:, :, a:b], state = out
+    return y, state
+
+
 def feature_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,7 +251,9 @@ def feature_linear_attention(
             (sliced per block); None means 0..N-1.
     Maps whose output depends on the whole call (``blockwise`` False, e.g. cosFormer without
     ``max_len``) are applied to the full sequence first. Causal Hedgehog maps on the CPU without autograd
-    go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`; its own chunk size) when it is available.
+    go through the fused kernel (:mod:`hedgehog.ops.cpu_kernel`; its own chunk size) when it is available; on CUDA
+    with fla bound, a call without autograd of at least two pieces (:func:`~hedgehog.ops.chunked.device_piece`)
+    runs in pieces, features per piece (:func:`pieces_linear_attention`).
     """
     if q.dim() != 4 or k.dim() != 4 or v.shape[:3] != q.shape[:3] or k.shape[0] != q.shape[0] \
             or k.shape[2] != q.shape[2]:
@@ -242,7 +267,15 @@ def feature_linear_attention(
         if out is not None:
             return out if return_state else out[0]
     blockwise = all(getattr(fm, "blockwise", False) for fm in (feature_map_q, feature_map_k))
-    if not causal or not blockwise or (q.is_cuda and backends.resolve(backend).causal(q) is not None):
+    fast = _device_causal(backend, q) if causal else None
+    bounds = piece_bounds(N, max(device_piece(B * H), H))
+    if fast is not None and blockwise and len(bounds) > 1 and not records(
+            (q, k, v, *(initial_state or ())), maps=((feature_map_q, q, positions), (feature_map_k, k, positions))):
+        feats = lambda fm, x: (lambda a, b: fm(x[:, :, a:b], positions[..., a:b]))
+        y, st = pieces_linear_attention(fast, feats(feature_map_q, q), feats(feature_map_k, k), v, bounds,
+                                        initial_state, eps)
+        return (y, st) if return_state else y
+    if not causal or not blockwise or fast is not None:
         return linear_attention(feature_map_q(q, positions), feature_map_k(k, positions), v, causal=causal,
                                 chunk_size=chunk_size, initial_state=initial_state, return_state=return_state,
                                 eps=eps, backend=backend, block_size=block_size)
