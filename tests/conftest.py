@@ -331,3 +331,20 @@ def spy_on_kernel(monkeypatch, name):
     spy.__dict__[name] = counted
     monkeypatch.setattr(cpu_kernel, "_module", spy)
     return calls
+
+
+def standin_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
+                              cu_seqlens=None):
+    """fla-core 0.6 ``chunk_linear_attn`` semantics in float64: [B, T, H, K] in, [B, H, K, V] state."""
+    if q.shape[1] < q.shape[2]:  # fla's own guard against head-first input
+        raise DeprecationWarning(f"seq_len ({q.shape[1]}) < num_heads ({q.shape[2]})")
+    assert cu_seqlens is None
+    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    kv = torch.einsum("bthk,bthv->bthkv", kd, vd).cumsum(1)
+    if initial_state is not None:
+        kv = kv + initial_state.double().unsqueeze(1)
+    o = torch.einsum("bthk,bthkv->bthv", qd * scale, kv)
+    if normalize:
+        o = o / torch.einsum("bthk,bthk->bth", qd * scale, kd.cumsum(1)).unsqueeze(-1)
+    return o.to(q.dtype), (kv[:, -1].float() if output_final_state else None)

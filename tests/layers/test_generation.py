@@ -110,3 +110,40 @@ def test_cache_argument_under_either_name(family):
     assert cache_argument({"cache": None, "past_key_values": c}) is c and cache_argument({}) is None
     takes = inspect.signature(type(m).forward).parameters
     assert cache_kwargs(m, c) == {"cache" if "cache" in takes else "past_key_values": c}
+
+
+def test_a_device_prefill_on_a_state_runs_in_pieces(monkeypatch):
+    """Where the layer's bound backend has a device kernel (fla on CUDA; here its float64 stand-in on CPU tensors), a
+    prefill, and several tokens on top of a state, go through feature_linear_attention: in pieces without autograd
+    (here of 4 to 7 tokens, features per piece), from the state expanded to the query heads, and the state kept per
+    KV head. The logits equal one full forward on the PyTorch path."""
+    import importlib
+
+    from hedgehog.ops.backends import Backend, fla_causal
+    from conftest import standin_chunk_linear_attn
+
+    la = importlib.import_module("hedgehog.ops.linear_attention")
+    student = importlib.import_module("hedgehog.layers.student")
+    m = converted("mistral")  # grouped-query attention: 4 query heads over 2 KV heads
+    ids = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        full = m(ids).logits
+    calls = []
+
+    def fast(pq, pk, v, state, eps):
+        calls.append(pq.shape[2])
+        return fla_causal(standin_chunk_linear_attn, pq, pk, v, state, eps)
+
+    monkeypatch.setattr(Backend, "causal", lambda self, x: fast)
+    monkeypatch.setattr(la, "_device_causal", lambda backend, x: fast)
+    monkeypatch.setattr(la, "device_piece", lambda rows: 4)
+    monkeypatch.setattr(la.cpu_kernel, "fused_hedgehog_attention", lambda *a, **kw: None)  # as on a GPU
+    monkeypatch.setattr(student, "fused_hedgehog_attention", lambda *a, **kw: None)
+    with torch.no_grad():
+        cache = HedgehogCache(m)
+        parts = [m(ids[:, :9], past_key_values=cache, use_cache=True).logits,
+                 m(ids[:, 9:10], past_key_values=cache, use_cache=True).logits,
+                 m(ids[:, 10:], past_key_values=cache, use_cache=True).logits]
+    layers = len(hedgehog_layers(m))
+    assert calls == [4, 5] * layers + [5, 5] * layers, calls  # 9 tokens, then 10 on the state: two pieces each
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)

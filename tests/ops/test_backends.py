@@ -8,24 +8,7 @@ import torch
 
 from hedgehog.ops import backends, linear_attention, quadratic_linear_attention
 from hedgehog.ops.backends import Backend, bind, check_fla_signature, fla_causal
-from conftest import assert_tf32_kernel_matches
-
-
-def standin_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
-                              cu_seqlens=None):
-    """fla-core 0.6 ``chunk_linear_attn`` semantics in float64: [B, T, H, K] in, [B, H, K, V] state."""
-    if q.shape[1] < q.shape[2]:  # fla's own guard against head-first input
-        raise DeprecationWarning(f"seq_len ({q.shape[1]}) < num_heads ({q.shape[2]})")
-    assert cu_seqlens is None
-    scale = k.shape[-1] ** -0.5 if scale is None else scale
-    qd, kd, vd = (t.double() for t in (q, k, v))
-    kv = torch.einsum("bthk,bthv->bthkv", kd, vd).cumsum(1)
-    if initial_state is not None:
-        kv = kv + initial_state.double().unsqueeze(1)
-    o = torch.einsum("bthk,bthkv->bthv", qd * scale, kv)
-    if normalize:
-        o = o / torch.einsum("bthk,bthk->bth", qd * scale, kd.cumsum(1)).unsqueeze(-1)
-    return o.to(q.dtype), (kv[:, -1].float() if output_final_state else None)
+from conftest import assert_tf32_kernel_matches, standin_chunk_linear_attn
 
 
 def features(B, H, N, F, seed):

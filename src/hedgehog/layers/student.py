@@ -143,7 +143,7 @@ class StudentPaths:
 
     def _linear_recurrent(self, q, k, v, call, layer):
         """Prefill (fills the state) or decode (updates it) with a HedgehogStateLayer; state per KV head."""
-        b, _, n, _ = q.shape
+        n = q.shape[2]
         s = self.hh_config.qk_scale
         pos = None  # built only for maps that read positions (a decode step is a few dozen small ops)
         if self.feature_map_q.uses_positions or self.feature_map_k.uses_positions:
@@ -157,6 +157,12 @@ class StudentPaths:
             if fused is not None:  # prefill in the fused CPU kernel; its state is per key head already
                 y, (S, z) = fused
                 layer.set_state(S, z, n)
+                return y
+            if self.kernels.causal(q) is not None:  # CUDA with fla: in pieces without autograd, features per piece
+                y, (S, z) = feature_linear_attention(q, k, repeat_heads(v, self.n_rep), self.feature_map_q,
+                                                     self._grouped_k, positions=pos, initial_state=self._query_state(
+                                                         layer), return_state=True, backend=self.kernels)
+                self._set_linear_state(layer, S, z, n)
                 return y
         pair = hedgehog_pair_features(self.feature_map_q, self.feature_map_k, q, k) \
             if self._pair_maps and layer.Sz is not None else None
@@ -173,17 +179,24 @@ class StudentPaths:
             y = packed_recurrent_step(phi_q, phi_k, v, layer.Sz)
             layer.seen += 1
             return y
-        init = None
-        if layer.S is not None:  # several new tokens on top of a state: expand it to the query heads
-            init = (repeat_heads(layer.S, self.n_rep), repeat_heads(layer.z.unsqueeze(-1), self.n_rep).squeeze(-1))
         y, (S, z) = linear_attention(phi_q, repeat_heads(phi_k, self.n_rep), repeat_heads(v, self.n_rep),
-                                     chunk_size=self.hh_config.chunk_size, initial_state=init, return_state=True,
-                                     backend=self.kernels)
-        # every query head of a group holds the same state: keep one per KV head
+                                     chunk_size=self.hh_config.chunk_size, initial_state=self._query_state(layer),
+                                     return_state=True, backend=self.kernels)
+        self._set_linear_state(layer, S, z, n)
+        return y
+
+    def _query_state(self, layer):
+        """The layer's state expanded to the query heads (several new tokens on top of it), or None."""
+        if layer.S is None:
+            return None
+        return repeat_heads(layer.S, self.n_rep), repeat_heads(layer.z.unsqueeze(-1), self.n_rep).squeeze(-1)
+
+    def _set_linear_state(self, layer, S, z, n: int) -> None:
+        """Keep one state per KV head (every query head of a group holds the same) after ``n`` tokens."""
+        b = S.shape[0]
         S = S.view(b, self.num_kv_heads, self.n_rep, *S.shape[2:])[:, :, 0].contiguous()
         z = z.view(b, self.num_kv_heads, self.n_rep, -1)[:, :, 0].contiguous()
         layer.set_state(S, z, n)
-        return y
 
     def _hybrid_full(self, q, k, v_rep, pos_q, pos_k, valid, scale, return_state=False):
         """Hybrid attention of n queries (the last n positions) over all nk keys; chunked when n == nk
