@@ -354,3 +354,17 @@ def test_packed_recurrent_step_equals_quadratic_with_grouped_heads():
     torch.testing.assert_close(Sz[..., D], k.sum(2), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="do not fit"):
         packed_recurrent_step(q[:, :, :1], k[:, :, :1], v[:, :, :1, :2], Sz)
+
+
+def test_device_pieces_cover_the_call_without_a_short_tail():
+    """piece_bounds: consecutive pieces from 0 to n, each of piece to 2 * piece - 1 tokens (one piece below that);
+    device_piece: 65,536 rows of batch x heads per piece, never under MIN_PIECE tokens."""
+    from hedgehog.ops.chunked import MIN_PIECE, device_piece, piece_bounds
+
+    for piece in (1, 7, 16):
+        for n in range(1, 120):
+            b = piece_bounds(n, piece)
+            assert b[0][0] == 0 and b[-1][1] == n and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+            lengths = [e - s for s, e in b]
+            assert lengths == [n] if n < piece else all(piece <= L < 2 * piece for L in lengths), (n, piece, b)
+    assert device_piece(8) == 8192 and device_piece(1) == 65536 and device_piece(4096) == MIN_PIECE == 1024
