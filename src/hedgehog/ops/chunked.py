@@ -3,8 +3,14 @@
 optional per-head decay; and the accumulation dtype every op uses (float32 for half inputs, float64 kept)."""
 from __future__ import annotations
 
+from typing import Callable, Union
+
 import torch
 import torch.nn.functional as F
+
+# Features as a (B, H, N, F) tensor, or as a function ``(a, b) -> features of tokens a..b-1`` (so an op that splits a
+# call computes them per piece)
+Features = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -34,17 +40,25 @@ def piece_bounds(n: int, piece: int):
     return [(i * n // m, (i + 1) * n // m) for i in range(m)]
 
 
-def records(tensors=(), maps=()) -> bool:
-    """Whether autograd records a call: grad mode is on and some input requires grad, either a tensor in
-    ``tensors`` (None and numbers allowed) or the output of a feature map in ``maps``, given as ``(fn, x,
-    positions)`` and probed on the first token (a map with trainable weights). Grad mode alone is not enough: a
-    frozen model called outside ``torch.no_grad()`` must still take the inference forms (less memory, faster).
+def feature_rows(phi: Features) -> Callable[[int, int], torch.Tensor]:
+    """:data:`Features` as the function of a token range."""
+    return phi if callable(phi) else (lambda a, b: phi[:, :, a:b])
+
+
+def records(tensors=(), maps=(), features=()) -> bool:
+    """Whether autograd records a call: grad mode is on and some input requires grad: a tensor in ``tensors``
+    (None and numbers allowed), the output of a feature map in ``maps``, given as ``(fn, x, positions)``, or
+    :data:`Features` in ``features``; maps and feature functions are probed on the first token (a map with
+    trainable weights), only once the tensors have not decided. Grad mode alone is not enough: a frozen model
+    called outside ``torch.no_grad()`` must still take the inference forms (less memory, faster).
     ``with torch.set_grad_enabled(records(...))`` runs a call as autograd would record it."""
     if not torch.is_grad_enabled():
         return False
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         return True
-    return any(x.shape[2] > 0 and fn(x.narrow(2, 0, 1), pos.narrow(-1, 0, 1)).requires_grad for fn, x, pos in maps)
+    if any(x.shape[2] > 0 and fn(x.narrow(2, 0, 1), pos.narrow(-1, 0, 1)).requires_grad for fn, x, pos in maps):
+        return True
+    return any(feature_rows(phi)(0, 1).requires_grad for phi in features)
 
 
 def auto_block(bh: int, f: int, chunk: int, n: int) -> int:

@@ -26,13 +26,14 @@ Decoding keeps the last ``w`` keys/values plus the state of everything older
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from hedgehog.ops import backends, cpu_kernel, triton_window
-from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, device_piece, piece_bounds, records
+from hedgehog.ops.chunked import (Features, acc_dtype, auto_block, causal_blocks, device_piece, feature_rows,
+                                  piece_bounds, records)
 from hedgehog.ops.masks import hybrid_masks, linear_key_age, row_positions
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 from hedgehog.ops.settings import Gamma
@@ -212,9 +213,6 @@ def _device_kernel(backend, x: torch.Tensor, v: torch.Tensor, sinks: int) -> Opt
     return backends.resolve(backend).hybrid_linear(x)
 
 
-Features = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
-
-
 def device_hybrid_attention(q, k, v, phi_q: Features, phi_k: Features, window: int, gamma: Gamma, scale: float,
                             gla: Callable, sinks: int = 0, decay: Optional[torch.Tensor] = None,
                             eps: float = DEFAULT_EPS, piece: Optional[int] = None):
@@ -239,10 +237,8 @@ def device_hybrid_attention(q, k, v, phi_q: Features, phi_k: Features, window: i
     B, H, N, d = q.shape
     D, w = v.shape[-1], window
     f32 = torch.float32
-    feat = lambda phi: phi if callable(phi) else (lambda a, b: phi[:, :, a:b])
-    feat_q, feat_k = feat(phi_q), feat(phi_k)
-    probe = lambda phi: phi(0, 1) if callable(phi) else phi
-    whole = torch.is_grad_enabled() and records((q, k, v, gamma, decay, probe(phi_q), probe(phi_k)))
+    feat_q, feat_k = feature_rows(phi_q), feature_rows(phi_k)
+    whole = records((q, k, v, gamma, decay), features=(phi_q, phi_k))
     bounds = [(0, N)] if whole else piece_bounds(N, max(piece or device_piece(B * H), w + sinks))
     g = _gamma_rows(gamma, B, H, f32, q.device).view(B, H, 1, 1)
     Dp = -(-(D + 1) // 16) * 16  # v, a ones column (the normaliser), padding to the kernel's tiles

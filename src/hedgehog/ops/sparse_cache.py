@@ -61,12 +61,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, fields
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 from hedgehog.ops.hybrid import Gamma
-from hedgehog.ops.chunked import acc_dtype, records
+from hedgehog.ops.chunked import Features, acc_dtype, feature_rows, records
 from hedgehog.ops.linear_attention import DEFAULT_EPS
 
 SCORES = ("unique", "memory", "state")
@@ -74,7 +74,6 @@ SCORES = ("unique", "memory", "state")
 # cache, the recent keys, the scores) take ~15 KB per token and KV head at the default model's shapes in fp32: ~30 MB
 # per KV head for 2,048 tokens. The evaluation's 4k and 8k windows run in 2 and 4 pieces, with the same figures.
 PREFILL_PIECE = 2048
-Features = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
 
 
 @dataclass
@@ -323,21 +322,6 @@ def _on_kernel(kernel: str, key: tuple, run: Callable, then: str = "the PyTorch 
         return None
 
 
-def _under_autograd(*tensors) -> bool:
-    """Whether autograd records this call: grad mode on and some input (None allowed) requires grad."""
-    return records(tensors)
-
-
-def _recorded(q, k, v, phi_q: Features, phi_k: Features, gamma, decay) -> bool:
-    """Whether autograd records a call with these inputs: :func:`_under_autograd`, with features given as functions
-    probed on the first token (a map with trainable weights). Grad mode alone is not enough: a model called for
-    inference outside ``torch.no_grad()`` (frozen weights) still runs a long prefill in pieces."""
-    if _under_autograd(q, k, v, gamma, decay):
-        return True
-    probe = lambda phi: phi(0, 1) if callable(phi) else phi
-    return torch.is_grad_enabled() and any(probe(phi).requires_grad for phi in (phi_q, phi_k))
-
-
 def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chunk: int, window: int, sinks: int,
                         cache_size: int, decay, eps: float, score: str, tiled: bool = False):
     """The boundaries of one call in one kernel launch: the segments ``(start, end, t)`` and, per segment, the
@@ -362,7 +346,7 @@ def _schedule_on_kernel(st: SparseCacheState, keys: _Keys, p0: int, n: int, chun
     idx0 = torch.where(st.cache_ok, slots, -1 - slots)
     lam_log = decay.detach().float() if decay is not None else torch.zeros(Hk, device=dev)
     ts = [s[2] for s in segs]
-    autograd = _under_autograd(tab_phi, tab_v, st.S, st.z, decay)
+    autograd = records((tab_phi, tab_v, st.S, st.z, decay))
     with torch.no_grad():  # under autograd the kernel only chooses; the states are folded again below
         S, z, idx = triton_sparse.schedule(tab_phi, tab_v, tab_pos, tab_ok, lam_log, st.S, st.z, idx0, cand0,
                                            ncand, dts, ts, window, cache_size, eps, score, COPY_TOL,
@@ -427,8 +411,8 @@ def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, 
     ``t - w < i <= n`` and the sinks ``j <= t - w``. Where the Triton kernel serves (:func:`_kernel_serves`, no
     autograd) it computes the same, reading the cache through its indices.
     """
-    if _kernel_serves(q, S.dtype, cache.see.shape[3]) and not _under_autograd(
-            q, phi_q, S, z, cache.k, cache.v, keys.k, keys.v, decay, gamma):
+    if _kernel_serves(q, S.dtype, cache.see.shape[3]) and not records(
+            (q, phi_q, S, z, cache.k, cache.v, keys.k, keys.v, decay, gamma)):
         from hedgehog.ops import triton_sparse
 
         y = _on_kernel("attention", (str(q.device), q.dtype, q.shape[-1], phi_q.shape[-1], S.shape[-1]),
@@ -472,7 +456,7 @@ def _attend(segs, S, z, cache: _SegCache, st: SparseCacheState, keys: _Keys, q, 
                      see_c.expand(B, Hk, M, 1, L, nc), see_r[:, None, :, None].expand(B, Hk, M, 1, L, R)], -1)
     # Under autograd (stage 2) amax keeps scores and exp its result, so those steps run out of place; a prefill
     # runs them in place (at 8k the three temporaries cost ~0.06 s per layer on 2 cores)
-    grad = _under_autograd(scores, gamma)
+    grad = records((scores, gamma))
     scores = scores.masked_fill(~see, float("-inf")) if grad else scores.masked_fill_(~see, float("-inf"))
     c = scores.amax(-1, keepdim=True)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # a padding query that sees no key
@@ -524,15 +508,16 @@ def sparse_hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     if score not in SCORES:
         raise ValueError(f"unknown sparse-cache score {score!r}; choose one of {SCORES}")
     n, step = q.shape[2], max(1, PREFILL_PIECE // (chunk or window)) * (chunk or window)
-    feats = lambda phi, a, b: phi(a, b) if callable(phi) else phi[:, :, a:b]
-    if n <= PREFILL_PIECE or _recorded(q, k, v, phi_q, phi_k, gamma, decay):  # one piece
-        return _sparse_call(q, k, v, feats(phi_q, 0, n), feats(phi_k, 0, n), window, cache_size, gamma, scale,
+    rows_q, rows_k = feature_rows(phi_q), feature_rows(phi_k)
+    # one piece under autograd (grad mode alone is not enough: a frozen model outside no_grad still goes in pieces)
+    if n <= PREFILL_PIECE or records((q, k, v, gamma, decay), features=(phi_q, phi_k)):
+        return _sparse_call(q, k, v, rows_q(0, n), rows_k(0, n), window, cache_size, gamma, scale,
                             sinks, decay, chunk, key_valid, state, eps, score)
     p0, a, y = (state.seen if state is not None else 0), 0, None
     while a < n:  # pieces end at multiples of ``step`` (of the chunk: the segments stay as they are)
         b = min(n, (p0 + a) // step * step + step - p0)
         sl = lambda t: t[:, :, a:b]
-        piece, state = _sparse_call(sl(q), sl(k), sl(v), feats(phi_q, a, b), feats(phi_k, a, b), window, cache_size,
+        piece, state = _sparse_call(sl(q), sl(k), sl(v), rows_q(a, b), rows_k(a, b), window, cache_size,
                                     gamma, scale, sinks, decay, chunk,
                                     None if key_valid is None else key_valid[:, a:b], state, eps, score)
         if y is None:  # written piece by piece (a list and a cat would hold the output twice)
