@@ -27,7 +27,7 @@ import json, os, subprocess, tempfile, time
 import torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from hedgehog.ops import sparse_cache as sc, triton_sparse as ts, triton_window as tw
+from hedgehog.ops import sparse_cache as sc, triton_fused as tf, triton_sparse as ts, triton_window as tw
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
          torch.int32: "i32", torch.int8: "i8"}
@@ -70,7 +70,8 @@ def compile_for(fn, args, kw, arch):
     return {"shared": k.metadata.shared, "reg": int(fields["REG"]), "stack": int(fields["STACK"]), "secs": secs}
 
 
-for mod, names in ((ts, ("_schedule", "_schedule_tiled", "_attend")), (tw, ("_fwd", "_bwd_dq", "_bwd_dkdv"))):
+for mod, names in ((ts, ("_schedule", "_schedule_tiled", "_attend")), (tw, ("_fwd", "_bwd_dq", "_bwd_dkdv")),
+                   (tf, ("_segment_sums", "_scan", "_forward"))):
     for name in names:
         setattr(mod, name, Recorder(name, getattr(mod, name)))
 ts.serves = lambda x: True  # CPU tensors stand in for CUDA ones: only their dtypes and shapes reach the compiler
@@ -94,6 +95,14 @@ for tiled in (False, True):  # the schedule with its state in registers, and the
 q, k, v = (torch.randn(B * Hq, n, d, requires_grad=True) for _ in range(3))
 num, den = tw.window_num_den(q, k, v, 64, 0.125, sinks=4)
 (num.sum() + den.sum()).backward()
+# the fused kernels (a forward without autograd, in bf16 as on a GPU): the hybrid and the linear form, Hedgehog maps of
+# d' = d, where they take the head dim (tf.fits: up to 128)
+wq, wk = (torch.randn(Hq, d, d), torch.randn(Hq, d)), (torch.randn(Hk, d, d), torch.randn(Hk, d))
+with torch.no_grad():
+    for dtype in (torch.bfloat16,) if tf.fits(d, d) else ():
+        q, k, v = (torch.randn(B, H, n, d, dtype=dtype) for H in (Hq, Hk, Hk))
+        tf.fused_attention(q, k, v, wq, wk, 64, 4, torch.full((Hq,), 0.5), torch.full((Hq,), -0.01))
+        tf.fused_attention(q, k, v, wq, wk)
 
 seen, out = set(), []
 for name, fn, args, kw in launches:
@@ -127,7 +136,8 @@ def test_every_kernel_compiles_within_the_shared_memory_a_block_may_have(heads, 
     rows = _compile_all(archs, heads)
     names = {r["kernel"] for r in rows}
     # past head dim 128 the op never tries the schedule with its state in registers (test_triton_sparse.py)
-    want = {"_schedule_tiled", "_attend", "_fwd", "_bwd_dq", "_bwd_dkdv"} | ({"_schedule"} if heads[2] <= 128 else set())
+    want = {"_schedule_tiled", "_attend", "_fwd", "_bwd_dq", "_bwd_dkdv"} | (
+        {"_schedule", "_segment_sums", "_scan", "_forward"} if heads[2] <= 128 else set())
     assert names == want, names
     fits = lambda r: r["shared"] <= SHARED_LIMIT[r["arch"]]
     for r in rows:

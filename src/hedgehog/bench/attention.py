@@ -14,7 +14,9 @@ With ``--attention hybrid`` the student is the sliding-window + linear hybrid
 (``feature_hybrid_attention``, window ``--window``, feature maps applied block by block); with ``--sparse-cache N``
 as well it is the default converted model's attention, the hybrid with a sparse cache of ``N`` exact keys
 (``sparse_hybrid_attention``: chunk ``--sparse-chunk``, 4 sinks, a state decaying by 0.99 a token; without
-autograd on CUDA its schedule is the Triton kernel of ``hedgehog.ops.triton_sparse``).
+autograd on CUDA its schedule is the Triton kernel of ``hedgehog.ops.triton_sparse``). On CUDA the no-grad forward of
+the linear and the plain hybrid form with Hedgehog maps takes the fused Triton kernels (``hedgehog.ops.triton_fused``:
+the maps inside the kernels; ``forward_kernel`` "triton-fused"), the backward the autograd forms.
 Times are the best of ``--repeats`` runs. Peak forward memory on the CPU is measured in a fresh
 process per point: the kernel's RSS high-water mark (VmHWM, reset through /proc/self/clear_refs)
 above the RSS once inputs exist (CPU PyTorch keeps no allocator statistics, and in a long-lived
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from hedgehog.errors import UserError
 from hedgehog.modules.feature_maps import get_feature_map
 from hedgehog.ops import (backends, cpu_kernel, feature_hybrid_attention, feature_linear_attention, linear_attention,
-                          triton_sparse, triton_window)
+                          triton_fused, triton_sparse, triton_window)
 from hedgehog.ops.sparse_cache import sparse_hybrid_attention
 from hedgehog.train.engine import DTYPES, parse_dtype
 
@@ -188,6 +190,11 @@ def forward_kernel(fq, fk, device, dtype, window, sparse=None) -> str:
         x = torch.zeros(1, device=device)
         return "triton-sparse-schedule+torch" if triton_sparse.serves(x) else "torch"
     if device.type != "cpu":
+        with torch.no_grad():
+            fused = triton_fused.bound(backends.bind("auto"), torch.zeros(1, device=device)) and \
+                triton_fused.hedgehog_weights(fq) is not None
+        if fused:  # the feature maps inside the kernels (hedgehog.ops.triton_fused)
+            return "triton-fused"
         if not window:
             return backends.bind("auto").name  # fla's chunked kernel when it imports
         x = torch.zeros(1, 1, 1, 1, device=device)

@@ -22,6 +22,7 @@ from hedgehog.modules.heads import ScaledMap, repeat_heads
 from hedgehog.ops import (feature_linear_attention, kernel_linear_attention, linear_attention, packed_recurrent_step,
                           quadratic_linear_attention)
 from hedgehog.modules.state import HedgehogStateLayer, HybridStateLayer, SparseStateLayer
+from hedgehog.ops import triton_fused
 from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights
 from hedgehog.ops.linear_attention import DEFAULT_EPS
@@ -158,7 +159,8 @@ class StudentPaths:
                 y, (S, z) = fused
                 layer.set_state(S, z, n)
                 return y
-            if self.kernels.causal(q) is not None:  # CUDA with fla: in pieces without autograd, features per piece
+            if self.kernels.causal(q) is not None or triton_fused.bound(self.kernels, q):
+                # CUDA: the fused Triton kernels (Hedgehog maps), or fla in pieces, features per piece
                 y, (S, z) = feature_linear_attention(q, k, repeat_heads(v, self.n_rep), self.feature_map_q,
                                                      self._grouped_k, positions=pos, initial_state=self._query_state(
                                                          layer), return_state=True, backend=self.kernels)

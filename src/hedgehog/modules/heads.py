@@ -28,6 +28,10 @@ class GroupedKeyMap(nn.Module):
     def forward(self, k, positions=None):
         return repeat_heads(self.fm(k, positions), self.n_rep)
 
+    def wrapped_map(self):
+        """``(map, scale, every, rep)``: what a kernel computes instead of calling this (see :class:`ScaledMap`)."""
+        return self.fm, 1.0, 1, self.n_rep
+
 
 class ScaledMap:
     """``fm(x[:, ::every] * scale, positions)``: a map on raw (possibly head-repeated) q/k for the hybrid kernel,
@@ -37,6 +41,13 @@ class ScaledMap:
         self.fm, self.scale, self.every = fm, scale, every
         self.feature_dim = fm.feature_dim
         self.blockwise = getattr(fm, "blockwise", True)
+
+    def wrapped_map(self):
+        """``(map, scale, every, rep)``: this is ``map`` on ``x[:, ::every] * scale``, its heads repeated ``rep``
+        times; kernels that apply the map themselves read it here (hedgehog.ops.triton_fused)."""
+        inner = getattr(self.fm, "wrapped_map", None)
+        fm, scale, _, rep = inner() if callable(inner) else (self.fm, 1.0, 1, 1)
+        return fm, self.scale * scale, self.every, rep
 
     def __call__(self, x, positions=None):
         if self.every > 1:

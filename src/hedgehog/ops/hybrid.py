@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from hedgehog.ops import backends, cpu_kernel, triton_window
+from hedgehog.ops import backends, cpu_kernel, triton_fused, triton_window
 from hedgehog.ops.chunked import (Features, acc_dtype, auto_block, causal_blocks, device_piece, feature_rows,
                                   piece_bounds, records)
 from hedgehog.ops.masks import hybrid_masks, linear_key_age, row_positions
@@ -359,6 +359,12 @@ def feature_hybrid_attention(q, k, v, feature_map_q, feature_map_k, window: int 
         raise ValueError(f"q, k, v must share (batch, heads, seq): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if N == 0:
         raise ValueError("hybrid attention needs at least one position (got seq length 0)")
+    if triton_fused.bound(backend, q):  # Hedgehog maps without autograd: the fused Triton kernels
+        out = triton_fused.fused_maps(q, k, v, feature_map_q, feature_map_k, positions, (gamma, decay),
+                                      window=window, sinks=sinks, gamma=gamma, decay=decay,
+                                      scale=d ** -0.5 if scale is None else scale, eps=eps)
+        if out is not None:
+            return out if return_state else out[0]
     if positions is None:
         positions = torch.arange(N, device=q.device)
     gla = _device_kernel(backend, q, v, sinks)

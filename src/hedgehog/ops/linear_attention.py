@@ -24,7 +24,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from hedgehog.ops import backends, cpu_kernel
+from hedgehog.ops import backends, cpu_kernel, triton_fused
 from hedgehog.ops.chunked import acc_dtype, auto_block, causal_blocks, device_piece, piece_bounds, records
 from hedgehog.ops.masks import causal_drop_mask
 
@@ -260,6 +260,11 @@ def feature_linear_attention(
         raise ValueError(f"q, k, v must be (batch, heads, seq, dim) with equal batch/seq (and v with q's heads); "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, _ = q.shape
+    if causal and triton_fused.bound(backend, q):  # Hedgehog maps without autograd: the fused Triton kernels
+        out = triton_fused.fused_maps(q, k, v, feature_map_q, feature_map_k, positions, tuple(initial_state or ()),
+                                      initial_state=initial_state, eps=eps)
+        if out is not None:
+            return out if return_state else out[0]
     if positions is None and N > 0:
         positions = torch.arange(N, device=q.device)
     if causal and not q.is_cuda and k.shape[1] == H:  # Hedgehog maps without autograd: the fused CPU kernel
