@@ -20,9 +20,8 @@ import torch
 from hedgehog.modules.feature_maps import hedgehog_pair_features
 from hedgehog.modules.heads import ScaledMap, repeat_heads
 from hedgehog.ops import (feature_linear_attention, kernel_linear_attention, linear_attention, packed_recurrent_step,
-                          quadratic_linear_attention)
+                          quadratic_linear_attention, triton_fused)
 from hedgehog.modules.state import HedgehogStateLayer, HybridStateLayer, SparseStateLayer
-from hedgehog.ops import triton_fused
 from hedgehog.ops.cpu_kernel import fused_hedgehog_attention, fused_hybrid_attention
 from hedgehog.ops.hybrid import feature_hybrid_attention, hybrid_weights
 from hedgehog.ops.linear_attention import DEFAULT_EPS

@@ -42,6 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 from hedgehog.ops import triton_window
+from hedgehog.ops.triton_window import _dims  # a head dim padded to a Triton block shape
 
 try:  # Triton is a CUDA dependency (and, with TRITON_INTERPRET=1, runs on the CPU for tests)
     import triton
@@ -61,10 +62,6 @@ KB = 32  # head-dim slice of the feature projection and the scores
 def serves(x: torch.Tensor) -> bool:
     """Whether the kernels run for tensors like ``x`` (CUDA with Triton, or Triton's CPU interpreter)."""
     return triton_window.serves(x)
-
-
-def _dims(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def blocks_for(dv: int) -> Tuple[int, int, int]:
